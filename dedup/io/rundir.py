@@ -1,0 +1,94 @@
+"""The run directory: layout, atomic writes (local or fsspec URL), and small JSON helpers.
+
+Local files are written to a temporary name in the same directory and renamed into place;
+on object stores a PUT is already atomic per key, so the final key is written directly and the
+``done`` marker is always written last.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+TMP_MARK = ".tmp-"
+
+
+class RunDir:
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.fs, self.path = url_to_fs(self.url)
+        self.local = self.fs.protocol in ("file", ("file", "local")) or "file" in (
+            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        )
+
+    # -- layout -----------------------------------------------------------------------------
+    def p(self, *parts: str) -> str:
+        return posixpath.join(self.path, *parts)
+
+    def features(self, shard_id: str) -> str:
+        return self.p("features", shard_id + ".parquet")
+
+    def done(self, shard_id: str) -> str:
+        return self.p("done", shard_id + ".json")
+
+    # -- io ---------------------------------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def makedirs(self, path: str) -> None:
+        self.fs.makedirs(path, exist_ok=True)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        parent = posixpath.dirname(path)
+        if self.local:
+            os.makedirs(parent, exist_ok=True)
+            tmp = posixpath.join(parent, f"{TMP_MARK}{uuid.uuid4().hex}-{posixpath.basename(path)}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.makedirs(parent, exist_ok=True)
+            with self.fs.open(path, "wb") as f:
+                f.write(data)
+
+    def write_json(self, path: str, obj: Any) -> None:
+        self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+    def read_json(self, path: str) -> Any:
+        with self.fs.open(path, "rb") as f:
+            return json.loads(f.read())
+
+    def write_parquet(self, path: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(path, buf.getvalue())
+
+    def read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    def remove(self, path: str) -> None:
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def clean_temp(self) -> int:
+        """Remove temp files left by a killed writer. Returns how many were removed."""
+        if not self.local or not os.path.isdir(self.path):
+            return 0
+        n = 0
+        for root, _dirs, files in os.walk(self.path):
+            for name in files:
+                if name.startswith(TMP_MARK):
+                    os.remove(os.path.join(root, name))
+                    n += 1
+        return n

@@ -1,0 +1,165 @@
+"""Phase 2: candidate duplicate pairs from all shards' features, one method at a time.
+
+Reads ``features/*.parquet`` of the run's shards, writes ``pairs/pairs.parquet`` (PAIRS_V1)
+and ``pairs/done.json`` last. Embeddings are staged into a float16 memory-mapped file under
+``index/`` so the search never holds more than the index's working set in RAM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dedup.config import Config
+from dedup.errors import SchemaMismatchError
+from dedup.io.rundir import RunDir
+from dedup.schema import FEATURES_VERSION, PAIRS_SCHEMA, check_version
+
+log = logging.getLogger(__name__)
+
+_SCALAR_COLS = [
+    "sample_id", "shard_id", "key", "status", "error", "file_size", "caption_len",
+    "width", "height", "sha256", "phash", "dhash",
+]
+
+
+@dataclass
+class FeatureSet:
+    table: pa.Table  # scalar columns, sorted by sample_id
+    embeddings: np.ndarray | None  # (n, d) float16, row-aligned with table (memmap)
+    model_tag: str | None
+    features_hash: str | None
+
+    @property
+    def n(self) -> int:
+        return self.table.num_rows
+
+    def ok(self) -> np.ndarray:
+        return pc.equal(self.table["status"], "ok").to_numpy(zero_copy_only=False)
+
+
+def load_features(run: RunDir, shard_ids: list[str], with_embeddings: bool) -> FeatureSet:
+    tables, metas = [], []
+    for sid in shard_ids:
+        path = run.features(sid)
+        with run.fs.open(path, "rb") as f:
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(f)
+            schema = pf.schema_arrow
+            check_version(schema, FEATURES_VERSION, f"features file {path}")
+            md = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+            metas.append((sid, md))
+            cols = _SCALAR_COLS + (["embedding"] if with_embeddings and "embedding" in schema.names else [])
+            tables.append(pf.read(columns=cols))
+    if metas:
+        first_sid, first = metas[0]
+        for sid, md in metas[1:]:
+            if md.get("config_hash") != first.get("config_hash"):
+                raise SchemaMismatchError(
+                    f"features of shard {sid!r} were made with model {md.get('model_tag') or 'none'!r} / config "
+                    f"{md.get('config_hash')}, but shard {first_sid!r} with model {first.get('model_tag') or 'none'!r} / "
+                    f"config {first.get('config_hash')}; refusing to mix them (rerun with the same config or --force)"
+                )
+    model_tag = metas[0][1].get("model_tag") or None if metas else None
+    fhash = metas[0][1].get("config_hash") if metas else None
+    if not tables:
+        empty = pa.table({c: pa.array([], pa.string()) for c in ("sample_id", "shard_id", "key", "status")})
+        return FeatureSet(empty, None, None, None)
+    table = pa.concat_tables(tables, promote_options="permissive")
+    order = pc.sort_indices(table, sort_keys=[("sample_id", "ascending")])
+    emb = None
+    if "embedding" in table.column_names:
+        emb = _stage_embeddings(run, table["embedding"], order)
+        table = table.drop(["embedding"])
+    table = table.take(order)
+    return FeatureSet(table, emb, model_tag, fhash)
+
+
+def _stage_embeddings(run: RunDir, col: pa.ChunkedArray, order: pa.Array) -> np.ndarray:
+    """Write embeddings (in sample_id order) to a float16 memmap; nulls become zero rows."""
+    d = col.type.list_size
+    n = len(col)
+    base = run.p("index") if run.local else tempfile.mkdtemp(prefix="dedup-index-")
+    os.makedirs(base, exist_ok=True)
+    path = os.path.join(base, "embeddings.f16")
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, d))
+    # Position of each original row in the sorted order.
+    inv = np.empty(n, np.int64)
+    inv[order.to_numpy()] = np.arange(n)
+    start = 0
+    for chunk in col.chunks:
+        m = len(chunk)
+        vals = chunk.flatten().to_numpy(zero_copy_only=False)
+        block = np.zeros((m, d), np.float16)
+        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+        if valid.all():
+            block[:] = vals.reshape(m, d)
+        elif valid.any():
+            block[valid] = vals.reshape(-1, d)
+        mm[inv[start : start + m]] = block
+        start += m
+    mm.flush()
+    return np.load(path, mmap_mode="r")
+
+
+def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], None] | None = None) -> tuple[pa.Table, dict]:
+    from dedup.compute import candidates as cand
+
+    ok = fs.ok()
+    ids = fs.table["sample_id"].to_numpy(zero_copy_only=False)
+    parts: list[pa.Table] = []
+    info: dict = {"timings": {}, "pairs": {}}
+
+    def add(method: str, p) -> None:
+        t = pa.table(
+            {
+                "a": pa.array(ids[p.i], pa.string()),
+                "b": pa.array(ids[p.j], pa.string()),
+                "method": pa.array([method] * len(p.i), pa.string()),
+                "score": pa.array(np.asarray(p.score, np.float32), pa.float32()),
+            },
+            schema=PAIRS_SCHEMA,
+        )
+        parts.append(t)
+        info["pairs"][method] = len(p.i)
+
+    for method in cfg.methods:
+        t0 = time.perf_counter()
+        if method == "exact":
+            idx = np.flatnonzero(ok & pc.is_valid(fs.table["sha256"]).to_numpy(zero_copy_only=False))
+            if len(idx):
+                digests = np.frombuffer(b"".join(fs.table["sha256"].take(pa.array(idx)).to_pylist()), np.uint8).reshape(-1, 32)
+                p = cand.exact_pairs(digests)
+                p = cand.Pairs(idx[p.i], idx[p.j], p.score)
+            else:
+                p = cand.Pairs(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
+            add(method, p)
+        elif method in ("phash", "dhash"):
+            col = fs.table[method]
+            valid = ok & col.is_valid().to_numpy(zero_copy_only=False)
+            h = col.fill_null(0).to_numpy().astype(np.uint64)
+            radius = cfg.hashes.phash_radius if method == "phash" else cfg.hashes.dhash_radius
+            add(method, cand.hash_pairs(h, radius, valid=valid))
+        elif method == "embedding":
+            if fs.embeddings is None:
+                raise SchemaMismatchError("method 'embedding' requested but the features hold no embeddings")
+            params = cand.IVFParams.auto(fs.n, fs.embeddings.shape[1])
+            over = {k: v for k, v in (("nlist", cfg.embedding.nlist), ("nprobe", cfg.embedding.nprobe)) if v}
+            if over:
+                params = replace(params, **over)
+            info["ivf"] = {k: v for k, v in vars(params).items() if isinstance(v, (int, float, bool, str, type(None)))}
+            cb = (lambda done, total: progress("embedding", done, total)) if progress else None
+            add(method, cand.embedding_pairs(fs.embeddings, cfg.embedding.resolved_threshold(), params=params, valid=ok, progress=cb))
+        info["timings"][method] = round(time.perf_counter() - t0, 3)
+    table = pa.concat_tables(parts) if parts else PAIRS_SCHEMA.empty_table()
+    table = table.sort_by([("a", "ascending"), ("b", "ascending"), ("method", "ascending")])
+    return table, info

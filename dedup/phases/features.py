@@ -1,0 +1,259 @@
+"""Phase 1: per-shard features. One shard in, one Parquet file + one done marker out.
+
+Every sample read becomes exactly one row, whatever happened to it. The done marker is
+written last, after the features file, so a killed run resumes at shard granularity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from dedup.config import Config
+from dedup.io.rundir import RunDir
+from dedup.io.shards import ShardReadResult, caption_length, image_member, iter_samples, shard_fingerprint
+from dedup.records import ShardRef, Status, sample_id
+from dedup.schema import FEATURES_VERSION, features_schema
+
+log = logging.getLogger(__name__)
+
+BATCH = 64
+
+
+@dataclass
+class _Row:
+    key: str
+    status: Status = Status.OK
+    error: str | None = None
+    image_member: str | None = None
+    file_size: int | None = None
+    caption_len: int | None = None
+    width: int | None = None
+    height: int | None = None
+    orig_mode: str | None = None
+    format: str | None = None
+    sha256: bytes | None = None
+    phash: int | None = None
+    dhash: int | None = None
+    emb_index: int = -1
+    notes: list[str] = field(default_factory=list)
+
+
+class FeatureExtractor:
+    """Holds what is expensive to set up (the embedder) for many shards in one process."""
+
+    def __init__(self, cfg: Config, embedder=None):
+        self.cfg = cfg
+        self.want_hash = bool({"phash", "dhash"} & set(cfg.methods))
+        self.want_emb = "embedding" in cfg.methods
+        self.embedder = embedder
+        if self.want_emb and self.embedder is None:
+            from dedup.compute.embedders import make_embedder
+
+            self.embedder = make_embedder(cfg.embedding.spec, device=cfg.embedding.device, batch_size=cfg.embedding.batch_size)
+        from dedup.compute.decode import DecodePolicy
+
+        self.policy = DecodePolicy(max_pixels=cfg.decode.max_pixels, formats=tuple(cfg.decode.formats))
+        self.model_tag = self.embedder.tag if self.want_emb else None
+        self.dim = self.embedder.dim if self.want_emb else None
+        self.features_hash = cfg.features_hash(self.model_tag)
+        self.min_size = self._min_size()
+
+    def _min_size(self) -> int | None:
+        """Smallest decoded short side that serves every requested signal (draft decoding)."""
+        if not self.cfg.decode.draft:
+            return None
+        sizes = []
+        if self.want_emb:
+            sizes.append(int(self.embedder.input_size))
+        if self.want_hash:
+            from dedup.compute.hashes import HASH_MIN_SIZE
+
+            sizes.append(int(HASH_MIN_SIZE))
+        if not sizes:
+            return 1  # exact-only: still decode (to validate the image) at the smallest draft size
+        return max(sizes)
+
+    # ---------------------------------------------------------------------------------------
+    def extract(self, ref: ShardRef) -> tuple[pa.Table, ShardReadResult, dict]:
+        from dedup.compute.decode import decode_image
+
+        t0 = time.perf_counter()
+        result = ShardReadResult()
+        rows: dict[str, _Row] = {}
+        pending: list[tuple[_Row, object]] = []
+        embeddings: list[np.ndarray] = []
+        n_emb = 0
+        timings = {"decode": 0.0, "hash": 0.0, "embed": 0.0}
+
+        def flush() -> None:
+            nonlocal n_emb
+            if not pending:
+                return
+            images = [im for _, im in pending]
+            if self.want_hash:
+                from dedup.compute.hashes import hash_images
+
+                t = time.perf_counter()
+                ph, dh = hash_images(images)
+                timings["hash"] += time.perf_counter() - t
+                for (row, _), p, d in zip(pending, ph, dh):
+                    row.phash, row.dhash = int(p), int(d)
+            if self.want_emb:
+                t = time.perf_counter()
+                try:
+                    vecs = np.asarray(self.embedder.embed(images), dtype=np.float32)
+                    if vecs.shape != (len(images), self.dim) or not np.isfinite(vecs).all():
+                        raise ValueError(f"embedder returned shape {vecs.shape} / non-finite values")
+                except Exception as e:  # noqa: BLE001 - a model failure marks these samples, never the run
+                    for row, _ in pending:
+                        row.status, row.error = Status.EMBED_ERROR, f"{type(e).__name__}: {e}"
+                else:
+                    embeddings.append(vecs.astype(np.float16))
+                    for k, (row, _) in enumerate(pending):
+                        row.emb_index = n_emb + k
+                    n_emb += len(images)
+                timings["embed"] += time.perf_counter() - t
+            pending.clear()
+
+        for sample in iter_samples(ref, result, self.cfg.input.image_exts):
+            row = rows.get(sample.key)
+            if row is not None:
+                # Members of this key were not contiguous: merge into the existing row.
+                row.notes.append("members of this key are not contiguous in the tar")
+                row.notes.extend(sample.notes)
+                if row.status == Status.NO_IMAGE:
+                    del rows[sample.key]  # the image came later: process it as the sample
+                    row = None
+                else:
+                    if image_member(sample, self.cfg.input.image_exts)[0]:
+                        row.notes.append("a second image member for this key was ignored (first kept)")
+                    if row.caption_len is None:
+                        row.caption_len = caption_length(sample)
+                    continue
+            row = _Row(sample.key, notes=list(sample.notes))
+            rows[sample.key] = row
+            row.caption_len = caption_length(sample)
+            if sample.read_error:
+                row.status, row.error = Status.READ_ERROR, sample.read_error
+                continue
+            ext, data = image_member(sample, self.cfg.input.image_exts)
+            if ext is None:
+                row.status = Status.NO_IMAGE
+                row.error = f"no member with an image extension (members: {sorted(sample.members) or 'none'})"
+                continue
+            row.image_member, row.file_size = ext, len(data)
+            if data:
+                row.sha256 = hashlib.sha256(data).digest()
+            t = time.perf_counter()
+            dec = decode_image(data, self.policy, min_size=self.min_size)
+            timings["decode"] += time.perf_counter() - t
+            row.width, row.height, row.orig_mode, row.format = dec.width, dec.height, dec.orig_mode, dec.format
+            if dec.status != Status.OK:
+                row.status, row.error = dec.status, dec.error
+                continue
+            if self.want_hash or self.want_emb:
+                pending.append((row, dec.image))
+                if len(pending) >= BATCH:
+                    flush()
+        flush()
+
+        table = self._table(ref, rows, embeddings)
+        counts: dict[str, int] = {}
+        for r in rows.values():
+            counts[r.status.value] = counts.get(r.status.value, 0) + 1
+        timings["total"] = time.perf_counter() - t0
+        return table, result, {"counts": counts, "timings": {k: round(v, 3) for k, v in timings.items()}}
+
+    def _table(self, ref: ShardRef, rows: dict[str, _Row], embeddings: list[np.ndarray]) -> pa.Table:
+        rs = list(rows.values())
+        n = len(rs)
+        cols = {
+            "sample_id": [sample_id(ref.shard_id, r.key) for r in rs],
+            "shard_id": [ref.shard_id] * n,
+            "key": [r.key for r in rs],
+            "status": [r.status.value for r in rs],
+            "error": [_join_error(r) for r in rs],
+            "image_member": [r.image_member for r in rs],
+            "file_size": [r.file_size for r in rs],
+            "caption_len": [r.caption_len for r in rs],
+            "width": [r.width for r in rs],
+            "height": [r.height for r in rs],
+            "orig_mode": [r.orig_mode for r in rs],
+            "format": [r.format for r in rs],
+            "sha256": [r.sha256 for r in rs],
+            "phash": [r.phash if r.status == Status.OK else None for r in rs],
+            "dhash": [r.dhash if r.status == Status.OK else None for r in rs],
+        }
+        meta = {
+            "config_hash": self.features_hash,
+            "model_tag": self.model_tag or "",
+            "hash_size": "8",
+            "shard_url": ref.url,
+        }
+        schema = features_schema(self.dim, meta)
+        arrays = [pa.array(cols[f.name], type=f.type) for f in schema if f.name != "embedding"]
+        if self.dim:
+            allv = np.concatenate(embeddings) if embeddings else np.zeros((0, self.dim), np.float16)
+            out = np.zeros((n, self.dim), np.float16)
+            mask = np.array([r.emb_index >= 0 and r.status == Status.OK for r in rs], bool)
+            if mask.any():
+                out[mask] = allv[[r.emb_index for r, m in zip(rs, mask) if m]]
+            flat = pa.array(out.reshape(-1), type=pa.float16())
+            # Rows without an embedding get a null, not a zero vector.
+            emb = pa.FixedSizeListArray.from_arrays(flat, self.dim, mask=pa.array(~mask))
+            arrays.append(emb)
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _join_error(r: _Row) -> str | None:
+    parts = ([r.error] if r.error else []) + r.notes
+    return "; ".join(parts) if parts else None
+
+
+def run_shard(extractor: FeatureExtractor, run: RunDir, ref: ShardRef) -> dict:
+    """Compute and write one shard's features, then its done marker (last). Returns the marker."""
+    try:
+        fingerprint = shard_fingerprint(ref.url)
+    except FileNotFoundError:
+        fingerprint = None
+    table, result, info = extractor.extract(ref)
+    marker = {
+        "shard_id": ref.shard_id,
+        "url": ref.url,
+        "fingerprint": fingerprint,
+        "features_hash": extractor.features_hash,
+        "schema_version": FEATURES_VERSION,
+        "model_tag": extractor.model_tag,
+        "condition": result.condition,
+        "error": result.error,
+        "rows": table.num_rows,
+        "members": result.members,
+        "bytes_read": result.bytes_read,
+        **info,
+    }
+    if result.condition == "missing":
+        return marker  # nothing was read; no files, so a rerun tries again
+    run.write_parquet(run.features(ref.shard_id), table)
+    run.write_json(run.done(ref.shard_id), marker)
+    return marker
+
+
+def marker_is_current(run: RunDir, ref: ShardRef, features_hash: str) -> dict | None:
+    """The shard's done marker if it matches the input fingerprint and feature config."""
+    path = run.done(ref.shard_id)
+    if not run.exists(path) or not run.exists(run.features(ref.shard_id)):
+        return None
+    try:
+        marker = run.read_json(path)
+        fp = shard_fingerprint(ref.url)
+    except (OSError, ValueError):
+        return None
+    if marker.get("features_hash") != features_hash or marker.get("fingerprint") != fp:
+        return None
+    return marker

@@ -1,0 +1,124 @@
+"""Phase 3: clusters around keepers, then the manifest (one row per sample read) and stats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dedup.compute.clusters import METHOD_PRIORITY, Edges, keeper_clusters, rank_order
+from dedup.config import Config
+from dedup.schema import MANIFEST_SCHEMA
+
+
+def _edges(table: pa.Table, pairs: pa.Table) -> Edges:
+    if pairs.num_rows == 0:
+        return Edges.empty()
+    ids = table["sample_id"]
+    i = pc.index_in(pairs["a"], value_set=ids).to_numpy(zero_copy_only=False)
+    j = pc.index_in(pairs["b"], value_set=ids).to_numpy(zero_copy_only=False)
+    lookup = {m: k for k, m in enumerate(METHOD_PRIORITY)}
+    methods = pairs["method"].to_pylist()
+    m = np.array([lookup[x] for x in methods], np.int8)
+    return Edges(i.astype(np.int64), j.astype(np.int64), m, pairs["score"].to_numpy().astype(np.float32))
+
+
+def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
+    cols = []
+    for spec in cfg.clusters.keeper_policy:
+        desc = spec.startswith("-")
+        name = spec.lstrip("-+")
+        if name == "sample_id":
+            values = np.arange(table.num_rows, dtype=np.float64)  # table is sorted by sample_id
+        elif name == "pixels":
+            w = table["width"].to_numpy(zero_copy_only=False).astype(np.float64)
+            h = table["height"].to_numpy(zero_copy_only=False).astype(np.float64)
+            values = w * h
+        else:
+            values = table[name].to_numpy(zero_copy_only=False).astype(np.float64)
+        cols.append((values, desc))
+    if not any(s.lstrip("-+") == "sample_id" for s in cfg.clusters.keeper_policy):
+        cols.append((np.arange(table.num_rows, dtype=np.float64), False))  # total, deterministic order
+    return rank_order(cols)
+
+
+def build_manifest(cfg: Config, table: pa.Table, pairs: pa.Table) -> tuple[pa.Table, dict]:
+    """``table``: features' scalar columns sorted by sample_id. Returns (manifest, stats part)."""
+    n = table.num_rows
+    status = table["status"].to_numpy(zero_copy_only=False)
+    ok = status == "ok"
+    cl = keeper_clusters(n, _edges(table, pairs), _rank(cfg, table), valid=ok, keep_per_cluster=cfg.clusters.keep_per_cluster)
+    ids = table["sample_id"].to_numpy(zero_copy_only=False)
+    has = cl.keeper >= 0
+    cluster_id = np.where(has, ids[np.maximum(cl.keeper, 0)], None)
+    primary = has & (cl.keeper == np.arange(n))
+    dup_method = np.array([METHOD_PRIORITY[m] if m >= 0 else None for m in cl.method], dtype=object)
+
+    reasons = np.empty(n, dtype=object)
+    for k in range(n):
+        if not ok[k]:
+            reasons[k] = f"not deduplicated: status {status[k]}"
+        elif primary[k]:
+            reasons[k] = "unique" if cl.size[k] == 1 else f"keeper of a cluster of {cl.size[k]}"
+        elif cl.is_keeper[k]:
+            reasons[k] = f"kept as an extra copy (keep_per_cluster={cfg.clusters.keep_per_cluster}); duplicate of {cluster_id[k]} by {dup_method[k]} ({cl.score[k]:.4g})"
+        else:
+            reasons[k] = f"duplicate of {cluster_id[k]} by {dup_method[k]} ({cl.score[k]:.4g})"
+
+    def col(name):
+        return table[name] if name in table.column_names else pa.nulls(n)
+
+    manifest = pa.table(
+        {
+            "sample_id": table["sample_id"],
+            "shard_id": table["shard_id"],
+            "key": table["key"],
+            "status": table["status"],
+            "error": col("error"),
+            "cluster_id": pa.array(cluster_id, pa.string()),
+            "cluster_size": pa.array(cl.size, pa.int32(), mask=~has),
+            "is_keeper": pa.array(cl.is_keeper, pa.bool_()),
+            "dup_method": pa.array(dup_method, pa.string()),
+            "score_to_keeper": pa.array(cl.score, pa.float32(), mask=np.isnan(cl.score)),
+            "reason": pa.array(reasons, pa.string()),
+            "width": col("width"),
+            "height": col("height"),
+            "file_size": col("file_size"),
+            "phash": col("phash"),
+            "dhash": col("dhash"),
+        }
+    ).cast(MANIFEST_SCHEMA)
+
+    sizes = cl.size[primary]
+    hist: dict[str, int] = {}
+    for s in sizes:
+        b = _bucket(int(s))
+        hist[b] = hist.get(b, 0) + 1
+    by_method: dict[str, int] = {}
+    for m in dup_method[ok & ~primary]:
+        if m is not None:
+            by_method[m] = by_method.get(m, 0) + 1
+    largest = np.argsort(-cl.size * primary, kind="stable")[:10]
+    stats = {
+        "samples": n,
+        "ok": int(ok.sum()),
+        "kept": int(cl.is_keeper.sum()),
+        "duplicates": int((ok & ~cl.is_keeper).sum()),
+        "clusters": int(primary.sum()),
+        "clusters_with_duplicates": int((primary & (cl.size > 1)).sum()),
+        "cluster_size_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0].split("-")[0].rstrip("+")))),
+        "duplicates_by_method": by_method,
+        "largest_clusters": [
+            {"keeper": ids[k], "size": int(cl.size[k])} for k in largest if primary[k] and cl.size[k] > 1
+        ],
+    }
+    return manifest, stats
+
+
+def _bucket(s: int) -> str:
+    if s <= 5:
+        return str(s)
+    for lo, hi in ((6, 10), (11, 100), (101, 1000)):
+        if s <= hi:
+            return f"{lo}-{hi}"
+    return "1001+"

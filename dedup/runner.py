@@ -1,0 +1,269 @@
+"""Phase sequence for ``dedup run``: features (per shard, resumable) → candidates → manifest.
+
+Exit codes: 0 complete; 2 usage/config error (raised as ConfigError before any work);
+3 finished, but with failed shards or over the error budget (manifest still written, and
+marked ``partial`` in stats.json and in the manifest's metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from dedup import __version__
+from dedup.config import Config
+from dedup.errors import ConfigError, DedupError
+from dedup.io.rundir import RunDir
+from dedup.io.shards import list_shards
+from dedup.progress import Progress
+from dedup.records import ShardRef
+
+log = logging.getLogger("dedup")
+
+EXIT_OK, EXIT_USAGE, EXIT_PARTIAL = 0, 2, 3
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    stats: dict
+    run_dir: str
+
+
+class RunLock:
+    """Refuses a second concurrent writer of one run directory (local run directories).
+
+    A lock left by a killed process on this host is detected (its pid is gone) and taken over.
+    """
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.path = run.p(".lock")
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        if not self.run.local:
+            return self
+        os.makedirs(self.run.path, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    other = json.loads(open(self.path).read() or "{}")
+                except (OSError, ValueError):
+                    other = {}
+                if other.get("host") == me["host"] and not _alive(other.get("pid")):
+                    os.remove(self.path)  # stale: its owner is dead
+                    continue
+                raise ConfigError(
+                    f"run directory {self.run.url} is locked by another dedup process "
+                    f"(pid {other.get('pid')} on {other.get('host')}); if no such process runs, remove {self.path}"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+            self.held = True
+            return self
+        raise ConfigError(f"could not take the lock {self.path}")
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _model_tag(cfg: Config) -> str | None:
+    if "embedding" not in cfg.methods:
+        return None
+    from dedup.compute.embedders import spec_tag
+
+    return spec_tag(cfg.embedding.spec)
+
+
+def _check_run_json(run: RunDir, cfg: Config, force: bool) -> None:
+    path = run.p("run.json")
+    if not run.exists(path):
+        return
+    prev = run.read_json(path)
+    if prev.get("config_hash") != cfg.config_hash() and not force:
+        old, new = prev.get("config", {}), cfg.to_dict()
+        diffs = [f"  {k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        raise ConfigError(
+            f"{run.url} holds a run made with another configuration:\n" + "\n".join(diffs)
+            + "\nuse a new --out directory, or --force to recompute what the change affects"
+        )
+
+
+def run_pipeline(inputs: list[str], out: str, cfg: Config, *, force: bool = False, progress: bool = True) -> Outcome:
+    from dedup.phases.features import FeatureExtractor, marker_is_current
+
+    t_start = time.perf_counter()
+    refs, missing = list_shards(inputs)
+    if not refs and not missing:
+        raise ConfigError(f"no shards found in {inputs}")
+    run = RunDir(out)
+    with RunLock(run):
+        _check_run_json(run, cfg, force)
+        removed = run.clean_temp()
+        if removed:
+            log.info("removed %d temp file(s) left by an interrupted run", removed)
+        model_tag = _model_tag(cfg)
+        fhash = cfg.features_hash(model_tag)
+        run.write_json(
+            run.p("run.json"),
+            {
+                "config": cfg.to_dict(),
+                "config_hash": cfg.config_hash(),
+                "features_hash": fhash,
+                "model_tag": model_tag,
+                "dedup_version": __version__,
+                "inputs": list(inputs),
+                "shards": [r.shard_id for r in refs],
+            },
+        )
+        markers: dict[str, dict] = {}
+        failures: dict[str, str] = {m.shard_id: f"shard not found: {m.url}" for m in missing}
+        todo: list[ShardRef] = []
+        for ref in refs:
+            m = marker_is_current(run, ref, fhash)
+            if m is not None:
+                markers[ref.shard_id] = m
+            else:
+                todo.append(ref)
+        if markers:
+            log.info("resuming: %d shard(s) already done, %d to do", len(markers), len(todo))
+
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        with Progress(progress) as prog:
+            task = prog.task("features", total=len(refs))
+            task.update(len(markers))
+            if todo:
+                executor = _executor(cfg)
+                factory = lambda: FeatureExtractor(cfg)  # noqa: E731
+                for ref, marker, err in executor.map_features(cfg.to_dict(), run.url, todo, factory):
+                    if marker is None:
+                        failures[ref.shard_id] = err or "unknown error"
+                    elif marker["condition"] == "missing":
+                        failures[ref.shard_id] = marker["error"]
+                    else:
+                        markers[ref.shard_id] = marker
+                    task.advance(note=ref.shard_id)
+        timings["features"] = round(time.perf_counter() - t0, 3)
+        for sid, m in markers.items():
+            if m["condition"] != "ok":
+                failures[sid] = f"{m['condition']}: {m['error']}"
+
+        stats = finish_run(
+            run, cfg, [r.shard_id for r in refs if r.shard_id in markers], failed_shards=bool(failures),
+            progress=progress, timings=timings,
+        )
+        stats["shards"] = {
+            "total": len(refs) + len(missing),
+            "done": len(markers),
+            "failed": {sid: failures[sid] for sid in sorted(failures)},
+            "conditions": _count(m["condition"] for m in markers.values()),
+        }
+        stats["timings"]["total"] = round(time.perf_counter() - t_start, 3)
+        stats["model_tag"] = model_tag
+        stats["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        run.write_json(run.p("stats.json"), stats)
+        code = EXIT_PARTIAL if stats["partial"] else EXIT_OK
+        return Outcome(code, stats, run.url)
+
+
+def finish_run(
+    run: RunDir, cfg: Config, shard_ids: list[str], *, failed_shards: bool = False, progress: bool = True,
+    timings: dict | None = None,
+) -> dict:
+    """Candidates then manifest from the run's features files. Returns stats (not yet written)."""
+    from dedup.phases.candidates import find_pairs, load_features
+    from dedup.phases.manifest import build_manifest
+
+    timings = dict(timings or {})
+    t0 = time.perf_counter()
+    fs = load_features(run, sorted(shard_ids), with_embeddings="embedding" in cfg.methods)
+    timings["load"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    with Progress(progress) as prog:
+        tasks: dict = {}
+
+        def cb(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = prog.task(f"candidates/{name}", total=total)
+            tasks[name].update(done)
+
+        pairs, info = find_pairs(cfg, fs, progress=cb)
+    run.write_parquet(run.p("pairs", "pairs.parquet"), pairs)
+    timings["candidates"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    manifest, mstats = build_manifest(cfg, fs.table, pairs)
+    total = manifest.num_rows
+    frac = (total - mstats["ok"]) / total if total else 0.0
+    partial = failed_shards or frac > cfg.run.max_error_fraction
+    manifest = manifest.replace_schema_metadata(
+        {**(manifest.schema.metadata or {}), b"config_hash": cfg.config_hash().encode(), b"partial": str(partial).lower().encode()}
+    )
+    run.write_parquet(run.p("manifest.parquet"), manifest)
+    timings["manifest"] = round(time.perf_counter() - t0, 3)
+    status_counts = _count(fs.table["status"].to_pylist())
+    return {
+        **mstats,
+        "partial": partial,
+        "error_fraction": round(frac, 6),
+        "error_budget": cfg.run.max_error_fraction,
+        "status_counts": status_counts,
+        "pairs": info["pairs"],
+        "candidate_timings": info["timings"],
+        "ivf": info.get("ivf"),
+        "methods": list(cfg.methods),
+        "thresholds": {
+            "phash_radius": cfg.hashes.phash_radius,
+            "dhash_radius": cfg.hashes.dhash_radius,
+            "embedding_cosine": cfg.embedding.resolved_threshold() if "embedding" in cfg.methods else None,
+        },
+        "timings": timings,
+    }
+
+
+def _count(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _executor(cfg: Config):
+    if cfg.run.executor == "ray":
+        raise DedupError("the Ray executor is not available in this version; use --executor local")
+    from dedup.executors.local import LocalExecutor
+
+    workers = cfg.run.workers or (os.cpu_count() or 1)
+    return LocalExecutor(workers)
+
+
+def manifest_table(run_dir: str) -> pa.Table:
+    run = RunDir(run_dir)
+    return run.read_parquet(run.p("manifest.parquet"))

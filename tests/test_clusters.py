@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+
+from dedup.compute.clusters import Edges, keeper_clusters, rank_order
+
+
+def edges(pairs, method=0):
+    i = np.array([p[0] for p in pairs], np.int64)
+    j = np.array([p[1] for p in pairs], np.int64)
+    return Edges(i, j, np.full(len(i), method, np.int8), np.ones(len(i), np.float32))
+
+
+def test_chain_is_not_merged_through_a_non_keeper():
+    # 0 ~ 1 ~ 2 (a chain); 0 and 2 are not duplicates of each other.
+    cl = keeper_clusters(3, edges([(0, 1), (1, 2)]), rank=np.array([0, 1, 2]))
+    assert cl.keeper.tolist() == [0, 0, 2]
+    assert cl.is_keeper.tolist() == [True, False, True]
+    assert cl.size.tolist() == [2, 2, 1]
+
+
+def test_every_member_is_a_direct_duplicate_of_its_keeper_random_graphs():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = 40
+        m = rng.integers(0, 80)
+        e = rng.integers(0, n, size=(m, 2))
+        e = e[e[:, 0] != e[:, 1]]
+        rank = rng.permutation(n)
+        cl = keeper_clusters(n, edges([tuple(x) for x in e]), rank)
+        adj = {(min(a, b), max(a, b)) for a, b in e}
+        for s in range(n):
+            k = cl.keeper[s]
+            if k != s:
+                assert (min(s, k), max(s, k)) in adj, "member not directly linked to its keeper"
+                assert rank[k] < rank[s] and cl.keeper[k] == k
+        # No two keepers are duplicates of each other when one ranks above the other and is a keeper
+        # only if ... keepers may be linked only through dropped samples:
+        keepers = np.flatnonzero(cl.keeper == np.arange(n))
+        for a, b in adj:
+            if a in keepers and b in keepers:
+                pytest.fail(f"two linked samples {a},{b} are both keepers")
+
+
+def test_best_ranked_keeper_wins_and_invalid_rows_are_excluded():
+    # 3 is a duplicate of both keepers 0 and 1 (0 and 1 not linked); rank prefers 1.
+    cl = keeper_clusters(5, edges([(0, 3), (1, 3), (3, 4)]), rank=np.array([1, 0, 2, 3, 4]), valid=np.array([1, 1, 1, 1, 0], bool))
+    assert cl.keeper[3] == 1
+    assert cl.keeper[4] == -1 and not cl.is_keeper[4] and cl.size[4] == 0
+    assert cl.keeper[2] == 2 and cl.size[2] == 1
+
+
+def test_keep_per_cluster_keeps_best_ranked_k():
+    star = edges([(0, k) for k in range(1, 6)])
+    cl = keeper_clusters(6, star, rank=np.arange(6), keep_per_cluster=3)
+    assert cl.is_keeper.tolist() == [True, True, True, False, False, False]
+    assert (cl.keeper == 0).all() and (cl.size == 6).all()
+
+
+def test_method_priority_exact_reported_over_embedding():
+    e = Edges(np.array([0, 0]), np.array([1, 1]), np.array([3, 0], np.int8), np.array([0.9, 1.0], np.float32))
+    cl = keeper_clusters(2, e, rank=np.array([0, 1]))
+    assert cl.method[1] == 0 and cl.score[1] == 1.0
+
+
+def test_rank_order_descending_then_tiebreak():
+    pixels = np.array([100, 400, 400, np.nan])
+    tiebreak = np.arange(4)
+    r = rank_order([(pixels, True), (tiebreak, False)])
+    assert r.tolist() == [2, 0, 1, 3]
