@@ -1,4 +1,4 @@
-"""Command line: ``dedup run | demo | summary | config``.
+"""Command line: ``dedup run | report | apply | demo | summary | config``.
 
 Exit codes: 0 complete; 2 usage or configuration error; 3 finished with failed shards or over
 the error budget (the manifest is still written and marked partial); 1 unexpected error.
@@ -80,9 +80,16 @@ def run(
     methods: MethodsOpt = None,
     embedder: EmbedderOpt = None,
     workers: Annotated[Optional[int], typer.Option("--workers", "-w", help="Feature worker processes (default: one per core).")] = None,
+    executor: Annotated[
+        Optional[str], typer.Option("--executor", help="Where per-shard work runs: local (default; process pool) or ray.")
+    ] = None,
+    ray_address: Annotated[
+        Optional[str], typer.Option("--ray-address", help="Ray cluster address for --executor ray (default: local Ray, or RAY_ADDRESS).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Reuse RUN_DIR even if it was made with another config.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and the final summary.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print stats.json to stdout instead of the summary table.")] = False,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Also write RUN_DIR/report.html.")] = True,
 ) -> None:
     """Deduplicate INPUT shards into RUN_DIR/manifest.parquet (+ stats.json, pairs/, features/).
 
@@ -101,6 +108,8 @@ def run(
                 "methods": [m.strip() for m in methods.split(",") if m.strip()] if methods else None,
                 "embedding.spec": embedder,
                 "run.workers": workers,
+                "run.executor": executor,
+                "ray.address": ray_address,
             },
         )
         if "embedding" in cfg.methods:
@@ -110,6 +119,13 @@ def run(
         outcome = run_pipeline(inputs, out_dir, cfg, force=force, progress=not quiet)
     except DedupError as e:
         _fail(e)
+    if report:
+        from dedup.report import write_report
+
+        try:
+            write_report(outcome.run_dir)
+        except Exception as e:  # noqa: BLE001 - the manifest is written; a report failure must not hide it
+            err.print(f"[yellow]warning:[/] could not write report.html: {e}")
     if json_out:
         out.print_json(json.dumps(outcome.stats))
     else:
@@ -126,8 +142,12 @@ def demo(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
-    """Build small shards from real photos with planted duplicates, deduplicate them, and score
-    the manifest against the planted ground truth. Offline; takes about a minute on 2 cores."""
+    """Deduplicate bundled demo shards and score the result against planted duplicates.
+
+    Builds small shards from real photos with planted copies (exact, JPEG q40, half size, 5%
+    crop, PNG re-save, cross-shard), runs the pipeline, prints a summary and the recall per
+    edit type. Offline; about a minute on 2 cores.
+    """
     from dedup.config import load_config
     from dedup.runner import run_pipeline
     from dedup.testing.evaluate import score_manifest
@@ -170,6 +190,54 @@ def demo(
         f"manifest: {outcome.run_dir}/manifest.parquet"
     )
     raise typer.Exit(outcome.exit_code)
+
+
+@app.command()
+def apply(
+    run_dir: Annotated[str, typer.Argument(help="A run directory written by `dedup run`.")],
+    out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Write clean shards here (one per input shard).")] = None,
+    keep_list: Annotated[Optional[str], typer.Option("--keep-list", help="Write the kept sample_ids, one per line, to this file.")] = None,
+    include_failed: Annotated[
+        bool, typer.Option("--include-failed", help="Also keep samples whose status is not ok (default: drop them).")
+    ] = False,
+) -> None:
+    """Write clean shards with only the kept samples, and/or a keep-list.
+
+    Clean shards: one per input shard, same name, original member bytes and headers, every
+    sidecar, keys and order preserved; resumable; sample counts checked against the manifest.
+    """
+    from dedup.phases.apply import apply_run, write_keep_list
+
+    if not out_dir and not keep_list:
+        _fail(ConfigError("give --out CLEAN_DIR and/or --keep-list FILE"))
+    _setup_logging(False)
+    try:
+        if keep_list:
+            n = write_keep_list(run_dir, keep_list, include_failed)
+            err.print(f"wrote {n} sample ids to {keep_list}")
+        if out_dir:
+            s = apply_run(run_dir, out_dir, include_failed)
+            err.print(
+                f"wrote {s['samples_written']} samples ({s['members_written']} members) in {s['shards']} shard(s) "
+                f"to {out_dir}; {s['skipped']} shard(s) already done; manifest keeps {s['expected']}"
+            )
+    except DedupError as e:
+        _fail(e)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[str, typer.Argument(help="A run directory written by `dedup run`.")],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="HTML file to write (default: RUN_DIR/report.html).")] = None,
+) -> None:
+    """Write the self-contained HTML report: counts, cluster sizes, largest clusters, borderline pairs."""
+    from dedup.report import write_report
+
+    try:
+        path = write_report(run_dir, out)
+    except (DedupError, FileNotFoundError) as e:
+        _fail(e if isinstance(e, DedupError) else ConfigError(f"{run_dir} is not a finished run: {e}"))
+    err.print(f"wrote {path}")
 
 
 @app.command()

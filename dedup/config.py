@@ -85,6 +85,16 @@ class RunConfig(_Section):
     workers: int = Field(0, ge=0, description="feature worker processes; 0 = one per CPU core")
     max_error_fraction: float = Field(0.05, ge=0.0, le=1.0)
     executor: Literal["local", "ray"] = "local"
+    retries: int = Field(2, ge=0, description="extra attempts for a shard whose worker failed")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Ray cluster address; None = 'auto' if RAY_ADDRESS is set, else a local Ray")
+    cpus_per_task: float = Field(1.0, gt=0, description="CPUs per decode/hash task")
+    embed_actors: int = Field(0, ge=0, description="embedding actors; 0 = one per GPU, or 1 on a CPU-only cluster")
+    gpus_per_actor: float = Field(1.0, ge=0, description="GPUs per embedding actor (ignored when the cluster has none)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    max_in_flight: int = Field(0, ge=0, description="shards in flight at once; 0 = 2 x cluster CPUs (bounds memory)")
 
 
 class Config(_Section):
@@ -95,6 +105,7 @@ class Config(_Section):
     embedding: EmbeddingConfig = EmbeddingConfig()
     clusters: ClusterConfig = ClusterConfig()
     run: RunConfig = RunConfig()
+    ray: RayConfig = RayConfig()
 
     @field_validator("methods")
     @classmethod

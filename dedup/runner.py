@@ -19,7 +19,8 @@ import pyarrow as pa
 
 from dedup import __version__
 from dedup.config import Config
-from dedup.errors import ConfigError, DedupError
+from dedup.errors import ConfigError
+from dedup.faults import crash_point
 from dedup.io.rundir import RunDir
 from dedup.io.shards import list_shards
 from dedup.progress import Progress
@@ -171,6 +172,7 @@ def run_pipeline(inputs: list[str], out: str, cfg: Config, *, force: bool = Fals
                     else:
                         markers[ref.shard_id] = marker
                     task.advance(note=ref.shard_id)
+                    crash_point("features:shard_done")
         timings["features"] = round(time.perf_counter() - t0, 3)
         for sid, m in markers.items():
             if m["condition"] != "ok":
@@ -216,6 +218,7 @@ def finish_run(
             tasks[name].update(done)
 
         pairs, info = find_pairs(cfg, fs, progress=cb)
+    crash_point("candidates:before_write")
     run.write_parquet(run.p("pairs", "pairs.parquet"), pairs)
     timings["candidates"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
@@ -257,11 +260,13 @@ def _count(values) -> dict[str, int]:
 
 def _executor(cfg: Config):
     if cfg.run.executor == "ray":
-        raise DedupError("the Ray executor is not available in this version; use --executor local")
+        from dedup.executors.ray import RayExecutor  # the only module that imports ray
+
+        return RayExecutor(cfg)
     from dedup.executors.local import LocalExecutor
 
     workers = cfg.run.workers or (os.cpu_count() or 1)
-    return LocalExecutor(workers)
+    return LocalExecutor(workers, retries=cfg.run.retries)
 
 
 def manifest_table(run_dir: str) -> pa.Table:

@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from dedup.faults import crash_point
+
 TMP_MARK = ".tmp-"
 
 
@@ -55,6 +57,7 @@ class RunDir:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            crash_point("write:" + posixpath.basename(path))
             os.replace(tmp, path)
         else:
             self.fs.makedirs(parent, exist_ok=True)

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from dedup.config import Config
+from dedup.faults import crash_point
 from dedup.io.rundir import RunDir
 from dedup.io.shards import ShardReadResult, caption_length, image_member, iter_samples, shard_fingerprint
 from dedup.records import ShardRef, Status, sample_id
@@ -240,6 +241,7 @@ def run_shard(extractor: FeatureExtractor, run: RunDir, ref: ShardRef) -> dict:
     if result.condition == "missing":
         return marker  # nothing was read; no files, so a rerun tries again
     run.write_parquet(run.features(ref.shard_id), table)
+    crash_point("features:before_marker")
     run.write_json(run.done(ref.shard_id), marker)
     return marker
 

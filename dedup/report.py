@@ -1,0 +1,239 @@
+"""``dedup report``: one self-contained HTML file (jinja2, thumbnails embedded as data URIs,
+charts as inline SVG, no scripts or network) for deciding about duplicates by looking.
+
+Sizes stay bounded on million-sample runs: at most ``max_clusters`` clusters and
+``max_pairs`` borderline pairs get thumbnails; histograms are computed over all pairs.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections import defaultdict
+
+import numpy as np
+import pyarrow.compute as pc
+from jinja2 import Environment, select_autoescape
+
+from dedup.io.rundir import RunDir
+from dedup.io.shards import ShardReadResult, image_member, iter_samples
+from dedup.records import ShardRef
+
+_ENV = Environment(autoescape=select_autoescape(default=True), trim_blocks=True, lstrip_blocks=True)
+
+TEMPLATE = _ENV.from_string(
+    """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>dedup report: {{ run_dir }}</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
+h1{font-size:1.5em} h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left;font-size:.9em}
+th{background:#f3f3f3} .num{text-align:right}
+.cluster{border:1px solid #ccc;border-radius:6px;padding:.5em;margin:.6em 0}
+.row{display:flex;flex-wrap:wrap;gap:.5em}
+figure{margin:0;width:140px;font-size:.75em;word-break:break-all}
+figure img{max-width:136px;max-height:136px;display:block;border:2px solid #bbb}
+figure.keeper img{border-color:#2a7}
+.pair{display:flex;gap:.5em;align-items:center;border-bottom:1px dashed #ddd;padding:.3em 0}
+.above{color:#b30} .below{color:#06c} .warn{background:#fff4d6;padding:.5em;border:1px solid #e0c060}
+svg text{font-size:10px}
+pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em}
+</style></head><body>
+<h1>dedup report</h1>
+<p>Run directory <code>{{ run_dir }}</code>, finished {{ stats.finished_at or "?" }}, model <code>{{ stats.model_tag or "none" }}</code>.</p>
+{% if stats.partial %}<p class="warn" id="partial">PARTIAL run: some shards failed or the error budget was exceeded. Failed shards: {{ stats.shards.failed|length if stats.shards else 0 }}.</p>{% endif %}
+
+<h2 id="counts">Counts</h2>
+<table id="counts-table">
+<tr><th>samples read</th><td class="num">{{ stats.samples }}</td></tr>
+<tr><th>kept</th><td class="num">{{ stats.kept }}</td></tr>
+<tr><th>duplicates removed</th><td class="num">{{ stats.duplicates }}</td></tr>
+<tr><th>clusters with duplicates</th><td class="num">{{ stats.clusters_with_duplicates }}</td></tr>
+{% for k, v in stats.status_counts.items() %}<tr><th>status {{ k }}</th><td class="num">{{ v }}</td></tr>{% endfor %}
+{% for k, v in stats.duplicates_by_method.items() %}<tr><th>removed by {{ k }}</th><td class="num">{{ v }}</td></tr>{% endfor %}
+{% for k, v in stats.pairs.items() %}<tr><th>candidate pairs, {{ k }}</th><td class="num">{{ v }}</td></tr>{% endfor %}
+</table>
+
+<h2 id="sizes">Cluster sizes (copy counts: the memorization risk)</h2>
+{{ size_svg|safe }}
+
+<h2 id="clusters">Largest clusters</h2>
+{% if not clusters %}<p>No duplicates found.</p>{% endif %}
+{% for c in clusters %}
+<div class="cluster" data-keeper="{{ c.keeper }}" data-size="{{ c.size }}">
+<div>cluster of <b>{{ c.size }}</b>, keeper <code>{{ c.keeper }}</code>{% if c.size > c.members|length %} (showing {{ c.members|length }}){% endif %}</div>
+<div class="row">
+{% for m in c.members %}
+<figure class="{{ 'keeper' if m.is_keeper else '' }}">{% if m.thumb %}<img src="{{ m.thumb }}" alt="{{ m.sample_id }}">{% else %}<div>(no image)</div>{% endif %}
+<figcaption>{{ m.sample_id }}<br>{% if m.sample_id == c.keeper %}keeper{% else %}{{ m.dup_method }} {{ m.score }}{% endif %}</figcaption></figure>
+{% endfor %}
+</div></div>
+{% endfor %}
+
+<h2 id="borderline">Borderline pairs</h2>
+<p>Pairs just <span class="above">above</span> each method's threshold (counted as duplicates) and, for hashes, just <span class="below">below</span> it (not counted). Look here to move a threshold.</p>
+{% for method, rows in borderline.items() %}
+<h3>{{ method }} (threshold {{ thresholds[method] }})</h3>
+{% for p in rows %}
+<div class="pair {{ p.side }}"><figure>{% if p.a_thumb %}<img src="{{ p.a_thumb }}" alt="{{ p.a }}">{% endif %}<figcaption>{{ p.a }}</figcaption></figure>
+<figure>{% if p.b_thumb %}<img src="{{ p.b_thumb }}" alt="{{ p.b }}">{% endif %}<figcaption>{{ p.b }}</figcaption></figure>
+<div>{{ p.side }}: score {{ p.score }}</div></div>
+{% endfor %}
+{% endfor %}
+
+<h2 id="distributions">Score distributions of candidate pairs</h2>
+{% for method, svg in score_svgs.items() %}<h3>{{ method }}</h3>{{ svg|safe }}{% endfor %}
+
+<h2 id="config">Configuration and timings</h2>
+<pre>{{ config_json }}</pre>
+<pre>{{ timings_json }}</pre>
+</body></html>
+"""
+)
+
+
+def _bar_svg(labels: list[str], values: list[int], width: int = 640, height: int = 180) -> str:
+    if not values:
+        return "<p>(no data)</p>"
+    vmax = max(values) or 1
+    n = len(values)
+    bw = (width - 40) / n
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 30}" role="img">']
+    for k, (lab, v) in enumerate(zip(labels, values)):
+        h = (height - 20) * v / vmax
+        x = 30 + k * bw
+        parts.append(f'<rect x="{x:.1f}" y="{height - h:.1f}" width="{max(bw - 2, 1):.1f}" height="{h:.1f}" fill="#4a8"><title>{lab}: {v}</title></rect>')
+        if n <= 30 or k % max(1, n // 15) == 0:
+            parts.append(f'<text x="{x + bw / 2:.1f}" y="{height + 12}" text-anchor="middle">{lab}</text>')
+        if n <= 30:
+            parts.append(f'<text x="{x + bw / 2:.1f}" y="{height - h - 3:.1f}" text-anchor="middle">{v}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _thumbs(run: RunDir, wanted: set[str], image_exts: tuple[str, ...], size: int = 136) -> dict[str, str]:
+    """Data-URI JPEG thumbnails for the wanted sample ids, read from their shards."""
+    from PIL import Image, ImageOps
+
+    by_shard: dict[str, set[str]] = defaultdict(set)
+    for sid in wanted:
+        shard, key = sid.rsplit("/", 1) if "/" in sid else ("", sid)
+        by_shard[shard].add(sid)
+    out: dict[str, str] = {}
+    for shard, ids in by_shard.items():
+        done_path = run.done(shard)
+        if not run.exists(done_path):
+            continue
+        url = run.read_json(done_path)["url"]
+        for sample in iter_samples(ShardRef(url, shard), ShardReadResult(), image_exts):
+            sid = f"{shard}/{sample.key}"
+            if sid not in ids or sid in out:
+                continue
+            _, data = image_member(sample, image_exts)
+            try:
+                im = Image.open(io.BytesIO(data))
+                im.draft("RGB", (size * 2, size * 2))
+                im = ImageOps.exif_transpose(im).convert("RGB")
+                im.thumbnail((size, size))
+                buf = io.BytesIO()
+                im.save(buf, "JPEG", quality=80)
+                out[sid] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+            except Exception:  # noqa: BLE001 - a thumbnail is best effort; the row says why
+                continue
+            if len(out) >= len(wanted):
+                break
+    return out
+
+
+def build_report(run_dir: str, max_clusters: int = 12, max_members: int = 8, max_pairs: int = 6) -> str:
+    run = RunDir(run_dir)
+    stats = run.read_json(run.p("stats.json"))
+    cfg = run.read_json(run.p("run.json"))
+    image_exts = tuple(cfg["config"]["input"]["image_exts"])
+    m = run.read_parquet(run.p("manifest.parquet"), columns=["sample_id", "cluster_id", "cluster_size", "is_keeper", "dup_method", "score_to_keeper", "phash", "dhash", "status"])
+    pairs = run.read_parquet(run.p("pairs", "pairs.parquet"))
+
+    # Largest clusters (by size, then keeper id for determinism).
+    multi = m.filter(pc.greater(m["cluster_size"], 1))
+    rows_by_cluster: dict[str, list[dict]] = defaultdict(list)
+    for r in multi.to_pylist():
+        rows_by_cluster[r["cluster_id"]].append(r)
+    ordered = sorted(rows_by_cluster.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:max_clusters]
+    clusters = []
+    for keeper, members in ordered:
+        members.sort(key=lambda r: (r["sample_id"] != keeper, not r["is_keeper"], r["sample_id"]))
+        shown = members[:max_members]
+        clusters.append({"keeper": keeper, "size": len(members), "members": [
+            {"sample_id": r["sample_id"], "is_keeper": r["is_keeper"], "dup_method": r["dup_method"],
+             "score": None if r["score_to_keeper"] is None else round(float(r["score_to_keeper"]), 4)} for r in shown
+        ]})
+
+    thresholds = stats.get("thresholds", {})
+    th = {"phash": thresholds.get("phash_radius"), "dhash": thresholds.get("dhash_radius"), "embedding": thresholds.get("embedding_cosine"), "exact": "identical bytes"}
+    borderline: dict[str, list[dict]] = {}
+    score_svgs: dict[str, str] = {}
+    for method in ("phash", "dhash", "embedding"):
+        sub = pairs.filter(pc.equal(pairs["method"], method))
+        if sub.num_rows:
+            scores = sub["score"].to_numpy()
+            if method == "embedding":
+                edges = np.linspace(max(-1.0, float(scores.min()) - 1e-6), 1.0, 21)
+                labels = [f"{e:.2f}" for e in edges[:-1]]
+            else:
+                edges = np.arange(0, int(scores.max()) + 2)
+                labels = [str(int(e)) for e in edges[:-1]]
+            hist, _ = np.histogram(scores, bins=edges)
+            score_svgs[method] = _bar_svg(labels, hist.tolist())
+            # Just above the threshold = the weakest accepted pairs.
+            order = np.argsort(-scores if method != "embedding" else scores, kind="stable")[:max_pairs]
+            borderline[method] = [{"a": sub["a"][int(k)].as_py(), "b": sub["b"][int(k)].as_py(), "score": round(float(scores[k]), 4), "side": "above"} for k in order]
+        if method in ("phash", "dhash") and th.get(method) is not None:
+            borderline.setdefault(method, []).extend(_below_hash(m, method, int(th[method]), max_pairs))
+    hist = stats.get("cluster_size_histogram", {})
+    size_svg = _bar_svg(list(hist.keys()), list(hist.values()))
+
+    wanted = {mm["sample_id"] for c in clusters for mm in c["members"]}
+    wanted |= {p[x] for rows in borderline.values() for p in rows for x in ("a", "b")}
+    thumbs = _thumbs(run, wanted, image_exts)
+    for c in clusters:
+        for mm in c["members"]:
+            mm["thumb"] = thumbs.get(mm["sample_id"])
+    for rows in borderline.values():
+        for p in rows:
+            p["a_thumb"], p["b_thumb"] = thumbs.get(p["a"]), thumbs.get(p["b"])
+
+    stats.setdefault("duplicates_by_method", {})
+    stats.setdefault("pairs", {})
+    stats.setdefault("status_counts", {})
+    return TEMPLATE.render(
+        run_dir=run_dir, stats=stats, clusters=clusters, borderline=borderline, thresholds=th,
+        size_svg=size_svg, score_svgs=score_svgs,
+        config_json=json.dumps(cfg.get("config", {}), indent=1), timings_json=json.dumps(stats.get("timings", {}), indent=1),
+    )
+
+
+def _below_hash(m, method: str, radius: int, limit: int, sample: int = 200_000) -> list[dict]:
+    """Pairs just outside the radius (radius+1 .. radius+4 bits), from a bounded sample."""
+    from dedup.compute.candidates import hash_pairs
+
+    ok = m.filter(pc.and_(pc.equal(m["status"], "ok"), pc.is_valid(m[method])))
+    if ok.num_rows > sample:
+        ok = ok.slice(0, sample)
+    if ok.num_rows < 2:
+        return []
+    h = ok[method].to_numpy().astype(np.uint64)
+    p = hash_pairs(h, min(radius + 4, 32))
+    sel = np.flatnonzero(np.asarray(p.score) > radius)
+    sel = sel[np.argsort(np.asarray(p.score)[sel], kind="stable")][:limit]
+    ids = ok["sample_id"]
+    return [{"a": ids[int(p.i[k])].as_py(), "b": ids[int(p.j[k])].as_py(), "score": float(p.score[k]), "side": "below"} for k in sel]
+
+
+def write_report(run_dir: str, path: str | None = None) -> str:
+    run = RunDir(run_dir)
+    html = build_report(run_dir)
+    target = path or run.p("report.html")
+    run.write_bytes(target, html.encode())
+    return target
