@@ -175,8 +175,11 @@ def demo(
         outcome = run_pipeline([str(shards)], str(run_dir), cfg, force=True, progress=not quiet)
     except DedupError as e:
         _fail(e)
-    print_summary(outcome.stats, outcome.run_dir)
+    from dedup.report import write_report
     from dedup.runner import manifest_table
+
+    print_summary(outcome.stats, outcome.run_dir)
+    err.print(f"report: {write_report(outcome.run_dir)}")
 
     score = score_manifest(manifest_table(outcome.run_dir), truth)
     t = Table(title="Against the planted ground truth (pairs)")
