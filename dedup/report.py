@@ -100,7 +100,7 @@ def _bar_svg(labels: list[str], values: list[int], width: int = 640, height: int
     vmax = max(values) or 1
     n = len(values)
     bw = (width - 40) / n
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 30}" role="img">']
+    parts = [f'<svg width="{width}" height="{height + 30}" role="img">']
     for k, (lab, v) in enumerate(zip(labels, values)):
         h = (height - 20) * v / vmax
         x = 30 + k * bw
