@@ -158,6 +158,7 @@ def demo(
     run_dir = out_dir / "run"
     err.print(f"writing demo shards to {shards} ...")
     truth = make_shards(shards)
+    truth.to_json(out_dir / "ground_truth.json")
     methods = "exact,phash,dhash,embedding"
     if embedder is None:
         try:
