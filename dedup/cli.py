@@ -1,4 +1,4 @@
-"""Command line: ``dedup run | report | apply | demo | summary | config``.
+"""Command line: ``dedup run | report | apply | eval | calibrate | demo | summary | config``.
 
 Exit codes: 0 complete; 2 usage or configuration error; 3 finished with failed shards or over
 the error budget (the manifest is still written and marked partial); 1 unexpected error.
@@ -34,7 +34,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
-out = Console()
+stdout = Console()
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -127,7 +127,7 @@ def run(
         except Exception as e:  # noqa: BLE001 - the manifest is written; a report failure must not hide it
             err.print(f"[yellow]warning:[/] could not write report.html: {e}")
     if json_out:
-        out.print_json(json.dumps(outcome.stats))
+        stdout.print_json(json.dumps(outcome.stats))
     else:
         print_summary(outcome.stats, outcome.run_dir)
     raise typer.Exit(outcome.exit_code)
@@ -188,8 +188,8 @@ def demo(
         t.add_column(c)
     for edit, row in score["per_edit"].items():
         t.add_row(edit, str(row["planted"]), str(row["found"]), f"{row['recall']:.3f}")
-    out.print(t)
-    out.print(
+    stdout.print(t)
+    stdout.print(
         f"pair precision {score['precision']:.3f}, pair recall {score['recall']:.3f}; "
         f"manifest: {outcome.run_dir}/manifest.parquet"
     )
@@ -244,6 +244,78 @@ def report(
     err.print(f"wrote {path}")
 
 
+@app.command("eval")
+def eval_cmd(
+    run_dir: Annotated[str, typer.Argument(help="A run directory written by `dedup run`.")],
+    pairs: Annotated[Path, typer.Option("--pairs", help="CSV with columns a,b,is_duplicate (sample ids of the run).")],
+    target_precision: Annotated[float, typer.Option("--target-precision", help="Report the threshold per signal that reaches this precision.")] = 0.99,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output prefix (default RUN_DIR/eval): writes .json, .parquet, .png.")] = None,
+) -> None:
+    """Precision/recall per signal and for the combined rule on labelled pairs; thresholds for a target precision."""
+    from dedup.evaluation import eval_run
+
+    _setup_logging(True)
+    try:
+        res = eval_run(run_dir, str(pairs), target_precision=target_precision, out_prefix=out)
+    except DedupError as e:
+        _fail(e)
+    _print_eval(res)
+
+
+@app.command()
+def calibrate(
+    inputs: Annotated[list[str], typer.Argument(help="Shards to sample images from (as for `dedup run`).", metavar="INPUT...")],
+    sample: Annotated[int, typer.Option("--sample", "-n", help="How many of your images to edit.")] = 50,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Config whose thresholds to measure.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="section.key=value override (repeatable).")] = None,
+    methods: MethodsOpt = None,
+    embedder: EmbedderOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the result as JSON here.")] = None,
+) -> None:
+    """Recall per edit type on a sample of your own images, and the false-positive rate among them.
+
+    Applies known edits (re-encode, resize, crop, flip, rotate, text overlay, grayscale, colour,
+    padding) at several strengths and checks every signal at the configured thresholds.
+    """
+    from dedup.config import load_config
+    from dedup.evaluation import calibrate_images, sample_images
+
+    _setup_logging(True)
+    try:
+        cfg = load_config(config, set_, **{"methods": [m.strip() for m in methods.split(",")] if methods else None, "embedding.spec": embedder})
+        imgs = sample_images(inputs, cfg, sample)
+        emb = None
+        if "embedding" in cfg.methods:
+            from dedup.compute.embedders import make_embedder
+
+            emb = make_embedder(cfg.embedding.spec, device=cfg.embedding.device, batch_size=cfg.embedding.batch_size)
+        res = calibrate_images(imgs, cfg, emb)
+    except DedupError as e:
+        _fail(e)
+    t = Table(title=f"recall per edit ({res['images']} of your images)")
+    signals = list(res["false_positive_rate"])
+    t.add_column("edit")
+    for m in signals:
+        t.add_column(m, justify="right")
+    for e, row in res["recall"].items():
+        t.add_row(e, *[f"{row[m]:.2f}" for m in signals])
+    t.add_row(f"[bold]false-positive rate[/] ({res['unrelated_pairs']} pairs)", *[f"{res['false_positive_rate'][m]:.4f}" for m in signals])
+    stdout.print(t)
+    if out is not None:
+        out.write_text(json.dumps(res, indent=1))
+        err.print(f"wrote {out}")
+
+
+def _print_eval(res: dict) -> None:
+    t = Table(title=f"{res['pairs']} labelled pairs, {res['positives']} duplicates")
+    for c in ("signal", "precision", "recall", "F1", f"threshold for precision >= {res['target_precision']}"):
+        t.add_column(c)
+    for m, r in res["at_configured_thresholds"].items():
+        best = res["threshold_for_target_precision"].get(m)
+        t.add_row(m, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", "-" if best is None else f"{best['threshold']:.4g} (recall {best['recall']:.3f})")
+    stdout.print(t)
+
+
 @app.command()
 def summary(run_dir: Annotated[str, typer.Argument(help="A run directory written by `dedup run`.")]) -> None:
     """Print the summary of a finished run (from RUN_DIR/stats.json)."""
@@ -270,7 +342,7 @@ def show_config(
         cfg = load_config(config, set_)
     except DedupError as e:
         _fail(e)
-    out.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="", highlight=False)
+    stdout.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="", highlight=False)
 
 
 def print_summary(stats: dict, run_dir: str) -> None:
@@ -290,9 +362,9 @@ def print_summary(stats: dict, run_dir: str) -> None:
         t.add_row("shards", f"{sh.get('done', 0)}/{sh.get('total', 0)} done")
         for sid, why in sh.get("failed", {}).items():
             t.add_row(f"  [red]failed {sid}[/]", why[:80])
-    out.print(t)
+    stdout.print(t)
     if stats.get("partial"):
-        out.print("[bold yellow]PARTIAL:[/] some shards failed or the error budget was exceeded (exit code 3).")
+        stdout.print("[bold yellow]PARTIAL:[/] some shards failed or the error budget was exceeded (exit code 3).")
 
 
 def main() -> None:
