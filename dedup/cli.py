@@ -1,4 +1,4 @@
-"""Command line: ``dedup run | report | apply | eval | calibrate | demo | summary | config``.
+"""Command line: ``dedup run | check | report | apply | eval | calibrate | demo | summary | config``.
 
 Exit codes: 0 complete; 2 usage or configuration error; 3 finished with failed shards or over
 the error budget (the manifest is still written and marked partial); 1 unexpected error.
@@ -314,6 +314,41 @@ def _print_eval(res: dict) -> None:
         best = res["threshold_for_target_precision"].get(m)
         t.add_row(m, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", "-" if best is None else f"{best['threshold']:.4g} (recall {best['recall']:.3f})")
     stdout.print(t)
+
+
+@app.command()
+def check(
+    queries: Annotated[list[str], typer.Argument(help="Query images: image folders/files, or shards.", metavar="QUERY...")],
+    against: Annotated[str, typer.Option("--against", help="A finished run directory (the training set).")],
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Where to write check.parquet / check.html / within.parquet.")] = "dedup-check",
+    within: Annotated[bool, typer.Option("--within", help="Cluster the queries among themselves instead (per --group-by group).")] = False,
+    group_by: Annotated[Optional[str], typer.Option("--group-by", help="Sidecar JSON field that groups queries, e.g. prompt.")] = None,
+    min_copies: Annotated[int, typer.Option("--min-copies", help="With --within: flag groups whose largest cluster has at least this many images.")] = 2,
+) -> None:
+    """Memorization guard: flag query images that are near-copies of a run's training samples.
+
+    Uses the run's stored hashes and embeddings (never recomputed) and the run's own model and
+    thresholds. With --within, finds groups (e.g. generations of one prompt) where many outputs
+    coincide: the extraction signal.
+    """
+    from dedup.phases.check import check as run_check
+
+    _setup_logging(True)
+    try:
+        res = run_check(queries, against, out_dir, within=within, group_by=group_by, min_copies=min_copies)
+    except DedupError as e:
+        _fail(e)
+    if within:
+        t = Table(title="groups where outputs coincide")
+        for c in ("group", "samples", "largest cluster", "flagged"):
+            t.add_column(c)
+        for g in res["groups"][:20]:
+            t.add_row(g["group"] or "(none)", str(g["samples"]), str(g["largest_cluster"]), "yes" if g["flagged"] else "")
+        stdout.print(t)
+        err.print(f"wrote {out_dir}/within.parquet")
+    else:
+        stdout.print(f"{res['flagged']} of {res['queries']} queries flagged as near-copies of training samples")
+        err.print(f"wrote {out_dir}/check.parquet and {out_dir}/check.html")
 
 
 @app.command()

