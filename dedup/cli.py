@@ -86,6 +86,11 @@ def run(
     ray_address: Annotated[
         Optional[str], typer.Option("--ray-address", help="Ray cluster address for --executor ray (default: local Ray, or RAY_ADDRESS).")
     ] = None,
+    against: Annotated[
+        Optional[str],
+        typer.Option("--against", help="Incremental run: deduplicate INPUT against this previous run's kept samples; writes a delta manifest."),
+    ] = None,
+    merge: Annotated[bool, typer.Option("--merge", help="With --against: also write merged_manifest.parquet (previous + delta).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Reuse RUN_DIR even if it was made with another config.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and the final summary.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print stats.json to stdout instead of the summary table.")] = False,
@@ -116,10 +121,10 @@ def run(
             from dedup.compute.embedders import parse_spec
 
             parse_spec(cfg.embedding.spec)
-        outcome = run_pipeline(inputs, out_dir, cfg, force=force, progress=not quiet)
+        outcome = run_pipeline(inputs, out_dir, cfg, force=force, progress=not quiet, against=against, merge=merge)
     except DedupError as e:
         _fail(e)
-    if report:
+    if report and not against:
         from dedup.report import write_report
 
         try:

@@ -117,7 +117,10 @@ def _check_run_json(run: RunDir, cfg: Config, force: bool) -> None:
         )
 
 
-def run_pipeline(inputs: list[str], out: str, cfg: Config, *, force: bool = False, progress: bool = True) -> Outcome:
+def run_pipeline(
+    inputs: list[str], out: str, cfg: Config, *, force: bool = False, progress: bool = True,
+    against: str | None = None, merge: bool = False,
+) -> Outcome:
     from dedup.phases.features import FeatureExtractor, marker_is_current
 
     t_start = time.perf_counter()
@@ -132,6 +135,11 @@ def run_pipeline(inputs: list[str], out: str, cfg: Config, *, force: bool = Fals
             log.info("removed %d temp file(s) left by an interrupted run", removed)
         model_tag = _model_tag(cfg)
         fhash = cfg.features_hash(model_tag)
+        prev_info = None
+        if against:
+            from dedup.phases.incremental import check_previous
+
+            prev_info = check_previous(RunDir(against), fhash, model_tag)  # fail fast, before any work
         run.write_json(
             run.p("run.json"),
             {
@@ -141,6 +149,7 @@ def run_pipeline(inputs: list[str], out: str, cfg: Config, *, force: bool = Fals
                 "model_tag": model_tag,
                 "dedup_version": __version__,
                 "inputs": list(inputs),
+                "against": against,
                 "shards": [r.shard_id for r in refs],
             },
         )
@@ -178,10 +187,14 @@ def run_pipeline(inputs: list[str], out: str, cfg: Config, *, force: bool = Fals
             if m["condition"] != "ok":
                 failures[sid] = f"{m['condition']}: {m['error']}"
 
-        stats = finish_run(
-            run, cfg, [r.shard_id for r in refs if r.shard_id in markers], failed_shards=bool(failures),
-            progress=progress, timings=timings,
-        )
+        done_ids = [r.shard_id for r in refs if r.shard_id in markers]
+        if against:
+            from dedup.phases.incremental import incremental_finish
+
+            stats = incremental_finish(run, RunDir(against), cfg, done_ids, prev_info, merge=merge, failed_shards=bool(failures))
+            stats["timings"].update(timings)
+        else:
+            stats = finish_run(run, cfg, done_ids, failed_shards=bool(failures), progress=progress, timings=timings)
         stats["shards"] = {
             "total": len(refs) + len(missing),
             "done": len(markers),

@@ -42,12 +42,15 @@ def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
     return rank_order(cols)
 
 
-def build_manifest(cfg: Config, table: pa.Table, pairs: pa.Table) -> tuple[pa.Table, dict]:
-    """``table``: features' scalar columns sorted by sample_id. Returns (manifest, stats part)."""
+def build_manifest(cfg: Config, table: pa.Table, pairs: pa.Table, rank: np.ndarray | None = None) -> tuple[pa.Table, dict]:
+    """``table``: features' scalar columns sorted by sample_id. Returns (manifest, stats part).
+
+    ``rank`` overrides the keeper policy's order (incremental runs rank earlier keepers first)."""
     n = table.num_rows
     status = table["status"].to_numpy(zero_copy_only=False)
     ok = status == "ok"
-    cl = keeper_clusters(n, _edges(table, pairs), _rank(cfg, table), valid=ok, keep_per_cluster=cfg.clusters.keep_per_cluster)
+    rank = _rank(cfg, table) if rank is None else rank
+    cl = keeper_clusters(n, _edges(table, pairs), rank, valid=ok, keep_per_cluster=cfg.clusters.keep_per_cluster)
     ids = table["sample_id"].to_numpy(zero_copy_only=False)
     has = cl.keeper >= 0
     cluster_id = np.where(has, ids[np.maximum(cl.keeper, 0)], None)

@@ -1,0 +1,203 @@
+"""Incremental runs for scheduled jobs: ``dedup run NEW... --out NEW_RUN --against PREV_RUN``.
+
+New samples are deduplicated among themselves and against the previous run's **kept**
+samples, which stay fixed: they rank ahead of every new sample and are never demoted. The run
+directory holds a *delta* manifest (rows for the new samples only; ``cluster_id`` may name a
+previous sample) and, with ``--merge``, ``merged_manifest.parquet`` (previous manifest + delta,
+cluster sizes updated).
+
+Cost grows with the new data: previous keepers' hashes go into chunk tables (sorted arrays)
+and their embeddings into a FAISS index that is built once and cached in
+``PREV_RUN/index/keepers.faiss`` (with ``keepers.json`` naming the model and features hash, so
+a different model is refused). The result equals a full run over old + new data whenever the
+keeper policy ranks old samples first (e.g. ``keeper_policy: [sample_id]`` with shard ids
+that sort by date) — tested in tests/test_incremental.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dedup.compute.crossmatch import HashTable, VectorIndex
+from dedup.config import Config
+from dedup.errors import ConfigError, SchemaMismatchError
+from dedup.io.rundir import RunDir
+from dedup.schema import PAIRS_SCHEMA
+
+_PREV_COLS = ["sample_id", "shard_id", "key", "status", "error", "file_size", "caption_len", "width", "height", "sha256", "phash", "dhash"]
+
+
+def check_previous(prev: RunDir, features_hash: str, model_tag: str | None) -> dict:
+    if not prev.exists(prev.p("run.json")) or not prev.exists(prev.p("manifest.parquet")):
+        raise ConfigError(f"--against {prev.url}: not a finished dedup run (no run.json / manifest.parquet)")
+    info = prev.read_json(prev.p("run.json"))
+    if info.get("features_hash") != features_hash:
+        raise SchemaMismatchError(
+            f"--against {prev.url} was made with model {info.get('model_tag') or 'none'!r} / features "
+            f"{info.get('features_hash')}, this run uses model {model_tag or 'none'!r} / features {features_hash}; "
+            "an incremental run must use the same model and decode settings"
+        )
+    return info
+
+
+def _keepers(prev: RunDir, info: dict, with_embeddings: bool):
+    """Previous keepers' scalar columns (sorted by sample_id) and, if asked, their embeddings."""
+    from dedup.phases.candidates import load_features
+
+    m = prev.read_parquet(prev.p("manifest.parquet"), columns=["sample_id", "is_keeper", "status", "cluster_id", "cluster_size"])
+    keep = pc.and_(m["is_keeper"], pc.equal(m["status"], "ok"))
+    keep_ids = m.filter(keep)["sample_id"]
+    fs = load_features(prev, info["shards"], with_embeddings=False)
+    mask = pc.is_in(fs.table["sample_id"], value_set=keep_ids)
+    table = fs.table.filter(mask).select(_PREV_COLS)
+    emb = None
+    if with_embeddings:
+        emb = _keeper_vectors(prev, info, table["sample_id"])
+    return table, emb, m
+
+
+def _keeper_vectors(prev: RunDir, info: dict, ids: pa.ChunkedArray) -> VectorIndex:
+    """The FAISS index over previous keepers, cached in PREV/index/ (built once)."""
+    import faiss
+
+    cache_dir = prev.p("index")
+    meta_path = os.path.join(cache_dir, "keepers.json")
+    idx_path = os.path.join(cache_dir, "keepers.faiss")
+    n = len(ids)
+    if prev.local and os.path.exists(meta_path) and os.path.exists(idx_path):
+        meta = json.load(open(meta_path))
+        if meta.get("features_hash") == info.get("features_hash") and meta.get("count") == n:
+            vi = VectorIndex.__new__(VectorIndex)
+            vi.faiss, vi.index, vi.n = faiss, faiss.read_index(idx_path), n
+            return vi
+    from dedup.phases.candidates import load_features
+
+    fs = load_features(prev, info["shards"], with_embeddings=True)
+    pos = pc.index_in(ids, value_set=fs.table["sample_id"]).to_numpy()
+    vi = VectorIndex(np.asarray(fs.embeddings)[pos])
+    if prev.local:
+        os.makedirs(cache_dir, exist_ok=True)
+        faiss.write_index(vi.index, idx_path + ".tmp")
+        os.replace(idx_path + ".tmp", idx_path)
+        with open(meta_path, "w") as f:
+            json.dump({"features_hash": info.get("features_hash"), "model_tag": info.get("model_tag"), "count": n}, f)
+    return vi
+
+
+def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[str], info: dict, *, merge: bool = False, failed_shards: bool = False) -> dict:
+    """Candidates + delta manifest for the new shards against the previous run's keepers."""
+    from dedup.phases.candidates import find_pairs, load_features
+    from dedup.phases.manifest import build_manifest
+
+    t0 = time.perf_counter()
+    new = load_features(run, sorted(shard_ids), with_embeddings="embedding" in cfg.methods)
+    overlap = set(info["shards"]) & set(shard_ids)
+    if overlap:
+        raise ConfigError(f"shard(s) {sorted(overlap)[:3]} are already in {prev.url}; an incremental run takes new shards only")
+    pairs_new, pinfo = find_pairs(cfg, new)
+    prev_tbl, prev_vi, prev_manifest = _keepers(prev, info, with_embeddings="embedding" in cfg.methods)
+    ok = new.ok()
+    nid = np.array(new.table["sample_id"].to_pylist(), dtype=object)
+    pid = np.array(prev_tbl["sample_id"].to_pylist(), dtype=object)
+    cross = []
+
+    def add(method, qi, ri, score):
+        if len(qi):
+            a, b = nid[qi], pid[ri]
+            lo, hi = np.where(a < b, a, b), np.where(a < b, b, a)
+            cross.append(pa.table({"a": pa.array(lo, pa.string()), "b": pa.array(hi, pa.string()), "method": [method] * len(qi), "score": pa.array(np.asarray(score, np.float32))}, schema=PAIRS_SCHEMA))
+
+    qidx = np.flatnonzero(ok)
+    if "exact" in cfg.methods and len(pid):
+        lookup = {}
+        for k, s in enumerate(prev_tbl["sha256"].to_pylist()):
+            lookup.setdefault(s, k)
+        shas = new.table["sha256"].to_pylist()
+        hits = [(q, lookup[shas[q]]) for q in qidx if shas[q] in lookup]
+        if hits:
+            add("exact", np.array([h[0] for h in hits]), np.array([h[1] for h in hits]), np.ones(len(hits)))
+    for method, radius in (("phash", cfg.hashes.phash_radius), ("dhash", cfg.hashes.dhash_radius)):
+        if method in cfg.methods and len(pid) and len(qidx):
+            table = HashTable(prev_tbl[method].fill_null(0).to_numpy().astype(np.uint64), radius)
+            m = table.query(new.table[method].fill_null(0).to_numpy().astype(np.uint64)[qidx])
+            add(method, qidx[m.q], m.r, m.score)
+    if prev_vi is not None and len(qidx):
+        m = prev_vi.range(np.asarray(new.embeddings)[qidx], cfg.embedding.resolved_threshold())
+        add("embedding", qidx[m.q], m.r, m.score)
+    pairs = pa.concat_tables([pairs_new, *cross]).sort_by([("a", "ascending"), ("b", "ascending"), ("method", "ascending")])
+    run.write_parquet(run.p("pairs", "pairs.parquet"), pairs)
+
+    # Cluster old keepers + new samples together; old keepers rank first and stay keepers.
+    combined = pa.concat_tables([prev_tbl.cast(new.table.select(_PREV_COLS).schema), new.table.select(_PREV_COLS)])
+    order = pc.sort_indices(combined, sort_keys=[("sample_id", "ascending")])
+    combined = combined.take(order)
+    is_prev = np.zeros(combined.num_rows, bool)
+    is_prev[: prev_tbl.num_rows] = True
+    is_prev = is_prev[order.to_numpy()]
+    from dedup.phases.manifest import _rank
+
+    base = _rank(cfg, combined)
+    rank = np.lexsort((base, ~is_prev))  # previous keepers first, then the policy
+    r = np.empty(len(rank), np.int64)
+    r[rank] = np.arange(len(rank))
+    manifest, _ = build_manifest(cfg, combined, pairs, rank=r)
+    # Cluster sizes count the previous cluster's members too.
+    prev_sizes = dict(zip(prev_manifest["sample_id"].to_pylist(), prev_manifest["cluster_size"].to_pylist()))
+    delta = manifest.filter(pa.array(~is_prev))
+    cids = delta["cluster_id"].to_pylist()
+    extra = {}
+    for c in cids:
+        if c is not None:
+            extra[c] = extra.get(c, 0) + 1
+    sizes = []
+    for c, s in zip(cids, delta["cluster_size"].to_pylist()):
+        if c is None:
+            sizes.append(None)
+        elif c in prev_sizes:
+            sizes.append(int(prev_sizes[c] or 1) + extra[c])
+        else:
+            sizes.append(s)
+    delta = delta.set_column(delta.schema.get_field_index("cluster_size"), "cluster_size", pa.array(sizes, pa.int32()))
+    total = delta.num_rows
+    bad = total - int(pc.sum(pc.equal(delta["status"], "ok")).as_py() or 0)
+    frac = bad / total if total else 0.0
+    partial = failed_shards or frac > cfg.run.max_error_fraction
+    md = {**(manifest.schema.metadata or {}), b"config_hash": cfg.config_hash().encode(), b"partial": str(partial).lower().encode(), b"against": prev.url.encode()}
+    delta = delta.replace_schema_metadata(md)
+    run.write_parquet(run.p("manifest.parquet"), delta)
+    if merge:
+        full_prev = prev.read_parquet(prev.p("manifest.parquet"))
+        merged = pa.concat_tables([full_prev.cast(delta.schema), delta.cast(delta.schema)])
+        merged = merged.take(pc.sort_indices(merged, sort_keys=[("sample_id", "ascending")]))
+        counts: dict = {}
+        for c in merged["cluster_id"].to_pylist():
+            if c is not None:
+                counts[c] = counts.get(c, 0) + 1
+        merged = merged.set_column(merged.schema.get_field_index("cluster_size"), "cluster_size",
+                                   pa.array([counts.get(c) if c is not None else None for c in merged["cluster_id"].to_pylist()], pa.int32()))
+        run.write_parquet(run.p("merged_manifest.parquet"), merged.replace_schema_metadata(md))
+    keep = delta["is_keeper"].to_numpy(zero_copy_only=False)
+    st = delta["status"].to_numpy(zero_copy_only=False)
+    return {
+        "samples": total,
+        "ok": total - bad,
+        "kept": int(keep.sum()),
+        "duplicates": int(((st == "ok") & ~keep).sum()),
+        "duplicates_of_previous": int(sum(1 for c, k in zip(cids, keep) if c in prev_sizes and not k)),
+        "status_counts": dict(sorted((x["values"], x["counts"]) for x in pc.value_counts(delta["status"]).to_pylist())),
+        "pairs": {**pinfo["pairs"], "against_previous": int(sum(t.num_rows for t in cross))},
+        "against": prev.url,
+        "previous_keepers": prev_tbl.num_rows,
+        "partial": partial,
+        "error_fraction": round(frac, 6),
+        "error_budget": cfg.run.max_error_fraction,
+        "methods": list(cfg.methods),
+        "timings": {"incremental": round(time.perf_counter() - t0, 3)},
+        "merged": merge,
+    }
