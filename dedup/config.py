@@ -48,6 +48,10 @@ class DecodeConfig(_Section):
 class HashConfig(_Section):
     phash_radius: int = Field(8, ge=0, le=32)
     dhash_radius: int = Field(6, ge=0, le=32)
+    # A hash with fewer than this many 1 bits (or 0 bits) carries almost no information
+    # (flat images, text scans: a dHash of all ones) and would match unrelated images; such
+    # hashes are left out of hash matching. Exact and embedding matching still apply.
+    min_informative_bits: int = Field(4, ge=0, le=32)
 
 
 class EmbeddingConfig(_Section):

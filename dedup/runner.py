@@ -252,6 +252,7 @@ def finish_run(
         "error_budget": cfg.run.max_error_fraction,
         "status_counts": status_counts,
         "pairs": info["pairs"],
+        "uninformative_hashes": info.get("uninformative_hashes", {}),
         "candidate_timings": info["timings"],
         "ivf": info.get("ivf"),
         "methods": list(cfg.methods),

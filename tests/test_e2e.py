@@ -158,3 +158,33 @@ def test_cli_run_help_and_usage_errors(synth_shards, tmp_path):
     # A different config on the same RUN_DIR is refused (exit 2) unless --force.
     r = subprocess.run(exe + ["run", str(shards), "--out", str(tmp_path / "run"), "--methods", "exact", "-q"], capture_output=True, text=True)
     assert r.returncode == 2 and "another configuration" in r.stderr
+
+
+def test_uninformative_hashes_do_not_link_unrelated_images(tmp_path):
+    """Two different smooth gradients have all-ones dHashes: they must not be called duplicates."""
+    import numpy as np
+
+    d = tmp_path / "in"
+    d.mkdir()
+    x = np.linspace(0, 255, 64)
+    a = Image.fromarray(np.tile(x, (48, 1)).astype(np.uint8)).convert("RGB")  # horizontal ramp
+    b = Image.fromarray(np.stack([np.tile(x, (48, 1)) * 0.5, np.tile(x, (48, 1)), np.full((48, 64), 90.0)], -1).astype(np.uint8))
+    members = []
+    for name, im in (("a.png", a), ("b.png", b)):
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        members.append((name, buf.getvalue()))
+    with tarfile.open(d / "s.tar", "w") as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    from dedup.compute.hashes import hash_images
+
+    _, dh = hash_images([a, b])
+    assert int(dh[0]) == int(dh[1]) == 2**64 - 1  # the degenerate case this guards against
+    cfg = load_config(None, None, **{"methods": ["dhash"], "run.workers": 1})
+    out = run_pipeline([str(d)], str(tmp_path / "run"), cfg, progress=False)
+    assert out.stats["uninformative_hashes"]["dhash"] == 2
+    m = pq.read_table(tmp_path / "run" / "manifest.parquet").to_pylist()
+    assert all(r["is_keeper"] for r in m)

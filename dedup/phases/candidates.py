@@ -147,6 +147,11 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
             col = fs.table[method]
             valid = ok & col.is_valid().to_numpy(zero_copy_only=False)
             h = col.fill_null(0).to_numpy().astype(np.uint64)
+            ones = np.bitwise_count(h) if hasattr(np, "bitwise_count") else np.array([bin(int(v)).count("1") for v in h])
+            k = cfg.hashes.min_informative_bits
+            informative = (ones >= k) & (ones <= 64 - k)
+            info.setdefault("uninformative_hashes", {})[method] = int((valid & ~informative).sum())
+            valid = valid & informative
             radius = cfg.hashes.phash_radius if method == "phash" else cfg.hashes.dhash_radius
             add(method, cand.hash_pairs(h, radius, valid=valid))
         elif method == "embedding":
