@@ -30,10 +30,12 @@ class _Section(BaseModel):
 
 
 class InputConfig(_Section):
-    image_exts: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ico")
-    caption_exts: tuple[str, ...] = ("txt", "json")
+    image_exts: tuple[str, ...] = Field(
+        ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ico"),
+        description="member extensions that hold the sample's image, in order of preference (last component: v2.jpg counts as jpg)",
+    )
 
-    @field_validator("image_exts", "caption_exts")
+    @field_validator("image_exts")
     @classmethod
     def _lower(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(e.lower().lstrip(".") for e in v)
@@ -41,26 +43,32 @@ class InputConfig(_Section):
 
 class DecodeConfig(_Section):
     max_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb guard; never disabled")
-    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+    formats: tuple[str, ...] = Field(
+        ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"),
+        description="Pillow formats accepted (detected from the bytes, not the extension); others get status unsupported_format",
+    )
     draft: bool = Field(True, description="JPEG DCT-domain downscaling to the size the signals need")
 
 
 class HashConfig(_Section):
-    phash_radius: int = Field(8, ge=0, le=32)
-    dhash_radius: int = Field(6, ge=0, le=32)
-    # A hash with fewer than this many 1 bits (or 0 bits) carries almost no information
-    # (flat images, text scans: a dHash of all ones) and would match unrelated images; such
-    # hashes are left out of hash matching. Exact and embedding matching still apply.
-    min_informative_bits: int = Field(4, ge=0, le=32)
+    phash_radius: int = Field(8, ge=0, le=32, description="pHash pairs within this many bits are duplicates")
+    dhash_radius: int = Field(6, ge=0, le=32, description="dHash pairs within this many bits are duplicates")
+    # Flat images and text scans give hashes like all ones, which match unrelated images.
+    min_informative_bits: int = Field(
+        4, ge=0, le=32,
+        description="hashes with fewer 1 bits (or 0 bits) than this are left out of hash matching (exact and embedding still apply)",
+    )
 
 
 class EmbeddingConfig(_Section):
-    spec: str = "open_clip:ViT-B-32:laion2b_s34b_b79k"
-    device: str = "auto"
-    batch_size: int = Field(32, gt=0)
-    threshold: float | None = Field(None, ge=-1.0, le=1.0, description="cosine; None = embedder default")
-    nlist: int | None = Field(None, gt=0)
-    nprobe: int | None = Field(None, gt=0)
+    spec: str = Field("open_clip:ViT-B-32:laion2b_s34b_b79k", description="embedder spec (docs/embedders.md); same as --embedder")
+    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    batch_size: int = Field(32, gt=0, description="images per model batch")
+    threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, description="cosine at or above which a pair is a duplicate; null = the embedder family's default (sscd/onnx 0.60, open_clip 0.95)"
+    )
+    nlist: int | None = Field(None, gt=0, description="IVF lists for the candidate search; null = automatic from n")
+    nprobe: int | None = Field(None, gt=0, description="IVF lists each vector is assigned/compared in; null = automatic")
 
     def resolved_threshold(self) -> float:
         if self.threshold is not None:
@@ -70,10 +78,11 @@ class EmbeddingConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    # Columns, best first; "-" prefix = larger is better. Available: pixels, file_size,
-    # caption_len, sample_id (lexicographic: shard order then key order).
-    keeper_policy: tuple[str, ...] = ("-pixels", "-file_size", "sample_id")
-    keep_per_cluster: int = Field(1, ge=1)
+    keeper_policy: tuple[str, ...] = Field(
+        ("-pixels", "-file_size", "sample_id"),
+        description="rank columns, best first; '-' = larger is better. Columns: pixels, file_size, caption_len, sample_id",
+    )
+    keep_per_cluster: int = Field(1, ge=1, description="samples kept per cluster (the best-ranked k)")
 
     @field_validator("keeper_policy")
     @classmethod
@@ -87,8 +96,8 @@ class ClusterConfig(_Section):
 
 class RunConfig(_Section):
     workers: int = Field(0, ge=0, description="feature worker processes; 0 = one per CPU core")
-    max_error_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    executor: Literal["local", "ray"] = "local"
+    max_error_fraction: float = Field(0.05, ge=0.0, le=1.0, description="above this share of non-ok samples the run exits 3 (partial)")
+    executor: Literal["local", "ray"] = Field("local", description="local (process pool) or ray; same as --executor")
     retries: int = Field(2, ge=0, description="extra attempts for a shard whose worker failed")
 
 
@@ -97,12 +106,12 @@ class RayConfig(_Section):
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs per decode/hash task")
     embed_actors: int = Field(0, ge=0, description="embedding actors; 0 = one per GPU, or 1 on a CPU-only cluster")
     gpus_per_actor: float = Field(1.0, ge=0, description="GPUs per embedding actor (ignored when the cluster has none)")
-    cpus_per_actor: float = Field(1.0, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per embedding actor")
     max_in_flight: int = Field(0, ge=0, description="shards in flight at once; 0 = 2 x cluster CPUs (bounds memory)")
 
 
 class Config(_Section):
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = Field(METHODS, description="signals used: exact, phash, dhash, embedding; same as --methods")
     input: InputConfig = InputConfig()
     decode: DecodeConfig = DecodeConfig()
     hashes: HashConfig = HashConfig()

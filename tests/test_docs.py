@@ -41,3 +41,9 @@ def test_readme_links_resolve():
     readme = (ROOT / "README.md").read_text()
     for target in re.findall(r"\]\((docs/[^)#]+)\)", readme):
         assert (ROOT / target).exists(), target
+
+
+def test_configuration_reference_matches_the_model():
+    from gen_config_docs import DOC, render
+
+    assert DOC.read_text() == render(), "docs/configuration.md is stale: run `python scripts/gen_config_docs.py`"
