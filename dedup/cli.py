@@ -225,7 +225,15 @@ def apply(
             n = write_keep_list(run_dir, keep_list, include_failed)
             err.print(f"wrote {n} sample ids to {keep_list}")
         if out_dir:
-            s = apply_run(run_dir, out_dir, include_failed)
+            from dedup.progress import Progress
+
+            with Progress(True) as prog:
+                box: dict = {}
+
+                def set_total(n: int) -> None:
+                    box["task"] = prog.task("apply", total=n)
+
+                s = apply_run(run_dir, out_dir, include_failed, progress=lambda sid: box["task"].advance(note=sid), total=set_total)
             err.print(
                 f"wrote {s['samples_written']} samples ({s['members_written']} members) in {s['shards']} shard(s) "
                 f"to {out_dir}; {s['skipped']} shard(s) already done; manifest keeps {s['expected']}"

@@ -49,11 +49,16 @@ def write_keep_list(run_dir: str, path: str, include_failed: bool = False) -> in
     return len(ids)
 
 
-def apply_run(run_dir: str, clean_dir: str, include_failed: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+def apply_run(
+    run_dir: str, clean_dir: str, include_failed: bool = False,
+    progress: Callable[[str], None] | None = None, total: Callable[[int], None] | None = None,
+) -> dict:
     run = RunDir(run_dir)
     if not run.exists(run.p("manifest.parquet")):
         raise DedupError(f"{run_dir} has no manifest.parquet: run `dedup run` first")
     keys, rows = keep_set(run, include_failed)
+    if total is not None:
+        total(len(rows))
     out = RunDir(clean_dir)
     summary = {"shards": 0, "skipped": 0, "samples_written": 0, "members_written": 0}
     for sid in sorted(rows):
@@ -65,6 +70,8 @@ def apply_run(run_dir: str, clean_dir: str, include_failed: bool = False, progre
                 summary["skipped"] += 1
                 summary["samples_written"] += prev["samples"]
                 summary["members_written"] += prev["members"]
+                if progress:
+                    progress(sid)
                 continue
         done = run.read_json(run.done(sid))
         data, n_samples, n_members = _filter_shard(done["url"], want)
