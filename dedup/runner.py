@@ -235,7 +235,12 @@ def finish_run(
     run.write_parquet(run.p("pairs", "pairs.parquet"), pairs)
     timings["candidates"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
-    manifest, mstats = build_manifest(cfg, fs.table, pairs)
+    outlier = None
+    if fs.embeddings is not None:
+        from dedup.phases.manifest import outlier_scores
+
+        outlier = outlier_scores(fs.embeddings, fs.ok(), cfg.clusters.outlier_k)
+    manifest, mstats = build_manifest(cfg, fs.table, pairs, outlier=outlier)
     total = manifest.num_rows
     frac = (total - mstats["ok"]) / total if total else 0.0
     partial = failed_shards or frac > cfg.run.max_error_fraction

@@ -66,6 +66,7 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("file_size", pa.int64()),
         pa.field("phash", pa.uint64()),
         pa.field("dhash", pa.uint64()),
+        pa.field("outlier_score", pa.float32()),
     ],
     metadata={"schema_version": MANIFEST_VERSION},
 )

@@ -188,3 +188,27 @@ def test_uninformative_hashes_do_not_link_unrelated_images(tmp_path):
     assert out.stats["uninformative_hashes"]["dhash"] == 2
     m = pq.read_table(tmp_path / "run" / "manifest.parquet").to_pylist()
     assert all(r["is_keeper"] for r in m)
+
+
+def test_outlier_score_marks_the_odd_one_out(tmp_path):
+    """Ten near-identical images and one unrelated one: the unrelated one scores highest."""
+    import numpy as np
+
+    d = tmp_path / "in"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (32, 32, 3)).astype(np.int16)
+    with tarfile.open(d / "s.tar", "w") as tf:
+        for k in range(11):
+            arr = rng.integers(0, 255, (32, 32, 3)) if k == 10 else np.clip(base + rng.integers(-20, 20, base.shape), 0, 255)
+            buf = io.BytesIO()
+            Image.fromarray(arr.astype(np.uint8)).save(buf, "PNG")
+            ti = tarfile.TarInfo(f"k{k:02d}.png")
+            ti.size = len(buf.getvalue())
+            tf.addfile(ti, io.BytesIO(buf.getvalue()))
+    cfg = load_config(None, None, **{"methods": ["embedding"], "embedding.spec": "pixel", "embedding.threshold": 0.999, "run.workers": 1, "clusters.outlier_k": 3})
+    assert run_pipeline([str(d)], str(tmp_path / "run"), cfg, progress=False).exit_code == 0
+    m = pq.read_table(tmp_path / "run" / "manifest.parquet").to_pylist()
+    scores = {r["key"]: r["outlier_score"] for r in m}
+    assert max(scores, key=scores.get) == "k10"
+    assert all(v is not None for v in scores.values())

@@ -42,7 +42,25 @@ def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
     return rank_order(cols)
 
 
-def build_manifest(cfg: Config, table: pa.Table, pairs: pa.Table, rank: np.ndarray | None = None) -> tuple[pa.Table, dict]:
+def outlier_scores(emb: np.ndarray, ok: np.ndarray, k: int) -> np.ndarray:
+    """1 - cosine to the k-th nearest other ok sample (NaN where not computable)."""
+    from dedup.compute.crossmatch import VectorIndex
+
+    out = np.full(len(ok), np.nan, np.float32)
+    idx = np.flatnonzero(ok)
+    if len(idx) <= k:
+        return out
+    index = VectorIndex(np.asarray(emb)[idx])
+    for a in range(0, len(idx), 8192):
+        q = np.asarray(emb[idx[a : a + 8192]], np.float32)
+        _, sims = index.topk(q, k + 1)  # includes the sample itself (similarity 1)
+        out[idx[a : a + 8192]] = 1.0 - np.sort(sims, axis=1)[:, -(k + 1)]
+    return out
+
+
+def build_manifest(
+    cfg: Config, table: pa.Table, pairs: pa.Table, rank: np.ndarray | None = None, outlier: np.ndarray | None = None
+) -> tuple[pa.Table, dict]:
     """``table``: features' scalar columns sorted by sample_id. Returns (manifest, stats part).
 
     ``rank`` overrides the keeper policy's order (incremental runs rank earlier keepers first)."""
@@ -89,6 +107,7 @@ def build_manifest(cfg: Config, table: pa.Table, pairs: pa.Table, rank: np.ndarr
             "file_size": col("file_size"),
             "phash": col("phash"),
             "dhash": col("dhash"),
+            "outlier_score": pa.nulls(n, pa.float32()) if outlier is None else pa.array(outlier, pa.float32(), mask=np.isnan(outlier)),
         }
     ).cast(MANIFEST_SCHEMA)
 
