@@ -22,7 +22,7 @@ METHODS = ("exact", "phash", "dhash", "embedding")
 # Recommended cosine thresholds per embedder family, measured in docs/quality.md.
 # Copy-detection descriptors put unrelated photos near 0 and edited copies above ~0.8;
 # CLIP-like models put unrelated photos much higher, so they need a far stricter threshold.
-DEFAULT_THRESHOLDS = {"sscd": 0.60, "onnx": 0.60, "open_clip": 0.95, "torchscript": 0.90, "pixel": 0.95}
+DEFAULT_THRESHOLDS = {"sscd": 0.60, "sscd-distilled": 0.60, "onnx": 0.60, "open_clip": 0.95, "torchscript": 0.90, "pixel": 0.95}
 
 
 class _Section(BaseModel):

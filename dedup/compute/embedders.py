@@ -44,18 +44,20 @@ SSCD_FILES = {"sscd": "sscd.onnx", "sscd-distilled": "sscd_distilled.onnx"}
 DEFAULT_SPEC = "open_clip:ViT-B-32:laion2b_s34b_b79k"
 
 FAMILIES = "open_clip:ARCH:PRETRAINED, onnx:PATH, sscd, sscd-distilled, torchscript:PATH, pixel[:N]"
-FITS = ("bucket", "crop", "squash", "letterbox")
+FITS = ("squash", "crop", "letterbox", "bucket")
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
-# How images of different shapes share a batch, for models that accept any input size (see
-# docs/embedders.md for the measurement behind the choice):
+# How images of different shapes share a batch (onnx / torchscript; open_clip uses its own
+# transform). Measured on SSCD in docs/embedders.md: squash separated edited copies from
+# unrelated photos best, and it is the simplest and fastest (one shape, full batches).
+#   squash    resize to size x size (aspect distorted; a copy shares its original's distortion).
 #   bucket    short side -> size; long side rounded to a multiple of BUCKET_STEP (aspect kept
 #             within a few %; aspect capped at MAX_ASPECT by a centre crop); batches are formed
 #             per shape, so an image's vector never depends on its batch partners.
 #   crop      short side -> size, centre crop size x size.
-#   squash    resize to size x size (aspect distorted).
 #   letterbox long side -> size, pad to size x size with black.
+DEFAULT_FIT = "squash"
 BUCKET_STEP = 32
 MAX_ASPECT = 3.0
 
@@ -273,21 +275,24 @@ def _target_shape(w: int, h: int, size: int | tuple[int, int], fit: str) -> tupl
 
 
 def prepare(im: Image.Image, size: int | tuple[int, int], fit: str) -> np.ndarray:
-    """RGB PIL → uint8 HWC array of the shape :func:`_target_shape` gives.
+    """PIL image → RGB uint8 HWC array of the shape :func:`_target_shape` gives.
 
-    ``size`` is a short side (int) or, for a model with a static input, the exact (W, H).
+    ``size``: the square side (squash, crop, letterbox) or the short side (bucket); for a model
+    with a static input, the exact (W, H). Bilinear resampling (antialiased when shrinking).
     """
     im = _rgb(im)
     w, h = im.size
     tw, th = _target_shape(w, h, size, fit)
-    bilinear = Image.Resampling.BILINEAR
+    def resize(im: Image.Image, wh: tuple[int, int]) -> Image.Image:
+        return im.resize(wh, Image.Resampling.BILINEAR, reducing_gap=3.0)  # fast for huge inputs
+
     if fit == "squash":
-        return np.asarray(im.resize((tw, th), bilinear))
+        return np.asarray(resize(im, (tw, th)))
     if fit == "letterbox":
         s = min(tw / w, th / h)
         nw, nh = max(1, round(w * s)), max(1, round(h * s))
         canvas = Image.new("RGB", (tw, th))
-        canvas.paste(im.resize((nw, nh), bilinear), ((tw - nw) // 2, (th - nh) // 2))
+        canvas.paste(resize(im, (nw, nh)), ((tw - nw) // 2, (th - nh) // 2))
         return np.asarray(canvas)
     # crop / bucket: scale so the image covers the target, centre crop the excess. For bucket
     # the target already has (nearly) the image's aspect, so the crop only trims rounding and
@@ -295,7 +300,7 @@ def prepare(im: Image.Image, size: int | tuple[int, int], fit: str) -> np.ndarra
     s = max(tw / w, th / h)
     nw, nh = max(tw, round(w * s)), max(th, round(h * s))
     left, top = (nw - tw) // 2, (nh - th) // 2
-    return np.asarray(im.resize((nw, nh), bilinear, box=None).crop((left, top, left + tw, top + th)))
+    return np.asarray(resize(im, (nw, nh)).crop((left, top, left + tw, top + th)))
 
 
 def _torch_device(device: str) -> str:
@@ -382,7 +387,7 @@ class _ShapeBucketed(Embedder):
 
     def _batches(self, images):
         groups: dict[tuple[int, int], list[int]] = {}
-        shapes = [_target_shape(*_rgb_size(im), self.size, self.fit) for im in images]
+        shapes = [_target_shape(im.width, im.height, self.size, self.fit) for im in images]
         for i, s in enumerate(shapes):
             groups.setdefault(s, []).append(i)
         for shape in sorted(groups):
@@ -392,17 +397,13 @@ class _ShapeBucketed(Embedder):
                 yield idx, np.stack([prepare(images[i], self.size, self.fit) for i in idx])
 
 
-def _rgb_size(im: Image.Image) -> tuple[int, int]:
-    return im.size
-
-
 class OnnxEmbedder(_ShapeBucketed):
     """Any ONNX image descriptor through onnxruntime.
 
     The input is detected from the graph: uint8 → NHWC pixels (normalisation inside the graph,
-    e.g. SSCD); float → NCHW float32, ImageNet-normalised. A static spatial size is used as is
-    (centre crop); a dynamic one gets ``size`` as the short side (default 288 for uint8, 224 for
-    float) with aspect-ratio buckets. Query options override each of these.
+    e.g. SSCD); float → NCHW float32, ImageNet-normalised. A static spatial size is used as is;
+    a dynamic one gets ``size`` (default 288 for uint8, 224 for float). Images are squashed to
+    that size unless ``fit`` says otherwise. Query options override each of these.
     """
 
     def __init__(self, path: str, opts: dict[str, str] | None = None, *, device: str = "auto", batch_size: int = 32, tag: str | None = None):
@@ -456,9 +457,11 @@ class OnnxEmbedder(_ShapeBucketed):
             self.size = (int(hw[1]), int(hw[0]))  # (W, H)
         else:
             self.size = 288 if self.dtype == "uint8" else 224
-        self.fit = opts.get("fit") or ("crop" if static or isinstance(self.size, tuple) else "bucket")
-        if static and (isinstance(self.size, int) and self.fit == "bucket"):
-            raise ConfigError(f"ONNX model {path} has a static input {hw}: fit=bucket is not possible; use crop, squash or letterbox")
+        self.fit = opts.get("fit") or DEFAULT_FIT
+        if static and self.fit == "bucket":
+            raise ConfigError(f"ONNX model {path} has a static input {hw}: fit=bucket is not possible; use squash, crop or letterbox")
+        if static and "size" in opts:
+            raise ConfigError(f"ONNX model {path} has a static input {hw}: the size option cannot change it")
         self.input_size = min(self.size) if isinstance(self.size, tuple) else self.size
         b = shape[0]
         self.batch_size = 1 if (isinstance(b, int) and b == 1) else batch_size
@@ -486,8 +489,8 @@ class OnnxEmbedder(_ShapeBucketed):
 class TorchScriptEmbedder(_ShapeBucketed):
     """A TorchScript module: float32 NCHW RGB in [0, 1] (no normalisation applied) → ``[n, d]``.
 
-    Default preprocessing: short side → ``size`` (224) and centre crop; ``fit=bucket`` for
-    fully-convolutional models that accept any size."""
+    Default preprocessing: squash to ``size`` × ``size`` (224); ``fit=crop`` for short side +
+    centre crop, ``fit=bucket`` for fully-convolutional models that accept any size."""
 
     def __init__(self, path: str, opts: dict[str, str] | None = None, *, device: str = "auto", batch_size: int = 32):
         import torch
@@ -500,7 +503,7 @@ class TorchScriptEmbedder(_ShapeBucketed):
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"cannot load TorchScript module {path}: {type(e).__name__}: {e}") from e
         self.size = int(opts.get("size", 224))
-        self.fit = opts.get("fit", "crop")
+        self.fit = opts.get("fit", DEFAULT_FIT)
         self.input_size = self.size
         self.batch_size = batch_size
         self.tag = f"torchscript:{os.path.basename(path)}#{_file_hash(path)}" + (f"?{_canonical_query(opts)}" if opts else "")
