@@ -1,15 +1,37 @@
 """The one decode function (DESIGN.md §6): bytes in, RGB image + status out. Never raises.
 
-Order: identify (any format, so "unsupported" is told apart from "garbage") → allowed-format
-check → pixel-count limit from the header, before any pixel is decoded (Pillow's bomb check
-stays on; its error becomes ``too_large``) → JPEG ``draft()`` when only a small image is needed
-→ ``load()`` → first frame → EXIF transpose → 16/32-bit scaled to 8-bit by the actual range
-(a 16-bit PNG naively converted turns white) → alpha composited on white → RGB.
+Order: identify with every Pillow plugin (so "a real image in a format we do not allow" is told
+apart from "not an image") → allowed-format check → pixel-count limit read from the header,
+before any pixel is decoded (Pillow's own bomb check stays on; its warning/error becomes
+``too_large``) → JPEG ``draft()`` when only a small image is needed → ``load()`` (the first
+frame of an animation: Pillow opens every file on frame 0) → EXIF transpose → 16/32-bit and
+float samples scaled to 8 bits (a 16-bit PNG naively converted turns white) → alpha composited
+on white → RGB.
+
+Status mapping (``dedup.records.Status``):
+
+- zero bytes → ``EMPTY``
+- Pillow cannot identify the bytes (garbage, HTML, HEIC without plugin, a header cut short)
+  → ``DECODE_ERROR`` "cannot identify image file"
+- identified, but its format is not in ``policy.formats`` (ICO, PSD, EPS, AVIF…) →
+  ``UNSUPPORTED_FORMAT`` (width/height/format from the header are still reported)
+- ``width * height > policy.max_pixels`` or Pillow's ``DecompressionBombError``/``Warning`` →
+  ``TOO_LARGE``
+- anything failing while decoding pixels (truncated JPEG/PNG, broken data stream, unsupported
+  mode conversion) → ``DECODE_ERROR`` with ``"ExceptionType: message"``.
+
+``width``/``height`` are always the ORIGINAL size after EXIF rotation, also when the pixels were
+draft-decoded at 1/2, 1/4 or 1/8 scale.
+
+Truncated files are detected only because Pillow raises on them: this module never sets
+``ImageFile.LOAD_TRUNCATED_IMAGES`` (if other code in the process sets it, truncated files
+decode with grey fill and come back ``OK``).
 """
 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -18,86 +40,137 @@ from PIL import Image, ImageOps
 
 from dedup.records import Status
 
+__all__ = ["DecodePolicy", "Decoded", "decode_image"]
+
+_ORIENTATION_TAG = 0x0112
+_SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that exchange width and height
+_DRAFTABLE = frozenset({"JPEG", "MPO"})
+_HIGH_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+_MAX_ERROR_CHARS = 300
+
 
 @dataclass(frozen=True)
 class DecodePolicy:
+    """What decode_image accepts.
+
+    ``max_pixels``: images with more pixels than this are rejected from the header, before
+    decoding. Pillow's own limit (``PIL.Image.MAX_IMAGE_PIXELS``, hard error above twice that)
+    is never disabled; raising ``max_pixels`` above ``2 * MAX_IMAGE_PIXELS`` therefore needs
+    ``MAX_IMAGE_PIXELS`` raised too.
+    ``formats``: Pillow format names (``Image.format``) that are decoded.
+    """
+
     max_pixels: int = 89_478_485
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
 
 
 @dataclass(frozen=True)
 class Decoded:
-    image: Image.Image | None
+    image: Image.Image | None  # RGB, EXIF-transposed; None unless status is OK
     status: Status
-    error: str | None = None
-    width: int | None = None
+    error: str | None = None  # short human message; None when OK
+    width: int | None = None  # original full-resolution size after EXIF transpose
     height: int | None = None
-    orig_mode: str | None = None
-    format: str | None = None
+    orig_mode: str | None = None  # Pillow mode of the file before any conversion
+    format: str | None = None  # Pillow format name (JPEG, PNG, ...)
 
 
-_HIGH_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F", "I;32"}
+def _short(msg: str) -> str:
+    msg = " ".join(str(msg).split())
+    return msg if len(msg) <= _MAX_ERROR_CHARS else msg[: _MAX_ERROR_CHARS - 1] + "…"
 
 
-def _to_8bit(im: Image.Image) -> Image.Image:
-    """Scale a 16/32-bit or float single-channel image to 8 bits by its value range."""
-    a = np.asarray(im, dtype=np.float64)
-    if a.ndim == 3:
-        a = a[..., 0]
-    if im.mode.startswith("I;16") or (im.mode == "I" and a.size and a.max() <= 65535 and a.min() >= 0):
-        hi = 65535.0 if a.size and a.max() > 255 else 255.0
-        a = a / hi * 255.0
+def _scale_to_8bit(im: Image.Image) -> Image.Image:
+    """16/32-bit integer or float single-channel image → "L", keeping the picture visible.
+
+    - ``I;16*``: the declared 16-bit range, v → round(v / 257) (so a 16-bit copy of an 8-bit
+      image, v·257, comes back exactly; Pillow's own convert clips at 255 → white).
+    - ``I``: values in 0..255 are taken as 8-bit (Pillow's convention for mode I), values in
+      0..65535 as 16-bit, anything else (negative, > 16 bits) is stretched min..max.
+    - ``F``: 0..1 → ×255, 0..255 as is, otherwise stretched min..max; NaN → 0.
+    """
+    a = np.asarray(im)
+    if im.mode.startswith("I;16"):
+        out = (a.astype(np.uint32) + 128) // 257
+        return Image.fromarray(out.astype(np.uint8), "L")
+    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if lo >= 0 and hi <= 1.0 and im.mode == "F":
+        a = a * 255.0
+    elif lo >= 0 and hi <= 255.0:
+        pass
+    elif lo >= 0 and hi <= 65535.0 and im.mode == "I":
+        a = a / 257.0
     else:
-        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 1.0)
-        a = (a - lo) / (hi - lo or 1.0) * 255.0
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 
 
-def _flatten_alpha(im: Image.Image) -> Image.Image:
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("LA", "La", "PA"):
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "RGBa"):
-        bg = Image.new("RGB", im.size, (255, 255, 255))
-        bg.paste(im, mask=im.getchannel("A"))
-        return bg
-    return im
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode → RGB; alpha (and tRNS / palette transparency) composited on white."""
+    mode = im.mode
+    if mode in _HIGH_BIT:
+        im, mode = _scale_to_8bit(im), "L"  # PNG tRNS on 16-bit grey is ignored (rare)
+    elif mode == "RGB" and "transparency" not in im.info:
+        return im
+    if "transparency" in im.info and mode in ("P", "L", "RGB", "1"):
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "RGBa", "LA", "PA"):
+        rgba = im if mode == "RGBA" else im.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+        return out
+    return im.convert("RGB")
+
+
+def _decode(data: bytes, policy: DecodePolicy, min_size: int | None) -> Decoded:
+    im = Image.open(io.BytesIO(data))  # formats=None: identify anything Pillow knows
+    fmt, mode = im.format, im.mode
+    w, h = im.size
+    if fmt not in policy.formats and str(fmt).upper() not in {f.upper() for f in policy.formats}:
+        return Decoded(None, Status.UNSUPPORTED_FORMAT, f"format {fmt} not allowed (decode formats: {', '.join(policy.formats)})", w, h, mode, fmt)
+    if w * h > policy.max_pixels:
+        return Decoded(None, Status.TOO_LARGE, f"{w}x{h} = {w * h} px > max_pixels {policy.max_pixels}", w, h, mode, fmt)
+    if min_size and fmt in _DRAFTABLE and min(w, h) >= 2 * min_size:
+        # libjpeg scales by 1/2, 1/4 or 1/8 in the DCT domain; Pillow picks the largest factor
+        # s with size // s >= (min_size, min_size), so the decoded short side stays >= min_size.
+        im.draft(mode, (int(min_size), int(min_size)))
+    im.load()
+    try:
+        orientation = int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
+    except Exception:  # noqa: BLE001 - corrupt EXIF never makes good pixels unusable
+        orientation = 1
+    if orientation in range(2, 9):
+        try:
+            im = ImageOps.exif_transpose(im)
+        except Exception:  # noqa: BLE001
+            orientation = 1
+    if orientation in _SWAPS_AXES:
+        w, h = h, w
+    return Decoded(_to_rgb(im), Status.OK, None, w, h, mode, fmt)
 
 
 def decode_image(data: bytes, policy: DecodePolicy = DecodePolicy(), min_size: int | None = None) -> Decoded:
-    if not data:
+    """Decode one image member. Never raises for bad bytes; see the module doc for statuses.
+
+    ``min_size``: when set, JPEGs are draft-decoded (DCT-domain downscale by 2/4/8) so that the
+    decoded short side is still >= ``min_size``; other formats are decoded at full size.
+    """
+    if data is None or len(data) == 0:
         return Decoded(None, Status.EMPTY, "zero-byte image member")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            fmt = im.format
-            w, h = im.size
-            if fmt not in policy.formats:
-                return Decoded(None, Status.UNSUPPORTED_FORMAT, f"format {fmt} not in decode.formats {list(policy.formats)}", w, h, im.mode, fmt)
-            if w * h > policy.max_pixels:
-                return Decoded(None, Status.TOO_LARGE, f"{w}x{h} = {w * h} px > decode.max_pixels {policy.max_pixels}", w, h, im.mode, fmt)
-            orig_mode = im.mode
-            # Size after EXIF rotation, read from the header (a draft decode must not change it).
-            orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
-            full_w, full_h = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-            if min_size and fmt in ("JPEG", "MPO") and min(w, h) > 2 * min_size:
-                scale = min_size / min(w, h)
-                im.draft(im.mode if im.mode in ("RGB", "L") else None, (max(1, int(w * scale)), max(1, int(h * scale))))
-            if getattr(im, "is_animated", False):
-                im.seek(0)
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode in _HIGH_BIT:
-                im = _to_8bit(im)
-            im = _flatten_alpha(im)
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            return Decoded(im, Status.OK, None, full_w, full_h, orig_mode, fmt)
+            warnings.simplefilter("ignore")  # never print per-image warnings (corrupt EXIF...)
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and policy.max_pixels <= limit:
+                # Pillow warns above MAX_IMAGE_PIXELS: here that is always over our own limit.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _decode(bytes(data) if not isinstance(data, (bytes, bytearray)) else data, policy, min_size)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return Decoded(None, Status.TOO_LARGE, f"decompression bomb guard: {e}")
+        m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(e))
+        msg = f"{m[1]} px > Pillow limit {m[2]} (decompression bomb)" if m else f"decompression bomb: {e}"
+        return Decoded(None, Status.TOO_LARGE, _short(msg))
     except Image.UnidentifiedImageError:
-        return Decoded(None, Status.DECODE_ERROR, "cannot identify image file (not an image, or a format Pillow cannot read)")
+        return Decoded(None, Status.DECODE_ERROR, "cannot identify image file")
     except Exception as e:  # noqa: BLE001 - every decoder failure is a per-sample status
-        return Decoded(None, Status.DECODE_ERROR, f"{type(e).__name__}: {e}")
+        return Decoded(None, Status.DECODE_ERROR, _short(f"{type(e).__name__}: {e}"))
