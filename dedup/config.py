@@ -106,7 +106,10 @@ class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address; None = 'auto' if RAY_ADDRESS is set, else a local Ray")
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs per decode/hash task")
     embed_actors: int = Field(0, ge=0, description="embedding actors; 0 = one per GPU, or 1 on a CPU-only cluster")
-    gpus_per_actor: float = Field(1.0, ge=0, description="GPUs per embedding actor (ignored when the cluster has none)")
+    gpus_per_actor: float = Field(
+        1.0, ge=0,
+        description="GPUs per embedding actor; used when the cluster has GPUs at start (device auto) or always with embedding.device cuda (an autoscaler then adds GPU nodes)",
+    )
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per embedding actor")
     max_in_flight: int = Field(0, ge=0, description="shards in flight at once; 0 = 2 x cluster CPUs (bounds memory)")
 
@@ -135,7 +138,14 @@ class Config(_Section):
         return json.loads(self.model_dump_json())
 
     def config_hash(self) -> str:
-        return _hash(self.to_dict())
+        """Hash of the settings that can change results. Where and how the work runs
+        (executor, workers, retries, Ray resources) is left out, so a run can be resumed with
+        another executor or cluster size and gives byte-identical output."""
+        d = self.to_dict()
+        d.pop("ray", None)
+        for k in ("executor", "workers", "retries"):
+            d["run"].pop(k, None)
+        return _hash(d)
 
     def features_hash(self, model_tag: str | None) -> str:
         """Hash of what determines per-sample features; stored in features files and markers."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +46,23 @@ class _Row:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class EmbedChunk:
+    """Decoded images of up to ``BATCH`` samples of one shard, to embed together."""
+
+    keys: list[str]
+    images: list  # RGB PIL images (or, between Ray stages, uint8 HxWx3 arrays)
+
+
+@dataclass
+class ShardScan:
+    """A shard read, decoded and hashed: its rows (in output order) and reader result."""
+
+    rows: dict[str, _Row]
+    result: ShardReadResult
+    timings: dict
+
+
 class FeatureExtractor:
     """Holds what is expensive to set up (the embedder) for many shards in one process."""
 
@@ -64,6 +82,8 @@ class FeatureExtractor:
         self.dim = self.embedder.dim if self.want_emb else None
         self.features_hash = cfg.features_hash(self.model_tag)
         self.min_size = self._min_size()
+        # Images per group handed to hashing/embedding (one model batch, or several).
+        self.batch = max(BATCH, cfg.embedding.batch_size) if self.want_emb else BATCH
 
     def _min_size(self) -> int | None:
         """Smallest decoded short side that serves every requested signal (draft decoding)."""
@@ -81,21 +101,46 @@ class FeatureExtractor:
         return max(sizes)
 
     # ---------------------------------------------------------------------------------------
+    # The features of a shard come from three stages, which the local executor runs in one
+    # process (:meth:`extract`) and the Ray executor spreads over CPU tasks and embedding
+    # actors: :meth:`scan` (read + decode + hash), :meth:`embed_images` (per chunk of decoded
+    # images, in shard order) and :meth:`assemble` (the table). Both executors go through the
+    # same three methods, so their features files are identical.
+
     def extract(self, ref: ShardRef) -> tuple[pa.Table, ShardReadResult, dict]:
+        t0 = time.perf_counter()
+        scan: ShardScan | None = None
+        embedded: list[tuple[list[str], np.ndarray | None, str | None]] = []
+        t_embed = 0.0
+        for item in self.scan(ref):
+            if isinstance(item, EmbedChunk):
+                t = time.perf_counter()
+                vecs, err = self.embed_images(item.images)
+                t_embed += time.perf_counter() - t
+                embedded.append((item.keys, vecs, err))
+            else:
+                scan = item
+        assert scan is not None
+        timings = {**scan.timings, "embed": t_embed, "total": time.perf_counter() - t0}
+        return self.assemble(ref, scan, embedded, timings)
+
+    def scan(self, ref: ShardRef) -> Iterator[EmbedChunk | ShardScan]:
+        """Read, decode and hash one shard; no embedding.
+
+        Yields one :class:`EmbedChunk` per group of up to ``self.batch`` decoded images (only when
+        embeddings are wanted), in shard order, then the :class:`ShardScan` as the last item.
+        Chunks hold the decoded images; consume them as they come to keep memory bounded.
+        """
         from dedup.compute.decode import decode_image
 
-        t0 = time.perf_counter()
         result = ShardReadResult()
         rows: dict[str, _Row] = {}
         pending: list[tuple[_Row, object]] = []
-        embeddings: list[np.ndarray] = []
-        n_emb = 0
-        timings = {"decode": 0.0, "hash": 0.0, "embed": 0.0}
+        timings = {"decode": 0.0, "hash": 0.0}
 
-        def flush() -> None:
-            nonlocal n_emb
+        def flush() -> EmbedChunk | None:
             if not pending:
-                return
+                return None
             images = [im for _, im in pending]
             if self.want_hash:
                 from dedup.compute.hashes import hash_images
@@ -105,22 +150,10 @@ class FeatureExtractor:
                 timings["hash"] += time.perf_counter() - t
                 for (row, _), p, d in zip(pending, ph, dh):
                     row.phash, row.dhash = int(p), int(d)
-            if self.want_emb:
-                t = time.perf_counter()
-                try:
-                    vecs = np.asarray(self.embedder.embed(images), dtype=np.float32)
-                    if vecs.shape != (len(images), self.dim) or not np.isfinite(vecs).all():
-                        raise ValueError(f"embedder returned shape {vecs.shape} / non-finite values")
-                except Exception as e:  # noqa: BLE001 - a model failure marks these samples, never the run
-                    for row, _ in pending:
-                        row.status, row.error = Status.EMBED_ERROR, f"{type(e).__name__}: {e}"
-                else:
-                    embeddings.append(vecs.astype(np.float16))
-                    for k, (row, _) in enumerate(pending):
-                        row.emb_index = n_emb + k
-                    n_emb += len(images)
-                timings["embed"] += time.perf_counter() - t
+            # Rows in a chunk are decoded (status ok), so never replaced later: keys are stable.
+            chunk = EmbedChunk([row.key for row, _ in pending], images) if self.want_emb else None
             pending.clear()
+            return chunk
 
         for sample in iter_samples(ref, result, self.cfg.input.image_exts):
             row = rows.get(sample.key)
@@ -129,7 +162,10 @@ class FeatureExtractor:
                 row.notes.append("members of this key are not contiguous in the tar")
                 row.notes.extend(sample.notes)
                 if row.status == Status.NO_IMAGE:
-                    del rows[sample.key]  # the image came later: process it as the sample
+                    # The image came later: process this run as the sample, keeping the notes.
+                    carried = row.notes
+                    del rows[sample.key]
+                    sample.notes[:0] = carried
                     row = None
                 else:
                     if image_member(sample, self.cfg.input.image_exts)[0]:
@@ -160,16 +196,52 @@ class FeatureExtractor:
                 continue
             if self.want_hash or self.want_emb:
                 pending.append((row, dec.image))
-                if len(pending) >= BATCH:
-                    flush()
-        flush()
+                if len(pending) >= self.batch:
+                    chunk = flush()
+                    if chunk is not None:
+                        yield chunk
+        chunk = flush()
+        if chunk is not None:
+            yield chunk
+        yield ShardScan(rows, result, timings)
 
+    def embed_images(self, images: list) -> tuple[np.ndarray | None, str | None]:
+        """One chunk's embeddings as float16 ``[n, dim]``, or ``(None, error)``: a model failure
+        marks that chunk's samples ``embed_error``, never the run."""
+        try:
+            vecs = np.asarray(self.embedder.embed(images), dtype=np.float32)
+            if vecs.shape != (len(images), self.dim) or not np.isfinite(vecs).all():
+                raise ValueError(f"embedder returned shape {vecs.shape} / non-finite values")
+        except Exception as e:  # noqa: BLE001 - recorded per sample
+            return None, f"{type(e).__name__}: {e}"
+        return vecs.astype(np.float16), None
+
+    def assemble(
+        self,
+        ref: ShardRef,
+        scan: ShardScan,
+        embedded: list[tuple[list[str], np.ndarray | None, str | None]],
+        timings: dict,
+    ) -> tuple[pa.Table, ShardReadResult, dict]:
+        """The features table from a scan and its chunks' embeddings (in chunk order)."""
+        rows = scan.rows
+        embeddings: list[np.ndarray] = []
+        n_emb = 0
+        for keys, vecs, err in embedded:
+            if vecs is None:
+                for k in keys:
+                    rows[k].status, rows[k].error = Status.EMBED_ERROR, err
+                continue
+            embeddings.append(vecs)
+            for j, k in enumerate(keys):
+                rows[k].emb_index = n_emb + j
+            n_emb += len(keys)
         table = self._table(ref, rows, embeddings)
         counts: dict[str, int] = {}
         for r in rows.values():
             counts[r.status.value] = counts.get(r.status.value, 0) + 1
-        timings["total"] = time.perf_counter() - t0
-        return table, result, {"counts": counts, "timings": {k: round(v, 3) for k, v in timings.items()}}
+        timings = {k: timings.get(k, 0.0) for k in ("decode", "hash", "embed", "total")}
+        return table, scan.result, {"counts": counts, "timings": {k: round(v, 3) for k, v in timings.items()}}
 
     def _table(self, ref: ShardRef, rows: dict[str, _Row], embeddings: list[np.ndarray]) -> pa.Table:
         rs = list(rows.values())
@@ -219,11 +291,24 @@ def _join_error(r: _Row) -> str | None:
 
 def run_shard(extractor: FeatureExtractor, run: RunDir, ref: ShardRef) -> dict:
     """Compute and write one shard's features, then its done marker (last). Returns the marker."""
-    try:
-        fingerprint = shard_fingerprint(ref.url)
-    except FileNotFoundError:
-        fingerprint = None
+    fingerprint = shard_fingerprint_or_none(ref)
     table, result, info = extractor.extract(ref)
+    return write_shard(extractor, run, ref, fingerprint, table, result, info)
+
+
+def shard_fingerprint_or_none(ref: ShardRef) -> dict | None:
+    """The shard's fingerprint, taken before it is read (None if it does not exist)."""
+    try:
+        return shard_fingerprint(ref.url)
+    except FileNotFoundError:
+        return None
+
+
+def write_shard(
+    extractor: FeatureExtractor, run: RunDir, ref: ShardRef, fingerprint: dict | None,
+    table: pa.Table, result: ShardReadResult, info: dict,
+) -> dict:
+    """Write the features file, then the done marker (last). Returns the marker."""
     marker = {
         "shard_id": ref.shard_id,
         "url": ref.url,
