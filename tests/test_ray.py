@@ -352,3 +352,26 @@ def test_pipeline_examples_are_consistent():
         build_argv(["x", "--out", "y", "--executor", "local"])
     groups = {g["groupName"]: g for g in job["rayClusterSpec"]["workerGroupSpecs"]}
     assert cfg.ray.embed_actors <= groups["gpu"]["maxReplicas"]
+
+
+def test_candidate_search_spread_over_ray_equals_serial(ray_cluster):
+    """IVF work units as Ray tasks (embeddings shared via the object store) give the serial pairs."""
+    from dedup.compute import candidates as cand
+    from dedup.config import load_config
+    from dedup.phases.candidates import _embedding_pairs_on_ray
+
+    rng = np.random.default_rng(0)
+    n, d = 6000, 32
+    base = rng.normal(size=(n, d)).astype(np.float32)
+    base[1::50] = base[0::50][: len(base[1::50])] + 0.05 * rng.normal(size=(len(base[1::50]), d))  # planted near-pairs
+    x = (base / np.linalg.norm(base, axis=1, keepdims=True)).astype(np.float16)
+    ok = np.ones(n, bool)
+    ok[7] = False
+    params = cand.IVFParams.auto(n, d, threshold=0.9)
+    assert n >= params.exact_below  # the IVF path, not the brute-force fallback
+    serial = cand.embedding_pairs(x, 0.9, params=params, valid=ok)
+    cfg = load_config(None, None, **{"run.executor": "ray"})
+    spread = _embedding_pairs_on_ray(cfg, cand, x, ok, 0.9, params, None)
+    assert len(serial.i) > 50
+    assert np.array_equal(serial.i, spread.i) and np.array_equal(serial.j, spread.j)
+    assert np.array_equal(serial.score, spread.score)

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import ray
 
 from dedup.config import Config
@@ -399,15 +400,31 @@ class RayExecutor:
             job.held = r
 
     # -- generic per-item work (candidate search per IVF list / hash chunk) -------------------
-    def map_units(self, fn: Callable, items: Iterable, *, num_cpus: float | None = None, num_gpus: float = 0) -> Iterator[tuple[Any, Any, str | None]]:
+    def map_units(
+        self, fn: Callable, items: Iterable, *, num_cpus: float | None = None, num_gpus: float = 0, shared: Any = None,
+    ) -> Iterator[tuple[Any, Any, str | None]]:
         """Run ``fn(item)`` as one Ray task per item, at most ``ray.max_in_flight`` at a time;
         yields ``(item, result, None)`` or ``(item, None, error)`` as tasks finish (any order).
-        Failed tasks are retried (``run.retries``), including when a worker dies."""
+        Failed tasks are retried (``run.retries``), including when a worker dies.
+
+        With ``shared`` (e.g. the embedding matrix), it is put in the object store once and
+        tasks call ``fn(shared, item)``; numpy arrays arrive zero-copy from shared memory."""
         self.connect()
+        if shared is not None:
+            shared_ref = ray.put(np.ascontiguousarray(shared) if isinstance(shared, np.ndarray) else shared)
+            task = ray.remote(fn).options(
+                num_cpus=self.cfg.ray.cpus_per_task if num_cpus is None else num_cpus, num_gpus=num_gpus,
+                max_retries=self._retries(), retry_exceptions=True,
+            )
+            yield from self._drain(task, items, lambda item: task.remote(shared_ref, item))
+            return
         task = ray.remote(fn).options(
             num_cpus=self.cfg.ray.cpus_per_task if num_cpus is None else num_cpus, num_gpus=num_gpus,
             max_retries=self._retries(), retry_exceptions=True,
         )
+        yield from self._drain(task, items, lambda item: task.remote(item))
+
+    def _drain(self, task, items: Iterable, submit: Callable) -> Iterator[tuple[Any, Any, str | None]]:
         pending: dict[Any, Any] = {}
         it = iter(items)
         limit = self._max_in_flight()
@@ -419,7 +436,7 @@ class RayExecutor:
                 except StopIteration:
                     exhausted = True
                     break
-                pending[task.remote(item)] = item
+                pending[submit(item)] = item
             if not pending:
                 break
             ready, _ = ray.wait(list(pending), num_returns=1)

@@ -157,14 +157,45 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
         elif method == "embedding":
             if fs.embeddings is None:
                 raise SchemaMismatchError("method 'embedding' requested but the features hold no embeddings")
-            params = cand.IVFParams.auto(fs.n, fs.embeddings.shape[1])
+            th = cfg.embedding.resolved_threshold()
+            n_valid = int(ok.sum())
             over = {k: v for k, v in (("nlist", cfg.embedding.nlist), ("nprobe", cfg.embedding.nprobe)) if v}
-            if over:
-                params = replace(params, **over)
+            params = cand.IVFParams.auto(n_valid, fs.embeddings.shape[1], threshold=th, **over)
             info["ivf"] = {k: v for k, v in vars(params).items() if isinstance(v, (int, float, bool, str, type(None)))}
             cb = (lambda done, total: progress("embedding", done, total)) if progress else None
-            add(method, cand.embedding_pairs(fs.embeddings, cfg.embedding.resolved_threshold(), params=params, valid=ok, progress=cb))
+            if cfg.run.executor == "ray" and n_valid >= params.exact_below:
+                add(method, _embedding_pairs_on_ray(cfg, cand, fs.embeddings, ok, th, params, cb))
+            else:
+                add(method, cand.embedding_pairs(fs.embeddings, th, params=params, valid=ok, progress=cb))
         info["timings"][method] = round(time.perf_counter() - t0, 3)
     table = pa.concat_tables(parts) if parts else PAIRS_SCHEMA.empty_table()
     table = table.sort_by([("a", "ascending"), ("b", "ascending"), ("method", "ascending")])
     return table, info
+
+
+def _unit_task(x: np.ndarray, item) -> object:
+    """One IVF work unit (a group of lists) on a Ray worker; ``x`` arrives from the object store."""
+    from dedup.compute import candidates as cand
+
+    unit, threshold, params = item
+    return cand.unit_pairs(x, unit, threshold, params)
+
+
+def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, threshold: float, params, progress):
+    """The coarse stage in the driver, then each work unit as a Ray task (same pairs as serial:
+    units are independent and their merge is order-free)."""
+    from dedup.errors import DedupError
+    from dedup.executors.ray import RayExecutor
+
+    plan = cand.plan_ivf(x, params, valid=ok, threshold=threshold)
+    units = cand.make_units(plan)
+    parts = []
+    with RayExecutor(cfg) as ex:
+        for k, (_unit, res, err) in enumerate(ex.map_units(_unit_task, [(u, threshold, params) for u in units], shared=np.asarray(x))):
+            if err:
+                raise DedupError(f"candidate search unit failed after retries: {err}")
+            parts.append(res)
+            if progress:
+                progress(k + 1, len(units))
+    return cand.merge_pairs(parts)
+
