@@ -83,6 +83,10 @@ class ClusterConfig(_Section):
         description="rank columns, best first; '-' = larger is better. Columns: pixels, file_size, caption_len, sample_id",
     )
     keep_per_cluster: int = Field(1, ge=1, description="samples kept per cluster (the best-ranked k)")
+    verify_min_size: int = Field(
+        0, ge=0,
+        description="clusters of at least this size keep only members linked to their keeper by two signals or identical bytes (0 = off)",
+    )
     outlier_k: int = Field(5, ge=1, description="outlier_score = 1 - cosine to the k-th nearest other sample (needs embeddings)")
 
     @field_validator("keeper_policy")

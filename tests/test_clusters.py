@@ -67,3 +67,26 @@ def test_rank_order_descending_then_tiebreak():
     tiebreak = np.arange(4)
     r = rank_order([(pixels, True), (tiebreak, False)])
     assert r.tolist() == [2, 0, 1, 3]
+
+
+def test_large_clusters_keep_only_members_confirmed_by_two_signals():
+    import pyarrow as pa
+
+    from dedup.config import load_config
+    from dedup.phases.manifest import build_manifest
+
+    ids = [f"s/{k}" for k in range(5)]
+    table = pa.table({
+        "sample_id": ids, "shard_id": ["s"] * 5, "key": [str(k) for k in range(5)], "status": ["ok"] * 5,
+        "width": [100, 90, 90, 90, 90], "height": [100] * 5, "file_size": [5, 4, 3, 2, 1], "phash": pa.array([0] * 5, pa.uint64()),
+    })
+    # 1 and 2: phash + embedding; 3: exact; 4: embedding only (weak).
+    rows = [("s/0", "s/1", "phash", 2), ("s/0", "s/1", "embedding", 0.9), ("s/0", "s/2", "phash", 3), ("s/0", "s/2", "embedding", 0.8),
+            ("s/0", "s/3", "exact", 1.0), ("s/0", "s/4", "embedding", 0.7)]
+    pairs = pa.table({"a": [r[0] for r in rows], "b": [r[1] for r in rows], "method": [r[2] for r in rows], "score": pa.array([r[3] for r in rows], pa.float32())})
+    off, _ = build_manifest(load_config(None, None), table, pairs)
+    assert off["cluster_size"].to_pylist() == [5] * 5
+    on, _ = build_manifest(load_config(None, None, **{"clusters.verify_min_size": 4}), table, pairs)
+    m = {r["sample_id"]: r for r in on.to_pylist()}
+    assert [m[f"s/{k}"]["cluster_id"] for k in range(4)] == ["s/0"] * 4
+    assert m["s/4"]["cluster_id"] == "s/4" and m["s/4"]["is_keeper"]

@@ -23,6 +23,27 @@ def _edges(table: pa.Table, pairs: pa.Table) -> Edges:
     return Edges(i.astype(np.int64), j.astype(np.int64), m, pairs["score"].to_numpy().astype(np.float32))
 
 
+def _verified(edges: Edges, large: np.ndarray) -> Edges:
+    """Stricter verification for large clusters: an edge touching a sample of a large cluster
+    survives only if two different methods found the pair, or the bytes are identical."""
+    if len(edges.i) == 0:
+        return edges
+    a, b = np.minimum(edges.i, edges.j), np.maximum(edges.i, edges.j)
+    key = a * (int(max(a.max(), b.max())) + 1) + b
+    order = np.lexsort((edges.method, key))
+    k, m = key[order], edges.method[order]
+    # distinct methods per pair
+    first = np.ones(len(k), bool)
+    first[1:] = (k[1:] != k[:-1]) | (m[1:] != m[:-1])
+    uk, counts = np.unique(k[first], return_counts=True)
+    n_methods = counts[np.searchsorted(uk, key)]
+    exact = METHOD_PRIORITY.index("exact")
+    has_exact = np.isin(key, k[m == exact])
+    strong = (n_methods >= 2) | has_exact
+    keep = strong | ~(large[edges.i] | large[edges.j])
+    return Edges(edges.i[keep], edges.j[keep], edges.method[keep], edges.score[keep])
+
+
 def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
     cols = []
     for spec in cfg.clusters.keeper_policy:
@@ -68,7 +89,11 @@ def build_manifest(
     status = table["status"].to_numpy(zero_copy_only=False)
     ok = status == "ok"
     rank = _rank(cfg, table) if rank is None else rank
-    cl = keeper_clusters(n, _edges(table, pairs), rank, valid=ok, keep_per_cluster=cfg.clusters.keep_per_cluster)
+    edges = _edges(table, pairs)
+    cl = keeper_clusters(n, edges, rank, valid=ok, keep_per_cluster=cfg.clusters.keep_per_cluster)
+    if cfg.clusters.verify_min_size and (cl.size >= cfg.clusters.verify_min_size).any():
+        edges = _verified(edges, cl.size >= cfg.clusters.verify_min_size)
+        cl = keeper_clusters(n, edges, rank, valid=ok, keep_per_cluster=cfg.clusters.keep_per_cluster)
     ids = table["sample_id"].to_numpy(zero_copy_only=False)
     has = cl.keeper >= 0
     cluster_id = np.where(has, ids[np.maximum(cl.keeper, 0)], None)
