@@ -1,209 +1,986 @@
-"""Candidate duplicate pairs: exact groups, Hamming radius on 64-bit hashes, cosine on embeddings.
+"""Candidate duplicate pairs: exact sha256 groups, Hamming radius on 64-bit hashes, cosine on embeddings.
 
-Pure functions over numpy arrays (vectors may be a float16 ``np.memmap``); no I/O.
+Pure functions over numpy arrays (decision record and measurements: ``docs/candidates.md``).
 
-* **exact**: group equal sha256 digests; each copy is paired with its group's first index (a
-  star: g-1 pairs for a group of g, not g(g-1)/2).
-* **hashes**: multi-index hashing. Split the 64 bits into ``radius + 1`` chunks; by the
-  pigeonhole principle two hashes within ``radius`` bits agree exactly on at least one chunk.
-  Bucket by each chunk value (a sort), enumerate pairs inside buckets, verify the full
-  distance exactly, de-duplicate.
-* **embeddings**: FAISS IVF bucketing. Train a k-means coarse quantizer on a sample, give each
-  vector its ``nprobe`` nearest lists (its first list is its *home*), and inside each list
-  compare the home vectors against every vector that probes the list, as blocked matrix
-  products. A pair is found when either vector's home list is among the other's probed lists,
-  so pairs split by a list boundary are still caught. Each list is an independent unit of
-  work (:func:`plan_embedding_units` / :func:`pairs_in_units`).
+* :func:`exact_pairs` — sha256 groups, returned as a *star* (every member paired with the
+  group's first index), not all g·(g-1)/2 pairs.
+* :func:`hash_pairs` — multi-index hashing: split the 64 bits into ``m`` chunks; by the
+  (generalised) pigeonhole principle two hashes within Hamming ``r`` agree within
+  ``r // m`` bits on at least one chunk. Every candidate is verified with an exact popcount,
+  so the result equals brute force. ``m`` and the per-chunk radius are chosen from a cost
+  estimate on the data (plain ``r + 1`` chunks when that is cheapest; blockwise brute force when
+  nothing beats it).
+* :func:`embedding_pairs` — IVF bucketing. The serial driver composes pure steps that an
+  executor (Ray) can spread::
+
+      plan = plan_ivf(x, params, valid)        # PCA + k-means on a sample, assign every row
+      units = make_units(plan, params)         # groups of lists, balanced by work
+      parts = [unit_pairs(x, u, threshold, params) for u in units]   # independent
+      pairs = merge_pairs(parts)
+
+  Every row is a *member* of its nearest list and a *visitor* of its next ``nprobe - 1`` lists;
+  a list compares members × members (upper triangle) and visitors × members with float32
+  matrix products in tiles of ``block_size`` (bounded memory however large a list is). A pair
+  split by a list boundary is found when either side probes the other's list.
+* :func:`brute_force_pairs` — the exact reference, same tile code over all rows.
+
+Exactness and determinism. Candidates from float32 products are kept with a margin
+(``d · 2**-22``, above the worst-case float32 rounding of a d-term dot product) and then
+rescored in float64. For float16 inputs (what the pipeline stores) the float64 dot product is
+*exact*: every fp16 is a multiple of 2**-24, so products are multiples of 2**-48 and, for
+vectors of norm ≤ ~1, every partial sum is below 2 in magnitude — 49 bits, inside float64's 53.
+Hence scores and the pair set do not depend on block size, summation order, thread count or
+CPU vs GPU. (float32 inputs: exact up to float64 rounding, ~1e-16.) The coarse stage (PCA,
+k-means, assignment) always runs on CPU with fixed seeds, so the partition is the same with
+or without a GPU; the GPU (faiss ``pairwise_distance_gpu``) only does the tile products.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
+from itertools import combinations
 
 import numpy as np
 
-BRUTE_FORCE_MAX = 20_000  # below this many valid vectors, exact blockwise search is cheaper
+__all__ = [
+    "Pairs",
+    "IVFParams",
+    "IVFPlan",
+    "WorkUnit",
+    "exact_pairs",
+    "hash_pairs",
+    "embedding_pairs",
+    "brute_force_pairs",
+    "plan_ivf",
+    "make_units",
+    "unit_pairs",
+    "merge_pairs",
+    "gpu_available",
+]
+
+_I64 = np.int64
+_F32 = np.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Pairs
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Pairs:
-    i: np.ndarray  # int64, i < j
+    """Candidate pairs: ``i < j`` always, sorted by ``(i, j)``, no duplicates.
+
+    ``score`` is the cosine for embeddings, the Hamming distance for hashes, 1.0 for exact.
+    """
+
+    i: np.ndarray  # int64
     j: np.ndarray  # int64
     score: np.ndarray  # float32
 
     @classmethod
     def empty(cls) -> Pairs:
-        return cls(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
+        return cls(np.empty(0, _I64), np.empty(0, _I64), np.empty(0, _F32))
 
     def __len__(self) -> int:
         return len(self.i)
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Pairs):
+            return NotImplemented
+        return (
+            np.array_equal(self.i, other.i)
+            and np.array_equal(self.j, other.j)
+            and np.array_equal(self.score, other.score)
+        )
 
-def _finish(i: np.ndarray, j: np.ndarray, s: np.ndarray) -> Pairs:
-    """Order each pair (i < j), drop self-pairs and duplicates, sort by (i, j)."""
-    if len(i) == 0:
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _canonical(i: np.ndarray, j: np.ndarray, score: np.ndarray) -> Pairs:
+    """Orient (i < j), drop self pairs, sort by (i, j) and drop duplicates (first score kept)."""
+    i = np.asarray(i, _I64)
+    j = np.asarray(j, _I64)
+    score = np.asarray(score, _F32)
+    lo, hi = np.minimum(i, j), np.maximum(i, j)
+    keep = lo != hi
+    if not keep.all():
+        lo, hi, score = lo[keep], hi[keep], score[keep]
+    if len(lo) == 0:
         return Pairs.empty()
-    i, j = np.minimum(i, j).astype(np.int64), np.maximum(i, j).astype(np.int64)
-    keep = i != j
-    i, j, s = i[keep], j[keep], np.asarray(s, np.float32)[keep]
-    order = np.lexsort((j, i))
-    i, j, s = i[order], j[order], s[order]
-    first = np.ones(len(i), bool)
-    first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
-    return Pairs(i[first], j[first], s[first])
+    order = np.lexsort((hi, lo))
+    lo, hi, score = lo[order], hi[order], score[order]
+    first = np.ones(len(lo), bool)
+    first[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
+    if not first.all():
+        lo, hi, score = lo[first], hi[first], score[first]
+    return Pairs(lo, hi, score)
 
 
-def _concat(parts: Iterable[Pairs]) -> Pairs:
+def merge_pairs(parts: Iterable[Pairs]) -> Pairs:
+    """Union of pair sets (e.g. the per-unit results of :func:`unit_pairs`), canonical order.
+
+    A pair found by two units carries the same (exact) score in both, so which copy is kept
+    does not matter.
+    """
     parts = [p for p in parts if len(p)]
     if not parts:
         return Pairs.empty()
-    return _finish(np.concatenate([p.i for p in parts]), np.concatenate([p.j for p in parts]), np.concatenate([p.score for p in parts]))
+    if len(parts) == 1:
+        p = parts[0]
+        return _canonical(p.i, p.j, p.score)
+    return _canonical(
+        np.concatenate([p.i for p in parts]),
+        np.concatenate([p.j for p in parts]),
+        np.concatenate([p.score for p in parts]),
+    )
 
 
-# -- exact ------------------------------------------------------------------------------------
+def _remap(p: Pairs, rows: np.ndarray | None) -> Pairs:
+    """Map pair indices from a compacted (valid-only) array back to original rows.
+
+    ``rows`` is increasing, so order and orientation are preserved."""
+    if rows is None or len(p) == 0:
+        return p
+    return Pairs(rows[p.i], rows[p.j], p.score)
+
+
+def _valid_rows(n: int, valid: np.ndarray | None) -> np.ndarray | None:
+    if valid is None:
+        return None
+    valid = np.asarray(valid, bool)
+    if valid.shape != (n,):
+        raise ValueError(f"valid must be a bool mask of shape ({n},), got {valid.shape}")
+    return np.flatnonzero(valid).astype(_I64)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact (sha256)
+# --------------------------------------------------------------------------------------------
+
+
 def exact_pairs(digests: np.ndarray) -> Pairs:
-    d = np.ascontiguousarray(digests, dtype=np.uint8)
-    if len(d) < 2:
+    """Pairs of rows with identical digests, as a STAR per group.
+
+    ``digests``: (n, 32) uint8 (any fixed width works). For a group of identical digests with
+    rows ``r0 < r1 < … < rk`` this returns ``(r0, r1), (r0, r2), …, (r0, rk)`` — k pairs, not
+    k·(k+1)/2 — each with score 1.0. The star connects the group exactly like all pairs would
+    (and every member *is* a duplicate of ``r0``), at linear size.
+    """
+    a = np.ascontiguousarray(digests, dtype=np.uint8)
+    n = a.shape[0] if a.ndim else 0
+    if n < 2:
         return Pairs.empty()
-    keys = d.view(np.dtype((np.void, d.shape[1]))).ravel()
-    order = np.argsort(keys, kind="stable")
+    a = a.reshape(n, -1)
+    keys = a.view(np.dtype((np.void, a.shape[1]))).ravel()
+    order = np.argsort(keys, kind="stable")  # equal digests keep row order
     sk = keys[order]
-    new = np.ones(len(sk), bool)
-    new[1:] = sk[1:] != sk[:-1]
-    group_first = order[np.maximum.accumulate(np.where(new, np.arange(len(sk)), 0))]
-    dup = ~new
-    return _finish(group_first[dup], order[dup], np.ones(int(dup.sum()), np.float32))
+    new_group = np.ones(n, bool)
+    new_group[1:] = sk[1:] != sk[:-1]
+    group_first = order[np.flatnonzero(new_group)]  # smallest row of each group (stable)
+    gid = np.cumsum(new_group) - 1
+    root = group_first[gid]  # per sorted position
+    sel = root != order
+    i, j = root[sel].astype(_I64), order[sel].astype(_I64)
+    o = np.lexsort((j, i))
+    return Pairs(i[o], j[o], np.ones(len(o), _F32))
 
 
-# -- hashes -----------------------------------------------------------------------------------
-def popcount64(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.uint64)
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(x).astype(np.int64)
-    b = x.view(np.uint8).reshape(*x.shape, 8)
-    return np.unpackbits(b, axis=-1).sum(axis=-1).astype(np.int64)
+# --------------------------------------------------------------------------------------------
+# Hashes: multi-index hashing with exact verification
+# --------------------------------------------------------------------------------------------
+
+_HASH_BITS = 64
+_DIRECT_TABLE_BITS = 22  # chunks up to this many bits use a direct-address bucket table
+_MAX_PROBES = 50_000  # flip masks per chunk we are willing to enumerate
+_EXPAND_CAP = 1 << 22  # candidate pairs materialised at once (bounded memory)
 
 
-def _chunks(radius: int, bits: int = 64) -> list[tuple[int, int]]:
-    m = min(radius + 1, bits)
-    edges = [round(k * bits / m) for k in range(m + 1)]
-    return [(edges[k], edges[k + 1] - edges[k]) for k in range(m)]
+def _popcount(x: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(x)
 
 
-def hash_pairs(hashes: np.ndarray, radius: int, valid: np.ndarray | None = None, max_bucket_pairs: int = 20_000_000) -> Pairs:
-    h = np.asarray(hashes, np.uint64)
-    idx = np.arange(len(h)) if valid is None else np.flatnonzero(valid)
-    if len(idx) < 2:
-        return Pairs.empty()
-    hv = h[idx]
+def _low_mask(bits: int) -> np.uint64:
+    return np.uint64((1 << bits) - 1)
+
+
+@dataclass(frozen=True)
+class _MIHPlan:
+    m: int  # number of chunks
+    rp: int  # per-chunk radius: a pair within r agrees within rp bits on some chunk
+    est_cost: float
+
+
+def _chunk_layout(m: int) -> list[tuple[int, int]]:
+    """(shift, bits) of m chunks covering the 64 bits, sizes differing by at most one."""
+    base, extra = divmod(_HASH_BITS, m)
+    out, shift = [], 0
+    for k in range(m):
+        b = base + (1 if k < extra else 0)
+        out.append((shift, b))
+        shift += b
+    return out
+
+
+def _flip_masks(bits: int, rp: int) -> np.ndarray:
+    masks = [0]
+    for w in range(1, rp + 1):
+        for combo in combinations(range(bits), w):
+            v = 0
+            for b in combo:
+                v |= 1 << b
+            masks.append(v)
+    return np.array(masks, np.uint64)
+
+
+def _n_masks(bits: int, rp: int) -> int:
+    return sum(math.comb(bits, w) for w in range(rp + 1))
+
+
+class _Buckets:
+    """Rows grouped by one chunk's value; ``ranges(probes)`` -> (start, length) into ``order``."""
+
+    def __init__(self, vals: np.ndarray, bits: int):
+        self.order = np.argsort(vals, kind="stable").astype(_I64)
+        self.direct = bits <= _DIRECT_TABLE_BITS
+        if self.direct:
+            counts = np.bincount(vals.astype(_I64), minlength=1 << bits)
+            self.occupied = counts > 0
+            self.offs = np.zeros(len(counts) + 1, _I64)
+            np.cumsum(counts, out=self.offs[1:])
+        else:
+            sv = vals[self.order]
+            first = np.ones(len(sv), bool)
+            first[1:] = sv[1:] != sv[:-1]
+            idx = np.flatnonzero(first)
+            self.uniq = sv[idx]
+            self.ustart = np.append(idx, len(sv)).astype(_I64)
+
+    def ranges(self, probes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.direct:
+            p = probes.astype(_I64)
+            s = self.offs[p]
+            return s, self.offs[p + 1] - s
+        pos = np.searchsorted(self.uniq, probes)
+        pos_c = np.minimum(pos, len(self.uniq) - 1)
+        hit = (pos < len(self.uniq)) & (self.uniq[pos_c] == probes)
+        s = self.ustart[pos_c]
+        ln = np.where(hit, self.ustart[pos_c + 1] - s, 0)
+        return s, ln
+
+
+def _expand(q: np.ndarray, start: np.ndarray, length: np.ndarray, cap: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (query, position) for every position in every range, at most ~cap at a time."""
+    keep = length > 0
+    q, start, length = q[keep], start[keep], length[keep]
+    if len(q) == 0:
+        return
+    if length.max() > cap:  # split long ranges so that each piece fits
+        parts = (length + cap - 1) // cap
+        rep = np.repeat(np.arange(len(q)), parts)
+        k = np.arange(len(rep)) - np.repeat(np.cumsum(parts) - parts, parts)
+        q = q[rep]
+        start = start[rep] + k * cap
+        length = np.minimum(length[rep] - k * cap, cap)
+    cum = np.cumsum(length)
+    lo = 0
+    while lo < len(q):
+        base = cum[lo] - length[lo]
+        hi = int(np.searchsorted(cum, base + cap, side="right"))
+        hi = max(hi, lo + 1)
+        ln = length[lo:hi]
+        tot = int(ln.sum())
+        qq = np.repeat(q[lo:hi], ln)
+        off = np.arange(tot) - np.repeat(np.cumsum(ln) - ln, ln)
+        yield qq, np.repeat(start[lo:hi], ln) + off
+        lo = hi
+
+
+def _plan_mih(h: np.ndarray, radius: int, rng: np.random.Generator) -> _MIHPlan | None:
+    """Pick (chunks, per-chunk radius) by estimated cost; None = brute force is cheaper."""
+    n = len(h)
+    sample = h[rng.choice(n, size=min(n, 1024), replace=False)] if n > 1024 else h
+    brute = 0.5 * n * n * 1.5  # ns: faiss popcount kernel, per unordered pair
+    best: _MIHPlan | None = None
+    seen = set()
+    for rp in range(0, radius + 1):
+        m = radius // (rp + 1) + 1  # fewest chunks with m·(rp+1) > r
+        if m > _HASH_BITS or m in seen:
+            continue
+        seen.add(m)
+        layout = _chunk_layout(m)
+        bits = max(b for _, b in layout)
+        nmask = _n_masks(bits, rp)
+        enum = n * m * (nmask * 15.0 + 60.0)  # ns: probe lookups + per-chunk sort
+        if nmask > _MAX_PROBES or enum >= min(brute, best.est_cost if best else math.inf):
+            break  # enumeration only grows with the per-chunk radius
+        # candidates per chunk estimated on the first chunk from a sample of queries
+        shift, b = layout[0]
+        mask = _low_mask(b)
+        vals = (h >> np.uint64(shift)) & mask
+        bk = _Buckets(vals, b)
+        sv = (sample >> np.uint64(shift)) & mask
+        masks = _flip_masks(b, rp)
+        tot = 0
+        for s0 in range(0, len(sv), max(1, 65536 // len(masks))):
+            blk = sv[s0 : s0 + max(1, 65536 // len(masks))]
+            _, ln = bk.ranges((blk[:, None] ^ masks[None, :]).ravel())
+            tot += int(ln.sum())
+        cand = tot * (n / len(sv)) * m / 2
+        cost = enum + cand * 35.0  # ns per candidate pair (gather, XOR, popcounts)
+        if best is None or cost < best.est_cost:
+            best = _MIHPlan(m, rp, cost)
+    if best is None or best.est_cost > brute:
+        return None
+    return best
+
+
+def _hash_brute(h: np.ndarray, radius: int, block: int = 4096, threads: int = 0) -> Pairs:
+    """All pairs within ``radius`` by exhaustive Hamming distances (faiss ``IndexBinaryFlat``
+    range search, popcount kernels): query block [r0, r1) against rows [r0, n)."""
+    import faiss
+
+    n = len(h)
+    codes = np.ascontiguousarray(h).view(np.uint8).reshape(n, 8)
+    starts = list(range(0, n, block))
+
+    def rows(r0: int):
+        r1 = min(n, r0 + block)
+        index = faiss.IndexBinaryFlat(64)
+        index.add(codes[r0:])
+        lims, dist, lab = index.range_search(codes[r0:r1], int(radius) + 1)  # strict "<"
+        qi = np.repeat(np.arange(r1 - r0, dtype=_I64), np.diff(lims.astype(_I64)))
+        lab = lab.astype(_I64)
+        keep = lab > qi  # upper triangle within the block; later rows entirely
+        return qi[keep] + r0, lab[keep] + r0, dist[keep].astype(_F32)
+
     parts = []
-    for shift, width in _chunks(radius):
-        key = (hv >> np.uint64(shift)) & np.uint64((1 << width) - 1)
-        order = np.argsort(key, kind="stable")
-        sk = key[order]
-        starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
-        ends = np.r_[starts[1:], len(sk)]
-        sizes = ends - starts
-        for s0, e0 in zip(starts[sizes > 1], ends[sizes > 1]):
-            members = order[s0:e0]
-            # All pairs inside the bucket, in slabs so memory stays bounded.
-            slab = max(1, max_bucket_pairs // len(members))
-            for a0 in range(0, len(members), slab):
-                a = members[a0 : a0 + slab]
-                d = popcount64(hv[a][:, None] ^ hv[members][None, :])
-                ai, bj = np.nonzero(d <= radius)
-                sel = a[ai] < members[bj]
-                if sel.any():
-                    parts.append(Pairs(idx[a[ai[sel]]], idx[members[bj[sel]]], d[ai[sel], bj[sel]].astype(np.float32)))
-    return _concat(parts)
+    with _single_threaded_libs():
+        for _, got in _pmap(rows, starts, _n_threads(threads)):
+            parts.append(got)
+    return _collect(parts)
 
 
-# -- embeddings -------------------------------------------------------------------------------
+def _high_bit(masks: np.ndarray) -> np.ndarray:
+    hb = np.zeros(len(masks), np.uint64)
+    for b in range(64):
+        bit = np.uint64(1) << np.uint64(b)
+        hb[(masks & bit) != 0] = bit
+    return hb
+
+
+def _hash_mih(h: np.ndarray, radius: int, plan: _MIHPlan) -> Pairs:
+    """Multi-index hashing. Per chunk, every unordered pair of rows whose chunk values differ
+    in ≤ rp bits is generated exactly once: equal values from the earlier row of the bucket,
+    different values from the row with the smaller value. A pair agreeing (within rp) on
+    several chunks is kept only on the first; then the full distance is verified."""
+    layout = _chunk_layout(plan.m)
+    cmask = [_low_mask(b) << np.uint64(s) for s, b in layout]
+    n = len(h)
+    parts = []
+    for k, (shift, bits) in enumerate(layout):
+        vals = (h >> np.uint64(shift)) & _low_mask(bits)
+        if bits <= 32:
+            vals = vals.astype(np.uint32)
+        bk = _Buckets(vals, bits)
+        rank = np.empty(n, _I64)
+        rank[bk.order] = np.arange(n)
+        own_end = bk.ranges(vals)
+        own_end = own_end[0] + own_end[1]  # end of each row's own bucket in `order`
+        masks = _flip_masks(bits, plan.rp)[1:].astype(vals.dtype)
+        hb = _high_bit(masks.astype(np.uint64)).astype(vals.dtype)
+        qblock = max(1, (1 << 20) // (len(masks) + 1))
+        for q0 in range(0, n, qblock):
+            q1 = min(n, q0 + qblock)
+            q = np.arange(q0, q1, dtype=_I64)
+            v = vals[q0:q1]
+            # same value: the rows after this one in its bucket
+            starts = [rank[q0:q1] + 1]
+            lens = [own_end[q0:q1] - rank[q0:q1] - 1]
+            qs = [q]
+            if len(masks):
+                probes = v[:, None] ^ masks[None, :]
+                sel = (v[:, None] & hb[None, :]) == 0  # only probes above the own value
+                if bk.direct:
+                    sel &= bk.occupied[probes]  # most probes hit empty buckets: drop early
+                r, c = np.nonzero(sel)
+                st, ln = bk.ranges(probes[r, c])
+                starts.append(st)
+                lens.append(ln)
+                qs.append(q[r])
+            for qi, pos in _expand(np.concatenate(qs), np.concatenate(starts), np.concatenate(lens), _EXPAND_CAP):
+                qj = bk.order[pos]
+                x = h[qi] ^ h[qj]
+                d = _popcount(x)
+                keep = d <= radius
+                for kk in range(k):  # already produced by an earlier chunk
+                    keep &= _popcount(x & cmask[kk]) > plan.rp
+                if keep.any():
+                    parts.append((qi[keep], qj[keep], d[keep].astype(_F32)))
+    return _collect(parts)
+
+
+def hash_pairs(hashes: np.ndarray, radius: int, valid: np.ndarray | None = None, *, method: str = "auto") -> Pairs:
+    """All pairs of 64-bit hashes within Hamming distance ``radius`` (score = the distance).
+
+    Exact: candidates from multi-index hashing are verified with a popcount, so the result is
+    the brute-force result. ``valid``: bool mask of rows to consider (others never appear).
+    ``method``: "auto" (cost estimate), "mih" or "brute".
+    """
+    h = np.ascontiguousarray(hashes)
+    if h.dtype != np.uint64:
+        h = h.astype(np.int64).view(np.uint64) if h.dtype.kind == "i" else h.astype(np.uint64)
+    h = h.ravel()
+    rows = _valid_rows(len(h), valid)
+    if rows is not None:
+        h = h[rows]
+    if len(h) < 2 or radius < 0:
+        return Pairs.empty()
+    radius = int(min(radius, _HASH_BITS))
+    if method == "brute":
+        return _remap(_hash_brute(h, radius), rows)
+    plan = _plan_mih(h, radius, np.random.default_rng(0))
+    if method == "mih" and plan is None:
+        m = radius + 1 if radius < _HASH_BITS else _HASH_BITS
+        plan = _MIHPlan(m, radius // m, 0.0)
+    if plan is None:
+        return _remap(_hash_brute(h, radius), rows)
+    return _remap(_hash_mih(h, radius, plan), rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Embeddings: parameters
+# --------------------------------------------------------------------------------------------
+
+
+def gpu_available() -> bool:
+    """True when faiss sees a CUDA GPU (faiss-gpu installed and a device visible)."""
+    try:
+        import faiss
+
+        return faiss.get_num_gpus() > 0
+    except Exception:  # pragma: no cover - faiss missing or broken CUDA
+        return False
+
+
 @dataclass(frozen=True)
 class IVFParams:
+    """Parameters of the IVF candidate search; :meth:`auto` picks them from n and d.
+
+    nlist        number of inverted lists (k-means centroids)
+    nprobe       lists each row is compared against: its own (member) + nprobe-1 (visitor)
+    train_size   rows sampled to train PCA and k-means
+    block_size   tile edge of the block products: a tile holds ≤ block_size² float32 scores
+    seed         sampling and k-means seed (same input + params -> same pairs)
+    use_gpu      tile products on GPU (faiss); None = when faiss sees one
+    pca_dim      the coarse stage (k-means, assignment) works in this many PCA dimensions
+    niter        k-means iterations
+    exact_below  below this many valid rows, exact brute force instead of IVF
+    unit_rows    target member+visitor rows per work unit (a unit = consecutive lists)
+    threads      worker threads for units and assignment (0 = all cores); BLAS and faiss
+                 run single-threaded inside them
+    """
+
     nlist: int
     nprobe: int
     train_size: int
     block_size: int = 4096
     seed: int = 1234
-    niter: int = 20
-    use_gpu: bool | None = None  # None = when faiss has a GPU
+    use_gpu: bool | None = None
+    pca_dim: int = 64
+    niter: int = 10
+    probe_margin: float | None = 0.16
+    exact_below: int = 5000
+    unit_rows: int = 1 << 16
+    threads: int = 0
 
     @classmethod
-    def auto(cls, n: int, d: int) -> IVFParams:
-        nlist = int(min(max(1, round(4 * math.sqrt(max(n, 1)))), max(1, n // 50)))
-        nprobe = 1 if nlist == 1 else min(nlist, 8)
-        return cls(nlist=nlist, nprobe=nprobe, train_size=min(n, max(nlist * 64, 10_000)))
+    def auto(cls, n: int, d: int, threshold: float | None = None, **overrides) -> IVFParams:
+        """Parameters for n valid rows of dimension d (measurements: docs/candidates.md).
+
+        * nlist = n / 256 (lists of ~256 rows, so the within-list work grows linearly with n),
+          at least √n, at most n / 50.
+        * nprobe = 8 (each row also visits its 7 next-nearest lists; a pair is found when either
+          side visits the other's list); 12 for thresholds below 0.85, 16 below 0.75.
+        * train_size = 32 · nlist, between 20 000 and 131 072 (and ≤ n).
+        * pca_dim = min(d, 64); block_size = 4096; exact brute force below 5 000 rows.
+        """
+        n = max(int(n), 0)
+        nlist = _auto_nlist(n)
+        p = cls(
+            nlist=nlist,
+            nprobe=_auto_nprobe(nlist, threshold),
+            train_size=int(min(n, max(20_000, 16 * nlist), 1 << 17)),
+            pca_dim=int(min(d, 64)),
+        )
+        return replace(p, **overrides) if overrides else p
 
 
-def brute_force_pairs(x: np.ndarray, threshold: float, block: int = 4096, valid: np.ndarray | None = None) -> Pairs:
-    idx = np.arange(len(x)) if valid is None else np.flatnonzero(valid)
-    parts = []
-    for a0 in range(0, len(idx), block):
-        ia = idx[a0 : a0 + block]
-        xa = np.asarray(x[ia], np.float32)
-        for b0 in range(a0, len(idx), block):
-            ib = idx[b0 : b0 + block]
-            s = xa @ np.asarray(x[ib], np.float32).T
-            r, c = np.nonzero(s >= threshold)
-            sel = ia[r] < ib[c]
-            if sel.any():
-                parts.append(Pairs(ia[r[sel]], ib[c[sel]], s[r[sel], c[sel]]))
-    return _concat(parts)
+def _auto_nlist(n: int) -> int:
+    if n < 2:
+        return 1
+    return int(max(1, min(n // 50, max(round(math.sqrt(n)), n // 256))))
+
+
+def _auto_nprobe(nlist: int, threshold: float | None) -> int:
+    return int(max(1, min(nlist, 16)))
+
+
+def _n_threads(threads: int) -> int:
+    return int(threads) if threads and threads > 0 else max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def _single_threaded_libs() -> Iterator[None]:
+    """BLAS and faiss (OpenMP) to one thread each, restored afterwards.
+
+    We parallelise over independent pieces (units, blocks) with Python threads instead:
+    BLAS/OpenMP thread pools on many small products are slow, and several times slower still
+    when the cores are shared with other processes (measured in docs/candidates.md).
+    """
+    import faiss
+
+    prev = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # pragma: no cover - optional
+            ctx = nullcontext()
+        else:
+            ctx = threadpool_limits(1)
+        with ctx:
+            yield
+    finally:
+        faiss.omp_set_num_threads(prev)
+
+
+def _pmap(fn: Callable, items: list, workers: int) -> Iterator:
+    """Map in a thread pool, yielding results in completion order as (index, result)."""
+    if workers <= 1 or len(items) <= 1:
+        for k, it in enumerate(items):
+            yield k, fn(it)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        futs = {ex.submit(fn, it): k for k, it in enumerate(items)}
+        for f in as_completed(futs):
+            yield futs[f], f.result()
+
+
+# --------------------------------------------------------------------------------------------
+# Embeddings: tile products (CPU / GPU), exact rescoring
+# --------------------------------------------------------------------------------------------
+
+
+def _rows_f32(x: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
+    """Gather rows (sorted indices read a memmap front to back) and convert to float32."""
+    return np.ascontiguousarray(x[rows], dtype=_F32)
+
+
+def _margin(d: int) -> float:
+    # above the worst-case float32 rounding of a d-term dot product of vectors of norm ≤ ~1
+    return d * 2.0**-22 + 1e-6
+
+
+_GPU_RES = None
+_GPU_LOCK = threading.Lock()
+
+
+class _Matmul:
+    """S = A @ B.T in float32: BLAS on CPU, faiss ``pairwise_distance_gpu`` on GPU."""
+
+    def __init__(self, use_gpu: bool):
+        self.gpu = bool(use_gpu)
+        if self.gpu:
+            import faiss
+
+            global _GPU_RES
+            with _GPU_LOCK:
+                if _GPU_RES is None:
+                    _GPU_RES = faiss.StandardGpuResources()
+            self._faiss = faiss
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        if self.gpu:
+            f = self._faiss
+            with _GPU_LOCK:
+                return f.pairwise_distance_gpu(_GPU_RES, a, b, metric=f.METRIC_INNER_PRODUCT)
+        return a @ b.T
+
+
+def _exact_scores(a: np.ndarray, b: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float64 dot products of a[r[k]] and b[c[k]] (exact for fp16-valued inputs, so the value
+    does not depend on how it is computed)."""
+    rs, inv_r = np.unique(r, return_inverse=True)
+    cs, inv_c = np.unique(c, return_inverse=True)
+    if len(rs) * len(cs) <= 4 * len(r):  # dense: one float64 product of the sub-block
+        sub = a[rs].astype(np.float64) @ b[cs].astype(np.float64).T
+        return sub[inv_r, inv_c]
+    out = np.empty(len(r), np.float64)
+    step = max(1, (1 << 21) // max(1, a.shape[1]))
+    for s in range(0, len(r), step):
+        e = min(len(r), s + step)
+        out[s:e] = np.einsum("ij,ij->i", a[r[s:e]].astype(np.float64), b[c[s:e]].astype(np.float64))
+    return out
+
+
+def _tile(mm: _Matmul, xr, xc, rows_r, rows_c, threshold: float, diag: int | None):
+    """Pairs (rows_r[r], rows_c[c]) with exact cosine ≥ threshold in one tile.
+
+    ``diag``: if not None, the first ``diag``-bounded rows are members of a symmetric product:
+    for rows r < n_sym (= ``diag`` semantics below) keep only c > r + offset. Encoded as
+    (n_sym, offset): rows r < n_sym keep c > r + offset; other rows keep every column."""
+    s = mm(xr, xc)
+    cand = s >= np.float32(threshold - _margin(xr.shape[1]))
+    del s
+    if diag is not None:
+        n_sym, offset = diag
+        if n_sym > 0:
+            # np.tri(N, M, k)[r, c] = (c <= r + k): drop those
+            cand[:n_sym] &= ~np.tri(n_sym, cand.shape[1], offset, dtype=bool)
+    r, c = np.nonzero(cand)
+    del cand
+    if len(r) == 0:
+        return None
+    sc = _exact_scores(xr, xc, r, c)
+    ok = sc >= threshold
+    if not ok.any():
+        return None
+    return rows_r[r[ok]], rows_c[c[ok]], sc[ok].astype(_F32)
+
+
+def _collect(parts: list) -> Pairs:
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return Pairs.empty()
+    return _canonical(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                      np.concatenate([p[2] for p in parts]))
+
+
+# --------------------------------------------------------------------------------------------
+# Embeddings: brute force
+# --------------------------------------------------------------------------------------------
+
+
+def brute_force_pairs(
+    x: np.ndarray,
+    threshold: float,
+    block: int = 4096,
+    valid: np.ndarray | None = None,
+    use_gpu: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    threads: int = 0,
+) -> Pairs:
+    """All pairs with cosine ≥ threshold by exact blockwise products — the reference.
+
+    Memory: per worker thread one ``block × block`` float32 tile and two ``block × d`` row
+    blocks; ``x`` may be a memmap. Scores are exact (see module docstring)."""
+    n = x.shape[0]
+    rows = _valid_rows(n, valid)
+    idx = np.arange(n, dtype=_I64) if rows is None else rows
+    m = len(idx)
+    if m < 2:
+        return Pairs.empty()
+    block = max(1, int(block))
+    mm = _Matmul(use_gpu)
+    starts = list(range(0, m, block))
+
+    def sl(a: int, b: int):
+        return slice(a, b) if rows is None else idx[a:b]
+
+    def column(ci: int):
+        c0 = starts[ci]
+        c1 = min(m, c0 + block)
+        xc = _rows_f32(x, sl(c0, c1))
+        out = []
+        for r0 in starts[: ci + 1]:
+            r1 = min(m, r0 + block)
+            xr = xc if r0 == c0 else _rows_f32(x, sl(r0, r1))
+            got = _tile(mm, xr, xc, idx[r0:r1], idx[c0:c1], threshold, (r1 - r0, 0) if r0 == c0 else None)
+            if got is not None:
+                out.append(got)
+        return out, ci + 1
+
+    workers = 1 if use_gpu else _n_threads(threads)
+    total = len(starts) * (len(starts) + 1) // 2
+    done = 0
+    parts: list = []
+    with _single_threaded_libs():
+        # biggest columns first so the threads finish together
+        for _, (got, ntiles) in _pmap(column, list(range(len(starts)))[::-1], workers):
+            parts.extend(got)
+            done += ntiles
+            if progress:
+                progress(done, total)
+    return _collect(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Embeddings: IVF plan -> units -> per-unit pairs -> merge
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Units:
-    """The IVF partition: for each list, its home members and everything that probes it."""
+class IVFPlan:
+    """Result of the coarse stage: which rows each list holds (members) and probes (visitors).
 
-    home: list[np.ndarray]
-    probing: list[np.ndarray]
+    ``member_rows[member_offsets[L]:member_offsets[L+1]]`` are the rows whose nearest list is
+    L (increasing); ``visitor_rows[visitor_offsets[L]:…]`` the rows that also probe L.
+    """
+
+    n: int
+    nlist: int
+    assign: np.ndarray  # (n,) int32 nearest list; -1 for rows excluded by `valid`
+    member_rows: np.ndarray
+    member_offsets: np.ndarray
+    visitor_rows: np.ndarray
+    visitor_offsets: np.ndarray
+    centroids: np.ndarray  # (nlist, pca_dim) float32, in the PCA space
+    params: IVFParams  # as used (nlist, nprobe clamped to the data)
+
+    def list_sizes(self) -> np.ndarray:
+        return np.diff(self.member_offsets)
 
 
-def plan_embedding_units(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None) -> Units:
+@dataclass(frozen=True)
+class WorkUnit:
+    """Consecutive lists and their rows: everything :func:`unit_pairs` needs besides ``x``."""
+
+    lists: np.ndarray  # list ids
+    member_rows: np.ndarray
+    member_offsets: np.ndarray  # len(lists) + 1, into member_rows
+    visitor_rows: np.ndarray
+    visitor_offsets: np.ndarray
+
+    @property
+    def cost(self) -> int:
+        """Dot products this unit computes (members × (members + visitors))."""
+        m = np.diff(self.member_offsets).astype(np.float64)
+        v = np.diff(self.visitor_offsets).astype(np.float64)
+        return int((m * (m + v)).sum())
+
+
+def _pca(train: np.ndarray, dp: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Projection onto the top ``dp`` principal axes of ``train`` (float64 eigh: deterministic)."""
+    d = train.shape[1]
+    if dp >= d:
+        return lambda v: v
+    t = train[: 1 << 16].astype(np.float64)
+    mean = t.mean(axis=0)
+    t -= mean
+    w, v = np.linalg.eigh(t.T @ t)
+    axes = v[:, np.argsort(-w, kind="stable")[:dp]]
+    # fix each axis' sign (eigh may return ±v) so the projection is reproducible
+    axes *= np.where(axes[np.abs(axes).argmax(axis=0), np.arange(dp)] < 0, -1.0, 1.0)
+    p = np.ascontiguousarray(axes, dtype=_F32)
+    shift = (mean @ axes).astype(_F32)
+    return lambda blk: np.ascontiguousarray(blk @ p - shift, dtype=_F32)
+
+
+def _sample_rows(idx: np.ndarray, k: int, seed: int) -> np.ndarray:
+    if k >= len(idx):
+        return idx
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(idx, size=k, replace=False))
+
+
+def _nearest(centroids: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest centroids (squared L2) of each row of q (faiss flat search)."""
     import faiss
 
-    idx = np.arange(len(x)) if valid is None else np.flatnonzero(valid)
-    d = x.shape[1]
-    rng = np.random.default_rng(params.seed)
-    train_idx = np.sort(rng.choice(idx, size=min(params.train_size, len(idx)), replace=False))
-    train = np.ascontiguousarray(x[train_idx], dtype=np.float32)
-    km = faiss.Kmeans(d, params.nlist, niter=params.niter, seed=params.seed, spherical=True, verbose=False,
-                      gpu=bool(params.use_gpu) if params.use_gpu is not None else faiss.get_num_gpus() > 0)
-    km.train(train)
-    lists = np.empty((len(idx), params.nprobe), np.int64)
-    for a0 in range(0, len(idx), params.block_size * 16):
-        xa = np.ascontiguousarray(x[idx[a0 : a0 + params.block_size * 16]], dtype=np.float32)
-        _, lists[a0 : a0 + len(xa)] = km.index.search(xa, params.nprobe)
-    home_list = lists[:, 0]
-    order = np.argsort(home_list, kind="stable")
-    bounds = np.searchsorted(home_list[order], np.arange(params.nlist + 1))
-    home = [idx[order[bounds[k] : bounds[k + 1]]] for k in range(params.nlist)]
-    flat_l = lists.ravel()
-    flat_v = np.repeat(idx, params.nprobe)
-    order = np.argsort(flat_l, kind="stable")
-    bounds = np.searchsorted(flat_l[order], np.arange(params.nlist + 1))
-    probing = [np.unique(flat_v[order[bounds[k] : bounds[k + 1]]]) for k in range(params.nlist)]
-    return Units(home, probing)
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=_F32))
+    return index.search(np.ascontiguousarray(q, dtype=_F32), int(k))
 
 
-def pairs_in_units(x: np.ndarray, units: Units, list_ids: Iterable[int], threshold: float, block: int) -> Pairs:
+def _kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
+    """faiss k-means (single-threaded inside :func:`_single_threaded_libs`: deterministic)."""
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=_F32)
+    if k >= len(x):
+        return x[:k].copy()
+    if k == 1:
+        return x.mean(axis=0, keepdims=True).astype(_F32)
+    km = faiss.Kmeans(x.shape[1], int(k), niter=int(niter), seed=int(seed) % (2**31 - 1),
+                      max_points_per_centroid=1 << 30, min_points_per_centroid=1, verbose=False)
+    km.train(x)
+    return np.ascontiguousarray(km.centroids, dtype=_F32)
+
+
+def _probe_radius(params: IVFParams, threshold: float | None) -> float:
+    """Bisector-distance limit for visiting a list (PCA units); inf = plain top-nprobe."""
+    if threshold is None or params.probe_margin is None or params.probe_margin <= 0:
+        return math.inf
+    r = math.sqrt(max(0.0, 2.0 - 2.0 * float(threshold)))  # max distance of a pair ≥ threshold
+    return float(params.probe_margin) * r
+
+
+def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, *,
+             threshold: float | None = None, stats: dict | None = None) -> IVFPlan:
+    """Coarse stage (CPU, deterministic): PCA + k-means on a sample of the valid rows, then each
+    valid row's nearest list (member) and the lists it visits, streamed in blocks (``x`` may be
+    a memmap).
+
+    Visited lists: among the ``nprobe - 1`` next-nearest centroids, those whose Voronoi
+    boundary with the row's own cell is within ``probe_margin · √(2 - 2·threshold)`` of the
+    row (distance to the bisecting hyperplane, in the PCA space). A partner across a boundary
+    that far away would have to move that far *towards* it; rows deep inside their cell visit
+    few lists, rows near a boundary many. Without ``threshold`` every row visits
+    ``nprobe - 1`` lists."""
+    t0 = time.perf_counter()
+    n, d = x.shape
+    rows = _valid_rows(n, valid)
+    idx = np.arange(n, dtype=_I64) if rows is None else rows
+    m = len(idx)
+    if m == 0:
+        raise ValueError("plan_ivf needs at least one valid row")
+    nlist = max(1, min(int(params.nlist), m))
+    nprobe = max(1, min(int(params.nprobe), nlist))
+    rho = _probe_radius(params, threshold)
+    workers = _n_threads(params.threads)
+    with _single_threaded_libs():
+        train = _rows_f32(x, _sample_rows(idx, max(int(params.train_size), nlist), params.seed))
+        dp = int(params.pca_dim) if params.pca_dim and params.pca_dim < d else d
+        project = _pca(train, dp)
+        xt = project(train)
+        del train
+        centroids = _kmeans(xt, nlist, params.niter, params.seed)
+        del xt
+        t1 = time.perf_counter()
+
+        step = 1 << 13
+        starts = list(range(0, m, step))
+        prim = np.empty(m, np.int32)
+        vis_parts: list = [None] * len(starts)
+
+        def assign_block(k: int) -> None:
+            s = starts[k]
+            e = min(m, s + step)
+            blk = _rows_f32(x, slice(s, e) if rows is None else idx[s:e])
+            dist, lab = _nearest(centroids, project(blk), nprobe)
+            prim[s:e] = lab[:, 0]
+            if nprobe == 1:
+                return
+            keep = lab[:, 1:] >= 0
+            if math.isfinite(rho):
+                c = centroids[np.maximum(lab, 0)]  # (b, nprobe, dp)
+                diff = c[:, 1:] - c[:, :1]
+                gap = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+                del c, diff
+                bis = (dist[:, 1:] - dist[:, :1]) / np.maximum(2.0 * gap, 1e-12)
+                keep &= bis <= rho
+            r, j = np.nonzero(keep)
+            vis_parts[k] = (idx[s + r], lab[:, 1:][r, j].astype(np.int32))
+
+        for _ in _pmap(assign_block, list(range(len(starts))), workers):
+            pass
+    assign = np.full(n, -1, np.int32)
+    assign[idx] = prim
+    order = np.argsort(prim, kind="stable")
+    member_rows = idx[order]
+    member_offsets = np.zeros(nlist + 1, _I64)
+    np.cumsum(np.bincount(prim, minlength=nlist), out=member_offsets[1:])
+    parts = [v for v in vis_parts if v is not None]
+    if parts:
+        vr = np.concatenate([v[0] for v in parts])  # rows increasing (blocks in order)
+        vl = np.concatenate([v[1] for v in parts])
+        vo = np.argsort(vl, kind="stable")  # rows stay increasing within a list
+        visitor_rows = vr[vo]
+        visitor_offsets = np.zeros(nlist + 1, _I64)
+        np.cumsum(np.bincount(vl, minlength=nlist), out=visitor_offsets[1:])
+        del vr, vl, vo
+    else:
+        visitor_rows = np.empty(0, _I64)
+        visitor_offsets = np.zeros(nlist + 1, _I64)
+    if stats is not None:
+        stats.update(train_seconds=t1 - t0, assign_seconds=time.perf_counter() - t1,
+                     mean_probes=1.0 + len(visitor_rows) / m, probe_radius=rho)
+    return IVFPlan(
+        n=n, nlist=nlist, assign=assign, member_rows=member_rows, member_offsets=member_offsets,
+        visitor_rows=visitor_rows, visitor_offsets=visitor_offsets, centroids=centroids,
+        params=replace(params, nlist=nlist, nprobe=nprobe),
+    )
+
+
+def make_units(plan: IVFPlan, unit_rows: int | None = None) -> list[WorkUnit]:
+    """Cut the lists into units of consecutive lists with about ``unit_rows`` rows each
+    (members + visitors). Units are independent: run them anywhere, in any order, and
+    :func:`merge_pairs` the results."""
+    target = max(1, int(unit_rows or plan.params.unit_rows))
+    msz = np.diff(plan.member_offsets)
+    vsz = np.diff(plan.visitor_offsets)
+    rows_per_list = np.where(msz > 0, msz + vsz, 0)
+    units: list[WorkUnit] = []
+    start, acc = 0, 0
+    for L in range(plan.nlist):
+        if acc and acc + rows_per_list[L] > target:
+            units.append(_unit(plan, start, L))
+            start, acc = L, 0
+        acc += int(rows_per_list[L])
+    if acc:
+        units.append(_unit(plan, start, plan.nlist))
+    return units
+
+
+def _unit(plan: IVFPlan, a: int, b: int) -> WorkUnit:
+    mo, vo = plan.member_offsets, plan.visitor_offsets
+    return WorkUnit(
+        lists=np.arange(a, b, dtype=_I64),
+        member_rows=plan.member_rows[mo[a] : mo[b]],
+        member_offsets=mo[a : b + 1] - mo[a],
+        visitor_rows=plan.visitor_rows[vo[a] : vo[b]],
+        visitor_offsets=vo[a : b + 1] - vo[a],
+    )
+
+
+def unit_pairs(
+    x: np.ndarray,
+    unit: WorkUnit,
+    threshold: float,
+    params: IVFParams | None = None,
+    *,
+    block_size: int | None = None,
+    use_gpu: bool | None = None,
+) -> Pairs:
+    """Pairs with cosine ≥ threshold found in one unit's lists: members × members (each pair
+    once) and visitors × members, in tiles of at most ``block_size`` rows per side."""
+    bs = max(1, int(block_size or (params.block_size if params else 4096)))
+    if use_gpu is None:
+        use_gpu = bool(params.use_gpu) if params is not None and params.use_gpu is not None else False
+    mm = _Matmul(use_gpu)
     parts = []
-    for k in list_ids:
-        h, p = units.home[k], units.probing[k]
-        if len(h) == 0 or len(p) < 2:
+    mo, vo = unit.member_offsets, unit.visitor_offsets
+    for k in range(len(unit.lists)):
+        mem = unit.member_rows[mo[k] : mo[k + 1]]
+        nm = len(mem)
+        if nm == 0:
             continue
-        xp = np.asarray(x[p], np.float32)
-        for a0 in range(0, len(h), block):
-            ha = h[a0 : a0 + block]
-            s = np.asarray(x[ha], np.float32) @ xp.T
-            r, c = np.nonzero(s >= threshold)
-            sel = ha[r] != p[c]
-            if sel.any():
-                parts.append(Pairs(ha[r[sel]], p[c[sel]], s[r[sel], c[sel]]))
-    return _concat(parts)
+        vis = unit.visitor_rows[vo[k] : vo[k + 1]]
+        rows = np.concatenate([mem, vis]) if len(vis) else mem
+        if len(rows) <= bs:  # common case: one gather, one product
+            xa = _rows_f32(x, rows)
+            parts.append(_tile(mm, xa, xa[:nm], rows, mem, threshold, (nm, 0)))
+            continue
+        for c0 in range(0, nm, bs):
+            c1 = min(nm, c0 + bs)
+            xc = _rows_f32(x, mem[c0:c1])
+            for r0 in range(0, len(rows), bs):
+                r1 = min(len(rows), r0 + bs)
+                if r0 >= c1 and r1 <= nm:
+                    continue  # member rows all after these columns: the mirrored tile has them
+                xr = xc if (r0 == c0 and r1 == c1) else _rows_f32(x, rows[r0:r1])
+                # member rows at positions r0 + r pair with columns c0 + c only if r0 + r < c0 + c
+                n_sym = min(r1 - r0, max(0, nm - r0))
+                parts.append(_tile(mm, xr, xc, rows[r0:r1], mem[c0:c1], threshold, (n_sym, r0 - c0)))
+    return _collect(parts)
 
 
 def embedding_pairs(
@@ -212,21 +989,54 @@ def embedding_pairs(
     params: IVFParams | None = None,
     valid: np.ndarray | None = None,
     progress: Callable[[int, int], None] | None = None,
+    stats: dict | None = None,
 ) -> Pairs:
-    n_valid = len(x) if valid is None else int(np.count_nonzero(valid))
-    if n_valid < 2:
+    """Pairs of rows with cosine ≥ ``threshold``; rows L2-normalised, float16 or float32, may
+    be a memmap. Serial driver: :func:`plan_ivf` → :func:`make_units` → :func:`unit_pairs`
+    (in worker threads) → :func:`merge_pairs`. Below ``params.exact_below`` valid rows it is
+    exact brute force. ``progress(done, total)`` counts lists (brute force: tiles); ``stats``,
+    if given, receives timings and plan figures."""
+    t0 = time.perf_counter()
+    if x.ndim != 2:
+        raise ValueError(f"x must be (n, d), got shape {x.shape}")
+    n, d = x.shape
+    rows = _valid_rows(n, valid)
+    m = n if rows is None else len(rows)
+    if params is None:
+        params = IVFParams.auto(m, d, threshold)
+    gpu = bool(params.use_gpu) if params.use_gpu is not None else gpu_available()
+    st = stats if stats is not None else {}
+    st.update(n=n, valid=m, gpu=gpu)
+    if m < 2:
+        st.update(method="none", seconds=0.0)
         return Pairs.empty()
-    params = params or IVFParams.auto(n_valid, x.shape[1])
-    if n_valid <= BRUTE_FORCE_MAX and params.nlist <= 1:
-        p = brute_force_pairs(x, threshold, params.block_size, valid)
-        if progress:
-            progress(1, 1)
+    if m < params.exact_below or min(params.nlist, m) <= 1:
+        p = brute_force_pairs(x, threshold, block=params.block_size, valid=valid, use_gpu=gpu,
+                              progress=progress, threads=params.threads)
+        st.update(method="brute_force", seconds=time.perf_counter() - t0, pairs=len(p))
         return p
-    units = plan_embedding_units(x, params, valid)
-    parts = []
-    step = max(1, params.nlist // 100)
-    for k0 in range(0, params.nlist, step):
-        parts.append(pairs_in_units(x, units, range(k0, min(k0 + step, params.nlist)), threshold, params.block_size))
-        if progress:
-            progress(min(k0 + step, params.nlist), params.nlist)
-    return _concat(parts)
+    plan = plan_ivf(x, params, valid, threshold=threshold, stats=st)
+    t1 = time.perf_counter()
+    units = make_units(plan)
+    sizes = plan.list_sizes()
+    st.update(method="ivf", nlist=plan.nlist, nprobe=plan.params.nprobe, units=len(units),
+              list_size_max=int(sizes.max()), list_size_mean=float(sizes.mean()),
+              dot_products=int(sum(u.cost for u in units)), plan_seconds=t1 - t0)
+    workers = 1 if gpu else _n_threads(params.threads)
+    done = 0
+    parts: list = [None] * len(units)
+    order = sorted(range(len(units)), key=lambda k: -units[k].cost)  # big units first
+    with _single_threaded_libs():
+        for k, p in _pmap(lambda k: unit_pairs(x, units[k], threshold, plan.params, use_gpu=gpu),
+                          order, workers):
+            parts[order[k]] = p
+            done += len(units[order[k]].lists)
+            if progress:
+                progress(done, plan.nlist)
+    if progress and done < plan.nlist:
+        progress(plan.nlist, plan.nlist)
+    t2 = time.perf_counter()
+    out = merge_pairs(parts)
+    st.update(pairs_seconds=t2 - t1, merge_seconds=time.perf_counter() - t2,
+              seconds=time.perf_counter() - t0, pairs=len(out))
+    return out

@@ -1,0 +1,274 @@
+"""Candidate search: exact groups, hash multi-index hashing, IVF embeddings vs brute force."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from dedup.compute import candidates as C
+from dedup.compute.candidates import IVFParams, Pairs
+
+
+def _check_canonical(p: Pairs) -> None:
+    assert p.i.dtype == np.int64 and p.j.dtype == np.int64 and p.score.dtype == np.float32
+    assert len(p.i) == len(p.j) == len(p.score)
+    assert np.all(p.i < p.j)
+    if len(p) > 1:
+        key = p.i * (int(p.j.max()) + 1) + p.j
+        assert np.all(np.diff(key) > 0)  # sorted by (i, j), no duplicates
+
+
+def _set(p: Pairs) -> set[tuple[int, int]]:
+    return set(zip(p.i.tolist(), p.j.tolist()))
+
+
+def _unit(rng, n, d=64):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _near(rng, base, cos):
+    """Unit vectors at exactly cosine `cos` from each (unit) base row."""
+    u = rng.standard_normal(base.shape).astype(np.float32)
+    u -= (u * base).sum(1, keepdims=True) * base
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    c = np.asarray(cos, np.float32).reshape(-1, 1)
+    return c * base + np.sqrt(1 - c * c) * u
+
+
+@pytest.fixture(scope="module")
+def emb():
+    """8000 clustered float16 embeddings (d=128) with planted near-duplicates at cos 0.9-1."""
+    rng = np.random.default_rng(7)
+    n, d = 8000, 128
+    spec = (1.0 + np.arange(d)) ** -0.35
+    centers = _unit(rng, 40, d) * 1.0
+    t = rng.integers(0, 40, n)
+    noise = rng.standard_normal((n, d)) * spec
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    x = centers[t] * 0.8 + noise * 0.7
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    k = 1200
+    tgt = rng.choice(n, size=k, replace=False)
+    src = rng.choice(np.setdiff1d(np.arange(n), tgt), size=k)
+    x[tgt] = _near(rng, x[src].astype(np.float32), rng.uniform(0.86, 1.0, k))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def _reference(x, threshold):
+    """Naive all-pairs reference in float64."""
+    a = np.asarray(x, np.float64)
+    s = a @ a.T
+    i, j = np.nonzero(np.triu(s >= threshold, 1))
+    return set(zip(i.tolist(), j.tolist()))
+
+
+# ---------------------------------------------------------------------------------------------
+# exact
+# ---------------------------------------------------------------------------------------------
+
+
+def test_exact_pairs_star():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (4, 32), dtype=np.uint8)
+    groups = np.array([2, 0, 1, 0, 2, 3, 0, 2])
+    p = C.exact_pairs(base[groups])
+    _check_canonical(p)
+    # group 0: rows 1,3,6 -> star at 1; group 2: rows 0,4,7 -> star at 0; 1 and 3 singletons
+    assert _set(p) == {(1, 3), (1, 6), (0, 4), (0, 7)}
+    assert np.all(p.score == 1.0)
+
+
+def test_exact_pairs_edge_cases():
+    assert len(C.exact_pairs(np.zeros((0, 32), np.uint8))) == 0
+    assert len(C.exact_pairs(np.zeros((1, 32), np.uint8))) == 0
+    p = C.exact_pairs(np.zeros((1000, 32), np.uint8))
+    assert len(p) == 999 and np.all(p.i == 0) and np.array_equal(p.j, np.arange(1, 1000))
+
+
+# ---------------------------------------------------------------------------------------------
+# hashes
+# ---------------------------------------------------------------------------------------------
+
+
+def _hash_reference(h, radius):
+    d = np.bitwise_count(h[:, None] ^ h[None, :])
+    i, j = np.nonzero(np.triu(d <= radius, 1))
+    return set(zip(i.tolist(), j.tolist())), d
+
+
+def _hashes(rng, n, dup=300, maxd=16):
+    h = rng.integers(0, 2**63, size=n, dtype=np.int64).view(np.uint64) << np.uint64(1)
+    h ^= rng.integers(0, 2, size=n).astype(np.uint64)
+    tgt = rng.choice(n, dup, replace=False)
+    src = rng.choice(n, dup)
+    for t, s in zip(tgt, src):
+        m = 0
+        for b in rng.choice(64, rng.integers(0, maxd + 1), replace=False):
+            m |= 1 << int(b)
+        h[t] = h[s] ^ np.uint64(m)
+    return h
+
+
+@pytest.mark.parametrize("radius", [0, 1, 4, 8, 12, 20])
+def test_hash_pairs_match_brute_force(radius):
+    rng = np.random.default_rng(radius)
+    h = _hashes(rng, 1500)
+    ref, d = _hash_reference(h, radius)
+    for method in ("auto", "mih", "brute"):
+        p = C.hash_pairs(h, radius, method=method)
+        _check_canonical(p)
+        assert _set(p) == ref, method
+        assert np.array_equal(p.score, d[p.i, p.j].astype(np.float32))
+
+
+def test_hash_pairs_valid_mask_and_signed_input():
+    rng = np.random.default_rng(3)
+    h = _hashes(rng, 800)
+    valid = rng.random(800) < 0.7
+    p = C.hash_pairs(h.view(np.int64), 8, valid=valid)
+    idx = np.flatnonzero(valid)
+    ref, _ = _hash_reference(h[idx], 8)
+    assert _set(p) == {(int(idx[a]), int(idx[b])) for a, b in ref}
+    assert valid[p.i].all() and valid[p.j].all()
+
+
+def test_hash_pairs_edge_cases():
+    assert len(C.hash_pairs(np.zeros(0, np.uint64), 4)) == 0
+    assert len(C.hash_pairs(np.zeros(1, np.uint64), 4)) == 0
+    p = C.hash_pairs(np.zeros(300, np.uint64), 4)  # one giant bucket
+    assert len(p) == 300 * 299 // 2 and np.all(p.score == 0)
+    p = C.hash_pairs(np.array([0, 2**64 - 1], np.uint64), 64)
+    assert _set(p) == {(0, 1)} and p.score[0] == 64
+
+
+# ---------------------------------------------------------------------------------------------
+# embeddings
+# ---------------------------------------------------------------------------------------------
+
+
+def test_brute_force_matches_reference_and_blocks(emb):
+    x = emb[:3000]
+    ref = _reference(x, 0.9)
+    base = C.brute_force_pairs(x, 0.9)
+    _check_canonical(base)
+    assert _set(base) == ref and len(ref) > 50
+    exact = (np.asarray(x, np.float64)[base.i] * np.asarray(x, np.float64)[base.j]).sum(1)
+    assert np.array_equal(base.score, exact.astype(np.float32))
+    for block in (50, 333, 5000):
+        assert C.brute_force_pairs(x, 0.9, block=block) == base, block
+
+
+def _ivf(n, d, **kw):
+    kw.setdefault("exact_below", 0)
+    return IVFParams.auto(n, d, 0.9, **kw)
+
+
+def test_ivf_recall_against_brute_force(emb):
+    truth = C.brute_force_pairs(emb, 0.9)
+    p = C.embedding_pairs(emb, 0.9, _ivf(*emb.shape, use_gpu=False))
+    _check_canonical(p)
+    assert p.i.size and _set(p) <= _set(truth)  # no false positives: every pair verified
+    recall = len(_set(p) & _set(truth)) / len(truth)
+    assert recall >= 0.99, recall
+    # scores of found pairs are the exact ones
+    t = dict(zip(zip(truth.i.tolist(), truth.j.tolist()), truth.score.tolist()))
+    assert all(t[k] == s for k, s in zip(zip(p.i.tolist(), p.j.tolist()), p.score.tolist()))
+
+
+def test_ivf_identical_across_block_sizes_and_runs(emb):
+    params = _ivf(*emb.shape, use_gpu=False)
+    base = C.embedding_pairs(emb, 0.9, params)
+    for bs in (64, 300, 4096):
+        assert C.embedding_pairs(emb, 0.9, replace(params, block_size=bs)) == base, bs
+    assert C.embedding_pairs(emb, 0.9, params) == base  # deterministic
+    # float32 input holding the same (fp16-representable) values: same pairs and scores
+    assert C.embedding_pairs(emb.astype(np.float32), 0.9, params) == base
+
+
+def test_units_are_independent_and_picklable(emb):
+    params = _ivf(*emb.shape, use_gpu=False)
+    plan = C.plan_ivf(emb, params)
+    units = C.make_units(plan, unit_rows=500)
+    assert len(units) > 3
+    assert sum(len(u.lists) for u in units) <= plan.nlist
+    units = [pickle.loads(pickle.dumps(u)) for u in units[::-1]]  # any order, any process
+    parts = [C.unit_pairs(emb, u, 0.9, plan.params) for u in units]
+    assert C.merge_pairs(parts) == C.embedding_pairs(emb, 0.9, params)
+
+
+def test_ivf_valid_mask(emb):
+    rng = np.random.default_rng(1)
+    valid = rng.random(len(emb)) < 0.8
+    params = _ivf(int(valid.sum()), emb.shape[1], use_gpu=False)
+    p = C.embedding_pairs(emb, 0.9, params, valid=valid)
+    assert valid[p.i].all() and valid[p.j].all()
+    idx = np.flatnonzero(valid)
+    sub = C.embedding_pairs(np.ascontiguousarray(emb[idx]), 0.9, params)
+    assert _set(p) == {(int(idx[a]), int(idx[b])) for a, b in _set(sub)}
+    # brute-force path honours the mask too
+    q = C.embedding_pairs(emb[:2000], 0.9, valid=valid[:2000])
+    assert valid[q.i].all() and valid[q.j].all()
+
+
+def test_memmap_input(emb, tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, emb)
+    mm = np.load(path, mmap_mode="r")
+    params = _ivf(*emb.shape, use_gpu=False)
+    assert C.embedding_pairs(mm, 0.9, params) == C.embedding_pairs(emb, 0.9, params)
+
+
+def test_embedding_edge_cases():
+    d = 32
+    assert len(C.embedding_pairs(np.zeros((0, d), np.float16), 0.9)) == 0
+    assert len(C.embedding_pairs(_unit(np.random.default_rng(0), 1, d).astype(np.float16), 0.9)) == 0
+    x = _unit(np.random.default_rng(0), 50, d).astype(np.float16)
+    assert len(C.embedding_pairs(x, 0.9, valid=np.zeros(50, bool))) == 0
+    two = np.repeat(x[:1], 2, axis=0)
+    p = C.embedding_pairs(two, 0.9)
+    assert _set(p) == {(0, 1)}
+
+
+@pytest.mark.parametrize("n", [2500, pytest.param(10_000, marks=pytest.mark.slow)])
+def test_all_identical_vectors_one_big_list(n):
+    x = np.repeat(_unit(np.random.default_rng(0), 1, 32).astype(np.float16), n, axis=0)
+    params = IVFParams.auto(n, 32, 0.9, exact_below=0, block_size=1024, use_gpu=False)
+    plan = C.plan_ivf(x, params)
+    # Identical vectors pile into (at most a few, tie-broken) lists far bigger than a tile.
+    assert plan.list_sizes().max() >= n // 2 > params.block_size
+    ticks = []
+    p = C.embedding_pairs(x, 0.9, params, progress=lambda a, b: ticks.append((a, b)))
+    assert len(p) == n * (n - 1) // 2
+    assert ticks[-1][0] == ticks[-1][1]
+    assert np.allclose(p.score, 1.0, atol=1e-3)
+
+
+def test_auto_params():
+    p0 = IVFParams.auto(0, 512)
+    assert p0.nlist >= 1 and p0.nprobe >= 1
+    prev = 0
+    for n in (10**4, 10**5, 10**6, 10**7):
+        p = IVFParams.auto(n, 512)
+        assert 1 <= p.nprobe <= p.nlist <= max(1, n // 50)
+        assert p.nlist >= prev
+        prev = p.nlist
+        assert p.train_size <= n
+    p = IVFParams.auto(10**6, 512, nlist=123, block_size=77)
+    assert (p.nlist, p.block_size) == (123, 77)
+    assert replace(p, nprobe=3).nprobe == 3
+    # lower thresholds probe more lists
+    assert IVFParams.auto(10**6, 512, 0.6).nprobe >= IVFParams.auto(10**6, 512, 0.95).nprobe
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not C.gpu_available(), reason="no GPU visible to faiss")
+def test_gpu_matches_cpu(emb):
+    params = _ivf(*emb.shape)
+    cpu = C.embedding_pairs(emb, 0.9, replace(params, use_gpu=False))
+    gpu = C.embedding_pairs(emb, 0.9, replace(params, use_gpu=True))
+    assert gpu == cpu
+    assert C.brute_force_pairs(emb[:3000], 0.9, use_gpu=True) == C.brute_force_pairs(emb[:3000], 0.9)
