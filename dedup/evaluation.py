@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
+from dedup.compute.crossmatch import popcount64
 from dedup.config import Config
 from dedup.errors import ConfigError
 
@@ -71,13 +72,6 @@ EDITS: dict[str, Callable[[Image.Image], bytes]] = {
     "colour": lambda im: _jpeg(ImageEnhance.Brightness(ImageEnhance.Color(im).enhance(1.6)).enhance(1.15), 90),
     "pad_20": lambda im: _jpeg(_pad(im, 0.20), 90),
 }
-
-
-def popcount64(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.uint64)
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(x).astype(np.int64)
-    return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(axis=-1).astype(np.int64)
 
 
 # -- signals ----------------------------------------------------------------------------------
