@@ -73,7 +73,7 @@ pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em}
 {% endfor %}
 
 <h2 id="borderline">Borderline pairs</h2>
-<p>Pairs just <span class="above">above</span> each method's threshold (counted as duplicates) and, for hashes, just <span class="below">below</span> it (not counted). Look here to move a threshold.</p>
+<p>Pairs just <span class="above">above</span> each method's threshold (counted as duplicates) and just <span class="below">below</span> it (not counted; from a bounded sample). Look here to move a threshold.</p>
 {% for method, rows in borderline.items() %}
 <h3>{{ method }} (threshold {{ thresholds[method] }})</h3>
 {% for p in rows %}
@@ -191,6 +191,10 @@ def build_report(run_dir: str, max_clusters: int = 12, max_members: int = 8, max
             borderline[method] = [{"a": sub["a"][int(k)].as_py(), "b": sub["b"][int(k)].as_py(), "score": round(float(scores[k]), 4), "side": "above"} for k in order]
         if method in ("phash", "dhash") and th.get(method) is not None:
             borderline.setdefault(method, []).extend(_below_hash(m, method, int(th[method]), max_pairs))
+        if method == "embedding" and th.get("embedding") is not None:
+            below = _below_embedding(run, m, float(th["embedding"]), max_pairs)
+            if below:
+                borderline.setdefault(method, []).extend(below)
     hist = stats.get("cluster_size_histogram", {})
     size_svg = _bar_svg(list(hist.keys()), list(hist.values()))
 
@@ -229,6 +233,31 @@ def _below_hash(m, method: str, radius: int, limit: int, sample: int = 200_000) 
     sel = sel[np.argsort(np.asarray(p.score)[sel], kind="stable")][:limit]
     ids = ok["sample_id"]
     return [{"a": ids[int(p.i[k])].as_py(), "b": ids[int(p.j[k])].as_py(), "score": float(p.score[k]), "side": "below"} for k in sel]
+
+
+def _below_embedding(run: RunDir, m, threshold: float, limit: int, sample: int = 20_000) -> list[dict]:
+    """Nearest-neighbour pairs just under the cosine threshold, from a bounded sample of the
+    staged embeddings (``index/embeddings.f16``, sample_id order = manifest order)."""
+    import os
+
+    from dedup.compute.crossmatch import VectorIndex
+
+    path = run.p("index", "embeddings.f16")
+    if not run.local or not os.path.exists(path):
+        return []
+    emb = np.load(path, mmap_mode="r")
+    if len(emb) != m.num_rows:
+        return []
+    ok = np.flatnonzero(pc.equal(m["status"], "ok").to_numpy(zero_copy_only=False))[:sample]
+    if len(ok) < 2:
+        return []
+    x = np.asarray(emb[ok], np.float32)
+    nn, sims = VectorIndex(x).topk(x, 2)
+    a, b, s = ok, ok[nn[:, 1]], sims[:, 1]
+    sel = np.flatnonzero((s < threshold) & (s >= threshold - 0.15) & (a < b))
+    sel = sel[np.argsort(-s[sel], kind="stable")][:limit]
+    ids = m["sample_id"]
+    return [{"a": ids[int(a[k])].as_py(), "b": ids[int(b[k])].as_py(), "score": round(float(s[k]), 4), "side": "below"} for k in sel]
 
 
 def write_report(run_dir: str, path: str | None = None) -> str:
