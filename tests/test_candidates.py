@@ -260,8 +260,24 @@ def test_auto_params():
     p = IVFParams.auto(10**6, 512, nlist=123, block_size=77)
     assert (p.nlist, p.block_size) == (123, 77)
     assert replace(p, nprobe=3).nprobe == 3
-    # lower thresholds probe more lists
-    assert IVFParams.auto(10**6, 512, 0.6).nprobe >= IVFParams.auto(10**6, 512, 0.95).nprobe
+    # the visiting radius grows as the threshold drops; no margin = plain top-nprobe
+    p = IVFParams.auto(10**6, 512)
+    assert C._probe_radius(p, 0.6) > C._probe_radius(p, 0.9) > C._probe_radius(p, 0.99) > 0
+    assert C._probe_radius(replace(p, probe_margin=None), 0.9) == float("inf")
+
+
+def test_adaptive_probing_visits_fewer_lists_and_stays_exact(emb):
+    fixed = _ivf(*emb.shape, use_gpu=False, probe_margin=None)
+    adaptive = _ivf(*emb.shape, use_gpu=False)
+    pf = C.plan_ivf(emb, fixed, threshold=0.9)
+    pa = C.plan_ivf(emb, adaptive, threshold=0.9)
+    assert np.array_equal(pf.assign, pa.assign)  # same partition
+    assert len(pf.visitor_rows) == len(emb) * (fixed.nprobe - 1)
+    assert len(pa.visitor_rows) < len(pf.visitor_rows) / 2
+    truth = _set(C.brute_force_pairs(emb, 0.9))
+    a = _set(C.embedding_pairs(emb, 0.9, adaptive))
+    f = _set(C.embedding_pairs(emb, 0.9, fixed))
+    assert a <= f <= truth
 
 
 @pytest.mark.gpu

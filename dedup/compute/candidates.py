@@ -6,22 +6,25 @@ Pure functions over numpy arrays (decision record and measurements: ``docs/candi
   group's first index), not all g·(g-1)/2 pairs.
 * :func:`hash_pairs` — multi-index hashing: split the 64 bits into ``m`` chunks; by the
   (generalised) pigeonhole principle two hashes within Hamming ``r`` agree within
-  ``r // m`` bits on at least one chunk. Every candidate is verified with an exact popcount,
-  so the result equals brute force. ``m`` and the per-chunk radius are chosen from a cost
-  estimate on the data (plain ``r + 1`` chunks when that is cheapest; blockwise brute force when
-  nothing beats it).
+  ``r // m`` bits on at least one chunk (``m = r + 1``: exactly, on one chunk). Every
+  candidate is verified with an exact popcount, so the result equals brute force. ``m`` and
+  the per-chunk radius come from a cost estimate on the data; when no split beats it (large
+  radius, dense data) it is exhaustive popcount search (faiss ``IndexBinaryFlat``).
 * :func:`embedding_pairs` — IVF bucketing. The serial driver composes pure steps that an
   executor (Ray) can spread::
 
-      plan = plan_ivf(x, params, valid)        # PCA + k-means on a sample, assign every row
-      units = make_units(plan, params)         # groups of lists, balanced by work
-      parts = [unit_pairs(x, u, threshold, params) for u in units]   # independent
+      plan = plan_ivf(x, params, valid, threshold=t)   # PCA + k-means on a sample; assign rows
+      units = make_units(plan)                         # consecutive lists, ~unit_rows rows each
+      parts = [unit_pairs(x, u, t, plan.params) for u in units]   # independent, any order
       pairs = merge_pairs(parts)
 
-  Every row is a *member* of its nearest list and a *visitor* of its next ``nprobe - 1`` lists;
-  a list compares members × members (upper triangle) and visitors × members with float32
-  matrix products in tiles of ``block_size`` (bounded memory however large a list is). A pair
-  split by a list boundary is found when either side probes the other's list.
+  Every row is a *member* of its nearest list and a *visitor* of up to ``nprobe - 1`` other
+  lists: those among its nearest centroids whose Voronoi boundary with its own cell passes
+  within ``probe_margin · √(2 - 2t)`` of it (PCA space) — rows deep inside a cell visit few
+  lists, rows near a boundary several. A list compares members × members (each pair once) and
+  visitors × members with float32 matrix products in tiles of at most ``block_size`` rows a
+  side (bounded memory however large a list is). A pair split by a boundary is found when
+  either side visits the other's list.
 * :func:`brute_force_pairs` — the exact reference, same tile code over all rows.
 
 Exactness and determinism. Candidates from float32 products are kept with a margin
@@ -31,8 +34,9 @@ rescored in float64. For float16 inputs (what the pipeline stores) the float64 d
 vectors of norm ≤ ~1, every partial sum is below 2 in magnitude — 49 bits, inside float64's 53.
 Hence scores and the pair set do not depend on block size, summation order, thread count or
 CPU vs GPU. (float32 inputs: exact up to float64 rounding, ~1e-16.) The coarse stage (PCA,
-k-means, assignment) always runs on CPU with fixed seeds, so the partition is the same with
-or without a GPU; the GPU (faiss ``pairwise_distance_gpu``) only does the tile products.
+k-means, assignment) always runs on CPU, single-threaded per block, with fixed seeds, so the
+partition is the same with or without a GPU; the GPU (faiss ``pairwise_distance_gpu``) only
+does the tile products.
 """
 
 from __future__ import annotations
@@ -199,7 +203,7 @@ def exact_pairs(digests: np.ndarray) -> Pairs:
 
 _HASH_BITS = 64
 _DIRECT_TABLE_BITS = 22  # chunks up to this many bits use a direct-address bucket table
-_MAX_PROBES = 50_000  # flip masks per chunk we are willing to enumerate
+_MAX_PROBES = 4096  # flip masks per chunk we are willing to enumerate
 _EXPAND_CAP = 1 << 22  # candidate pairs materialised at once (bounded memory)
 
 
@@ -376,7 +380,7 @@ def _high_bit(masks: np.ndarray) -> np.ndarray:
     return hb
 
 
-def _hash_mih(h: np.ndarray, radius: int, plan: _MIHPlan) -> Pairs:
+def _hash_mih(h: np.ndarray, radius: int, plan: _MIHPlan, threads: int = 0) -> Pairs:
     """Multi-index hashing. Per chunk, every unordered pair of rows whose chunk values differ
     in ≤ rp bits is generated exactly once: equal values from the earlier row of the bucket,
     different values from the row with the smaller value. A pair agreeing (within rp) on
@@ -384,6 +388,7 @@ def _hash_mih(h: np.ndarray, radius: int, plan: _MIHPlan) -> Pairs:
     layout = _chunk_layout(plan.m)
     cmask = [_low_mask(b) << np.uint64(s) for s, b in layout]
     n = len(h)
+    workers = _n_threads(threads)
     parts = []
     for k, (shift, bits) in enumerate(layout):
         vals = (h >> np.uint64(shift)) & _low_mask(bits)
@@ -396,8 +401,9 @@ def _hash_mih(h: np.ndarray, radius: int, plan: _MIHPlan) -> Pairs:
         own_end = own_end[0] + own_end[1]  # end of each row's own bucket in `order`
         masks = _flip_masks(bits, plan.rp)[1:].astype(vals.dtype)
         hb = _high_bit(masks.astype(np.uint64)).astype(vals.dtype)
-        qblock = max(1, (1 << 20) // (len(masks) + 1))
-        for q0 in range(0, n, qblock):
+        qblock = max(256, (1 << 20) // (len(masks) + 1))
+
+        def block(q0: int, k=k, vals=vals, bk=bk, rank=rank, own_end=own_end, masks=masks, hb=hb):
             q1 = min(n, q0 + qblock)
             q = np.arange(q0, q1, dtype=_I64)
             v = vals[q0:q1]
@@ -415,6 +421,7 @@ def _hash_mih(h: np.ndarray, radius: int, plan: _MIHPlan) -> Pairs:
                 starts.append(st)
                 lens.append(ln)
                 qs.append(q[r])
+            out = []
             for qi, pos in _expand(np.concatenate(qs), np.concatenate(starts), np.concatenate(lens), _EXPAND_CAP):
                 qj = bk.order[pos]
                 x = h[qi] ^ h[qj]
@@ -423,7 +430,11 @@ def _hash_mih(h: np.ndarray, radius: int, plan: _MIHPlan) -> Pairs:
                 for kk in range(k):  # already produced by an earlier chunk
                     keep &= _popcount(x & cmask[kk]) > plan.rp
                 if keep.any():
-                    parts.append((qi[keep], qj[keep], d[keep].astype(_F32)))
+                    out.append((qi[keep], qj[keep], d[keep].astype(_F32)))
+            return out
+
+        for _, got in _pmap(block, list(range(0, n, qblock)), workers):
+            parts.extend(got)
     return _collect(parts)
 
 
@@ -475,13 +486,17 @@ class IVFParams:
     """Parameters of the IVF candidate search; :meth:`auto` picks them from n and d.
 
     nlist        number of inverted lists (k-means centroids)
-    nprobe       lists each row is compared against: its own (member) + nprobe-1 (visitor)
+    nprobe       most lists a row is compared against: its own (member) + up to nprobe-1
+                 visited lists (the nearest centroids, filtered by ``probe_margin``)
     train_size   rows sampled to train PCA and k-means
     block_size   tile edge of the block products: a tile holds ≤ block_size² float32 scores
     seed         sampling and k-means seed (same input + params -> same pairs)
     use_gpu      tile products on GPU (faiss); None = when faiss sees one
     pca_dim      the coarse stage (k-means, assignment) works in this many PCA dimensions
     niter        k-means iterations
+    probe_margin visit a list only if its boundary with the row's own cell is within
+                 probe_margin · √(2 - 2·threshold) of the row (the largest distance of a pair
+                 at the threshold); None or 0 = always visit nprobe - 1 lists
     exact_below  below this many valid rows, exact brute force instead of IVF
     unit_rows    target member+visitor rows per work unit (a unit = consecutive lists)
     threads      worker threads for units and assignment (0 = all cores); BLAS and faiss
@@ -505,12 +520,13 @@ class IVFParams:
     def auto(cls, n: int, d: int, threshold: float | None = None, **overrides) -> IVFParams:
         """Parameters for n valid rows of dimension d (measurements: docs/candidates.md).
 
-        * nlist = n / 256 (lists of ~256 rows, so the within-list work grows linearly with n),
-          at least √n, at most n / 50.
-        * nprobe = 8 (each row also visits its 7 next-nearest lists; a pair is found when either
-          side visits the other's list); 12 for thresholds below 0.85, 16 below 0.75.
-        * train_size = 32 · nlist, between 20 000 and 131 072 (and ≤ n).
+        * nlist = n / 256 (lists of ~256 rows), at least √n, at most n / 50.
+        * nprobe = 16 (a cap), probe_margin = 0.16: on the benchmark data rows visit ~2 lists
+          at 1e5 and ~5 at 1e6; the visiting radius scales with the threshold at search time
+          (``threshold`` is accepted here for symmetry and future use).
+        * train_size = 16 · nlist, between 20 000 and 131 072 (and ≤ n); niter = 10.
         * pca_dim = min(d, 64); block_size = 4096; exact brute force below 5 000 rows.
+        * use_gpu = None (when faiss sees a GPU). Any field can be overridden by keyword.
         """
         n = max(int(n), 0)
         nlist = _auto_nlist(n)
@@ -634,9 +650,8 @@ def _exact_scores(a: np.ndarray, b: np.ndarray, r: np.ndarray, c: np.ndarray) ->
 def _tile(mm: _Matmul, xr, xc, rows_r, rows_c, threshold: float, diag: int | None):
     """Pairs (rows_r[r], rows_c[c]) with exact cosine ≥ threshold in one tile.
 
-    ``diag``: if not None, the first ``diag``-bounded rows are members of a symmetric product:
-    for rows r < n_sym (= ``diag`` semantics below) keep only c > r + offset. Encoded as
-    (n_sym, offset): rows r < n_sym keep c > r + offset; other rows keep every column."""
+    ``diag = (n_sym, offset)``: rows r < n_sym belong to the symmetric (member × member) part
+    and keep only columns c > r + offset (each pair once); other rows keep every column."""
     s = mm(xr, xc)
     cand = s >= np.float32(threshold - _margin(xr.shape[1]))
     del s
@@ -954,7 +969,7 @@ def unit_pairs(
     once) and visitors × members, in tiles of at most ``block_size`` rows per side."""
     bs = max(1, int(block_size or (params.block_size if params else 4096)))
     if use_gpu is None:
-        use_gpu = bool(params.use_gpu) if params is not None and params.use_gpu is not None else False
+        use_gpu = bool(params.use_gpu) if params is not None and params.use_gpu is not None else gpu_available()
     mm = _Matmul(use_gpu)
     parts = []
     mo, vo = unit.member_offsets, unit.visitor_offsets
