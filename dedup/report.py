@@ -253,8 +253,10 @@ def _below_embedding(run: RunDir, m, threshold: float, limit: int, sample: int =
         return []
     x = np.asarray(emb[ok], np.float32)
     nn, sims = VectorIndex(x).topk(x, 2)
-    a, b, s = ok, ok[nn[:, 1]], sims[:, 1]
-    sel = np.flatnonzero((s < threshold) & (s >= threshold - 0.15) & (a < b))
+    a, b, s = np.minimum(ok, ok[nn[:, 1]]), np.maximum(ok, ok[nn[:, 1]]), sims[:, 1]
+    cand = np.flatnonzero((s < threshold) & (s >= threshold - 0.15) & (a != b))
+    _, first = np.unique(a[cand] * (len(emb) + 1) + b[cand], return_index=True)  # each pair once
+    sel = cand[first]
     sel = sel[np.argsort(-s[sel], kind="stable")][:limit]
     ids = m["sample_id"]
     return [{"a": ids[int(a[k])].as_py(), "b": ids[int(b[k])].as_py(), "score": round(float(s[k]), 4), "side": "below"} for k in sel]

@@ -85,8 +85,8 @@ def test_report_shows_embedding_pairs_on_both_sides_of_the_threshold(synth_shard
     """With embeddings, the borderline section lists pairs above and below the cosine threshold."""
     shards, _ = synth_shards
     out = tmp_path / "run"
-    # pixel embedder at a threshold inside its score range, so both sides are populated
-    cfg = load_config(None, None, **{"methods": ["embedding"], "embedding.spec": "pixel", "embedding.threshold": 0.9, "run.workers": 1})
+    # With the pixel embedder exact copies score 1.0 (above) and 5% crops a little under 0.999 (below).
+    cfg = load_config(None, None, **{"methods": ["embedding"], "embedding.spec": "pixel", "embedding.threshold": 0.999, "run.workers": 1})
     assert run_pipeline([str(shards)], str(out), cfg, progress=False).exit_code == 0
     html = Path(write_report(str(out))).read_text()
     section = html[html.index('id="borderline"'):html.index('id="distributions"')]
