@@ -91,8 +91,13 @@ JPEG_QUALITY = 90
 
 
 def encode(im: Image.Image, fmt: str) -> bytes:
+    """fmt: "PNG", "JPEG" (quality JPEG_QUALITY) or "JPEG q<N>"."""
     b = io.BytesIO()
-    im.save(b, fmt, **({"quality": JPEG_QUALITY} if fmt == "JPEG" else {}))
+    if fmt.startswith("JPEG"):
+        q = int(fmt.split("q")[1]) if " q" in fmt else JPEG_QUALITY
+        im.save(b, "JPEG", quality=q)
+    else:
+        im.save(b, fmt)
     return b.getvalue()
 
 
@@ -126,25 +131,45 @@ def make_imagededup():
 
 
 def ours(min_size):
+    """The pipeline's path: hash-only runs draft-decode JPEG luma (decode_plan: gray=True)."""
+    gray = min_size is not None
+
     def run(datas, paths):
-        images = [decode_image(b, min_size=min_size).image for b in datas]
+        images = [decode_image(b, min_size=min_size, gray=gray).image for b in datas]
         ph, dh = hash_images(images)
         return [int(v) for v in ph], [int(v) for v in dh]
 
     return run
 
 
-FLOOR = f"floor: Pillow draft decode alone (≥{HASH_MIN_SIZE} px, no hashing)"
+FLOOR = f"floor: Pillow draft luma decode alone (≥{HASH_MIN_SIZE} px, no hashing)"
+FLOOR_TJ = f"floor: libjpeg-turbo luma decode alone via simplejpeg (≥{HASH_MIN_SIZE} px, no header parsing, no hashing)"
 
 
 def floor_draft_only(datas, paths):
-    """Lower bound for any Pillow-based hash-only path: open + draft + load, nothing else."""
+    """Lower bound for any Pillow-based hash-only path: open + draft (luma) + load, nothing else."""
     for b in datas:
         im = Image.open(io.BytesIO(b))
         if im.format == "JPEG" and min(im.size) >= 2 * HASH_MIN_SIZE:
-            im.draft(im.mode, (HASH_MIN_SIZE, HASH_MIN_SIZE))
+            im.draft("L", (HASH_MIN_SIZE, HASH_MIN_SIZE))
         im.load()
     return None
+
+
+def make_turbo_floor():
+    """Entropy decoding bound: libjpeg-turbo called directly (simplejpeg, if installed), luma
+    only, DCT-scaled to the same size — what no JPEG hash path built on libjpeg can beat."""
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+
+    def floor(datas, paths):
+        for b in datas:
+            simplejpeg.decode_jpeg(b, colorspace="GRAY", min_height=HASH_MIN_SIZE, min_width=HASH_MIN_SIZE)
+        return None
+
+    return floor
 
 
 def time_methods(methods: dict, datas, paths, reps: int) -> tuple[dict, dict]:
@@ -177,12 +202,17 @@ def main_table(photos, sizes, formats, reps, tmp: Path) -> str:
     methods[f"ours hash-only (draft ≥{HASH_MIN_SIZE} px + phash + dhash)"] = ours(HASH_MIN_SIZE)
     methods["ours full (full decode + phash + dhash)"] = ours(None)
     methods[FLOOR] = floor_draft_only
+    turbo = make_turbo_floor()
     rows = []
     for size, fmt in itertools.product(sizes, formats):
+        if turbo is not None:
+            methods[FLOOR_TJ] = turbo
+            if not fmt.startswith("JPEG"):
+                methods.pop(FLOOR_TJ)
         datas = [encode(resize_long(im, size), fmt) for _, im in photos]
         paths = []
         for k, b in enumerate(datas):
-            p = tmp / f"{size}_{k}.{fmt.lower()}"
+            p = tmp / f"{size}_{k}.{fmt.split()[0].lower()}"
             p.write_bytes(b)
             paths.append(str(p))
         ref_d = [int(str(imagehash.dhash(Image.open(io.BytesIO(b)))), 16) for b in datas]
@@ -204,6 +234,8 @@ def main_table(photos, sizes, formats, reps, tmp: Path) -> str:
     headers = ["long side", "format", "method", "images/s per core", "vs imagehash", "pHash = imagehash",
                "pHash Hamming where different (count)", "dHash = imagehash", "dHash Hamming where different"]
     note = "" if dedup_fn is not None else "\nimagededup is not installed: its row is missing.\n"
+    if turbo is None:
+        note += "\nsimplejpeg is not installed: the libjpeg-turbo floor row is missing.\n"
     return markdown_table(headers, rows) + "\n" + note
 
 
@@ -248,7 +280,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (minimum is kept)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     ap.add_argument("--quality", type=int, default=90, help="JPEG quality of the test files (default 90)")
-    ap.add_argument("--formats", default="JPEG,PNG", help="comma-separated: JPEG,PNG")
+    ap.add_argument("--formats", default="JPEG q90,JPEG q75,PNG",
+                    help='comma-separated: "JPEG q<N>" (or JPEG = --quality), PNG (default "JPEG q90,JPEG q75,PNG")')
     ap.add_argument("--sizes", default=None, help="comma-separated long sides (default 256,512,1024,2048; quick: 512,1024)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the HASH_MIN_SIZE sweep")
     args = ap.parse_args(argv)
@@ -262,12 +295,12 @@ def main(argv=None) -> None:
     print(f"{len(photos)} photos, sizes {sizes}, {reps} reps, pinned to CPU {cpus[-1]}", file=sys.stderr)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        table = main_table(photos, sizes, tuple(args.formats.upper().split(",")), reps, Path(tmp))
+        table = main_table(photos, sizes, tuple(f.strip().upper().replace("Q", "q") for f in args.formats.split(",")), reps, Path(tmp))
     sweep = "" if args.quick or args.no_sweep else min_size_sweep(photos, max(2, reps - 2))
     body = [f"### Hashing: pHash/dHash speed and agreement with imagehash{' (quick run)' if args.quick else ''}", "",
             f"`python benchmarks/hashing.py{' --quick' if args.quick else ''}` — {machine_description()}; one pinned core, "
             f"one thread, CPU time, best of {reps} interleaved repetitions; {len(photos)} real photos per row "
-            f"(scikit-image photos, UKBench/Holidays samples and crops), JPEG q{JPEG_QUALITY} / PNG, resized to the long side shown. "
+            f"(scikit-image photos, UKBench/Holidays samples and crops), resized to the long side shown and encoded as shown (JPEG quality q). "
             f"Our paths compute pHash **and** dHash; 'vs imagehash' is relative to imagehash computing pHash only. HASH_MIN_SIZE = {HASH_MIN_SIZE}. "
             f"Details and the HASH_MIN_SIZE decision: docs/hashing.md.", "", table]
     if sweep:

@@ -159,6 +159,9 @@ class Config(_Section):
             "decode": self.decode.model_dump(mode="json"),
             "embedding": model_tag if wants_embedding else None,
             "features_schema": 1,
+            # 2: hash-only runs draft-decode JPEG luma only (decode_plan); features computed
+            # before that are not mixed with newer ones.
+            "decode_version": 2,
         }
         return _hash(part)
 

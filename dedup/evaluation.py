@@ -88,15 +88,14 @@ def compute_signals(blobs: list[bytes], cfg: Config, embedder=None) -> Signals:
     import hashlib
 
     from dedup.compute.decode import DecodePolicy, decode_image
-    from dedup.compute.hashes import HASH_MIN_SIZE, hash_images
+    from dedup.compute.hashes import hash_images
+    from dedup.phases.features import decode_plan
 
     policy = DecodePolicy(max_pixels=cfg.decode.max_pixels, formats=tuple(cfg.decode.formats))
-    min_size = None
-    if cfg.decode.draft:
-        min_size = max(HASH_MIN_SIZE, embedder.input_size if embedder is not None else 0)
+    min_size, gray = decode_plan(cfg.decode.draft, True, int(embedder.input_size) if embedder is not None else None)
     images = []
     for b in blobs:
-        d = decode_image(b, policy, min_size=min_size)
+        d = decode_image(b, policy, min_size=min_size, gray=gray)
         if d.image is None:
             raise ConfigError(f"calibration image could not be decoded: {d.error}")
         images.append(d.image)

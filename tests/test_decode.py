@@ -397,3 +397,62 @@ def test_corrupt_exif_does_not_lose_image():
     data[i + 6 : i + 14] = b"\xde\xad\xbe\xef" * 2  # smash the TIFF header inside APP1
     d = decode_image(bytes(data))
     assert d.status is Status.OK and d.image.size == (256, 192)
+
+
+# ------------------------------------------------------------------- gray (hash-only) decoding
+@pytest.mark.parametrize("mode,kw", [("RGB", {}), ("RGB", {"progressive": True}), ("RGB", {"subsampling": 0}), ("L", {})])
+def test_gray_draft_decodes_luma_close_to_rgb_then_grey(mode, kw):
+    """gray=True: a draft-decoded JPEG comes back as "L", same size, reported size unchanged, and
+    within a grey level or two of the RGB draft converted to grey (luma vs RGB→L rounding)."""
+    data = with_orientation(photo((1024, 768)).convert(mode), 6, quality=90, **kw)
+    g = decode_image(data, min_size=96, gray=True)
+    c = decode_image(data, min_size=96)
+    assert g.status is Status.OK and g.image.mode == "L"
+    assert (g.width, g.height) == (c.width, c.height) == (768, 1024)  # EXIF rotation applied to both
+    assert g.image.size == c.image.size == (96, 128)  # 768 // 96 = 8: 1/8 scale, then rotated
+    diff = np.abs(np.asarray(g.image, dtype=int) - np.asarray(c.image.convert("L"), dtype=int))
+    assert diff.max() <= 2 and diff.mean() < 0.6
+    if mode == "L":
+        assert diff.max() == 0
+
+
+def test_gray_leaves_other_images_in_colour():
+    """gray only changes draft-decoded JPEGs (and passes plain "L" images through); CMYK JPEGs,
+    PNGs, grey PNGs with transparency and small JPEGs (no draft) come back as before."""
+    cmyk = encode(photo((1024, 768)).convert("CMYK"), "JPEG", quality=90)
+    assert ok(decode_image(cmyk, min_size=96, gray=True)).size == (128, 96)
+    png = encode(photo((300, 200)), "PNG")
+    assert ok(decode_image(png, min_size=96, gray=True)).size == (300, 200)
+    la = Image.new("L", (40, 30), 10)
+    trns = encode(la, "PNG", transparency=10)
+    assert px(decode_image(trns, gray=True)) == (255, 255, 255)  # composited on white, RGB
+    small = encode(photo((150, 120)), "JPEG", quality=90)  # short side < 2 * 96: full decode
+    assert decode_image(small, min_size=96, gray=True).image.mode == "RGB"
+    grey_png = encode(photo((64, 48)).convert("L"), "PNG")
+    g = decode_image(grey_png, gray=True).image
+    assert g.mode == "L" and np.array_equal(np.asarray(g), np.asarray(ok(decode_image(grey_png)).convert("L")))
+
+
+def test_gray_hashes_stay_close_to_colour_draft_hashes():
+    rng = np.random.default_rng(3)
+    blobs = []
+    for k in range(12):
+        w, h = int(rng.integers(400, 1400)), int(rng.integers(300, 1000))
+        im = _astronaut().resize((w, h), Image.Resampling.LANCZOS)
+        blobs.append(encode(im.rotate(int(rng.integers(0, 360))), "JPEG", quality=int(rng.integers(60, 96))))
+    g = hash_images([decode_image(b, min_size=96, gray=True).image for b in blobs])
+    c = hash_images([decode_image(b, min_size=96).image for b in blobs])
+    for a, b in zip(g, c):
+        assert hamming(a, b).max() <= 4
+        assert hamming(a, b).mean() <= 1.0
+
+
+def test_decode_plan():
+    from dedup.compute.hashes import HASH_MIN_SIZE
+    from dedup.phases.features import decode_plan
+
+    assert decode_plan(False, True, 224) == (None, False)
+    assert decode_plan(True, True, None) == (HASH_MIN_SIZE, True)  # hash-only: luma drafts
+    assert decode_plan(True, True, 224) == (224, False)  # an embedder needs colour
+    assert decode_plan(True, True, 64) == (HASH_MIN_SIZE, False)
+    assert decode_plan(True, False, None) == (1, True)  # exact-only: validate at the smallest size

@@ -201,3 +201,28 @@ def test_hash_min_size_draft_stays_close():
             zip(ph, dh, (ih(Image.open(io.BytesIO(x))) for x in datas))]
     assert max(max(t) for t in dist) <= 4, dist
     assert np.mean([t[0] for t in dist]) <= 1.0, dist
+
+
+def test_resize_l_is_pillows_lanczos_bit_for_bit():
+    """resize_l reproduces Image.resize(LANCZOS) on "L" images for down-, up- and mixed scaling,
+    both pass orders, unchanged axes, and the hash sizes from draft-decoded shapes."""
+    rng = np.random.default_rng(11)
+    shapes = [(int(rng.integers(1, 90)), int(rng.integers(1, 90)), int(rng.integers(1, 90)), int(rng.integers(1, 90))) for _ in range(400)]
+    shapes += [(h, w, oh, ow) for h, w in ((96, 128), (128, 96), (85, 128), (192, 129), (384, 512), (1, 1), (32, 32), (8, 9))
+               for oh, ow in ((32, 32), (8, 9))]
+    assert H._resize_rule() != "pillow"  # the numpy path is what is tested here
+    for h, w, oh, ow in shapes:
+        for a in (rng.integers(0, 256, (h, w), dtype=np.uint8), np.where(rng.random((h, w)) < 0.5, 0, 255).astype(np.uint8)):
+            ref = np.asarray(Image.fromarray(a, "L").resize((ow, oh), Image.Resampling.LANCZOS))
+            np.testing.assert_array_equal(H.resize_l(a, (ow, oh)), ref, err_msg=f"{(h, w)} -> {(oh, ow)}")
+
+
+def test_pillow_fallback_gives_the_same_hashes(monkeypatch):
+    """If the installed Pillow resampled in a way we do not reproduce, hashing goes through Pillow."""
+    ims = list(real_photos()[:6])
+    fast = hash_images(ims)
+    monkeypatch.setattr(H, "_resize_rule", lambda: "pillow")
+    slow = hash_images(ims)
+    np.testing.assert_array_equal(fast[0], slow[0])
+    np.testing.assert_array_equal(fast[1], slow[1])
+    assert [ih(im) for im in ims] == list(zip(slow[0].tolist(), slow[1].tolist()))

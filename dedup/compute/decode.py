@@ -66,7 +66,7 @@ class DecodePolicy:
 
 @dataclass(frozen=True)
 class Decoded:
-    image: Image.Image | None  # RGB, EXIF-transposed; None unless status is OK
+    image: Image.Image | None  # RGB (or "L" with gray=True), EXIF-transposed; None unless OK
     status: Status
     error: str | None = None  # short human message; None when OK
     width: int | None = None  # original full-resolution size after EXIF transpose
@@ -123,7 +123,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _decode(data: bytes, policy: DecodePolicy, min_size: int | None) -> Decoded:
+def _decode(data: bytes, policy: DecodePolicy, min_size: int | None, gray: bool = False) -> Decoded:
     im = Image.open(io.BytesIO(data))  # formats=None: identify anything Pillow knows
     fmt, mode = im.format, im.mode
     w, h = im.size
@@ -134,7 +134,9 @@ def _decode(data: bytes, policy: DecodePolicy, min_size: int | None) -> Decoded:
     if min_size and fmt in _DRAFTABLE and min(w, h) >= 2 * min_size:
         # libjpeg scales by 1/2, 1/4 or 1/8 in the DCT domain; Pillow picks the largest factor
         # s with size // s >= (min_size, min_size), so the decoded short side stays >= min_size.
-        im.draft(mode, (int(min_size), int(min_size)))
+        # gray: a colour (YCbCr) JPEG is decoded to its luma channel only — libjpeg skips the
+        # chroma IDCT, upsampling and colour conversion.
+        im.draft("L" if gray else mode, (int(min_size), int(min_size)))
     im.load()
     try:
         orientation = int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
@@ -147,14 +149,20 @@ def _decode(data: bytes, policy: DecodePolicy, min_size: int | None) -> Decoded:
             orientation = 1
     if orientation in _SWAPS_AXES:
         w, h = h, w
+    if gray and im.mode == "L" and "transparency" not in im.info:
+        return Decoded(im, Status.OK, None, w, h, mode, fmt)
     return Decoded(_to_rgb(im), Status.OK, None, w, h, mode, fmt)
 
 
-def decode_image(data: bytes, policy: DecodePolicy = DecodePolicy(), min_size: int | None = None) -> Decoded:
+def decode_image(data: bytes, policy: DecodePolicy = DecodePolicy(), min_size: int | None = None,
+                 gray: bool = False) -> Decoded:
     """Decode one image member. Never raises for bad bytes; see the module doc for statuses.
 
     ``min_size``: when set, JPEGs are draft-decoded (DCT-domain downscale by 2/4/8) so that the
     decoded short side is still >= ``min_size``; other formats are decoded at full size.
+    ``gray``: the caller only needs grey pixels (hash-only runs): a JPEG that is draft-decoded
+    comes back as its luma channel ("L"), and any image already in "L" without transparency is
+    returned as "L" instead of being converted to RGB. Other images are still RGB.
     """
     if data is None or len(data) == 0:
         return Decoded(None, Status.EMPTY, "zero-byte image member")
@@ -165,7 +173,7 @@ def decode_image(data: bytes, policy: DecodePolicy = DecodePolicy(), min_size: i
             if limit is not None and policy.max_pixels <= limit:
                 # Pillow warns above MAX_IMAGE_PIXELS: here that is always over our own limit.
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return _decode(bytes(data) if not isinstance(data, (bytes, bytearray)) else data, policy, min_size)
+            return _decode(bytes(data) if not isinstance(data, (bytes, bytearray)) else data, policy, min_size, gray)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(e))
         msg = f"{m[1]} px > Pillow limit {m[2]} (decompression bomb)" if m else f"decompression bomb: {e}"

@@ -83,11 +83,12 @@ def _query_features(inputs, cfg: Config, embedder, group_by):
     import hashlib
 
     from dedup.compute.decode import DecodePolicy, decode_image
-    from dedup.compute.hashes import HASH_MIN_SIZE, hash_images
+    from dedup.compute.hashes import hash_images
+    from dedup.phases.features import decode_plan
 
     policy = DecodePolicy(max_pixels=cfg.decode.max_pixels, formats=tuple(cfg.decode.formats))
-    min_size = max(HASH_MIN_SIZE, embedder.input_size if embedder else 0) if cfg.decode.draft else None
-    rows, images, thumbs = [], [], {}
+    min_size, gray = decode_plan(cfg.decode.draft, True, int(embedder.input_size) if embedder else None)
+    rows, images, thumbs, blobs = [], [], {}, []
     for qid, data, group, err in iter_queries(inputs, cfg, group_by):
         row = {"query_id": qid, "group": group, "status": Status.OK.value, "error": err, "sha": None}
         if err or data is None:
@@ -96,17 +97,20 @@ def _query_features(inputs, cfg: Config, embedder, group_by):
             rows.append(row)
             continue
         row["sha"] = hashlib.sha256(data).digest()
-        d = decode_image(data, policy, min_size=min_size)
+        d = decode_image(data, policy, min_size=min_size, gray=gray)
         if d.status != Status.OK:
             row["status"], row["error"] = d.status.value, d.error
             rows.append(row)
             continue
         row["img_index"] = len(images)
         images.append(d.image)
+        blobs.append(data)
         rows.append(row)
     ph, dh = hash_images(images) if images else (np.empty(0, np.uint64), np.empty(0, np.uint64))
     emb = embedder.embed(images) if (embedder is not None and images) else None
     for k, im in enumerate(images):
+        if im.mode == "L" and gray:  # hashes wanted luma only; the page shows colour
+            im = decode_image(blobs[k], policy, min_size=128).image or im
         t = im.copy()
         t.thumbnail((128, 128))
         buf = io.BytesIO()

@@ -63,6 +63,29 @@ class ShardScan:
     timings: dict
 
 
+def decode_plan(draft: bool, want_hash: bool, embed_size: int | None) -> tuple[int | None, bool]:
+    """How to decode for the signals a run computes: ``(min_size, gray)`` for
+    :func:`dedup.compute.decode.decode_image`. Every caller that must reproduce a run's hashes
+    (features, ``dedup check``, calibration) decodes through this, so their bits agree.
+
+    * ``min_size``: the smallest decoded short side that serves every signal (JPEG draft
+      decoding): the embedder's input size, ``HASH_MIN_SIZE`` for hashes, 1 for exact-only
+      runs (decode only to validate the image); None when ``decode.draft`` is off.
+    * ``gray``: no embedder, so only grey pixels are needed: draft-decoded JPEGs come back as
+      their luma channel (docs/hashing.md measures what that changes).
+    """
+    if not draft:
+        return None, False
+    sizes = []
+    if embed_size is not None:
+        sizes.append(int(embed_size))
+    if want_hash:
+        from dedup.compute.hashes import HASH_MIN_SIZE
+
+        sizes.append(int(HASH_MIN_SIZE))
+    return (max(sizes) if sizes else 1), embed_size is None
+
+
 class FeatureExtractor:
     """Holds what is expensive to set up (the embedder) for many shards in one process."""
 
@@ -81,24 +104,10 @@ class FeatureExtractor:
         self.model_tag = self.embedder.tag if self.want_emb else None
         self.dim = self.embedder.dim if self.want_emb else None
         self.features_hash = cfg.features_hash(self.model_tag)
-        self.min_size = self._min_size()
+        self.min_size, self.gray = decode_plan(
+            cfg.decode.draft, self.want_hash, int(self.embedder.input_size) if self.want_emb else None)
         # Images per group handed to hashing/embedding (one model batch, or several).
         self.batch = max(BATCH, cfg.embedding.batch_size) if self.want_emb else BATCH
-
-    def _min_size(self) -> int | None:
-        """Smallest decoded short side that serves every requested signal (draft decoding)."""
-        if not self.cfg.decode.draft:
-            return None
-        sizes = []
-        if self.want_emb:
-            sizes.append(int(self.embedder.input_size))
-        if self.want_hash:
-            from dedup.compute.hashes import HASH_MIN_SIZE
-
-            sizes.append(int(HASH_MIN_SIZE))
-        if not sizes:
-            return 1  # exact-only: still decode (to validate the image) at the smallest draft size
-        return max(sizes)
 
     # ---------------------------------------------------------------------------------------
     # The features of a shard come from three stages, which the local executor runs in one
@@ -188,7 +197,7 @@ class FeatureExtractor:
             if data:
                 row.sha256 = hashlib.sha256(data).digest()
             t = time.perf_counter()
-            dec = decode_image(data, self.policy, min_size=self.min_size)
+            dec = decode_image(data, self.policy, min_size=self.min_size, gray=self.gray)
             timings["decode"] += time.perf_counter() - t
             row.width, row.height, row.orig_mode, row.format = dec.width, dec.height, dec.orig_mode, dec.format
             if dec.status != Status.OK:
