@@ -67,3 +67,46 @@ def test_apply_resumes_and_skips_finished_shards(finished_run, tmp_path):
     second = apply_run(str(run), str(tmp_path / "clean"))
     assert second["shards"] == 0 and second["skipped"] == first["shards"]
     assert second["samples_written"] == first["samples_written"]
+
+
+def test_changed_input_shard_leaves_no_partial_output(finished_run, tmp_path):
+    """A shard that no longer matches the manifest is refused, and neither its clean shard nor
+    a temp file is left behind (the output is streamed to a temp name, renamed only when whole)."""
+    import shutil
+
+    from dedup.errors import DedupError
+    from dedup.phases.apply import apply_run
+
+    shards, run = finished_run
+    src = tmp_path / "shards"
+    shutil.copytree(shards, src)
+    run2 = tmp_path / "run"
+    shutil.copytree(run, run2)
+    first = sorted(src.glob("*.tar"))[0]
+    for done in (run2 / "done").glob("*.json"):  # point the run at the copies
+        done.write_text(done.read_text().replace(str(shards), str(src)))
+    with tarfile.open(first, "w") as tf:  # the shard is now empty
+        pass
+    clean = tmp_path / "clean"
+    with pytest.raises(DedupError, match="changed since the run"):
+        apply_run(str(run2), str(clean))
+    left = [p.name for p in clean.rglob("*") if p.is_file()]
+    assert first.name not in left
+    assert not [n for n in left if n.startswith(".tmp-")]
+
+
+def test_open_atomic_remote_uploads_only_complete_files():
+    import fsspec
+
+    from dedup.io.rundir import RunDir
+
+    rd = RunDir("memory://atomic-test")
+    fs = fsspec.filesystem("memory")
+    with pytest.raises(RuntimeError):
+        with rd.open_atomic(rd.p("a.tar")) as f:
+            f.write(b"half")
+            raise RuntimeError("writer died")
+    assert not fs.exists("/atomic-test/a.tar")
+    with rd.open_atomic(rd.p("b.tar")) as f:
+        f.write(b"x" * 100_000)
+    assert fs.cat("/atomic-test/b.tar") == b"x" * 100_000

@@ -47,7 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from itertools import combinations
 
@@ -563,16 +563,12 @@ def _single_threaded_libs() -> Iterator[None]:
     """
     import faiss
 
+    from threadpoolctl import threadpool_limits
+
     prev = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:  # pragma: no cover - optional
-            ctx = nullcontext()
-        else:
-            ctx = threadpool_limits(1)
-        with ctx:
+        with threadpool_limits(1):
             yield
     finally:
         faiss.omp_set_num_threads(prev)

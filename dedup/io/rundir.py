@@ -11,8 +11,11 @@ import io
 import json
 import os
 import posixpath
+import tempfile
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -63,6 +66,33 @@ class RunDir:
             self.fs.makedirs(parent, exist_ok=True)
             with self.fs.open(path, "wb") as f:
                 f.write(data)
+
+    @contextmanager
+    def open_atomic(self, path: str) -> Iterator[IO[bytes]]:
+        """A binary file to stream a large output into; it appears at ``path`` only if the block
+        completes. Local: a temp name in the same directory, fsynced and renamed. Remote: a
+        local temp file, uploaded on success (never a partial object). Nothing is held in
+        memory."""
+        parent = posixpath.dirname(path)
+        if self.local:
+            os.makedirs(parent, exist_ok=True)
+            tmp = posixpath.join(parent, f"{TMP_MARK}{uuid.uuid4().hex}-{posixpath.basename(path)}")
+            try:
+                with open(tmp, "wb") as f:
+                    yield f
+                    f.flush()
+                    os.fsync(f.fileno())
+                crash_point("write:" + posixpath.basename(path))
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            with tempfile.NamedTemporaryFile(prefix=TMP_MARK, suffix="-" + posixpath.basename(path)) as f:
+                yield f
+                f.flush()
+                self.fs.makedirs(parent, exist_ok=True)
+                self.fs.put_file(f.name, path)
 
     def write_json(self, path: str, obj: Any) -> None:
         self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())

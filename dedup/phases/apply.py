@@ -2,18 +2,19 @@
 
 One output shard per input shard, same relative name (``CLEAN_DIR/<shard_id>.tar``), members
 copied with their original bytes and tar headers (name, mode, mtime, owner), in input order,
-with every sidecar of a kept key. Each output shard is written to a temp name and renamed;
+with every sidecar of a kept key. Each output shard is streamed (never held in memory) to a
+temp name and renamed (:meth:`RunDir.open_atomic`);
 ``CLEAN_DIR/_done/<shard_id>.json`` is written last, so a rerun skips finished shards. The
 number of samples written per shard is checked against the manifest.
 """
 
 from __future__ import annotations
 
-import io
 import posixpath
 import tarfile
 from collections import defaultdict
 from collections.abc import Callable
+from typing import IO
 
 import pyarrow.compute as pc
 
@@ -74,13 +75,13 @@ def apply_run(
                     progress(sid)
                 continue
         done = run.read_json(run.done(sid))
-        data, n_samples, n_members = _filter_shard(done["url"], want)
-        if n_samples != len(want):
-            raise DedupError(
-                f"shard {sid}: wrote {n_samples} samples but the manifest keeps {len(want)}; "
-                "the input shard changed since the run (rerun `dedup run`)"
-            )
-        out.write_bytes(out.p(sid + ".tar"), data)
+        with out.open_atomic(out.p(sid + ".tar")) as f:
+            n_samples, n_members = _filter_shard(done["url"], want, f)
+            if n_samples != len(want):  # raising here leaves no output shard behind
+                raise DedupError(
+                    f"shard {sid}: wrote {n_samples} samples but the manifest keeps {len(want)}; "
+                    "the input shard changed since the run (rerun `dedup run`)"
+                )
         out.write_json(marker_path, {"shard_id": sid, "source": done["url"], "samples": n_samples, "members": n_members})
         summary["shards"] += 1
         summary["samples_written"] += n_samples
@@ -94,15 +95,16 @@ def apply_run(
     return summary
 
 
-def _filter_shard(url: str, keep: set[str]) -> tuple[bytes, int, int]:
+def _filter_shard(url: str, keep: set[str], out: IO[bytes]) -> tuple[int, int]:
+    """Stream the members of kept keys from the shard at ``url`` into the tar ``out``;
+    returns (samples, members) written."""
     from fsspec.core import url_to_fs
 
     fs, path = url_to_fs(url)
-    buf = io.BytesIO()
     seen: set[str] = set()
     members = 0
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as src, tarfile.open(
-        fileobj=buf, mode="w", format=tarfile.PAX_FORMAT
+        fileobj=out, mode="w", format=tarfile.PAX_FORMAT
     ) as dst:
         try:
             for m in src:
@@ -116,4 +118,4 @@ def _filter_shard(url: str, keep: set[str]) -> tuple[bytes, int, int]:
                 members += 1
         except (tarfile.ReadError, EOFError):
             pass  # a truncated shard ends here; its cut sample is never kept (status read_error)
-    return buf.getvalue(), len(seen), members
+    return len(seen), members
