@@ -9,8 +9,8 @@ What imagehash does, per image and per hash (``imagehash.phash`` / ``imagehash.d
 - ``str(hash)``: the flattened (row-major) bool matrix as one binary number, in hex; the first
   element is the most significant bit. Our ``uint64`` equals ``int(str(h), 16)``.
 
-What we do instead: the grayscale conversion runs once per image and feeds both resizes (the
-same Pillow calls, so the 32×32 and 9×8 pixels are identical to imagehash's). The DCT of the
+What we do instead: the grayscale conversion runs once per image and feeds both resizes (
+Pillow's arithmetic, see below, so the 32×32 and 9×8 pixels are identical to imagehash's). The DCT of the
 whole batch is one pair of matrix products, ``B @ P @ B.T`` with ``B`` the first 8 rows of the
 32-point DCT-II basis (float64, scaled by 2 per axis like fftpack). Only the 8×8 block that is
 kept is ever computed.
