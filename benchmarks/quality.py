@@ -173,8 +173,12 @@ def main() -> None:
         "- With SSCD, cosine 0.60 is the default: unrelated photos sit near 0 (median in table (a)), edited "
         "copies mostly above 0.8. Its weakest edits are heavy JPEG re-encoding and padding (recall in table (a)); "
         "the hashes cover the re-encodes, which is why the combined rule beats each signal. Lowering the "
-        "threshold towards 0.45 also catches the re-shot scenes of (b); check the false-positive rate on your data "
-        "with `dedup calibrate` first.",
+        "threshold towards the value where (b) still has precision ≥ 0.99 (above) also catches re-shot scenes; "
+        "check the false-positive rate on your data with `dedup calibrate` first.",
+        "- pHash and dHash decide together (`hashes.cross_check`, on by default): a pair one hash finds counts "
+        "only if the other is within twice its radius. On these edits that costs about 2 points of the hashes' recall "
+        "(the embedding covers it in the combined rule); at scale it removes the unrelated images that collide "
+        "on one hash (docs/hashing.md).",
         "- CLIP-like embeddings place unrelated photos much higher; use ≥ 0.95 with them and calibrate.",
         "- Measure on your own data: `dedup calibrate SHARDS --sample 200` (edits) and `dedup eval RUN --pairs labelled.csv`.",
     ]

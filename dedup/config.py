@@ -53,6 +53,11 @@ class DecodeConfig(_Section):
 class HashConfig(_Section):
     phash_radius: int = Field(8, ge=0, le=32, description="pHash pairs within this many bits are duplicates")
     dhash_radius: int = Field(6, ge=0, le=32, description="dHash pairs within this many bits are duplicates")
+    cross_check: bool = Field(
+        True,
+        description="when both hashes are computed, a pair found by one counts only if the other is within twice its own radius "
+        "(unrelated images that collide on one hash rarely collide on both; docs/hashing.md)",
+    )
     # Flat images and text scans give hashes like all ones, which match unrelated images.
     min_informative_bits: int = Field(
         4, ge=0, le=32,

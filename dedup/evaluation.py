@@ -120,10 +120,13 @@ def decisions(cfg: Config, scores: dict[str, np.ndarray]) -> dict[str, np.ndarra
     dec = {}
     if "exact" in cfg.methods:
         dec["exact"] = scores["exact"]
+    from dedup.phases.manifest import hash_rule
+
+    p_ok, d_ok = hash_rule(cfg, scores["phash"], scores["dhash"])  # cross-check included
     if "phash" in cfg.methods:
-        dec["phash"] = scores["phash"] <= cfg.hashes.phash_radius
+        dec["phash"] = p_ok
     if "dhash" in cfg.methods:
-        dec["dhash"] = scores["dhash"] <= cfg.hashes.dhash_radius
+        dec["dhash"] = d_ok
     if "embedding" in cfg.methods and "embedding" in scores:
         dec["embedding"] = scores["embedding"] >= cfg.embedding.resolved_threshold()
     dec["combined"] = np.logical_or.reduce(list(dec.values())) if dec else np.zeros(0, bool)

@@ -90,3 +90,57 @@ def test_large_clusters_keep_only_members_confirmed_by_two_signals():
     m = {r["sample_id"]: r for r in on.to_pylist()}
     assert [m[f"s/{k}"]["cluster_id"] for k in range(4)] == ["s/0"] * 4
     assert m["s/4"]["cluster_id"] == "s/4" and m["s/4"]["is_keeper"]
+
+
+def test_hash_cross_check_drops_one_hash_collisions():
+    """A pair found by one hash is a duplicate only if the other hash agrees within twice its
+    radius (hashes.cross_check): a real copy has both hashes close, an unrelated image that
+    collides on one 64-bit hash has the other far apart."""
+    import pyarrow as pa
+
+    from dedup.config import load_config
+    from dedup.phases.manifest import build_manifest
+
+    def bits(k: int) -> int:  # k low bits set
+        return (1 << k) - 1
+
+    base_p, base_d = 0xF0F0F0F0F0F0F0F0, 0x0F0F0F0F0F0F0F0F
+    ph = [base_p, base_p ^ bits(8), base_p ^ bits(8), base_p ^ bits(30)]
+    dh = [base_d, base_d ^ bits(1), base_d ^ bits(20), base_d ^ bits(5)]
+    ids = [f"s/{k}" for k in range(4)]
+    table = pa.table({
+        "sample_id": ids, "shard_id": ["s"] * 4, "key": [str(k) for k in range(4)], "status": ["ok"] * 4,
+        "width": [100, 90, 90, 90], "height": [100] * 4, "file_size": [4, 3, 2, 1],
+        "phash": pa.array(ph, pa.uint64()), "dhash": pa.array(dh, pa.uint64()),
+    })
+    # what the hash indexes would find at radius 8 (pHash) and 6 (dHash)
+    rows = [("s/0", "s/1", "phash", 8), ("s/0", "s/1", "dhash", 1), ("s/0", "s/2", "phash", 8), ("s/0", "s/3", "dhash", 5)]
+    pairs = pa.table({"a": [r[0] for r in rows], "b": [r[1] for r in rows], "method": [r[2] for r in rows],
+                      "score": pa.array([r[3] for r in rows], pa.float32())})
+    on, _ = build_manifest(load_config(None, None, methods=["phash", "dhash"]), table, pairs)
+    m = {r["sample_id"]: r for r in on.to_pylist()}
+    assert m["s/1"]["cluster_id"] == "s/0" and not m["s/1"]["is_keeper"]  # both hashes agree
+    assert m["s/2"]["is_keeper"] and m["s/2"]["cluster_size"] == 1  # pHash 8, dHash 20 > 12
+    assert m["s/3"]["is_keeper"] and m["s/3"]["cluster_size"] == 1  # dHash 5, pHash 30 > 16
+    off, _ = build_manifest(load_config(None, None, methods=["phash", "dhash"], **{"hashes.cross_check": False}), table, pairs)
+    assert off["cluster_size"].to_pylist() == [4] * 4
+    # with one hash only there is nothing to cross-check against
+    one, _ = build_manifest(load_config(None, None, methods=["phash"]), table, pairs.filter(pa.compute.equal(pairs["method"], "phash")))
+    assert {r["sample_id"]: r["cluster_id"] for r in one.to_pylist()}["s/2"] == "s/0"
+
+
+def test_hash_rule_table():
+    import numpy as np
+
+    from dedup.config import load_config
+    from dedup.phases.manifest import hash_rule
+
+    cfg = load_config(None, None)  # radii 8 / 6, cross-check on
+    dp = np.array([0, 8, 8, 9, 16, 17, -1, 3])
+    dd = np.array([0, 12, 13, 0, 6, 6, 2, -1])
+    p_ok, d_ok = hash_rule(cfg, dp, dd)
+    assert p_ok.tolist() == [True, True, False, False, False, False, False, True]
+    assert d_ok.tolist() == [True, False, False, True, True, False, True, False]
+    p_off, d_off = hash_rule(load_config(None, None, **{"hashes.cross_check": False}), dp, dd)
+    assert p_off.tolist() == [True, True, True, False, False, False, False, True]
+    assert d_off.tolist() == [True, False, False, True, True, True, True, False]

@@ -23,6 +23,7 @@ from dedup.compute.crossmatch import HashTable, VectorIndex, nearest_hash, popco
 from dedup.config import Config
 from dedup.errors import ConfigError, SchemaMismatchError
 from dedup.io.rundir import RunDir
+from dedup.phases.manifest import hash_rule
 from dedup.records import Status
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -151,13 +152,18 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
             sha_map.setdefault(s, ids[k])
         for r in rows:
             r["exact_match"] = sha_map.get(r["sha"]) if r["sha"] is not None and r["status"] == "ok" else None
-        for name, qh in (("phash", ph), ("dhash", dh)):
+        refs = {name: t[name].fill_null(0).to_numpy().astype(np.uint64)[ref_idx] for name in ("phash", "dhash")}
+        qhs = {"phash": ph, "dhash": dh}
+        for name in ("phash", "dhash"):
             if name not in cfg.methods or not len(ok_rows):
                 continue
-            ref = t[name].fill_null(0).to_numpy().astype(np.uint64)[ref_idx]
-            bi, bd = nearest_hash(ref, qh[qi])
-            for r, i_, d_ in zip(ok_rows, bi, bd):
+            bi, bd = nearest_hash(refs[name], qhs[name][qi])
+            other = "dhash" if name == "phash" else "phash"
+            # the other hash's distance to this nearest sample, for the cross-check (hash_rule)
+            cross = np.where(bi >= 0, popcount64(refs[other][np.maximum(bi, 0)] ^ qhs[other][qi]), -1)
+            for r, i_, d_, c_ in zip(ok_rows, bi, bd, cross):
                 r[f"{name}_nearest"], r[f"{name}_distance"] = (ids[ref_idx[i_]], int(d_)) if i_ >= 0 else (None, None)
+                r[f"_{name}_cross"] = int(c_)
         if embedder is not None and len(ok_rows):
             index = VectorIndex(np.asarray(fs.embeddings)[ref_idx])
             ti, td = index.topk(emb[qi], 1)
@@ -172,9 +178,9 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
             why = []
             if r.get("exact_match"):
                 why.append("exact")
-            if r.get("phash_distance") is not None and "phash" in cfg.methods and r["phash_distance"] <= cfg.hashes.phash_radius:
+            if r.get("phash_distance") is not None and hash_rule(cfg, np.array([r["phash_distance"]]), np.array([r["_phash_cross"]]))[0][0]:
                 why.append("phash")
-            if r.get("dhash_distance") is not None and "dhash" in cfg.methods and r["dhash_distance"] <= cfg.hashes.dhash_radius:
+            if r.get("dhash_distance") is not None and hash_rule(cfg, np.array([r["_dhash_cross"]]), np.array([r["dhash_distance"]]))[1][0]:
                 why.append("dhash")
             if r.get("embedding_cosine") is not None and r["embedding_cosine"] >= th:
                 why.append("embedding")
@@ -202,11 +208,8 @@ def _within(cfg, rows, ok_rows, qi, ph, dh, emb, out: RunDir, min_copies: int) -
         m = np.array(members)
         ii, jj = np.triu_indices(len(m), 1)
         a, b = m[ii], m[jj]
-        dup = np.zeros(len(a), bool)
-        if "phash" in cfg.methods:
-            dup |= popcount64(ph[qi[a]] ^ ph[qi[b]]) <= cfg.hashes.phash_radius
-        if "dhash" in cfg.methods:
-            dup |= popcount64(dh[qi[a]] ^ dh[qi[b]]) <= cfg.hashes.dhash_radius
+        p_ok, d_ok = hash_rule(cfg, popcount64(ph[qi[a]] ^ ph[qi[b]]), popcount64(dh[qi[a]] ^ dh[qi[b]]))
+        dup = p_ok | d_ok
         if emb is not None:
             dup |= np.einsum("nd,nd->n", emb[qi[a]], emb[qi[b]]) >= th
         e = Edges(ii[dup].astype(np.int64), jj[dup].astype(np.int64), np.zeros(int(dup.sum()), np.int8), np.ones(int(dup.sum()), np.float32))
