@@ -91,16 +91,24 @@ def _lanczos(x: float) -> float:
     return 0.0
 
 
-@functools.lru_cache(maxsize=8192)
-def _weights(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) float64 matrix of Pillow's fixed-point LANCZOS weights for one axis
-    (precompute_coeffs + normalize_coeffs_8bpc, box = the whole axis)."""
+# Inputs up to this many pixels per side are resized in numpy; larger ones (full decodes for
+# an embedder) go through Pillow: their weights take milliseconds to build in Python and there
+# are too many distinct sizes to cache them all. Both give the same pixels.
+_NP_MAX_SIDE = 512
+
+
+@functools.lru_cache(maxsize=2048)
+def _band(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's fixed-point LANCZOS weights for one axis (precompute_coeffs +
+    normalize_coeffs_8bpc, box = the whole axis), compactly: (out_size,) first input index and
+    (out_size, taps) integer weights as float32 (exact: |w| ≤ 2²²). ≤ ~12 KB per entry."""
     filterscale = scale = float(in_size) / out_size
     if filterscale < 1.0:
         filterscale = 1.0
     support = 3.0 * filterscale
     ss = 1.0 / filterscale
-    m = np.zeros((out_size, in_size), np.float64)
+    first = np.zeros(out_size, np.int64)
+    rows = []
     for xx in range(out_size):
         center = (xx + 0.5) * scale
         xmin = max(0, int(center - support + 0.5))
@@ -109,12 +117,35 @@ def _weights(in_size: int, out_size: int) -> np.ndarray:
         ww = 0.0
         for w in ws:
             ww += w
-        for x, w in enumerate(ws):
+        fixed = []
+        for w in ws:
             if ww != 0.0:
                 w /= ww
-            m[xx, xmin + x] = int(-0.5 + w * (1 << _PREC)) if w < 0 else int(0.5 + w * (1 << _PREC))
+            fixed.append(int(-0.5 + w * (1 << _PREC)) if w < 0 else int(0.5 + w * (1 << _PREC)))
+        first[xx] = xmin
+        rows.append(fixed)
+    taps = np.zeros((out_size, max(1, max(len(r) for r in rows))), np.float32)
+    for xx, r in enumerate(rows):
+        taps[xx, : len(r)] = r
+    return first, taps
+
+
+@functools.lru_cache(maxsize=2048)
+def _weights32(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) dense float32 matrix of Pillow's weights for one axis (≤ 64 KB for
+    in_size ≤ _NP_MAX_SIDE: the two caches hold ≤ ~150 MB even if every entry were that big,
+    a few MB for the sizes draft decoding produces)."""
+    first, taps = _band(in_size, out_size)
+    m = np.zeros((out_size, in_size + taps.shape[1]), np.float32)
+    cols = first[:, None] + np.arange(taps.shape[1])[None, :]
+    m[np.arange(out_size)[:, None], cols] = taps
+    m = np.ascontiguousarray(m[:, :in_size])  # taps past the edge are zero (Pillow clips the window)
     m.flags.writeable = False
     return m
+
+
+def _weights(in_size: int, out_size: int) -> np.ndarray:
+    return _weights32(in_size, out_size).astype(np.float64)  # integers ≤ 2²²: exact either way
 
 
 def _fix(acc: np.ndarray) -> np.ndarray:
@@ -185,7 +216,7 @@ def _reduce(images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
     pillow = rule == "pillow"
     for k, im in enumerate(images):
         gray = im if im.mode == "L" else im.convert("L")  # once per image, shared by both hashes
-        if pillow:
+        if pillow or max(gray.size) > _NP_MAX_SIDE:
             ph[k] = np.asarray(gray.resize((_PSIZE, _PSIZE), _LANCZOS))
             dh[k] = np.asarray(gray.resize((HASH_SIZE + 1, HASH_SIZE), _LANCZOS))
             continue
