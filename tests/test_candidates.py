@@ -288,3 +288,43 @@ def test_gpu_matches_cpu(emb):
     gpu = C.embedding_pairs(emb, 0.9, replace(params, use_gpu=True))
     assert gpu == cpu
     assert C.brute_force_pairs(emb[:3000], 0.9, use_gpu=True) == C.brute_force_pairs(emb[:3000], 0.9)
+
+
+def _kth_exact(x: np.ndarray, k: int, rows: np.ndarray) -> np.ndarray:
+    xs = x[rows].astype(np.float64)
+    s = xs @ xs.T
+    np.fill_diagonal(s, -np.inf)
+    return np.sort(s, axis=1)[:, -k]
+
+
+def test_kth_neighbour_similarity_exact_path_matches_brute_force():
+    rng = np.random.default_rng(5)
+    x = _unit(rng, 1500, 24).astype(np.float16)
+    valid = rng.random(1500) > 0.1
+    rows = np.flatnonzero(valid)
+    ref = _kth_exact(x, 4, rows)
+    for block in (97, 4096):
+        got = C.kth_neighbour_similarity(x, 4, valid=valid, block=block)
+        assert np.isnan(got[~valid]).all()
+        np.testing.assert_allclose(got[rows], ref, atol=1e-5)
+    assert np.isnan(C.kth_neighbour_similarity(x[:3], 5)).all()  # fewer others than k
+
+
+def test_kth_neighbour_similarity_ivf_path_is_a_close_lower_bound():
+    """Above exact_below the search only looks into a few lists: never above the exact value
+    (a subset's k-th best), and close to it on clustered data."""
+    rng = np.random.default_rng(6)
+    centers = _unit(rng, 40, 32)
+    x = centers[rng.integers(0, 40, 12_000)] + 0.35 * _unit(rng, 12_000, 32)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    st = {}
+    got = C.kth_neighbour_similarity(x, 5, exact_below=1000, stats=st)
+    assert st["method"] == "ivf"
+    q = np.sort(rng.choice(len(x), 800, replace=False))
+    xs = x.astype(np.float64)
+    s = xs[q] @ xs.T
+    s[np.arange(len(q)), q] = -np.inf
+    ref = np.sort(s, axis=1)[:, -5]
+    assert (got[q] <= ref + 1e-5).all()
+    assert np.mean(ref - got[q]) < 0.02
+    assert np.mean(np.abs(ref - got[q]) < 1e-5) > 0.5

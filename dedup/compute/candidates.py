@@ -1051,3 +1051,86 @@ def embedding_pairs(
     st.update(pairs_seconds=t2 - t1, merge_seconds=time.perf_counter() - t2,
               seconds=time.perf_counter() - t0, pairs=len(out))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# k-th nearest neighbour similarity (the manifest's outlier score)
+# --------------------------------------------------------------------------------------------
+
+
+def _merge_topk(best: np.ndarray, rows: np.ndarray, sims: np.ndarray, k: int) -> None:
+    """best[rows] := the k largest of best[rows] ∪ sims (per row); rows unique."""
+    if sims.shape[1] > k:
+        sims = np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:]
+    both = np.concatenate([best[rows], sims], axis=1)
+    best[rows] = np.partition(both, both.shape[1] - k, axis=1)[:, -k:]
+
+
+def kth_neighbour_similarity(
+    x: np.ndarray,
+    k: int,
+    valid: np.ndarray | None = None,
+    *,
+    exact_below: int = 10_000,
+    nprobe: int = 5,
+    block: int = 4096,
+    stats: dict | None = None,
+) -> np.ndarray:
+    """Cosine of each valid row to its k-th most similar other valid row (float32; NaN for
+    invalid rows and where fewer than k others were compared).
+
+    Exact (blockwise matrix products) below ``exact_below`` valid rows. Above, approximate and
+    near-linear: an IVF plan (as in :func:`plan_ivf`, every row visiting its ``nprobe - 1``
+    next-nearest lists) and one matrix product per list, members and visitors × members, so
+    each row is compared with the members of its own list and of its nearest other lists.
+    A row whose true neighbours lie in lists it did not visit gets a lower similarity (a
+    higher outlier score) than exact search would give; docs/manifest.md measures how much."""
+    t0 = time.perf_counter()
+    n, d = x.shape
+    rows_all = _valid_rows(n, valid)
+    idx = np.arange(n, dtype=_I64) if rows_all is None else rows_all
+    m = len(idx)
+    out = np.full(n, np.nan, _F32)
+    if m <= k:
+        return out
+    best = np.full((n, k), -np.inf, _F32)
+    mm = _Matmul(False)
+    if m < exact_below:
+        method = "exact"
+        for q0 in range(0, m, block):
+            qr = idx[q0 : q0 + block]
+            xq = _rows_f32(x, qr)
+            for c0 in range(0, m, block):
+                cr = idx[c0 : c0 + block]
+                s = mm(xq, xq if c0 == q0 else _rows_f32(x, cr))
+                if c0 == q0:
+                    np.fill_diagonal(s, -np.inf)
+                _merge_topk(best, qr, s, k)
+    else:
+        method = "ivf"
+        params = IVFParams.auto(m, d, nprobe=max(1, int(nprobe)), probe_margin=None)
+        plan = plan_ivf(x, params, valid)
+        mo, vo = plan.member_offsets, plan.visitor_offsets
+        for L in range(plan.nlist):
+            mem = plan.member_rows[mo[L] : mo[L + 1]]
+            if len(mem) == 0:
+                continue
+            vis = plan.visitor_rows[vo[L] : vo[L + 1]]
+            rows = np.concatenate([mem, vis]) if len(vis) else mem
+            for c0 in range(0, len(mem), block):
+                cm = mem[c0 : c0 + block]
+                xc = _rows_f32(x, cm)
+                for r0 in range(0, len(rows), block):
+                    rr = rows[r0 : r0 + block]
+                    s = mm(_rows_f32(x, rr), xc)
+                    # a member never counts as its own neighbour
+                    pos = np.arange(r0, r0 + len(rr))
+                    own = (pos >= c0) & (pos < c0 + len(cm)) & (pos < len(mem))
+                    s[np.flatnonzero(own), pos[own] - c0] = -np.inf
+                    _merge_topk(best, rr, s, k)
+    kth = best[:, 0] if k == 1 else best.min(axis=1)
+    kth = np.where(np.isfinite(kth), kth, np.nan).astype(_F32)
+    out[idx] = kth[idx]
+    if stats is not None:
+        stats.update(method=method, seconds=time.perf_counter() - t0)
+    return out

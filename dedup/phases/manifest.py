@@ -108,20 +108,17 @@ def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
     return rank_order(cols)
 
 
-def outlier_scores(emb: np.ndarray, ok: np.ndarray, k: int) -> np.ndarray:
-    """1 - cosine to the k-th nearest other ok sample (NaN where not computable)."""
-    from dedup.compute.crossmatch import VectorIndex
+def outlier_scores(emb: np.ndarray, ok: np.ndarray, k: int, stats: dict | None = None) -> np.ndarray:
+    """1 - cosine to the k-th nearest other ok sample (NaN where not computable).
 
-    out = np.full(len(ok), np.nan, np.float32)
-    idx = np.flatnonzero(ok)
-    if len(idx) <= k:
-        return out
-    index = VectorIndex(np.asarray(emb)[idx])
-    for a in range(0, len(idx), 8192):
-        q = np.asarray(emb[idx[a : a + 8192]], np.float32)
-        _, sims = index.topk(q, k + 1)  # includes the sample itself (similarity 1)
-        out[idx[a : a + 8192]] = 1.0 - np.sort(sims, axis=1)[:, -(k + 1)]
-    return out
+    Exact below 10 000 ok samples; above, approximate over IVF lists with one matrix product
+    per list (:func:`dedup.compute.candidates.kth_neighbour_similarity`): measured at 10⁶ on
+    the candidate benchmark's data, 55 s instead of ~1 900 s for the faiss IVF index this used
+    before, with outlier ranks correlating 0.93 with exact ones (docs/manifest.md)."""
+    from dedup.compute.candidates import kth_neighbour_similarity
+
+    sim = kth_neighbour_similarity(emb, int(k), valid=np.asarray(ok, bool), stats=stats)
+    return (1.0 - sim).astype(np.float32)
 
 
 def build_manifest(
