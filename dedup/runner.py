@@ -239,7 +239,10 @@ def finish_run(
     if fs.embeddings is not None:
         from dedup.phases.manifest import outlier_scores
 
-        outlier = outlier_scores(fs.embeddings, fs.ok(), cfg.clusters.outlier_k)
+        log.info("outlier scores: k-th nearest neighbour of %d embeddings", int(fs.ok().sum()))
+        ost: dict = {}
+        outlier = outlier_scores(fs.embeddings, fs.ok(), cfg.clusters.outlier_k, stats=ost)
+        timings["outlier"] = round(ost.get("seconds", 0.0), 3)
     manifest, mstats = build_manifest(cfg, fs.table, pairs, outlier=outlier)
     total = manifest.num_rows
     frac = (total - mstats["ok"]) / total if total else 0.0
