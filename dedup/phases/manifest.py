@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dedup.compute.clusters import METHOD_PRIORITY, Edges, keeper_clusters, rank_order
+from dedup.compute.crossmatch import popcount64
 from dedup.config import Config
 from dedup.schema import MANIFEST_SCHEMA
 
@@ -32,13 +33,6 @@ def hash_rule(cfg: Config, dp: np.ndarray, dd: np.ndarray) -> tuple[np.ndarray, 
     return p_ok, d_ok
 
 
-def _popcount(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.uint64)
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(x).astype(np.int64)
-    return np.unpackbits(x.reshape(-1, 1).view(np.uint8), axis=1).sum(axis=1).astype(np.int64)
-
-
 def _hash_distances(table: pa.Table, name: str, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """Hamming distance of column ``name`` between rows i and j; -1 where either is null."""
     if name not in table.column_names:
@@ -46,7 +40,7 @@ def _hash_distances(table: pa.Table, name: str, i: np.ndarray, j: np.ndarray) ->
     col = table[name]
     h = col.fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64)
     known = col.is_valid().to_numpy(zero_copy_only=False)
-    return np.where(known[i] & known[j], _popcount(h[i] ^ h[j]), -1)
+    return np.where(known[i] & known[j], popcount64(h[i] ^ h[j]), -1)
 
 
 def _edges(cfg: Config, table: pa.Table, pairs: pa.Table) -> Edges:
