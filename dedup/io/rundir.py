@@ -52,18 +52,11 @@ class RunDir:
         self.fs.makedirs(path, exist_ok=True)
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        parent = posixpath.dirname(path)
         if self.local:
-            os.makedirs(parent, exist_ok=True)
-            tmp = posixpath.join(parent, f"{TMP_MARK}{uuid.uuid4().hex}-{posixpath.basename(path)}")
-            with open(tmp, "wb") as f:
+            with self.open_atomic(path) as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            crash_point("write:" + posixpath.basename(path))
-            os.replace(tmp, path)
-        else:
-            self.fs.makedirs(parent, exist_ok=True)
+        else:  # one PUT: already atomic per key, no local spool needed
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
             with self.fs.open(path, "wb") as f:
                 f.write(data)
 
