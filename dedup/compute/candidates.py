@@ -1100,11 +1100,13 @@ def kth_neighbour_similarity(
         for q0 in range(0, m, block):
             qr = idx[q0 : q0 + block]
             xq = _rows_f32(x, qr)
-            for c0 in range(0, m, block):
+            for c0 in range(q0, m, block):  # each block pair once: s serves both sides
                 cr = idx[c0 : c0 + block]
                 s = mm(xq, xq if c0 == q0 else _rows_f32(x, cr))
                 if c0 == q0:
                     np.fill_diagonal(s, -np.inf)
+                else:
+                    _merge_topk(best, cr, np.ascontiguousarray(s.T), k)
                 _merge_topk(best, qr, s, k)
     else:
         method = "ivf"
