@@ -202,8 +202,6 @@ def resize_l(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     rule = _resize_rule()
     if rule == "pillow":
         return np.asarray(Image.fromarray(np.ascontiguousarray(a, np.uint8), "L").resize((ow, oh), _LANCZOS))
-    if a.shape == (oh, ow):
-        return np.array(a, np.uint8)
     return _resize_np(np.asarray(a, np.float64), ow, oh, rule).astype(np.uint8)
 
 
