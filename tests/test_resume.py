@@ -143,11 +143,15 @@ def test_s3_round_trip(synth_shards, reference, s3_server, tmp_path):
     fs.mkdir("bucket")
     for p in sorted(shards.glob("*.tar")):
         fs.put(str(p), f"bucket/shards/{p.name}")
-    env = {**os.environ, **s3_server}
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    env = {**os.environ, **s3_server, "TMPDIR": str(scratch)}
     r = subprocess.run(
         EXE + ["run", "s3://bucket/shards/", "--out", "s3://bucket/runs/r1", *ARGS], capture_output=True, text=True, env=env
     )
     assert r.returncode == 0, r.stderr
+    # the local scratch copy of the embeddings (remote run dir) is not left behind
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("dedup-index-")]
     with fs.open("bucket/runs/r1/manifest.parquet", "rb") as f:
         got = f.read()
     assert pq.read_table(pa.BufferReader(got)).equals(pq.read_table(pa.BufferReader(ref_bytes)))

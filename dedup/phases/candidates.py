@@ -7,8 +7,10 @@ and ``pairs/done.json`` last. Embeddings are staged into a float16 memory-mapped
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -108,7 +110,18 @@ def _stage_embeddings(run: RunDir, col: pa.ChunkedArray, order: pa.Array) -> np.
         mm[inv[start : start + m]] = block
         start += m
     mm.flush()
-    return np.load(path, mmap_mode="r")
+    del mm
+    out = np.load(path, mmap_mode="r")
+    if not run.local:
+        # A scratch copy (the run dir is remote): remove the name now. The mapping stays valid
+        # until it is released and the space is freed then, even if the process is killed, so
+        # nothing is left in the temp dir (n × d × 2 bytes: 100 GB at 1e8 × 512).
+        try:
+            os.unlink(path)
+            os.rmdir(base)
+        except OSError:  # pragma: no cover - platforms that refuse to unlink a mapped file
+            atexit.register(shutil.rmtree, base, True)
+    return out
 
 
 def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], None] | None = None) -> tuple[pa.Table, dict]:
