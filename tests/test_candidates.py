@@ -162,6 +162,24 @@ def test_brute_force_matches_reference_and_blocks(emb):
         assert C.brute_force_pairs(x, 0.9, block=block) == base, block
 
 
+def test_fp16_rows_convert_bit_exactly_through_torch(tmp_path):
+    """The fast (torch, F16C) float16 -> float32 conversion equals numpy's bit for bit,
+    special values included, for memmap slices (read-only) and gathered rows alike."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 64)).astype(np.float16)
+    x[0, :6] = [np.inf, -np.inf, np.nan, -0.0, np.float16(6e-8), np.float16(65504)]
+    np.save(tmp_path / "x.npy", x)
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    assert "torch" in __import__("sys").modules and torch is not None
+    for rows in (slice(0, 300), slice(5, 200), np.array([0, 3, 3, 299]), np.arange(0, 300, 2)):
+        for src in (x, mm):
+            got = C._rows_f32(src, rows)
+            ref = np.asarray(src[rows]).astype(np.float32)
+            assert got.dtype == np.float32 and got.flags.c_contiguous
+            assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
 def _ivf(n, d, **kw):
     kw.setdefault("exact_below", 0)
     return IVFParams.auto(n, d, 0.9, **kw)
