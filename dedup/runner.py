@@ -241,7 +241,16 @@ def finish_run(
 
         log.info("outlier scores: k-th nearest neighbour of %d embeddings", int(fs.ok().sum()))
         ost: dict = {}
-        outlier = outlier_scores(fs.embeddings, fs.ok(), cfg.clusters.outlier_k, stats=ost)
+        with Progress(progress) as prog:
+            task = None
+
+            def ocb(done: int, total: int) -> None:
+                nonlocal task
+                if task is None:
+                    task = prog.task("outlier scores", total=total)
+                task.update(done)
+
+            outlier = outlier_scores(fs.embeddings, fs.ok(), cfg.clusters.outlier_k, stats=ost, progress=ocb)
         timings["outlier"] = round(ost.get("seconds", 0.0), 3)
     manifest, mstats = build_manifest(cfg, fs.table, pairs, outlier=outlier)
     total = manifest.num_rows

@@ -346,3 +346,30 @@ def test_kth_neighbour_similarity_ivf_path_is_a_close_lower_bound():
     assert (got[q] <= ref + 1e-5).all()
     assert np.mean(ref - got[q]) < 0.02
     assert np.mean(np.abs(ref - got[q]) < 1e-5) > 0.5
+
+
+def test_progress_covers_the_coarse_stage_and_the_outlier_score(emb):
+    """Long stages report progress: the coarse stage from before k-means to the last assigned
+    block, the pair stage up to every list, the k-th-neighbour score up to its end."""
+    params = _ivf(*emb.shape, use_gpu=False)
+    plan_ticks, list_ticks = [], []
+    C.embedding_pairs(emb, 0.9, params, progress=lambda a, b: list_ticks.append((a, b)),
+                      plan_progress=lambda a, b: plan_ticks.append((a, b)))
+    blocks = -(-len(emb) // (1 << 13))
+    assert plan_ticks[0] == (0, blocks) and plan_ticks[-1] == (blocks, blocks)
+    assert [a for a, _ in plan_ticks] == sorted(a for a, _ in plan_ticks)
+    assert list_ticks[-1][0] == list_ticks[-1][1] == C.plan_ivf(emb, params).nlist
+    for kw in ({"exact_below": 10**9, "block": 1000}, {"exact_below": 0}):
+        ticks = []
+        C.kth_neighbour_similarity(emb, 3, progress=lambda a, b: ticks.append((a, b)), **kw)
+        assert len(ticks) >= 2 and ticks[-1][0] == ticks[-1][1], (kw, ticks[-3:])
+
+
+@pytest.mark.parametrize("method", ["mih", "brute"])
+def test_hash_pairs_progress_reaches_its_total(method):
+    rng = np.random.default_rng(2)
+    h = rng.integers(0, 2**63, size=20_000, dtype=np.int64).view(np.uint64)
+    ticks = []
+    C.hash_pairs(h, 6, method=method, progress=lambda a, b: ticks.append((a, b)))
+    assert len(ticks) >= 2 and ticks[-1][0] == ticks[-1][1]
+    assert all(a <= b for a, b in ticks) and [a for a, _ in ticks] == sorted(a for a, _ in ticks)

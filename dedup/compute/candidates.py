@@ -347,7 +347,8 @@ def _plan_mih(h: np.ndarray, radius: int, rng: np.random.Generator) -> _MIHPlan 
     return best
 
 
-def _hash_brute(h: np.ndarray, radius: int, block: int = 4096, threads: int = 0) -> Pairs:
+def _hash_brute(h: np.ndarray, radius: int, block: int = 4096, threads: int = 0,
+                progress: Callable[[int, int], None] | None = None) -> Pairs:
     """All pairs within ``radius`` by exhaustive Hamming distances (faiss ``IndexBinaryFlat``
     range search, popcount kernels): query block [r0, r1) against rows [r0, n)."""
     import faiss
@@ -367,9 +368,15 @@ def _hash_brute(h: np.ndarray, radius: int, block: int = 4096, threads: int = 0)
         return qi[keep] + r0, lab[keep] + r0, dist[keep].astype(_F32)
 
     parts = []
+    # progress in comparisons: the block starting at r0 compares its rows with rows [r0, n)
+    cost = [(min(n, r0 + block) - r0) * (n - r0) for r0 in starts]
+    total, done = sum(cost), 0
     with _single_threaded_libs():
-        for _, got in _pmap(rows, starts, _n_threads(threads)):
+        for k, got in _pmap(rows, starts, _n_threads(threads)):
             parts.append(got)
+            done += cost[k]
+            if progress:
+                progress(done, total)
     return _collect(parts)
 
 
@@ -381,7 +388,8 @@ def _high_bit(masks: np.ndarray) -> np.ndarray:
     return hb
 
 
-def _hash_mih(h: np.ndarray, radius: int, plan: _MIHPlan, threads: int = 0) -> Pairs:
+def _hash_mih(h: np.ndarray, radius: int, plan: _MIHPlan, threads: int = 0,
+              progress: Callable[[int, int], None] | None = None) -> Pairs:
     """Multi-index hashing. Per chunk, every unordered pair of rows whose chunk values differ
     in ≤ rp bits is generated exactly once: equal values from the earlier row of the bucket,
     different values from the row with the smaller value. A pair agreeing (within rp) on
@@ -391,6 +399,7 @@ def _hash_mih(h: np.ndarray, radius: int, plan: _MIHPlan, threads: int = 0) -> P
     n = len(h)
     workers = _n_threads(threads)
     parts = []
+    done = 0  # rows done, summed over chunks
     for k, (shift, bits) in enumerate(layout):
         vals = (h >> np.uint64(shift)) & _low_mask(bits)
         if bits <= 32:
@@ -434,17 +443,22 @@ def _hash_mih(h: np.ndarray, radius: int, plan: _MIHPlan, threads: int = 0) -> P
                     out.append((qi[keep], qj[keep], d[keep].astype(_F32)))
             return out
 
-        for _, got in _pmap(block, list(range(0, n, qblock)), workers):
+        for i, got in _pmap(block, list(range(0, n, qblock)), workers):
             parts.extend(got)
+            done += min(n, (i + 1) * qblock) - i * qblock
+            if progress:
+                progress(done, n * len(layout))
     return _collect(parts)
 
 
-def hash_pairs(hashes: np.ndarray, radius: int, valid: np.ndarray | None = None, *, method: str = "auto") -> Pairs:
+def hash_pairs(hashes: np.ndarray, radius: int, valid: np.ndarray | None = None, *, method: str = "auto",
+               progress: Callable[[int, int], None] | None = None) -> Pairs:
     """All pairs of 64-bit hashes within Hamming distance ``radius`` (score = the distance).
 
     Exact: candidates from multi-index hashing are verified with a popcount, so the result is
     the brute-force result. ``valid``: bool mask of rows to consider (others never appear).
-    ``method``: "auto" (cost estimate), "mih" or "brute".
+    ``method``: "auto" (cost estimate), "mih" or "brute". ``progress(done, total)``: rows
+    processed over all chunks (MIH) or pair comparisons done (exhaustive).
     """
     h = np.ascontiguousarray(hashes)
     if h.dtype != np.uint64:
@@ -457,14 +471,14 @@ def hash_pairs(hashes: np.ndarray, radius: int, valid: np.ndarray | None = None,
         return Pairs.empty()
     radius = int(min(radius, _HASH_BITS))
     if method == "brute":
-        return _remap(_hash_brute(h, radius), rows)
+        return _remap(_hash_brute(h, radius, progress=progress), rows)
     plan = _plan_mih(h, radius, np.random.default_rng(0))
     if method == "mih" and plan is None:
         m = radius + 1 if radius < _HASH_BITS else _HASH_BITS
         plan = _MIHPlan(m, radius // m, 0.0)
     if plan is None:
-        return _remap(_hash_brute(h, radius), rows)
-    return _remap(_hash_mih(h, radius, plan), rows)
+        return _remap(_hash_brute(h, radius, progress=progress), rows)
+    return _remap(_hash_mih(h, radius, plan, progress=progress), rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -877,7 +891,8 @@ def _probe_radius(params: IVFParams, threshold: float | None) -> float:
 
 
 def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, *,
-             threshold: float | None = None, stats: dict | None = None) -> IVFPlan:
+             threshold: float | None = None, stats: dict | None = None,
+             progress: Callable[[int, int], None] | None = None) -> IVFPlan:
     """Coarse stage (CPU, deterministic): PCA + k-means on a sample of the valid rows, then each
     valid row's nearest list (member) and the lists it visits, streamed in blocks (``x`` may be
     a memmap).
@@ -887,7 +902,8 @@ def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, 
     row (distance to the bisecting hyperplane, in the PCA space). A partner across a boundary
     that far away would have to move that far *towards* it; rows deep inside their cell visit
     few lists, rows near a boundary many. Without ``threshold`` every row visits
-    ``nprobe - 1`` lists."""
+    ``nprobe - 1`` lists. ``progress(done, total)`` counts assigned row blocks (reported at
+    0 before the k-means training, which gives no progress of its own)."""
     t0 = time.perf_counter()
     n, d = x.shape
     rows = _valid_rows(n, valid)
@@ -899,6 +915,10 @@ def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, 
     nprobe = max(1, min(int(params.nprobe), nlist))
     rho = _probe_radius(params, threshold)
     workers = _n_threads(params.threads)
+    step = 1 << 13
+    starts = list(range(0, m, step))
+    if progress:
+        progress(0, len(starts))
     with _single_threaded_libs():
         train = _rows_f32(x, _sample_rows(idx, max(int(params.train_size), nlist), params.seed))
         dp = int(params.pca_dim) if params.pca_dim and params.pca_dim < d else d
@@ -909,8 +929,6 @@ def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, 
         del xt
         t1 = time.perf_counter()
 
-        step = 1 << 13
-        starts = list(range(0, m, step))
         prim = np.empty(m, np.int32)
         vis_parts: list = [None] * len(starts)
 
@@ -933,8 +951,9 @@ def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, 
             r, j = np.nonzero(keep)
             vis_parts[k] = (idx[s + r], lab[:, 1:][r, j].astype(np.int32))
 
-        for _ in _pmap(assign_block, list(range(len(starts))), workers):
-            pass
+        for done, _ in enumerate(_pmap(assign_block, list(range(len(starts))), workers), 1):
+            if progress:
+                progress(done, len(starts))
     assign = np.full(n, -1, np.int32)
     assign[idx] = prim
     order = np.argsort(prim, kind="stable")
@@ -1043,12 +1062,14 @@ def embedding_pairs(
     valid: np.ndarray | None = None,
     progress: Callable[[int, int], None] | None = None,
     stats: dict | None = None,
+    plan_progress: Callable[[int, int], None] | None = None,
 ) -> Pairs:
     """Pairs of rows with cosine ≥ ``threshold``; rows L2-normalised, float16 or float32, may
     be a memmap. Serial driver: :func:`plan_ivf` → :func:`make_units` → :func:`unit_pairs`
     (in worker threads) → :func:`merge_pairs`. Below ``params.exact_below`` valid rows it is
-    exact brute force. ``progress(done, total)`` counts lists (brute force: tiles); ``stats``,
-    if given, receives timings and plan figures."""
+    exact brute force. ``progress(done, total)`` counts lists (brute force: tiles),
+    ``plan_progress`` the coarse stage (see :func:`plan_ivf`); ``stats``, if given, receives
+    timings and plan figures."""
     t0 = time.perf_counter()
     if x.ndim != 2:
         raise ValueError(f"x must be (n, d), got shape {x.shape}")
@@ -1069,7 +1090,7 @@ def embedding_pairs(
         st.update(method="brute_force", seconds=time.perf_counter() - t0, pairs=len(p))
         return p
     _want_fast_f16(x, 3.0 * m * d)  # rows are converted ≥ 3 times (assignment, own list, visits)
-    plan = plan_ivf(x, params, valid, threshold=threshold, stats=st)
+    plan = plan_ivf(x, params, valid, threshold=threshold, stats=st, progress=plan_progress)
     t1 = time.perf_counter()
     units = make_units(plan)
     sizes = plan.list_sizes()
@@ -1118,6 +1139,7 @@ def kth_neighbour_similarity(
     nprobe: int = 5,
     block: int = 4096,
     stats: dict | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Cosine of each valid row to its k-th most similar other valid row (float32; NaN for
     invalid rows and where fewer than k others were compared).
@@ -1127,7 +1149,8 @@ def kth_neighbour_similarity(
     next-nearest lists) and one matrix product per list, members and visitors × members, so
     each row is compared with the members of its own list and of its nearest other lists.
     A row whose true neighbours lie in lists it did not visit gets a lower similarity (a
-    higher outlier score) than exact search would give; docs/manifest.md measures how much."""
+    higher outlier score) than exact search would give; docs/manifest.md measures how much.
+    ``progress(done, total)`` counts row blocks (exact) or lists (IVF)."""
     t0 = time.perf_counter()
     n, d = x.shape
     rows_all = _valid_rows(n, valid)
@@ -1140,7 +1163,8 @@ def kth_neighbour_similarity(
     mm = _Matmul(False)
     if m < exact_below:
         method = "exact"
-        for q0 in range(0, m, block):
+        nblocks = -(-m // block)
+        for b, q0 in enumerate(range(0, m, block), 1):
             qr = idx[q0 : q0 + block]
             xq = _rows_f32(x, qr)
             for c0 in range(q0, m, block):  # each block pair once: s serves both sides
@@ -1151,12 +1175,16 @@ def kth_neighbour_similarity(
                 else:
                     _merge_topk(best, cr, np.ascontiguousarray(s.T), k)
                 _merge_topk(best, qr, s, k)
+            if progress:
+                progress(b, nblocks)
     else:
         method = "ivf"
         params = IVFParams.auto(m, d, nprobe=max(1, int(nprobe)), probe_margin=None)
         plan = plan_ivf(x, params, valid)
         mo, vo = plan.member_offsets, plan.visitor_offsets
         for L in range(plan.nlist):
+            if progress and L % 64 == 0:
+                progress(L, plan.nlist)  # lists done so far
             mem = plan.member_rows[mo[L] : mo[L + 1]]
             if len(mem) == 0:
                 continue
@@ -1173,6 +1201,8 @@ def kth_neighbour_similarity(
                     own = (pos >= c0) & (pos < c0 + len(cm)) & (pos < len(mem))
                     s[np.flatnonzero(own), pos[own] - c0] = -np.inf
                     _merge_topk(best, rr, s, k)
+        if progress:
+            progress(plan.nlist, plan.nlist)
     kth = best[:, 0] if k == 1 else best.min(axis=1)
     kth = np.where(np.isfinite(kth), kth, np.nan).astype(_F32)
     out[idx] = kth[idx]

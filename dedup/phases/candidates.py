@@ -166,7 +166,8 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
             info.setdefault("uninformative_hashes", {})[method] = int((valid & ~informative).sum())
             valid = valid & informative
             radius = cfg.hashes.phash_radius if method == "phash" else cfg.hashes.dhash_radius
-            add(method, cand.hash_pairs(h, radius, valid=valid))
+            hcb = (lambda done, total, m=method: progress(m, done, total)) if progress else None
+            add(method, cand.hash_pairs(h, radius, valid=valid, progress=hcb))
         elif method == "embedding":
             if fs.embeddings is None:
                 raise SchemaMismatchError("method 'embedding' requested but the features hold no embeddings")
@@ -176,10 +177,13 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
             params = cand.IVFParams.auto(n_valid, fs.embeddings.shape[1], threshold=th, **over)
             info["ivf"] = {k: v for k, v in vars(params).items() if isinstance(v, (int, float, bool, str, type(None)))}
             cb = (lambda done, total: progress("embedding", done, total)) if progress else None
+            # the coarse stage (k-means, then row blocks assigned to lists) as its own bar
+            pcb = (lambda done, total: progress("embedding-assign", done, total)) if progress else None
             if cfg.run.executor == "ray" and n_valid >= params.exact_below:
-                add(method, _embedding_pairs_on_ray(cfg, cand, fs.embeddings, ok, th, params, cb))
+                add(method, _embedding_pairs_on_ray(cfg, cand, fs.embeddings, ok, th, params, cb, pcb))
             else:
-                add(method, cand.embedding_pairs(fs.embeddings, th, params=params, valid=ok, progress=cb))
+                add(method, cand.embedding_pairs(fs.embeddings, th, params=params, valid=ok, progress=cb,
+                                                 plan_progress=pcb))
         info["timings"][method] = round(time.perf_counter() - t0, 3)
     table = pa.concat_tables(parts) if parts else PAIRS_SCHEMA.empty_table()
     table = table.sort_by([("a", "ascending"), ("b", "ascending"), ("method", "ascending")])
@@ -194,13 +198,14 @@ def _unit_task(x: np.ndarray, item) -> object:
     return cand.unit_pairs(x, unit, threshold, params)
 
 
-def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, threshold: float, params, progress):
+def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, threshold: float, params, progress,
+                            plan_progress=None):
     """The coarse stage in the driver, then each work unit as a Ray task (same pairs as serial:
     units are independent and their merge is order-free)."""
     from dedup.errors import DedupError
     from dedup.executors.ray import RayExecutor
 
-    plan = cand.plan_ivf(x, params, valid=ok, threshold=threshold)
+    plan = cand.plan_ivf(x, params, valid=ok, threshold=threshold, progress=plan_progress)
     units = cand.make_units(plan)
     parts = []
     with RayExecutor(cfg) as ex:

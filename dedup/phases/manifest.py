@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -103,7 +105,8 @@ def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
     return rank_order(cols)
 
 
-def outlier_scores(emb: np.ndarray, ok: np.ndarray, k: int, stats: dict | None = None) -> np.ndarray:
+def outlier_scores(emb: np.ndarray, ok: np.ndarray, k: int, stats: dict | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """1 - cosine to the k-th nearest other ok sample (NaN where not computable).
 
     Exact below 10 000 ok samples; above, approximate over IVF lists with one matrix product
@@ -112,7 +115,7 @@ def outlier_scores(emb: np.ndarray, ok: np.ndarray, k: int, stats: dict | None =
     before, with outlier ranks correlating 0.93 with exact ones (benchmarks/outlier.py)."""
     from dedup.compute.candidates import kth_neighbour_similarity
 
-    sim = kth_neighbour_similarity(emb, int(k), valid=np.asarray(ok, bool), stats=stats)
+    sim = kth_neighbour_similarity(emb, int(k), valid=np.asarray(ok, bool), stats=stats, progress=progress)
     return (1.0 - sim).astype(np.float32)
 
 
