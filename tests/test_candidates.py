@@ -373,3 +373,17 @@ def test_hash_pairs_progress_reaches_its_total(method):
     C.hash_pairs(h, 6, method=method, progress=lambda a, b: ticks.append((a, b)))
     assert len(ticks) >= 2 and ticks[-1][0] == ticks[-1][1]
     assert all(a <= b for a, b in ticks) and [a for a, _ in ticks] == sorted(a for a, _ in ticks)
+
+
+def test_more_lists_than_training_rows_uses_the_rows_as_centroids(emb):
+    """train_size below nlist (the automatic sizes from ~3e7 rows on): the sample is raised to
+    nlist rows, which become the centroids as they are (no k-means); the search still works."""
+    params = _ivf(*emb.shape, use_gpu=False, nlist=500, train_size=300)
+    plan = C.plan_ivf(emb, params, threshold=0.9)
+    assert plan.nlist == len(plan.centroids) == 500
+    sample = C._sample_rows(np.arange(len(emb)), 500, params.seed)
+    proj = C._pca(C._rows_f32(emb, sample), params.pca_dim)
+    assert np.allclose(plan.centroids, proj(C._rows_f32(emb, sample)), atol=1e-6)
+    p = C.embedding_pairs(emb, 0.9, params)
+    truth = _set(C.brute_force_pairs(emb, 0.9))
+    assert _set(p) <= truth and len(_set(p) & truth) >= 0.95 * len(truth)

@@ -354,8 +354,9 @@ def test_pipeline_examples_are_consistent():
     assert cfg.ray.embed_actors <= groups["gpu"]["maxReplicas"]
 
 
-def test_candidate_search_spread_over_ray_equals_serial(ray_cluster):
-    """IVF work units as Ray tasks (embeddings shared via the object store) give the serial pairs."""
+def test_candidate_search_spread_over_ray_equals_serial(ray_cluster, monkeypatch):
+    """The coarse stage's row blocks and the IVF work units as Ray tasks (embeddings shared via
+    the object store) give the serial pairs."""
     from dedup.compute import candidates as cand
     from dedup.config import load_config
     from dedup.phases.candidates import _embedding_pairs_on_ray
@@ -371,7 +372,12 @@ def test_candidate_search_spread_over_ray_equals_serial(ray_cluster):
     assert n >= params.exact_below  # the IVF path, not the brute-force fallback
     serial = cand.embedding_pairs(x, 0.9, params=params, valid=ok)
     cfg = load_config(None, None, **{"run.executor": "ray"})
-    spread = _embedding_pairs_on_ray(cfg, cand, x, ok, 0.9, params, None)
+    # small row blocks, two per task: the coarse stage runs as 3 tasks, reassembled in order
+    monkeypatch.setattr(cand, "_ASSIGN_BLOCK", 1000)
+    monkeypatch.setattr("dedup.phases.candidates._ASSIGN_BLOCKS_PER_TASK", 2)
+    ticks = []
+    spread = _embedding_pairs_on_ray(cfg, cand, x, ok, 0.9, params, None, lambda a, b: ticks.append((a, b)))
+    assert ticks[0] == (0, 6) and ticks[-1] == (6, 6) and len(ticks) == 4
     assert len(serial.i) > 50
     assert np.array_equal(serial.i, spread.i) and np.array_equal(serial.j, spread.j)
     assert np.array_equal(serial.score, spread.score)

@@ -64,6 +64,10 @@ __all__ = [
     "embedding_pairs",
     "brute_force_pairs",
     "plan_ivf",
+    "train_ivf",
+    "assign_rows",
+    "build_plan",
+    "IVFCoarse",
     "make_units",
     "unit_pairs",
     "merge_pairs",
@@ -890,12 +894,110 @@ def _probe_radius(params: IVFParams, threshold: float | None) -> float:
     return float(params.probe_margin) * r
 
 
+@dataclass(frozen=True)
+class IVFCoarse:
+    """The trained coarse quantizer: all that assigning rows to lists needs (small, picklable)."""
+
+    projection: Projection
+    centroids: np.ndarray  # (nlist, pca_dim) float32, in the PCA space
+    rho: float  # bisector-distance limit for visiting (inf = plain top-nprobe)
+    params: IVFParams  # nlist and nprobe clamped to the data
+
+
+def train_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, *,
+              threshold: float | None = None) -> IVFCoarse:
+    """PCA and k-means on a sample of the valid rows (CPU, single-threaded, fixed seeds: the
+    same input and params give the same quantizer on any machine)."""
+    n, d = x.shape
+    rows = _valid_rows(n, valid)
+    idx = np.arange(n, dtype=_I64) if rows is None else rows
+    m = len(idx)
+    if m == 0:
+        raise ValueError("plan_ivf needs at least one valid row")
+    nlist = max(1, min(int(params.nlist), m))
+    nprobe = max(1, min(int(params.nprobe), nlist))
+    with _single_threaded_libs():
+        train = _rows_f32(x, _sample_rows(idx, max(int(params.train_size), nlist), params.seed))
+        dp = int(params.pca_dim) if params.pca_dim and params.pca_dim < d else d
+        project = _pca(train, dp)
+        xt = project(train)
+        del train
+        centroids = _kmeans(xt, nlist, params.niter, params.seed)
+    return IVFCoarse(project, centroids, _probe_radius(params, threshold),
+                     replace(params, nlist=nlist, nprobe=nprobe))
+
+
+def assign_rows(x: np.ndarray, coarse: IVFCoarse, rows: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest list of each of ``x[rows]`` and the lists each visits (see :func:`plan_ivf`).
+
+    Returns ``(member_list, visitor_row, visitor_list)``: int32 per row; then the (global row,
+    list) visit pairs, rows increasing. Pure, one thread; any split of the rows into calls
+    gives the same result (the unit of the Ray-spread coarse stage)."""
+    rid = np.arange(rows.start or 0, rows.stop, dtype=_I64) if isinstance(rows, slice) else np.asarray(rows, _I64)
+    blk = _rows_f32(x, rows)
+    nprobe = coarse.params.nprobe
+    centroids = coarse.centroids
+    dist, lab = _nearest(centroids, coarse.projection(blk), nprobe)
+    del blk
+    prim = lab[:, 0].astype(np.int32)
+    if nprobe == 1:
+        return prim, np.empty(0, _I64), np.empty(0, np.int32)
+    keep = lab[:, 1:] >= 0
+    if math.isfinite(coarse.rho):
+        c = centroids[np.maximum(lab, 0)]  # (b, nprobe, dp)
+        diff = c[:, 1:] - c[:, :1]
+        gap = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+        del c, diff
+        bis = (dist[:, 1:] - dist[:, :1]) / np.maximum(2.0 * gap, 1e-12)
+        keep &= bis <= coarse.rho
+    r, j = np.nonzero(keep)
+    return prim, rid[r], lab[:, 1:][r, j].astype(np.int32)
+
+
+_ASSIGN_BLOCK = 1 << 13
+
+
+def assign_blocks(n_rows: int) -> list[tuple[int, int]]:
+    """The row blocks (positions among the valid rows) of the coarse stage."""
+    return [(s, min(n_rows, s + _ASSIGN_BLOCK)) for s in range(0, n_rows, _ASSIGN_BLOCK)]
+
+
+def build_plan(n: int, coarse: IVFCoarse, idx: np.ndarray, prim: np.ndarray,
+               visits: list[tuple[np.ndarray, np.ndarray]]) -> IVFPlan:
+    """Assemble the plan from every valid row's member list (``prim``, aligned with ``idx``)
+    and the visit pairs of :func:`assign_rows`, in row-block order."""
+    nlist = coarse.params.nlist
+    assign = np.full(n, -1, np.int32)
+    assign[idx] = prim
+    order = np.argsort(prim, kind="stable")
+    member_rows = idx[order]
+    member_offsets = np.zeros(nlist + 1, _I64)
+    np.cumsum(np.bincount(prim, minlength=nlist), out=member_offsets[1:])
+    visits = [v for v in visits if len(v[0])]
+    if visits:
+        vr = np.concatenate([v[0] for v in visits])  # rows increasing (blocks in order)
+        vl = np.concatenate([v[1] for v in visits])
+        vo = np.argsort(vl, kind="stable")  # rows stay increasing within a list
+        visitor_rows = vr[vo]
+        visitor_offsets = np.zeros(nlist + 1, _I64)
+        np.cumsum(np.bincount(vl, minlength=nlist), out=visitor_offsets[1:])
+        del vr, vl, vo
+    else:
+        visitor_rows = np.empty(0, _I64)
+        visitor_offsets = np.zeros(nlist + 1, _I64)
+    return IVFPlan(
+        n=n, nlist=nlist, assign=assign, member_rows=member_rows, member_offsets=member_offsets,
+        visitor_rows=visitor_rows, visitor_offsets=visitor_offsets, centroids=coarse.centroids,
+        params=coarse.params,
+    )
+
+
 def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, *,
              threshold: float | None = None, stats: dict | None = None,
              progress: Callable[[int, int], None] | None = None) -> IVFPlan:
-    """Coarse stage (CPU, deterministic): PCA + k-means on a sample of the valid rows, then each
-    valid row's nearest list (member) and the lists it visits, streamed in blocks (``x`` may be
-    a memmap).
+    """Coarse stage (CPU, deterministic): PCA + k-means on a sample of the valid rows
+    (:func:`train_ivf`), then each valid row's nearest list (member) and the lists it visits,
+    streamed in blocks on worker threads (:func:`assign_rows`; ``x`` may be a memmap).
 
     Visited lists: among the ``nprobe - 1`` next-nearest centroids, those whose Voronoi
     boundary with the row's own cell is within ``probe_margin · √(2 - 2·threshold)`` of the
@@ -905,81 +1007,33 @@ def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, 
     ``nprobe - 1`` lists. ``progress(done, total)`` counts assigned row blocks (reported at
     0 before the k-means training, which gives no progress of its own)."""
     t0 = time.perf_counter()
-    n, d = x.shape
+    n = x.shape[0]
     rows = _valid_rows(n, valid)
     idx = np.arange(n, dtype=_I64) if rows is None else rows
     m = len(idx)
-    if m == 0:
-        raise ValueError("plan_ivf needs at least one valid row")
-    nlist = max(1, min(int(params.nlist), m))
-    nprobe = max(1, min(int(params.nprobe), nlist))
-    rho = _probe_radius(params, threshold)
-    workers = _n_threads(params.threads)
-    step = 1 << 13
-    starts = list(range(0, m, step))
-    if progress:
-        progress(0, len(starts))
+    blocks = assign_blocks(m)
+    if progress and m:
+        progress(0, len(blocks))
+    coarse = train_ivf(x, params, valid, threshold=threshold)
+    t1 = time.perf_counter()
+    prim = np.empty(m, np.int32)
+    visits: list = [None] * len(blocks)
+
+    def one(k: int) -> None:
+        s, e = blocks[k]
+        p, vr, vl = assign_rows(x, coarse, slice(s, e) if rows is None else idx[s:e])
+        prim[s:e] = p
+        visits[k] = (vr, vl)
+
     with _single_threaded_libs():
-        train = _rows_f32(x, _sample_rows(idx, max(int(params.train_size), nlist), params.seed))
-        dp = int(params.pca_dim) if params.pca_dim and params.pca_dim < d else d
-        project = _pca(train, dp)
-        xt = project(train)
-        del train
-        centroids = _kmeans(xt, nlist, params.niter, params.seed)
-        del xt
-        t1 = time.perf_counter()
-
-        prim = np.empty(m, np.int32)
-        vis_parts: list = [None] * len(starts)
-
-        def assign_block(k: int) -> None:
-            s = starts[k]
-            e = min(m, s + step)
-            blk = _rows_f32(x, slice(s, e) if rows is None else idx[s:e])
-            dist, lab = _nearest(centroids, project(blk), nprobe)
-            prim[s:e] = lab[:, 0]
-            if nprobe == 1:
-                return
-            keep = lab[:, 1:] >= 0
-            if math.isfinite(rho):
-                c = centroids[np.maximum(lab, 0)]  # (b, nprobe, dp)
-                diff = c[:, 1:] - c[:, :1]
-                gap = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
-                del c, diff
-                bis = (dist[:, 1:] - dist[:, :1]) / np.maximum(2.0 * gap, 1e-12)
-                keep &= bis <= rho
-            r, j = np.nonzero(keep)
-            vis_parts[k] = (idx[s + r], lab[:, 1:][r, j].astype(np.int32))
-
-        for done, _ in enumerate(_pmap(assign_block, list(range(len(starts))), workers), 1):
+        for done, _ in enumerate(_pmap(one, list(range(len(blocks))), _n_threads(params.threads)), 1):
             if progress:
-                progress(done, len(starts))
-    assign = np.full(n, -1, np.int32)
-    assign[idx] = prim
-    order = np.argsort(prim, kind="stable")
-    member_rows = idx[order]
-    member_offsets = np.zeros(nlist + 1, _I64)
-    np.cumsum(np.bincount(prim, minlength=nlist), out=member_offsets[1:])
-    parts = [v for v in vis_parts if v is not None]
-    if parts:
-        vr = np.concatenate([v[0] for v in parts])  # rows increasing (blocks in order)
-        vl = np.concatenate([v[1] for v in parts])
-        vo = np.argsort(vl, kind="stable")  # rows stay increasing within a list
-        visitor_rows = vr[vo]
-        visitor_offsets = np.zeros(nlist + 1, _I64)
-        np.cumsum(np.bincount(vl, minlength=nlist), out=visitor_offsets[1:])
-        del vr, vl, vo
-    else:
-        visitor_rows = np.empty(0, _I64)
-        visitor_offsets = np.zeros(nlist + 1, _I64)
+                progress(done, len(blocks))
+    plan = build_plan(n, coarse, idx, prim, visits)
     if stats is not None:
         stats.update(train_seconds=t1 - t0, assign_seconds=time.perf_counter() - t1,
-                     mean_probes=1.0 + len(visitor_rows) / m, probe_radius=rho)
-    return IVFPlan(
-        n=n, nlist=nlist, assign=assign, member_rows=member_rows, member_offsets=member_offsets,
-        visitor_rows=visitor_rows, visitor_offsets=visitor_offsets, centroids=centroids,
-        params=replace(params, nlist=nlist, nprobe=nprobe),
-    )
+                     mean_probes=1.0 + len(plan.visitor_rows) / m, probe_radius=coarse.rho)
+    return plan
 
 
 def make_units(plan: IVFPlan, unit_rows: int | None = None) -> list[WorkUnit]:

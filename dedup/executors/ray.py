@@ -408,10 +408,11 @@ class RayExecutor:
         Failed tasks are retried (``run.retries``), including when a worker dies.
 
         With ``shared`` (e.g. the embedding matrix), it is put in the object store once and
-        tasks call ``fn(shared, item)``; numpy arrays arrive zero-copy from shared memory."""
+        tasks call ``fn(shared, item)``; numpy arrays arrive zero-copy from shared memory.
+        ``shared`` may already be a reference from :meth:`put` (several calls, one copy)."""
         self.connect()
         if shared is not None:
-            shared_ref = ray.put(np.ascontiguousarray(shared) if isinstance(shared, np.ndarray) else shared)
+            shared_ref = shared if isinstance(shared, ray.ObjectRef) else self.put(shared)
             task = ray.remote(fn).options(
                 num_cpus=self.cfg.ray.cpus_per_task if num_cpus is None else num_cpus, num_gpus=num_gpus,
                 max_retries=self._retries(), retry_exceptions=True,
@@ -423,6 +424,11 @@ class RayExecutor:
             max_retries=self._retries(), retry_exceptions=True,
         )
         yield from self._drain(task, items, lambda item: task.remote(item))
+
+    def put(self, obj: Any) -> Any:
+        """Put ``obj`` in the object store once (numpy arrays contiguous, read zero-copy)."""
+        self.connect()
+        return ray.put(np.ascontiguousarray(obj) if isinstance(obj, np.ndarray) else obj)
 
     def _drain(self, task, items: Iterable, submit: Callable) -> Iterator[tuple[Any, Any, str | None]]:
         pending: dict[Any, Any] = {}

@@ -198,22 +198,70 @@ def _unit_task(x: np.ndarray, item) -> object:
     return cand.unit_pairs(x, unit, threshold, params)
 
 
+def _assign_task(x: np.ndarray, item) -> object:
+    """Rows of the coarse stage on a Ray worker: their lists, one block at a time."""
+    import ray
+
+    from dedup.compute import candidates as cand
+
+    _, coarse_ref, spans = item
+    coarse = ray.get(coarse_ref) if isinstance(coarse_ref, ray.ObjectRef) else coarse_ref
+    out = []
+    with cand._single_threaded_libs():
+        for rows in spans:
+            out.append(cand.assign_rows(x, coarse, rows))
+    return out
+
+
+# Row blocks per coarse-stage task: ~0.5M rows, seconds to minutes of work each.
+_ASSIGN_BLOCKS_PER_TASK = 64
+
+
 def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, threshold: float, params, progress,
                             plan_progress=None):
-    """The coarse stage in the driver, then each work unit as a Ray task (same pairs as serial:
-    units are independent and their merge is order-free)."""
+    """Both halves spread as Ray tasks, the embeddings put in the object store once: the
+    coarse quantizer is trained in the driver (a sample), the rows are assigned to lists by
+    tasks of row blocks, then each work unit is a task. Same pairs as the serial driver: row
+    blocks and units are independent, and their merges are order-free."""
     from dedup.errors import DedupError
     from dedup.executors.ray import RayExecutor
 
-    plan = cand.plan_ivf(x, params, valid=ok, threshold=threshold, progress=plan_progress)
-    units = cand.make_units(plan)
-    parts = []
+    n = x.shape[0]
+    idx = np.flatnonzero(ok).astype(np.int64)
+    blocks = cand.assign_blocks(len(idx))
+    if plan_progress:
+        plan_progress(0, len(blocks))
+    coarse = cand.train_ivf(x, params, valid=ok, threshold=threshold)
     with RayExecutor(cfg) as ex:
-        for k, (_unit, res, err) in enumerate(ex.map_units(_unit_task, [(u, threshold, params) for u in units], shared=np.asarray(x))):
+        x_ref = ex.put(np.asarray(x))
+        coarse_ref = ex.put(coarse)
+        # a task gets the row indices of its blocks (never the whole index array)
+        groups = [list(range(k, min(len(blocks), k + _ASSIGN_BLOCKS_PER_TASK)))
+                  for k in range(0, len(blocks), _ASSIGN_BLOCKS_PER_TASK)]
+        items = [(k, coarse_ref, [idx[blocks[b][0] : blocks[b][1]] for b in g]) for k, g in enumerate(groups)]
+        results: list = [None] * len(groups)
+        done = 0
+        for item, res, err in ex.map_units(_assign_task, items, shared=x_ref):
+            if err:
+                raise DedupError(f"candidate search coarse stage failed after retries: {err}")
+            k = item[0]
+            results[k] = res
+            done += len(groups[k])
+            if plan_progress:
+                plan_progress(done, len(blocks))
+        prim = np.empty(len(idx), np.int32)
+        visits = []
+        for g, res in zip(groups, results):
+            for b, (p, vr, vl) in zip(g, res):
+                prim[blocks[b][0] : blocks[b][1]] = p
+                visits.append((vr, vl))
+        plan = cand.build_plan(n, coarse, idx, prim, visits)
+        units = cand.make_units(plan)
+        parts = []
+        for k, (_unit, res, err) in enumerate(ex.map_units(_unit_task, [(u, threshold, params) for u in units], shared=x_ref)):
             if err:
                 raise DedupError(f"candidate search unit failed after retries: {err}")
             parts.append(res)
             if progress:
                 progress(k + 1, len(units))
     return cand.merge_pairs(parts)
-
