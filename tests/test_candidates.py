@@ -387,3 +387,12 @@ def test_more_lists_than_training_rows_uses_the_rows_as_centroids(emb):
     p = C.embedding_pairs(emb, 0.9, params)
     truth = _set(C.brute_force_pairs(emb, 0.9))
     assert _set(p) <= truth and len(_set(p) & truth) >= 0.95 * len(truth)
+
+
+def test_kmeans_on_several_threads_gives_the_same_quantizer(emb):
+    """k-means runs on all cores; the centroids (hence the partition and the pairs) must not
+    depend on how many."""
+    params = _ivf(*emb.shape, use_gpu=False)
+    ref = C.train_ivf(emb, replace(params, threads=1), threshold=0.9).centroids
+    for t in (2, 3):
+        assert np.array_equal(C.train_ivf(emb, replace(params, threads=t), threshold=0.9).centroids, ref), t

@@ -573,25 +573,27 @@ def _n_threads(threads: int) -> int:
 
 
 @contextmanager
-def _single_threaded_libs() -> Iterator[None]:
-    """BLAS and faiss (OpenMP) to one thread each, restored afterwards.
+def _single_threaded_libs(threads: int = 1) -> Iterator[None]:
+    """BLAS and faiss (OpenMP) to ``threads`` threads each (default one), restored afterwards.
 
     We parallelise over independent pieces (units, blocks) with Python threads instead:
     BLAS/OpenMP thread pools on many small products are slow, and several times slower still
-    when the cores are shared with other processes (measured in docs/candidates.md).
+    when the cores are shared with other processes (measured in docs/candidates.md). Only
+    k-means, one big computation, uses the library threads.
     """
     import faiss
 
     from threadpoolctl import threadpool_limits
 
+    threads = max(1, int(threads))
     prev = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
+    faiss.omp_set_num_threads(threads)
     torch = sys.modules.get("torch")  # only its fp16 conversion runs here (see _rows_f32)
     prev_torch = torch.get_num_threads() if torch is not None else 0
     if torch is not None:
         torch.set_num_threads(1)
     try:
-        with threadpool_limits(1):
+        with threadpool_limits(threads):
             yield
     finally:
         faiss.omp_set_num_threads(prev)
@@ -872,7 +874,8 @@ def _nearest(centroids: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, 
 
 
 def _kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
-    """faiss k-means (single-threaded inside :func:`_single_threaded_libs`: deterministic)."""
+    """faiss k-means with a fixed seed (deterministic, also across thread counts: see
+    :func:`train_ivf`)."""
     import faiss
 
     x = np.ascontiguousarray(x, dtype=_F32)
@@ -906,8 +909,8 @@ class IVFCoarse:
 
 def train_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, *,
               threshold: float | None = None) -> IVFCoarse:
-    """PCA and k-means on a sample of the valid rows (CPU, single-threaded, fixed seeds: the
-    same input and params give the same quantizer on any machine)."""
+    """PCA and k-means on a sample of the valid rows (CPU, fixed seeds: the same input and
+    params give the same quantizer on any machine, with any number of threads)."""
     n, d = x.shape
     rows = _valid_rows(n, valid)
     idx = np.arange(n, dtype=_I64) if rows is None else rows
@@ -922,6 +925,9 @@ def train_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None,
         project = _pca(train, dp)
         xt = project(train)
         del train
+    # k-means on all cores gives the same centroids as on one (tested): faiss sums each
+    # centroid in one thread in row order, and BLAS splits the products by rows/columns only
+    with _single_threaded_libs(_n_threads(params.threads)):
         centroids = _kmeans(xt, nlist, params.niter, params.seed)
     return IVFCoarse(project, centroids, _probe_radius(params, threshold),
                      replace(params, nlist=nlist, nprobe=nprobe))
