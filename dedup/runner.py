@@ -272,6 +272,7 @@ def finish_run(
         "uninformative_hashes": info.get("uninformative_hashes", {}),
         "candidate_timings": info["timings"],
         "ivf": info.get("ivf"),
+        "ivf_search": info.get("ivf_search"),
         "methods": list(cfg.methods),
         "thresholds": {
             "phash_radius": cfg.hashes.phash_radius,

@@ -165,6 +165,8 @@ def _assert_same_run(a: Path, b: Path) -> None:
     for s in (sa, sb):
         for k in ("timings", "candidate_timings", "finished_at"):
             s.pop(k, None)
+        for k in [k for k in (s.get("ivf_search") or {}) if k.endswith("seconds")]:
+            s["ivf_search"].pop(k)
     assert sa == sb
 
 
@@ -178,6 +180,8 @@ def test_local_and_ray_give_identical_runs(ray_cluster, shards, tmp_path, method
     assert local.exit_code == remote.exit_code == 3
     assert remote.stats["shards"] == local.stats["shards"]
     assert "cut-00000" in remote.stats["shards"]["failed"]
+    if methods is None:  # the embedding search reports how it went (small: exact brute force)
+        assert local.stats["ivf_search"]["method"] == "brute_force" and local.stats["ivf_search"]["valid"] > 0
     _assert_same_run(tmp_path / "local", tmp_path / "ray")
     _, rows = _rows(tmp_path / "ray")
     status = {r["sample_id"]: r["status"] for r in rows}
@@ -376,8 +380,10 @@ def test_candidate_search_spread_over_ray_equals_serial(ray_cluster, monkeypatch
     monkeypatch.setattr(cand, "_ASSIGN_BLOCK", 1000)
     monkeypatch.setattr("dedup.phases.candidates._ASSIGN_BLOCKS_PER_TASK", 2)
     ticks = []
-    spread = _embedding_pairs_on_ray(cfg, cand, x, ok, 0.9, params, None, lambda a, b: ticks.append((a, b)))
+    st: dict = {}
+    spread = _embedding_pairs_on_ray(cfg, cand, x, ok, 0.9, params, None, lambda a, b: ticks.append((a, b)), stats=st)
     assert ticks[0] == (0, 6) and ticks[-1] == (6, 6) and len(ticks) == 4
+    assert st["method"] == "ivf-ray" and st["valid"] == n - 1 and st["mean_probes"] >= 1.0
     assert len(serial.i) > 50
     assert np.array_equal(serial.i, spread.i) and np.array_equal(serial.j, spread.j)
     assert np.array_equal(serial.score, spread.score)

@@ -179,15 +179,23 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
             cb = (lambda done, total: progress("embedding", done, total)) if progress else None
             # the coarse stage (k-means, then row blocks assigned to lists) as its own bar
             pcb = (lambda done, total: progress("embedding-assign", done, total)) if progress else None
+            st: dict = {}
             if cfg.run.executor == "ray" and n_valid >= params.exact_below:
-                add(method, _embedding_pairs_on_ray(cfg, cand, fs.embeddings, ok, th, params, cb, pcb))
+                add(method, _embedding_pairs_on_ray(cfg, cand, fs.embeddings, ok, th, params, cb, pcb, stats=st))
             else:
                 add(method, cand.embedding_pairs(fs.embeddings, th, params=params, valid=ok, progress=cb,
-                                                 plan_progress=pcb))
+                                                 plan_progress=pcb, stats=st))
+            # how the search went (for tuning nlist/nprobe): where the time went, visits per row
+            info["ivf_search"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()
+                                  if k in _SEARCH_STATS}
         info["timings"][method] = round(time.perf_counter() - t0, 3)
     table = pa.concat_tables(parts) if parts else PAIRS_SCHEMA.empty_table()
     table = table.sort_by([("a", "ascending"), ("b", "ascending"), ("method", "ascending")])
     return table, info
+
+
+_SEARCH_STATS = ("method", "valid", "nlist", "nprobe", "mean_probes", "list_size_max", "list_size_mean",
+                 "dot_products", "train_seconds", "assign_seconds", "pairs_seconds", "seconds")
 
 
 def _unit_task(x: np.ndarray, item) -> object:
@@ -218,7 +226,7 @@ _ASSIGN_BLOCKS_PER_TASK = 64
 
 
 def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, threshold: float, params, progress,
-                            plan_progress=None):
+                            plan_progress=None, stats: dict | None = None):
     """Both halves spread as Ray tasks, the embeddings put in the object store once: the
     coarse quantizer is trained in the driver (a sample), the rows are assigned to lists by
     tasks of row blocks, then each work unit is a task. Same pairs as the serial driver: row
@@ -226,12 +234,14 @@ def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, th
     from dedup.errors import DedupError
     from dedup.executors.ray import RayExecutor
 
+    t0 = time.perf_counter()
     n = x.shape[0]
     idx = np.flatnonzero(ok).astype(np.int64)
     blocks = cand.assign_blocks(len(idx))
     if plan_progress:
         plan_progress(0, len(blocks))
     coarse = cand.train_ivf(x, params, valid=ok, threshold=threshold)
+    t1 = time.perf_counter()
     with RayExecutor(cfg) as ex:
         x_ref = ex.put(np.asarray(x))
         coarse_ref = ex.put(coarse)
@@ -256,6 +266,7 @@ def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, th
                 prim[blocks[b][0] : blocks[b][1]] = p
                 visits.append((vr, vl))
         plan = cand.build_plan(n, coarse, idx, prim, visits)
+        t2 = time.perf_counter()
         units = cand.make_units(plan)
         parts = []
         for k, (_unit, res, err) in enumerate(ex.map_units(_unit_task, [(u, threshold, params) for u in units], shared=x_ref)):
@@ -264,4 +275,13 @@ def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, th
             parts.append(res)
             if progress:
                 progress(k + 1, len(units))
-    return cand.merge_pairs(parts)
+    out = cand.merge_pairs(parts)
+    if stats is not None:
+        sizes = plan.list_sizes()
+        stats.update(method="ivf-ray", valid=len(idx), nlist=plan.nlist, nprobe=plan.params.nprobe,
+                     mean_probes=1.0 + len(plan.visitor_rows) / max(1, len(idx)),
+                     list_size_max=int(sizes.max()), list_size_mean=float(sizes.mean()),
+                     dot_products=int(sum(u.cost for u in units)), train_seconds=t1 - t0,
+                     assign_seconds=t2 - t1, pairs_seconds=time.perf_counter() - t2,
+                     seconds=time.perf_counter() - t0)
+    return out
