@@ -374,13 +374,15 @@ def _report(emb: list[dict], hsh: list[dict]) -> str:
     rows = []
     for r in emb:
         rows.append([
-            f"{r['n']:,}", r["params"]["nlist"], r["params"]["nprobe"], r["seconds"], r["cpu_seconds"],
+            f"{r['n']:,}", r["params"]["nlist"], r["params"]["nprobe"], r["seconds"],
+            r.get("plan_seconds", "–"), r.get("pairs_seconds", "–"), r["cpu_seconds"],
             r["peak_rss_mb"], r["pairs"], f"{r['recall']:.4f} ({r['recall_mode']}, {r['truth_pairs']:,} pairs)",
             f"{r['planted_recall']:.4f}", r["flat_seconds"] if r["flat_mode"] == "exact" else f"~{r['flat_seconds']:.0f} (extrapolated)",
             r["flat_peak_rss_mb"] if r["flat_mode"] == "exact" else "–",
         ])
     emb_t = markdown_table(
-        ["n", "nlist", "nprobe", "IVF s", "IVF CPU s", "IVF peak RSS MB", "pairs", "recall vs exact", "planted recall",
+        ["n", "nlist", "nprobe", "IVF s", "coarse stage s", "pair stage s", "IVF CPU s", "IVF peak RSS MB", "pairs",
+         "recall vs exact", "planted recall",
          "flat exact s", "flat peak RSS MB"], rows)
     by_n = {r["n"]: r for r in emb}
     ratio = ""
