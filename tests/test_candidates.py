@@ -214,6 +214,12 @@ def test_units_are_independent_and_picklable(emb):
     assert len(units) > 3
     assert sum(len(u.lists) for u in units) <= plan.nlist
     units = [pickle.loads(pickle.dumps(u)) for u in units[::-1]]  # any order, any process
+    # the coarse stage splits the same way: a pickled quantizer assigns rows identically
+    coarse = C.train_ivf(emb, params)
+    again = pickle.loads(pickle.dumps(coarse))
+    for a, b in zip(C.assign_rows(emb, coarse, slice(100, 900)), C.assign_rows(emb, again, np.arange(100, 900))):
+        assert np.array_equal(a, b)
+    assert np.array_equal(C.assign_rows(emb, coarse, slice(0, 500))[0], plan.assign[:500])
     parts = [C.unit_pairs(emb, u, 0.9, plan.params) for u in units]
     assert C.merge_pairs(parts) == C.embedding_pairs(emb, 0.9, params)
 

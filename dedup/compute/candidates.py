@@ -840,11 +840,25 @@ class WorkUnit:
         return int((m * (m + v)).sum())
 
 
-def _pca(train: np.ndarray, dp: int) -> Callable[[np.ndarray], np.ndarray]:
+@dataclass(frozen=True)
+class Projection:
+    """v ↦ v @ axes − shift onto orthonormal principal axes (None: identity). A plain object,
+    not a closure, so a trained quantizer pickles with the standard library."""
+
+    axes: np.ndarray | None
+    shift: np.ndarray | None
+
+    def __call__(self, blk: np.ndarray) -> np.ndarray:
+        if self.axes is None:
+            return blk
+        return np.ascontiguousarray(blk @ self.axes - self.shift, dtype=_F32)
+
+
+def _pca(train: np.ndarray, dp: int) -> Projection:
     """Projection onto the top ``dp`` principal axes of ``train`` (float64 eigh: deterministic)."""
     d = train.shape[1]
     if dp >= d:
-        return lambda v: v
+        return Projection(None, None)
     t = train[: 1 << 16].astype(np.float64)
     mean = t.mean(axis=0)
     t -= mean
@@ -852,9 +866,7 @@ def _pca(train: np.ndarray, dp: int) -> Callable[[np.ndarray], np.ndarray]:
     axes = v[:, np.argsort(-w, kind="stable")[:dp]]
     # fix each axis' sign (eigh may return ±v) so the projection is reproducible
     axes *= np.where(axes[np.abs(axes).argmax(axis=0), np.arange(dp)] < 0, -1.0, 1.0)
-    p = np.ascontiguousarray(axes, dtype=_F32)
-    shift = (mean @ axes).astype(_F32)
-    return lambda blk: np.ascontiguousarray(blk @ p - shift, dtype=_F32)
+    return Projection(np.ascontiguousarray(axes, dtype=_F32), (mean @ axes).astype(_F32))
 
 
 def _sample_rows(idx: np.ndarray, k: int, seed: int) -> np.ndarray:
