@@ -163,3 +163,25 @@ def test_s3_round_trip(synth_shards, reference, s3_server, tmp_path):
     assert r.returncode == 0, r.stderr
     with fs.open("bucket/runs/r1/manifest.parquet", "rb") as f:
         assert f.read() == got
+
+
+def test_staging_embeddings_without_disk_space_is_a_clear_error(tmp_path, monkeypatch):
+    """No room to stage the embeddings: a DedupError saying how much is needed where, before
+    anything is written (not an OSError half-way through), and the features stay for a rerun."""
+    from collections import namedtuple
+
+    import numpy as np
+
+    from dedup.errors import DedupError
+    from dedup.io.rundir import RunDir
+    from dedup.phases import candidates as P
+
+    col = pa.chunked_array([pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(8 * 4, np.float16)), 4)])
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(P.shutil, "disk_usage", lambda path: usage(100, 100, 0))
+    with pytest.raises(DedupError, match=r"not enough disk space .* GiB needed in .*index.*rerun"):
+        P._stage_embeddings(RunDir(str(tmp_path)), col, pa.array(np.arange(8)))
+    assert not (tmp_path / "index" / "embeddings.f16").exists()
+    monkeypatch.undo()
+    staged = P._stage_embeddings(RunDir(str(tmp_path)), col, pa.array(np.arange(8)))
+    assert staged.shape == (8, 4)

@@ -92,6 +92,21 @@ def _stage_embeddings(run: RunDir, col: pa.ChunkedArray, order: pa.Array) -> np.
     n = len(col)
     base = run.p("index") if run.local else tempfile.mkdtemp(prefix="dedup-index-")
     os.makedirs(base, exist_ok=True)
+    need = n * d * 2 + (1 << 20)
+    free = shutil.disk_usage(base).free
+    if free < need:
+        # say so before writing, instead of a "No space left on device" half-way through
+        if not run.local:
+            shutil.rmtree(base, ignore_errors=True)
+        from dedup.errors import DedupError
+
+        hint = ("set TMPDIR to a disk with room (the run directory is remote, so the embeddings "
+                "are staged locally)") if not run.local else "free space there or use another --out"
+        raise DedupError(
+            f"not enough disk space to stage {n:,} × {d} float16 embeddings for the candidate search: "
+            f"{need / 2**30:.1f} GiB needed in {base}, {free / 2**30:.1f} GiB free; {hint}. "
+            "The features are kept: rerun the same command to resume."
+        )
     path = os.path.join(base, "embeddings.f16")
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, d))
     # Position of each original row in the sorted order.
