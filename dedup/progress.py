@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 
 log = logging.getLogger("dedup")
@@ -58,6 +59,19 @@ class Progress:
 
     def task(self, name: str, total: int | None = None) -> _Task:
         return _Task(self, name, total)
+
+    def updater(self, name: str) -> Callable[[int, int], None]:
+        """``fn(done, total)`` for code that reports its own totals: the task is made on the
+        first call."""
+        task: _Task | None = None
+
+        def fn(done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = self.task(name, total=total)
+            task.update(done)
+
+        return fn
 
 
 @contextmanager

@@ -223,12 +223,12 @@ def finish_run(
     timings["load"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     with Progress(progress) as prog:
-        tasks: dict = {}
+        bars: dict = {}
 
         def cb(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = prog.task(f"candidates/{name}", total=total)
-            tasks[name].update(done)
+            if name not in bars:
+                bars[name] = prog.updater(f"candidates/{name}")
+            bars[name](done, total)
 
         pairs, info = find_pairs(cfg, fs, progress=cb)
     crash_point("candidates:before_write")
@@ -242,15 +242,8 @@ def finish_run(
         log.info("outlier scores: k-th nearest neighbour of %d embeddings", int(fs.ok().sum()))
         ost: dict = {}
         with Progress(progress) as prog:
-            task = None
-
-            def ocb(done: int, total: int) -> None:
-                nonlocal task
-                if task is None:
-                    task = prog.task("outlier scores", total=total)
-                task.update(done)
-
-            outlier = outlier_scores(fs.embeddings, fs.ok(), cfg.clusters.outlier_k, stats=ost, progress=ocb)
+            outlier = outlier_scores(fs.embeddings, fs.ok(), cfg.clusters.outlier_k, stats=ost,
+                                     progress=prog.updater("outlier scores"))
         timings["outlier"] = round(ost.get("seconds", 0.0), 3)
     manifest, mstats = build_manifest(cfg, fs.table, pairs, outlier=outlier)
     total = manifest.num_rows

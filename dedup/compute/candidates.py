@@ -64,6 +64,7 @@ __all__ = [
     "embedding_pairs",
     "brute_force_pairs",
     "plan_ivf",
+    "plan_figures",
     "train_ivf",
     "assign_rows",
     "build_plan",
@@ -1054,6 +1055,15 @@ def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, 
     return plan
 
 
+def plan_figures(plan: IVFPlan, units: list[WorkUnit]) -> dict:
+    """What a plan will cost: lists, lists compared per row, list sizes, dot products."""
+    sizes = plan.list_sizes()
+    rows = max(1, int(plan.member_offsets[-1]))
+    return dict(nlist=plan.nlist, nprobe=plan.params.nprobe, units=len(units),
+                mean_probes=1.0 + len(plan.visitor_rows) / rows, list_size_max=int(sizes.max()),
+                list_size_mean=float(sizes.mean()), dot_products=int(sum(u.cost for u in units)))
+
+
 def make_units(plan: IVFPlan, unit_rows: int | None = None) -> list[WorkUnit]:
     """Cut the lists into units of consecutive lists with about ``unit_rows`` rows each
     (members + visitors). Units are independent: run them anywhere, in any order, and
@@ -1165,10 +1175,7 @@ def embedding_pairs(
     plan = plan_ivf(x, params, valid, threshold=threshold, stats=st, progress=plan_progress)
     t1 = time.perf_counter()
     units = make_units(plan)
-    sizes = plan.list_sizes()
-    st.update(method="ivf", nlist=plan.nlist, nprobe=plan.params.nprobe, units=len(units),
-              list_size_max=int(sizes.max()), list_size_mean=float(sizes.mean()),
-              dot_products=int(sum(u.cost for u in units)), plan_seconds=t1 - t0)
+    st.update(method="ivf", plan_seconds=t1 - t0, **plan_figures(plan, units))
     workers = 1 if gpu else _n_threads(params.threads)
     done = 0
     parts: list = [None] * len(units)

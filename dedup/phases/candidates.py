@@ -292,11 +292,7 @@ def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, th
                 progress(k + 1, len(units))
     out = cand.merge_pairs(parts)
     if stats is not None:
-        sizes = plan.list_sizes()
-        stats.update(method="ivf-ray", valid=len(idx), nlist=plan.nlist, nprobe=plan.params.nprobe,
-                     mean_probes=1.0 + len(plan.visitor_rows) / max(1, len(idx)),
-                     list_size_max=int(sizes.max()), list_size_mean=float(sizes.mean()),
-                     dot_products=int(sum(u.cost for u in units)), train_seconds=t1 - t0,
-                     assign_seconds=t2 - t1, pairs_seconds=time.perf_counter() - t2,
-                     seconds=time.perf_counter() - t0)
+        stats.update(method="ivf-ray", valid=len(idx), train_seconds=t1 - t0, assign_seconds=t2 - t1,
+                     pairs_seconds=time.perf_counter() - t2, seconds=time.perf_counter() - t0,
+                     **cand.plan_figures(plan, units))
     return out
