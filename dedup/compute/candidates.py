@@ -574,27 +574,25 @@ def _n_threads(threads: int) -> int:
 
 
 @contextmanager
-def _single_threaded_libs(threads: int = 1) -> Iterator[None]:
-    """BLAS and faiss (OpenMP) to ``threads`` threads each (default one), restored afterwards.
+def _single_threaded_libs() -> Iterator[None]:
+    """BLAS and faiss (OpenMP) to one thread each, restored afterwards.
 
     We parallelise over independent pieces (units, blocks) with Python threads instead:
     BLAS/OpenMP thread pools on many small products are slow, and several times slower still
-    when the cores are shared with other processes (measured in docs/candidates.md). Only
-    k-means, one big computation, uses the library threads.
+    when the cores are shared with other processes (measured in docs/candidates.md).
     """
     import faiss
 
     from threadpoolctl import threadpool_limits
 
-    threads = max(1, int(threads))
     prev = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(threads)
+    faiss.omp_set_num_threads(1)
     torch = sys.modules.get("torch")  # only its fp16 conversion runs here (see _rows_f32)
     prev_torch = torch.get_num_threads() if torch is not None else 0
     if torch is not None:
         torch.set_num_threads(1)
     try:
-        with threadpool_limits(threads):
+        with threadpool_limits(1):
             yield
     finally:
         faiss.omp_set_num_threads(prev)
@@ -714,9 +712,12 @@ def _tile(mm: _Matmul, xr, xc, rows_r, rows_c, threshold: float, diag: tuple[int
     hit = np.flatnonzero(s.max(axis=1) >= lo)
     if len(hit) == 0:
         return None
-    rr, c = np.nonzero(s[hit] >= lo)
+    if 2 * len(hit) > len(s):  # dense (e.g. a list of near-identical rows): no copy of the rows
+        r, c = np.nonzero(s >= lo)
+    else:
+        rr, c = np.nonzero(s[hit] >= lo)
+        r = hit[rr]
     del s
-    r = hit[rr]
     if sym:
         keep = (r >= n_sym) | (c > r + offset)  # each symmetric pair once (not its mirror)
         r, c = r[keep], c[keep]
@@ -887,8 +888,7 @@ def _nearest(centroids: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, 
 
 
 def _kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
-    """faiss k-means with a fixed seed (deterministic, also across thread counts: see
-    :func:`train_ivf`)."""
+    """faiss k-means (single-threaded inside :func:`_single_threaded_libs`: deterministic)."""
     import faiss
 
     x = np.ascontiguousarray(x, dtype=_F32)
@@ -922,8 +922,8 @@ class IVFCoarse:
 
 def train_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, *,
               threshold: float | None = None) -> IVFCoarse:
-    """PCA and k-means on a sample of the valid rows (CPU, fixed seeds: the same input and
-    params give the same quantizer on any machine, with any number of threads)."""
+    """PCA and k-means on a sample of the valid rows (CPU, one thread, fixed seeds: the same
+    input and params give the same quantizer whatever the number of cores)."""
     n, d = x.shape
     rows = _valid_rows(n, valid)
     idx = np.arange(n, dtype=_I64) if rows is None else rows
@@ -938,9 +938,10 @@ def train_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None,
         project = _pca(train, dp)
         xt = project(train)
         del train
-    # k-means on all cores gives the same centroids as on one (tested): faiss sums each
-    # centroid in one thread in row order, and BLAS splits the products by rows/columns only
-    with _single_threaded_libs(_n_threads(params.threads)):
+        # One thread on purpose: with more, BLAS rounds some distances differently and ties
+        # (identical rows) can break another way, so the centroids would depend on the core
+        # count (measured: docs/candidates.md). The same partition on every machine matters
+        # more than the 1.5x.
         centroids = _kmeans(xt, nlist, params.niter, params.seed)
     return IVFCoarse(project, centroids, _probe_radius(params, threshold),
                      replace(params, nlist=nlist, nprobe=nprobe))
