@@ -940,8 +940,8 @@ def train_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None,
         del train
         # One thread on purpose: with more, BLAS rounds some distances differently and ties
         # (identical rows) can break another way, so the centroids would depend on the core
-        # count (measured: docs/candidates.md). The same partition on every machine matters
-        # more than the 1.5x.
+        # count (measured: docs/candidates.md). The same partition whatever the core count
+        # matters more than the 1.5x.
         centroids = _kmeans(xt, nlist, params.niter, params.seed)
     return IVFCoarse(project, centroids, _probe_radius(params, threshold),
                      replace(params, nlist=nlist, nprobe=nprobe))
