@@ -387,3 +387,27 @@ def test_candidate_search_spread_over_ray_equals_serial(ray_cluster, monkeypatch
     assert len(serial.i) > 50
     assert np.array_equal(serial.i, spread.i) and np.array_equal(serial.j, spread.j)
     assert np.array_equal(serial.score, spread.score)
+
+
+def test_ray_candidate_search_equals_serial_with_the_bound_prefilter(ray_cluster):
+    """The serial driver filters tiles with the bound rows; the Ray units compute the full
+    products (the bound rows stay in the driver). Both give the same pairs and scores."""
+    from dedup.compute import candidates as cand
+    from dedup.config import load_config
+    from dedup.phases.candidates import _embedding_pairs_on_ray
+
+    rng = np.random.default_rng(3)
+    n, d = 6000, 128
+    spec = (1.0 + np.arange(d)) ** -0.35
+    centers = rng.normal(size=(30, d))
+    x = 0.8 * centers[rng.integers(0, 30, n)] / np.sqrt(d) * 3 + rng.normal(size=(n, d)) * spec
+    x[1::40] = x[0::40][: len(x[1::40])] + 0.08 * rng.normal(size=(len(x[1::40]), d)) * spec
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    ok = np.ones(n, bool)
+    params = cand.IVFParams.auto(n, d, threshold=0.9, pca_dim=16, bound_dim=32)
+    st: dict = {}
+    serial = cand.embedding_pairs(x, 0.9, params=params, valid=ok, stats=st)
+    assert st["bound_width"] == 34 and len(serial.i) > 50
+    cfg = load_config(None, None, **{"run.executor": "ray"})
+    spread = _embedding_pairs_on_ray(cfg, cand, x, ok, 0.9, params, None)
+    assert serial == spread

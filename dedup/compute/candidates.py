@@ -518,6 +518,10 @@ class IVFParams:
                  probe_margin · √(2 - 2·threshold) of the row (the largest distance of a pair
                  at the threshold); None or 0 = always visit nprobe - 1 lists
     exact_below  below this many valid rows, exact brute force instead of IVF
+    bound_dim    pair-stage prefilter: tiles are first computed on each row's projection onto
+                 this many principal axes (+ the mean's direction, + the norm of the rest),
+                 an upper bound of the cosine; only pairs the bound cannot rule out are
+                 scored on the full vectors. Same pairs, fewer flops; 0 = off
     unit_rows    target member+visitor rows per work unit (a unit = consecutive lists)
     threads      worker threads for units and assignment (0 = all cores); BLAS and faiss
                  run single-threaded inside them
@@ -535,17 +539,19 @@ class IVFParams:
     exact_below: int = 5000
     unit_rows: int = 1 << 16
     threads: int = 0
+    bound_dim: int = 0
 
     @classmethod
     def auto(cls, n: int, d: int, threshold: float | None = None, **overrides) -> IVFParams:
         """Parameters for n valid rows of dimension d (measurements: docs/candidates.md).
 
-        * nlist = n / 256 (lists of ~256 rows), at least √n, at most n / 50.
+        * nlist = n / 500 (lists of ~500 rows), at least √n, at most n / 50.
         * nprobe = 16 (a cap), probe_margin = 0.16: on the benchmark data rows visit ~2 lists
           at 1e5 and ~5 at 1e6; the visiting radius scales with the threshold at search time
           (``threshold`` is accepted here for symmetry and future use).
-        * train_size = 16 · nlist, between 20 000 and 131 072 (and ≤ n); niter = 10.
+        * train_size = 32 · nlist, between 20 000 and 131 072 (and ≤ n); niter = 10.
         * pca_dim = min(d, 64); block_size = 4096; exact brute force below 5 000 rows.
+        * bound_dim = min(128, d // 4) from d = 128 up (0 below: too few dimensions to gain).
         * use_gpu = None (when faiss sees a GPU). Any field can be overridden by keyword.
         """
         n = max(int(n), 0)
@@ -553,8 +559,9 @@ class IVFParams:
         p = cls(
             nlist=nlist,
             nprobe=_auto_nprobe(nlist, threshold),
-            train_size=int(min(n, max(20_000, 16 * nlist), 1 << 17)),
+            train_size=int(min(n, max(20_000, 32 * nlist), 1 << 17)),
             pca_dim=int(min(d, 64)),
+            bound_dim=_auto_bound_dim(d),
         )
         return replace(p, **overrides) if overrides else p
 
@@ -562,7 +569,11 @@ class IVFParams:
 def _auto_nlist(n: int) -> int:
     if n < 2:
         return 1
-    return int(max(1, min(n // 50, max(round(math.sqrt(n)), n // 256))))
+    return int(max(1, min(n // 50, max(round(math.sqrt(n)), n // 500))))
+
+
+def _auto_bound_dim(d: int) -> int:
+    return int(min(128, d // 4)) if d >= 128 else 0
 
 
 def _auto_nprobe(nlist: int, threshold: float | None) -> int:
@@ -587,6 +598,10 @@ def _single_threaded_libs() -> Iterator[None]:
 
     prev = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
+    # flat search (the coarse stage): 1 024 query rows per BLAS block instead of 4 096 keeps the
+    # distance block in cache: 27% faster at 3 906 centroids, 10% at 2 000 (measured)
+    prev_bs = faiss.cvar.distance_compute_blas_query_bs
+    faiss.cvar.distance_compute_blas_query_bs = 1024
     torch = sys.modules.get("torch")  # only its fp16 conversion runs here (see _rows_f32)
     prev_torch = torch.get_num_threads() if torch is not None else 0
     if torch is not None:
@@ -596,6 +611,7 @@ def _single_threaded_libs() -> Iterator[None]:
             yield
     finally:
         faiss.omp_set_num_threads(prev)
+        faiss.cvar.distance_compute_blas_query_bs = prev_bs
         if torch is not None:
             torch.set_num_threads(prev_torch)
 
@@ -695,13 +711,10 @@ def _exact_scores(a: np.ndarray, b: np.ndarray, r: np.ndarray, c: np.ndarray) ->
     return out
 
 
-def _tile(mm: _Matmul, xr, xc, rows_r, rows_c, threshold: float, diag: tuple[int, int] | None):
-    """Pairs (rows_r[r], rows_c[c]) with exact cosine ≥ threshold in one tile.
-
-    ``diag = (n_sym, offset)``: rows r < n_sym belong to the symmetric (member × member) part
-    and keep only columns c > r + offset (each pair once); other rows keep every column."""
-    s = mm(xr, xc)
-    lo = np.float32(threshold - _margin(xr.shape[1]))
+def _tile_candidates(s: np.ndarray, lo: float, diag: tuple[int, int] | None):
+    """Positions (r, c) of tile ``s`` holding a value ≥ lo, each symmetric pair once (see
+    :func:`_tile` for ``diag``); None when there are none. ``s`` is overwritten."""
+    lo = np.float32(lo)
     sym = diag is not None and diag[0] > 0
     if sym:
         n_sym, offset = diag
@@ -723,7 +736,47 @@ def _tile(mm: _Matmul, xr, xc, rows_r, rows_c, threshold: float, diag: tuple[int
         r, c = r[keep], c[keep]
         if len(r) == 0:
             return None
+    return r, c
+
+
+def _tile(mm: _Matmul, xr, xc, rows_r, rows_c, threshold: float, diag: tuple[int, int] | None):
+    """Pairs (rows_r[r], rows_c[c]) with exact cosine ≥ threshold in one tile.
+
+    ``diag = (n_sym, offset)``: rows r < n_sym belong to the symmetric (member × member) part
+    and keep only columns c > r + offset (each pair once); other rows keep every column."""
+    got = _tile_candidates(mm(xr, xc), threshold - _margin(xr.shape[1]), diag)
+    if got is None:
+        return None
+    r, c = got
     sc = _exact_scores(xr, xc, r, c)
+    ok = sc >= threshold
+    if not ok.any():
+        return None
+    return rows_r[r[ok]], rows_c[c[ok]], sc[ok].astype(_F32)
+
+
+def _tile_bounded(mm: _Matmul, zr, zc, rows_r, rows_c, x, threshold: float, diag: tuple[int, int] | None):
+    """:func:`_tile` with a prefilter: the product of the :class:`Bound` rows ``zr``, ``zc``
+    bounds every cosine from above, so a pair below ``threshold - _BOUND_SLACK`` there cannot
+    reach the threshold. Only the remaining candidates are scored, on their rows of ``x``
+    (float32 first, then exactly) — the same pairs as :func:`_tile` on the full rows."""
+    got = _tile_candidates(mm(zr, zc), threshold - _BOUND_SLACK, diag)
+    if got is None:
+        return None
+    r, c = got
+    ur, ir = np.unique(r, return_inverse=True)
+    uc, ic = np.unique(c, return_inverse=True)
+    a = _rows_f32(x, rows_r[ur])
+    b = _rows_f32(x, rows_c[uc])
+    if len(ur) * len(uc) > 4 * len(r) and len(r) > 64:
+        # few candidates scattered over the tile: a float32 pass drops those the bound let
+        # through but the vectors do not (most of them) before the float64 rescoring
+        s32 = np.einsum("ij,ij->i", a[ir], b[ic])
+        keep = s32 >= np.float32(threshold - _margin(a.shape[1]))
+        r, c, ir, ic = r[keep], c[keep], ir[keep], ic[keep]
+        if len(r) == 0:
+            return None
+    sc = _exact_scores(a, b, ir, ic)
     ok = sc >= threshold
     if not ok.any():
         return None
@@ -819,6 +872,7 @@ class IVFPlan:
     visitor_offsets: np.ndarray
     centroids: np.ndarray  # (nlist, pca_dim) float32, in the PCA space
     params: IVFParams  # as used (nlist, nprobe clamped to the data)
+    bound_rows: np.ndarray | None = None  # (n, width) float32 Bound rows for the pair stage
 
     def list_sizes(self) -> np.ndarray:
         return np.diff(self.member_offsets)
@@ -856,19 +910,78 @@ class Projection:
         return np.ascontiguousarray(blk @ self.axes - self.shift, dtype=_F32)
 
 
-def _pca(train: np.ndarray, dp: int) -> Projection:
-    """Projection onto the top ``dp`` principal axes of ``train`` (float64 eigh: deterministic)."""
-    d = train.shape[1]
-    if dp >= d:
-        return Projection(None, None)
+# Slack of the Bound prefilter, in cosine: above its worst-case float32 rounding for rows of
+# norm ≤ 1.01 (projection: ≤ √q·γ_d ≈ 3.5e-4 per row → ≤ 7e-4 on a product of two; the
+# (q+2)-term tile product ≈ 1e-5). Rows of other norms get an infinite bound (see Bound).
+_BOUND_SLACK = 2e-3
+_BOUND_ETA = 1e-3  # the projection's error allowance when bounding the rest's norm
+
+
+@dataclass(frozen=True)
+class Bound:
+    """Rows ↦ ``[x·Q, ē]`` (q + 1 float32 columns), Q orthonormal (the top principal axes and
+    the mean's direction). For rows a, b: ⟨a, b⟩ = ⟨Qᵀa, Qᵀb⟩ + ⟨Pa, Pb⟩ ≤ ⟨Qᵀa, Qᵀb⟩ +
+    ‖Pa‖·‖Pb‖ (P = I − QQᵀ, Cauchy–Schwarz), and ē ≥ ‖Px‖ — so the product of two bound rows
+    is an upper bound of the cosine (up to ``_BOUND_SLACK``). Rows whose norm is not ~1 get
+    ē = 1e6: every pair with them is a candidate and gets scored exactly."""
+
+    axes: np.ndarray  # (d, q) float32
+
+    @property
+    def width(self) -> int:
+        return int(self.axes.shape[1]) + 1
+
+    def __call__(self, blk: np.ndarray) -> np.ndarray:
+        q = self.axes.shape[1]
+        out = np.empty((len(blk), q + 1), _F32)
+        z = out[:, :q]
+        np.matmul(blk, self.axes, out=z)
+        # float32 sums of squares, widened by their worst-case rounding (γ_d) in the safe direction
+        d = blk.shape[1]
+        n2 = np.einsum("ij,ij->i", blk, blk).astype(np.float64) * (1.0 + 1.1 * d * 2.0**-24)
+        zn = np.sqrt(np.einsum("ij,ij->i", z, z).astype(np.float64) * (1.0 - 1.1 * q * 2.0**-24))
+        # ‖Px‖² = ‖x‖² − ‖Qᵀx‖² ≤ ‖x‖² − (‖z‖ − η‖x‖)²₊ for z within η‖x‖ of Qᵀx
+        e2 = n2 - np.maximum(zn - _BOUND_ETA * np.sqrt(n2), 0.0) ** 2
+        e = np.sqrt(np.maximum(e2, 0.0)).astype(_F32)
+        e = np.nextafter(e, np.float32(np.inf))  # round up, never down
+        e[(n2 < 0.98) | (n2 > 1.0201)] = 1e6
+        out[:, q] = e
+        return out
+
+
+def _principal(train: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and top ``k`` principal axes (columns, float64) of ``train``: float64 eigh, each
+    axis' sign fixed (eigh may return ±v), so the result is reproducible."""
     t = train[: 1 << 16].astype(np.float64)
     mean = t.mean(axis=0)
     t -= mean
     w, v = np.linalg.eigh(t.T @ t)
-    axes = v[:, np.argsort(-w, kind="stable")[:dp]]
-    # fix each axis' sign (eigh may return ±v) so the projection is reproducible
-    axes *= np.where(axes[np.abs(axes).argmax(axis=0), np.arange(dp)] < 0, -1.0, 1.0)
-    return Projection(np.ascontiguousarray(axes, dtype=_F32), (mean @ axes).astype(_F32))
+    axes = v[:, np.argsort(-w, kind="stable")[:k]]
+    axes *= np.where(axes[np.abs(axes).argmax(axis=0), np.arange(axes.shape[1])] < 0, -1.0, 1.0)
+    return mean, axes
+
+
+def _pca(train: np.ndarray, dp: int, bound_dim: int = 0) -> tuple[Projection, Bound | None]:
+    """Projection onto the top ``dp`` principal axes of ``train`` and, if ``bound_dim`` (at
+    least ``dp`` axes then), the :class:`Bound` on the top ``max(dp, bound_dim)`` axes + the
+    mean's direction. The projection's axes are the bound's first ``dp`` columns."""
+    d = train.shape[1]
+    kb = max(dp, bound_dim) if bound_dim > 0 else 0
+    if kb and kb + 1 > d // 2:
+        kb = 0  # too few dimensions left for the bound to save work
+    if dp >= d and not kb:
+        return Projection(None, None), None
+    mean, axes = _principal(train, max(dp, kb))
+    bound = None
+    if kb:
+        m = mean - axes[:, :kb] @ (axes[:, :kb].T @ mean)  # the mean, outside the axes
+        cols = [axes[:, :kb]]
+        if np.linalg.norm(m) > 1e-6:
+            cols.append((m / np.linalg.norm(m))[:, None])
+        bound = Bound(np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=_F32))
+    if dp >= d:
+        return Projection(None, None), bound
+    return Projection(np.ascontiguousarray(axes[:, :dp], dtype=_F32), (mean @ axes[:, :dp]).astype(_F32)), bound
 
 
 def _sample_rows(idx: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -918,12 +1031,44 @@ class IVFCoarse:
     centroids: np.ndarray  # (nlist, pca_dim) float32, in the PCA space
     rho: float  # bisector-distance limit for visiting (inf = plain top-nprobe)
     params: IVFParams  # nlist and nprobe clamped to the data
+    bound: Bound | None = None  # pair-stage prefilter (its first pca_dim columns = projection)
+    gaps: np.ndarray | None = None  # (nlist, nlist) float32 centroid distances, if nlist ≤ 4096
+
+    def coordinates(self, blk: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(PCA coordinates, bound rows or None) of float32 rows: with a bound, the coordinates
+        are read off its columns (one product for both, and the same on every path)."""
+        if self.bound is None or self.projection.axes is None:
+            return self.projection(blk), None
+        zb = self.bound(blk)
+        dp = self.projection.axes.shape[1]
+        return np.ascontiguousarray(zb[:, :dp] - self.projection.shift, dtype=_F32), zb
 
 
-def train_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, *,
-              threshold: float | None = None) -> IVFCoarse:
-    """PCA and k-means on a sample of the valid rows (CPU, one thread, fixed seeds: the same
-    input and params give the same quantizer whatever the number of cores)."""
+@dataclass(frozen=True)
+class _Fitted:
+    """The coarse quantizer before k-means: projection, bound, training rows' coordinates."""
+
+    project: Projection
+    bound: Bound | None
+    xt: np.ndarray
+    params: IVFParams  # nlist and nprobe clamped to the data
+    rho: float
+
+    def kmeans(self) -> np.ndarray:
+        # One thread on purpose: with more, BLAS rounds some distances differently and ties
+        # (identical rows) can break another way, so the centroids would depend on the core
+        # count (measured: docs/candidates.md). The same partition whatever the core count
+        # matters more than the 1.5x.
+        p = self.params
+        return _kmeans(self.xt, p.nlist, p.niter, p.seed)
+
+    def quantizer(self, centroids: np.ndarray) -> IVFCoarse:
+        gaps = _centroid_gaps(centroids) if math.isfinite(self.rho) and self.params.nprobe > 1 else None
+        return IVFCoarse(self.project, centroids, self.rho, self.params, self.bound, gaps)
+
+
+def _fit(x: np.ndarray, params: IVFParams, valid: np.ndarray | None, threshold: float | None) -> _Fitted:
+    """Sample the valid rows, fit the PCA (and the bound), project the sample (one thread)."""
     n, d = x.shape
     rows = _valid_rows(n, valid)
     idx = np.arange(n, dtype=_I64) if rows is None else rows
@@ -935,42 +1080,79 @@ def train_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None,
     with _single_threaded_libs():
         train = _rows_f32(x, _sample_rows(idx, max(int(params.train_size), nlist), params.seed))
         dp = int(params.pca_dim) if params.pca_dim and params.pca_dim < d else d
-        project = _pca(train, dp)
-        xt = project(train)
-        del train
-        # One thread on purpose: with more, BLAS rounds some distances differently and ties
-        # (identical rows) can break another way, so the centroids would depend on the core
-        # count (measured: docs/candidates.md). The same partition whatever the core count
-        # matters more than the 1.5x.
-        centroids = _kmeans(xt, nlist, params.niter, params.seed)
-    return IVFCoarse(project, centroids, _probe_radius(params, threshold),
-                     replace(params, nlist=nlist, nprobe=nprobe))
+        project, bound = _pca(train, dp, int(params.bound_dim or 0) if threshold is not None else 0)
+        xt = IVFCoarse(project, np.empty(0), math.inf, params, bound).coordinates(train)[0]
+    return _Fitted(project, bound, xt, replace(params, nlist=nlist, nprobe=nprobe), _probe_radius(params, threshold))
 
 
-def assign_rows(x: np.ndarray, coarse: IVFCoarse, rows: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def train_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, *,
+              threshold: float | None = None) -> IVFCoarse:
+    """PCA and k-means on a sample of the valid rows (CPU, one thread, fixed seeds: the same
+    input and params give the same quantizer whatever the number of cores)."""
+    fitted = _fit(x, params, valid, threshold)
+    with _single_threaded_libs():
+        return fitted.quantizer(fitted.kmeans())
+
+
+_GAPS_MAX_LISTS = 4096  # a table of ≤ 64 MB; above it, gaps are computed per visit candidate
+
+
+def _centroid_gaps(c: np.ndarray) -> np.ndarray | None:
+    """All centroid-to-centroid distances (float64 arithmetic, then float32), for the
+    visiting rule: a table lookup instead of two gathers and a difference per candidate."""
+    if len(c) > _GAPS_MAX_LISTS:
+        return None
+    c64 = c.astype(np.float64)
+    sq = (c64 * c64).sum(axis=1)
+    g = sq[:, None] + sq[None, :] - 2.0 * (c64 @ c64.T)
+    return np.sqrt(np.maximum(g, 0.0)).astype(_F32)
+
+
+def assign_rows(x: np.ndarray, coarse: IVFCoarse, rows: np.ndarray | slice,
+                bound_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Nearest list of each of ``x[rows]`` and the lists each visits (see :func:`plan_ivf`).
 
     Returns ``(member_list, visitor_row, visitor_list)``: int32 per row; then the (global row,
     list) visit pairs, rows increasing. Pure, one thread; any split of the rows into calls
-    gives the same result (the unit of the Ray-spread coarse stage)."""
+    gives the same result (the unit of the Ray-spread coarse stage). With ``bound_out`` (an
+    (n, width) array) and a quantizer with a bound, the rows' bound rows are written there."""
     rid = np.arange(rows.start or 0, rows.stop, dtype=_I64) if isinstance(rows, slice) else np.asarray(rows, _I64)
     blk = _rows_f32(x, rows)
+    pz, zb = coarse.coordinates(blk)
+    del blk
+    if bound_out is not None and zb is not None:
+        bound_out[rows if isinstance(rows, slice) else rid] = zb
+    del zb
+    return _assign(coarse, pz, rid)
+
+
+def _assign(coarse: IVFCoarse, pz: np.ndarray, rid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`assign_rows` from the rows' PCA coordinates ``pz`` (``rid``: their row ids)."""
     nprobe = coarse.params.nprobe
     centroids = coarse.centroids
-    dist, lab = _nearest(centroids, coarse.projection(blk), nprobe)
-    del blk
+    dist, lab = _nearest(centroids, pz, nprobe)
+    del pz
     prim = lab[:, 0].astype(np.int32)
     if nprobe == 1:
         return prim, np.empty(0, _I64), np.empty(0, np.int32)
     keep = lab[:, 1:] >= 0
     if math.isfinite(coarse.rho):
-        c = centroids[np.maximum(lab, 0)]  # (b, nprobe, dp)
-        diff = c[:, 1:] - c[:, :1]
-        gap = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
-        del c, diff
-        bis = (dist[:, 1:] - dist[:, :1]) / np.maximum(2.0 * gap, 1e-12)
-        keep &= bis <= coarse.rho
-    r, j = np.nonzero(keep)
+        # Visit L if its bisector with the own cell is within rho: (dist_L - dist_1) / 2‖c_L - c_1‖.
+        # As ‖c_L - c_1‖ ≤ √dist_L + √dist_1, only lists with √dist_L ≤ √dist_1 + 2·rho can
+        # pass; the centroid gaps are computed for those alone (+ slack for faiss' rounding).
+        d1 = dist[:, :1]
+        keep &= dist[:, 1:] <= (np.sqrt(np.maximum(d1, 0.0)) + 2.0 * coarse.rho) ** 2 + 1e-4
+        r, j = np.nonzero(keep)
+        if coarse.gaps is not None:
+            gap = coarse.gaps[lab[r, 0], lab[r, j + 1]]
+        else:
+            diff = centroids[lab[r, j + 1]] - centroids[lab[r, 0]]
+            gap = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        bis = (dist[r, j + 1] - d1[r, 0]) / np.maximum(2.0 * gap, 1e-12)
+        ok = bis <= coarse.rho
+        r, j = r[ok], j[ok]
+    else:
+        r, j = np.nonzero(keep)
     return prim, rid[r], lab[:, 1:][r, j].astype(np.int32)
 
 
@@ -983,9 +1165,10 @@ def assign_blocks(n_rows: int) -> list[tuple[int, int]]:
 
 
 def build_plan(n: int, coarse: IVFCoarse, idx: np.ndarray, prim: np.ndarray,
-               visits: list[tuple[np.ndarray, np.ndarray]]) -> IVFPlan:
+               visits: list[tuple[np.ndarray, np.ndarray]], bound_rows: np.ndarray | None = None) -> IVFPlan:
     """Assemble the plan from every valid row's member list (``prim``, aligned with ``idx``)
-    and the visit pairs of :func:`assign_rows`, in row-block order."""
+    and the visit pairs of :func:`assign_rows`, in row-block order (``bound_rows``: the
+    rows' :class:`Bound` rows, if collected)."""
     nlist = coarse.params.nlist
     assign = np.full(n, -1, np.int32)
     assign[idx] = prim
@@ -1008,7 +1191,7 @@ def build_plan(n: int, coarse: IVFCoarse, idx: np.ndarray, prim: np.ndarray,
     return IVFPlan(
         n=n, nlist=nlist, assign=assign, member_rows=member_rows, member_offsets=member_offsets,
         visitor_rows=visitor_rows, visitor_offsets=visitor_offsets, centroids=coarse.centroids,
-        params=coarse.params,
+        params=coarse.params, bound_rows=bound_rows,
     )
 
 
@@ -1025,31 +1208,69 @@ def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, 
     that far away would have to move that far *towards* it; rows deep inside their cell visit
     few lists, rows near a boundary many. Without ``threshold`` every row visits
     ``nprobe - 1`` lists. ``progress(done, total)`` counts assigned row blocks (reported at
-    0 before the k-means training, which gives no progress of its own)."""
+    0 before the k-means training, which gives no progress of its own). With ``threshold``
+    and ``params.bound_dim``, the plan also holds every row's :class:`Bound` row (n × ~130
+    float32) for the pair stage's prefilter."""
     t0 = time.perf_counter()
     n = x.shape[0]
     rows = _valid_rows(n, valid)
     idx = np.arange(n, dtype=_I64) if rows is None else rows
     m = len(idx)
     blocks = assign_blocks(m)
+    workers = _n_threads(params.threads)
+    fitted = _fit(x, params, valid, threshold)
+    bound = fitted.bound
+    # with a bound, every row block is first projected (its bound rows, from which its PCA
+    # coordinates are read), on the worker threads while one of them runs the k-means
+    total = (2 if bound is not None else 1) * len(blocks)
     if progress and m:
-        progress(0, len(blocks))
-    coarse = train_ivf(x, params, valid, threshold=threshold)
+        progress(0, total)
+
+    def sel(k: int):
+        s, e = blocks[k]
+        return slice(s, e) if rows is None else idx[s:e]
+
+    bound_rows = np.zeros((n, bound.width), _F32) if bound is not None else None
+    done = 0
+    with _single_threaded_libs():
+        if bound is None:
+            coarse = fitted.quantizer(fitted.kmeans())
+        else:
+            found: list = []
+
+            def project(k: int) -> None:
+                if k < 0:
+                    found.append(fitted.kmeans())
+                else:
+                    bound_rows[sel(k)] = bound(_rows_f32(x, sel(k)))
+
+            for k, _ in _pmap(project, [-1, *range(len(blocks))], workers):
+                if k > 0 and progress:  # item 0 is the k-means
+                    done += 1
+                    progress(done, total)
+            coarse = fitted.quantizer(found[0])
     t1 = time.perf_counter()
     prim = np.empty(m, np.int32)
     visits: list = [None] * len(blocks)
 
     def one(k: int) -> None:
         s, e = blocks[k]
-        p, vr, vl = assign_rows(x, coarse, slice(s, e) if rows is None else idx[s:e])
+        if bound_rows is None:
+            p, vr, vl = assign_rows(x, coarse, sel(k))
+        else:  # the same coordinates assign_rows computes, read off the bound rows
+            r = sel(k)
+            rid = np.arange(s, e, dtype=_I64) if rows is None else idx[s:e]
+            pz = np.ascontiguousarray(bound_rows[r, : coarse.centroids.shape[1]] - coarse.projection.shift, dtype=_F32)
+            p, vr, vl = _assign(coarse, pz, rid)
         prim[s:e] = p
         visits[k] = (vr, vl)
 
     with _single_threaded_libs():
-        for done, _ in enumerate(_pmap(one, list(range(len(blocks))), _n_threads(params.threads)), 1):
+        for _ in _pmap(one, list(range(len(blocks))), workers):
+            done += 1
             if progress:
-                progress(done, len(blocks))
-    plan = build_plan(n, coarse, idx, prim, visits)
+                progress(done, total)
+    plan = build_plan(n, coarse, idx, prim, visits, bound_rows)
     if stats is not None:
         stats.update(train_seconds=t1 - t0, assign_seconds=time.perf_counter() - t1,
                      mean_probes=1.0 + len(plan.visitor_rows) / m, probe_radius=coarse.rho)
@@ -1061,6 +1282,7 @@ def plan_figures(plan: IVFPlan, units: list[WorkUnit]) -> dict:
     sizes = plan.list_sizes()
     rows = max(1, int(plan.member_offsets[-1]))
     return dict(nlist=plan.nlist, nprobe=plan.params.nprobe, units=len(units),
+                bound_width=0 if plan.bound_rows is None else int(plan.bound_rows.shape[1]),
                 mean_probes=1.0 + len(plan.visitor_rows) / rows, list_size_max=int(sizes.max()),
                 list_size_mean=float(sizes.mean()), dot_products=int(sum(u.cost for u in units)))
 
@@ -1104,13 +1326,29 @@ def unit_pairs(
     *,
     block_size: int | None = None,
     use_gpu: bool | None = None,
+    bound: np.ndarray | None = None,
 ) -> Pairs:
     """Pairs with cosine ≥ threshold found in one unit's lists: members × members (each pair
-    once) and visitors × members, in tiles of at most ``block_size`` rows per side."""
+    once) and visitors × members, in tiles of at most ``block_size`` rows per side.
+
+    ``bound`` (a plan's ``bound_rows``): the tiles are computed on those narrower rows first
+    and only the pairs they cannot rule out are scored on ``x`` (CPU only; the same pairs)."""
     bs = max(1, int(block_size or (params.block_size if params else 4096)))
     if use_gpu is None:
         use_gpu = bool(params.use_gpu) if params is not None and params.use_gpu is not None else gpu_available()
     mm = _Matmul(use_gpu)
+    if bound is not None and not use_gpu:
+        def load(r):
+            return bound[r]
+
+        def tile(xr, xc, rr, rc, diag):
+            return _tile_bounded(mm, xr, xc, rr, rc, x, threshold, diag)
+    else:
+        def load(r):
+            return _rows_f32(x, r)
+
+        def tile(xr, xc, rr, rc, diag):
+            return _tile(mm, xr, xc, rr, rc, threshold, diag)
     parts = []
     mo, vo = unit.member_offsets, unit.visitor_offsets
     for k in range(len(unit.lists)):
@@ -1121,20 +1359,20 @@ def unit_pairs(
         vis = unit.visitor_rows[vo[k] : vo[k + 1]]
         rows = np.concatenate([mem, vis]) if len(vis) else mem
         if len(rows) <= bs:  # common case: one gather, one product
-            xa = _rows_f32(x, rows)
-            parts.append(_tile(mm, xa, xa[:nm], rows, mem, threshold, (nm, 0)))
+            xa = load(rows)
+            parts.append(tile(xa, xa[:nm], rows, mem, (nm, 0)))
             continue
         for c0 in range(0, nm, bs):
             c1 = min(nm, c0 + bs)
-            xc = _rows_f32(x, mem[c0:c1])
+            xc = load(mem[c0:c1])
             for r0 in range(0, len(rows), bs):
                 r1 = min(len(rows), r0 + bs)
                 if r0 >= c1 and r1 <= nm:
                     continue  # member rows all after these columns: the mirrored tile has them
-                xr = xc if (r0 == c0 and r1 == c1) else _rows_f32(x, rows[r0:r1])
+                xr = xc if (r0 == c0 and r1 == c1) else load(rows[r0:r1])
                 # member rows at positions r0 + r pair with columns c0 + c only if r0 + r < c0 + c
                 n_sym = min(r1 - r0, max(0, nm - r0))
-                parts.append(_tile(mm, xr, xc, rows[r0:r1], mem[c0:c1], threshold, (n_sym, r0 - c0)))
+                parts.append(tile(xr, xc, rows[r0:r1], mem[c0:c1], (n_sym, r0 - c0)))
     return _collect(parts)
 
 
@@ -1172,7 +1410,9 @@ def embedding_pairs(
                               progress=progress, threads=params.threads)
         st.update(method="brute_force", seconds=time.perf_counter() - t0, pairs=len(p))
         return p
-    _want_fast_f16(x, 3.0 * m * d)  # rows are converted ≥ 3 times (assignment, own list, visits)
+    # rows are converted once for the assignment, then ≥ 2 more times without a bound (own
+    # list, visits) but only as candidates with one
+    _want_fast_f16(x, (1.2 if params.bound_dim else 3.0) * m * d)
     plan = plan_ivf(x, params, valid, threshold=threshold, stats=st, progress=plan_progress)
     t1 = time.perf_counter()
     units = make_units(plan)
@@ -1182,7 +1422,8 @@ def embedding_pairs(
     parts: list = [None] * len(units)
     order = sorted(range(len(units)), key=lambda k: -units[k].cost)  # big units first
     with _single_threaded_libs():
-        for k, p in _pmap(lambda k: unit_pairs(x, units[k], threshold, plan.params, use_gpu=gpu),
+        for k, p in _pmap(lambda k: unit_pairs(x, units[k], threshold, plan.params, use_gpu=gpu,
+                                                bound=plan.bound_rows),
                           order, workers):
             parts[order[k]] = p
             done += len(units[order[k]].lists)
@@ -1259,7 +1500,7 @@ def kth_neighbour_similarity(
                 progress(b, nblocks)
     else:
         method = "ivf"
-        params = IVFParams.auto(m, d, nprobe=max(1, int(nprobe)), probe_margin=None)
+        params = IVFParams.auto(m, d, nprobe=max(1, int(nprobe)), probe_margin=None, bound_dim=0)
         plan = plan_ivf(x, params, valid)
         mo, vo = plan.member_offsets, plan.visitor_offsets
         for L in range(plan.nlist):
