@@ -292,6 +292,7 @@ def test_auto_bound_dim():
     assert IVFParams.auto(10**6, 512).bound_dim == 128
     assert IVFParams.auto(10**6, 256).bound_dim == 64
     assert IVFParams.auto(10**6, 64).bound_dim == 0
+    assert IVFParams.auto(10**8, 512).bound_dim == 0  # 52 GB of bound rows: off
     # d = 128: 64 PCA axes leave too few dimensions for a bound; the plan has none
     plan = C.plan_ivf(np.eye(128, dtype=np.float32)[np.arange(6000) % 128], _ivf(6000, 128), threshold=0.9)
     assert plan.bound_rows is None

@@ -210,7 +210,7 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
 
 
 _SEARCH_STATS = ("method", "valid", "nlist", "nprobe", "mean_probes", "list_size_max", "list_size_mean",
-                 "dot_products", "train_seconds", "assign_seconds", "pairs_seconds", "seconds")
+                 "dot_products", "bound_width", "train_seconds", "assign_seconds", "pairs_seconds", "seconds")
 
 
 def _unit_task(x: np.ndarray, item) -> object:
