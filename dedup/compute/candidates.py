@@ -1052,8 +1052,12 @@ class IVFCoarse:
         if self.bound is None or self.projection.axes is None:
             return self.projection(blk), None
         zb = self.bound(blk)
+        return self.from_bound(zb), zb
+
+    def from_bound(self, zb: np.ndarray) -> np.ndarray:
+        """PCA coordinates of rows from their bound rows (the bound's first pca_dim columns)."""
         dp = self.projection.axes.shape[1]
-        return np.ascontiguousarray(zb[:, :dp] - self.projection.shift, dtype=_F32), zb
+        return np.ascontiguousarray(zb[:, :dp] - self.projection.shift, dtype=_F32)
 
 
 @dataclass(frozen=True)
@@ -1120,21 +1124,16 @@ def _centroid_gaps(c: np.ndarray) -> np.ndarray | None:
     return np.sqrt(np.maximum(g, 0.0)).astype(_F32)
 
 
-def assign_rows(x: np.ndarray, coarse: IVFCoarse, rows: np.ndarray | slice,
-                bound_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def assign_rows(x: np.ndarray, coarse: IVFCoarse, rows: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Nearest list of each of ``x[rows]`` and the lists each visits (see :func:`plan_ivf`).
 
     Returns ``(member_list, visitor_row, visitor_list)``: int32 per row; then the (global row,
     list) visit pairs, rows increasing. Pure, one thread; any split of the rows into calls
-    gives the same result (the unit of the Ray-spread coarse stage). With ``bound_out`` (an
-    (n, width) array) and a quantizer with a bound, the rows' bound rows are written there."""
+    gives the same result (the unit of the Ray-spread coarse stage)."""
     rid = np.arange(rows.start or 0, rows.stop, dtype=_I64) if isinstance(rows, slice) else np.asarray(rows, _I64)
     blk = _rows_f32(x, rows)
-    pz, zb = coarse.coordinates(blk)
+    pz, _ = coarse.coordinates(blk)
     del blk
-    if bound_out is not None and zb is not None:
-        bound_out[rows if isinstance(rows, slice) else rid] = zb
-    del zb
     return _assign(coarse, pz, rid)
 
 
@@ -1219,10 +1218,12 @@ def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, 
     row (distance to the bisecting hyperplane, in the PCA space). A partner across a boundary
     that far away would have to move that far *towards* it; rows deep inside their cell visit
     few lists, rows near a boundary many. Without ``threshold`` every row visits
-    ``nprobe - 1`` lists. ``progress(done, total)`` counts assigned row blocks (reported at
-    0 before the k-means training, which gives no progress of its own). With ``threshold``
-    and ``params.bound_dim``, the plan also holds every row's :class:`Bound` row (n × ~130
-    float32) for the pair stage's prefilter."""
+    ``nprobe - 1`` lists. With ``threshold`` and ``params.bound_dim``, the plan also holds
+    every row's :class:`Bound` row (n × ~130 float32) for the pair stage's prefilter; the
+    rows are projected on the worker threads while one of them trains the k-means.
+    ``progress(done, total)`` counts row blocks: reported at 0 first, then each block as it
+    is projected (with a bound) and as it is assigned to lists (total = 2 × blocks with a
+    bound, else the blocks; the k-means gives no progress of its own)."""
     t0 = time.perf_counter()
     n = x.shape[0]
     rows = _valid_rows(n, valid)
@@ -1272,8 +1273,7 @@ def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, 
         else:  # the same coordinates assign_rows computes, read off the bound rows
             r = sel(k)
             rid = np.arange(s, e, dtype=_I64) if rows is None else idx[s:e]
-            pz = np.ascontiguousarray(bound_rows[r, : coarse.centroids.shape[1]] - coarse.projection.shift, dtype=_F32)
-            p, vr, vl = _assign(coarse, pz, rid)
+            p, vr, vl = _assign(coarse, coarse.from_bound(bound_rows[r]), rid)
         prim[s:e] = p
         visits[k] = (vr, vl)
 
