@@ -1049,15 +1049,23 @@ class IVFCoarse:
     def coordinates(self, blk: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(PCA coordinates, bound rows or None) of float32 rows: with a bound, the coordinates
         are read off its columns (one product for both, and the same on every path)."""
-        if self.bound is None or self.projection.axes is None:
-            return self.projection(blk), None
-        zb = self.bound(blk)
-        return self.from_bound(zb), zb
+        return _coordinates(self.projection, self.bound, blk)
 
     def from_bound(self, zb: np.ndarray) -> np.ndarray:
         """PCA coordinates of rows from their bound rows (the bound's first pca_dim columns)."""
-        dp = self.projection.axes.shape[1]
-        return np.ascontiguousarray(zb[:, :dp] - self.projection.shift, dtype=_F32)
+        return _from_bound(self.projection, zb)
+
+
+def _from_bound(projection: Projection, zb: np.ndarray) -> np.ndarray:
+    dp = projection.axes.shape[1]
+    return np.ascontiguousarray(zb[:, :dp] - projection.shift, dtype=_F32)
+
+
+def _coordinates(projection: Projection, bound: Bound | None, blk: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    if bound is None or projection.axes is None:
+        return projection(blk), None
+    zb = bound(blk)
+    return _from_bound(projection, zb), zb
 
 
 @dataclass(frozen=True)
@@ -1097,7 +1105,7 @@ def _fit(x: np.ndarray, params: IVFParams, valid: np.ndarray | None, threshold: 
         train = _rows_f32(x, _sample_rows(idx, max(int(params.train_size), nlist), params.seed))
         dp = int(params.pca_dim) if params.pca_dim and params.pca_dim < d else d
         project, bound = _pca(train, dp, int(params.bound_dim or 0) if threshold is not None else 0)
-        xt = IVFCoarse(project, np.empty(0), math.inf, params, bound).coordinates(train)[0]
+        xt = _coordinates(project, bound, train)[0]
     return _Fitted(project, bound, xt, replace(params, nlist=nlist, nprobe=nprobe), _probe_radius(params, threshold))
 
 
