@@ -271,6 +271,33 @@ def test_bounded_tiles_give_the_same_pairs(emb):
     assert bounded == plain and len(plain) >= 600 * 599 // 2
 
 
+def test_unit_pairs_project_the_bound_on_the_fly(emb, monkeypatch):
+    """A unit given the quantizer's Bound (as a Ray unit is) projects the rows of its large
+    lists itself: the same pairs as the full products and as the precomputed bound rows, for
+    any tile size; lists below _PROJECT_MIN_MEMBERS members take the full products."""
+    params = replace(_bounded(*emb.shape), nlist=12)
+    plan = C.plan_ivf(emb, params, threshold=0.9)
+    coarse = C.train_ivf(emb, params, threshold=0.9)
+    units = C.make_units(plan, unit_rows=2000)
+    sizes = np.diff(plan.member_offsets)
+    assert (sizes >= C._PROJECT_MIN_MEMBERS).sum() >= 6 and (sizes > 0).all()
+    for bs in (64, 300, 4096):
+        plain = C.merge_pairs(C.unit_pairs(emb, u, 0.9, plan.params, block_size=bs) for u in units)
+        rows = C.merge_pairs(C.unit_pairs(emb, u, 0.9, plan.params, block_size=bs, bound=plan.bound_rows)
+                             for u in units)
+        projected = C.merge_pairs(C.unit_pairs(emb, u, 0.9, plan.params, block_size=bs, bound=coarse.bound)
+                                  for u in units)
+        assert projected == plain == rows and len(plain) > 500, bs
+    # which lists took the prefilter: with a "slack" that rules out every pair, those find
+    # nothing, the others (full products) still find theirs
+    monkeypatch.setattr(C, "_BOUND_SLACK", -1.0)
+    monkeypatch.setattr(C, "_PROJECT_MIN_MEMBERS", int(np.median(sizes[sizes > 0])) + 1)
+    small = C.merge_pairs(C.unit_pairs(emb, u, 0.9, plan.params, bound=coarse.bound) for u in units)
+    big = sizes[plan.assign] >= C._PROJECT_MIN_MEMBERS
+    assert len(small) > 0 and not (big[small.i] & big[small.j]).any()  # each found in a small list
+    assert len(small) < len(plain)
+
+
 def test_ivf_with_bound_recall_against_brute_force(emb):
     truth = C.brute_force_pairs(emb, 0.9)
     st: dict = {}

@@ -390,8 +390,9 @@ def test_candidate_search_spread_over_ray_equals_serial(ray_cluster, monkeypatch
 
 
 def test_ray_candidate_search_equals_serial_with_the_bound_prefilter(ray_cluster):
-    """The serial driver filters tiles with the bound rows; the Ray units compute the full
-    products (the bound rows stay in the driver). Both give the same pairs and scores."""
+    """The serial driver filters tiles with its precomputed bound rows; the Ray units get the
+    quantizer's Bound and project the rows of their lists themselves (lists of ~600 here, above
+    _PROJECT_MIN_MEMBERS). Both give the same pairs and scores."""
     from dedup.compute import candidates as cand
     from dedup.config import load_config
     from dedup.phases.candidates import _embedding_pairs_on_ray
@@ -404,10 +405,13 @@ def test_ray_candidate_search_equals_serial_with_the_bound_prefilter(ray_cluster
     x[1::40] = x[0::40][: len(x[1::40])] + 0.08 * rng.normal(size=(len(x[1::40]), d)) * spec
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
     ok = np.ones(n, bool)
-    params = cand.IVFParams.auto(n, d, threshold=0.9, pca_dim=16, bound_dim=32)
+    params = cand.IVFParams.auto(n, d, threshold=0.9, pca_dim=16, bound_dim=32, nlist=10)
     st: dict = {}
     serial = cand.embedding_pairs(x, 0.9, params=params, valid=ok, stats=st)
     assert st["bound_width"] == 34 and len(serial.i) > 50
+    assert st["list_size_mean"] >= 2 * cand._PROJECT_MIN_MEMBERS
     cfg = load_config(None, None, **{"run.executor": "ray"})
-    spread = _embedding_pairs_on_ray(cfg, cand, x, ok, 0.9, params, None)
+    st_ray: dict = {}
+    spread = _embedding_pairs_on_ray(cfg, cand, x, ok, 0.9, params, None, stats=st_ray)
     assert serial == spread
+    assert st_ray["bound_width"] == 34  # the units were handed the bound

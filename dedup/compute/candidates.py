@@ -1297,12 +1297,14 @@ def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, 
     return plan
 
 
-def plan_figures(plan: IVFPlan, units: list[WorkUnit]) -> dict:
-    """What a plan will cost: lists, lists compared per row, list sizes, dot products."""
+def plan_figures(plan: IVFPlan, units: list[WorkUnit], bound_width: int | None = None) -> dict:
+    """What a plan will cost: lists, lists compared per row, list sizes, dot products, and
+    the width of the bound rows the tiles use (``bound_width``; default: the plan's, if any)."""
     sizes = plan.list_sizes()
     rows = max(1, int(plan.member_offsets[-1]))
-    return dict(nlist=plan.nlist, nprobe=plan.params.nprobe, units=len(units),
-                bound_width=0 if plan.bound_rows is None else int(plan.bound_rows.shape[1]),
+    if bound_width is None:
+        bound_width = 0 if plan.bound_rows is None else int(plan.bound_rows.shape[1])
+    return dict(nlist=plan.nlist, nprobe=plan.params.nprobe, units=len(units), bound_width=int(bound_width),
                 mean_probes=1.0 + len(plan.visitor_rows) / rows, list_size_max=int(sizes.max()),
                 list_size_mean=float(sizes.mean()), dot_products=int(sum(u.cost for u in units)))
 
@@ -1338,6 +1340,13 @@ def _unit(plan: IVFPlan, a: int, b: int) -> WorkUnit:
     )
 
 
+# Projecting a row onto the bound costs ~(q + 1)·d multiply-adds, once per list it is read
+# for; each of its tile products then costs q + 2 instead of d. With lists of fewer members
+# than this, projecting on the fly costs more than it saves (break-even ≈ q·d / (d − q) ≈ 170
+# at d = 512, q = 128; measured: docs/candidates.md).
+_PROJECT_MIN_MEMBERS = 256
+
+
 def unit_pairs(
     x: np.ndarray,
     unit: WorkUnit,
@@ -1346,29 +1355,40 @@ def unit_pairs(
     *,
     block_size: int | None = None,
     use_gpu: bool | None = None,
-    bound: np.ndarray | None = None,
+    bound: np.ndarray | Bound | None = None,
 ) -> Pairs:
     """Pairs with cosine ≥ threshold found in one unit's lists: members × members (each pair
     once) and visitors × members, in tiles of at most ``block_size`` rows per side.
 
-    ``bound`` (a plan's ``bound_rows``): the tiles are computed on those narrower rows first
-    and only the pairs they cannot rule out are scored on ``x`` (CPU only; the same pairs)."""
+    ``bound`` (CPU only; the same pairs either way): the tiles are computed on narrower
+    :class:`Bound` rows first and only the pairs those cannot rule out are scored on ``x``.
+    Either a plan's ``bound_rows`` (every row's, precomputed: the serial driver) or the
+    quantizer's :class:`Bound` itself, which then projects the rows of each list with at least
+    ``_PROJECT_MIN_MEMBERS`` members as they are read (a Ray unit: nothing n-sized travels)."""
     bs = max(1, int(block_size or (params.block_size if params else 4096)))
     if use_gpu is None:
         use_gpu = bool(params.use_gpu) if params is not None and params.use_gpu is not None else gpu_available()
     mm = _Matmul(use_gpu)
+
+    def plain_load(r):
+        return _rows_f32(x, r)
+
+    def plain_tile(xr, xc, rr, rc, diag):
+        return _tile(mm, xr, xc, rr, rc, threshold, diag)
+
+    def bound_tile(zr, zc, rr, rc, diag):
+        return _tile_bounded(mm, zr, zc, rr, rc, x, threshold, diag)
+
+    bound_load = None
     if bound is not None and not use_gpu:
-        def load(r):
-            return bound[r]
-
-        def tile(xr, xc, rr, rc, diag):
-            return _tile_bounded(mm, xr, xc, rr, rc, x, threshold, diag)
-    else:
-        def load(r):
-            return _rows_f32(x, r)
-
-        def tile(xr, xc, rr, rc, diag):
-            return _tile(mm, xr, xc, rr, rc, threshold, diag)
+        if isinstance(bound, Bound):
+            def bound_load(r):
+                return bound(_rows_f32(x, r))
+            min_members = _PROJECT_MIN_MEMBERS
+        else:
+            def bound_load(r):
+                return bound[r]
+            min_members = 0
     parts = []
     mo, vo = unit.member_offsets, unit.visitor_offsets
     for k in range(len(unit.lists)):
@@ -1376,6 +1396,10 @@ def unit_pairs(
         nm = len(mem)
         if nm == 0:
             continue
+        if bound_load is not None and nm >= min_members:
+            load, tile = bound_load, bound_tile
+        else:
+            load, tile = plain_load, plain_tile
         vis = unit.visitor_rows[vo[k] : vo[k + 1]]
         rows = np.concatenate([mem, vis]) if len(vis) else mem
         if len(rows) <= bs:  # common case: one gather, one product
@@ -1436,7 +1460,7 @@ def embedding_pairs(
     plan = plan_ivf(x, params, valid, threshold=threshold, stats=st, progress=plan_progress)
     t1 = time.perf_counter()
     units = make_units(plan)
-    st.update(method="ivf", plan_seconds=t1 - t0, **plan_figures(plan, units))
+    st.update(method="ivf", plan_seconds=t1 - t0, **plan_figures(plan, units, 0 if gpu else None))
     workers = 1 if gpu else _n_threads(params.threads)
     done = 0
     parts: list = [None] * len(units)

@@ -214,11 +214,13 @@ _SEARCH_STATS = ("method", "valid", "nlist", "nprobe", "mean_probes", "list_size
 
 
 def _unit_task(x: np.ndarray, item) -> object:
-    """One IVF work unit (a group of lists) on a Ray worker; ``x`` arrives from the object store."""
+    """One IVF work unit (a group of lists) on a Ray worker; ``x`` arrives from the object store.
+    With the quantizer's :class:`Bound` (~0.3 MB), the unit projects its own rows for the
+    prefilter: the n × 130 bound rows of the serial driver never travel."""
     from dedup.compute import candidates as cand
 
-    unit, threshold, params = item
-    return cand.unit_pairs(x, unit, threshold, params)
+    unit, threshold, params, bound = item
+    return cand.unit_pairs(x, unit, threshold, params, bound=bound)
 
 
 def _assign_task(x: np.ndarray, item) -> object:
@@ -284,7 +286,8 @@ def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, th
         t2 = time.perf_counter()
         units = cand.make_units(plan)
         parts = []
-        for k, (_unit, res, err) in enumerate(ex.map_units(_unit_task, [(u, threshold, params) for u in units], shared=x_ref)):
+        for k, (_unit, res, err) in enumerate(ex.map_units(_unit_task, [(u, threshold, params, coarse.bound) for u in units],
+                                                          shared=x_ref)):
             if err:
                 raise DedupError(f"candidate search unit failed after retries: {err}")
             parts.append(res)
@@ -294,5 +297,5 @@ def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, th
     if stats is not None:
         stats.update(method="ivf-ray", valid=len(idx), train_seconds=t1 - t0, assign_seconds=t2 - t1,
                      pairs_seconds=time.perf_counter() - t2, seconds=time.perf_counter() - t0,
-                     **cand.plan_figures(plan, units))
+                     **cand.plan_figures(plan, units, 0 if coarse.bound is None else coarse.bound.width))
     return out
