@@ -42,7 +42,7 @@ def test_incremental_equals_full_run_for_day2_samples(synth_shards, tmp_path):
     with pytest.raises(SchemaMismatchError, match="same model"):
         run_pipeline(day2, str(tmp_path / "day2b"), other, progress=False, against=str(tmp_path / "day1"))
     # The keepers' index was cached in the previous run and is reused.
-    assert (tmp_path / "day1" / "index" / "keepers.faiss").exists()
+    assert (tmp_path / "day1" / "index" / "keepers" / "vectors.f16.npy").exists()
     r = subprocess.run([sys.executable, "-m", "dedup.cli", "run", *day2, "--out", str(tmp_path / "day2c"), "--against", str(tmp_path / "day1"),
                         "--embedder", "pixel", "--set", "clusters.keeper_policy=[sample_id]", "-q", "-w", "1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -767,11 +767,13 @@ def _tile(mm: _Matmul, xr, xc, rows_r, rows_c, threshold: float, diag: tuple[int
     return rows_r[r[ok]], rows_c[c[ok]], sc[ok].astype(_F32)
 
 
-def _tile_bounded(mm: _Matmul, zr, zc, rows_r, rows_c, x, threshold: float, diag: tuple[int, int] | None):
+def _tile_bounded(mm: _Matmul, zr, zc, rows_r, rows_c, x, threshold: float, diag: tuple[int, int] | None,
+                  x_c: np.ndarray | None = None):
     """:func:`_tile` with a prefilter: the product of the :class:`Bound` rows ``zr``, ``zc``
     bounds every cosine from above, so a pair below ``threshold - _BOUND_SLACK`` there cannot
     reach the threshold. Only the remaining candidates are scored, on their rows of ``x``
-    (float32 first, then exactly) — the same pairs as :func:`_tile` on the full rows."""
+    (``x_c`` for the columns if given: queries against references), float32 first, then
+    exactly — the same pairs as :func:`_tile` on the full rows."""
     got = _tile_candidates(mm(zr, zc), threshold - _BOUND_SLACK, diag)
     if got is None:
         return None
@@ -779,7 +781,7 @@ def _tile_bounded(mm: _Matmul, zr, zc, rows_r, rows_c, x, threshold: float, diag
     ur, ir = np.unique(r, return_inverse=True)
     uc, ic = np.unique(c, return_inverse=True)
     a = _rows_f32(x, rows_r[ur])
-    b = _rows_f32(x, rows_c[uc])
+    b = _rows_f32(x if x_c is None else x_c, rows_c[uc])
     if len(ur) * len(uc) > 4 * len(r) and len(r) > 64:
         # few candidates scattered over the tile: a float32 pass drops those the bound let
         # through but the vectors do not (most of them) before the float64 rescoring
@@ -885,6 +887,7 @@ class IVFPlan:
     centroids: np.ndarray  # (nlist, pca_dim) float32, in the PCA space
     params: IVFParams  # as used (nlist, nprobe clamped to the data)
     bound_rows: np.ndarray | None = None  # (n, width) float32 Bound rows for the pair stage
+    coarse: IVFCoarse | None = None  # the quantizer that made it (assigns further rows, e.g. queries)
 
     def list_sizes(self) -> np.ndarray:
         return np.diff(self.member_offsets)
@@ -1210,7 +1213,7 @@ def build_plan(n: int, coarse: IVFCoarse, idx: np.ndarray, prim: np.ndarray,
     return IVFPlan(
         n=n, nlist=nlist, assign=assign, member_rows=member_rows, member_offsets=member_offsets,
         visitor_rows=visitor_rows, visitor_offsets=visitor_offsets, centroids=coarse.centroids,
-        params=coarse.params, bound_rows=bound_rows,
+        params=coarse.params, bound_rows=bound_rows, coarse=coarse,
     )
 
 

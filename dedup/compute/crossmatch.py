@@ -6,8 +6,9 @@ incremental runs (new shards against a previous run's keepers). Pure numpy/faiss
 * hashes: multi-index hashing with ``radius + 1`` chunk tables over the reference (sorted chunk
   values; each query looks up its bucket per chunk with a binary search), verified exactly;
   plus the nearest reference hash per query for reporting.
-* embeddings: a FAISS inner-product index over the reference vectors (flat below ~50k vectors,
-  IVF above), ``range_search`` at the cosine threshold and ``search`` for the top-k.
+* embeddings: :class:`VectorIndex` — exact below ~50k reference vectors; above, the candidate
+  search's IVF lists (dedup.compute.candidates) with the queries as extra visitors, compared
+  list by list in matrix products, scores rescored exactly.
 """
 
 from __future__ import annotations
@@ -88,36 +89,288 @@ def nearest_hash(ref: np.ndarray, q: np.ndarray, block: int = 1 << 22) -> tuple[
 
 
 class VectorIndex:
-    """Inner-product index over L2-normalised reference vectors."""
+    """Cosine search of query rows against reference rows (L2-normalised, float16 or float32;
+    ``ref`` is kept by reference, so a memmap stays on disk).
 
-    def __init__(self, ref: np.ndarray, flat_max: int = 50_000, seed: int = 1234):
-        import faiss
+    * Up to ``flat_max`` references: exact, every query against every reference in tiles.
+    * Above: the candidate search's IVF over the references (docs/candidates.md), trained for
+      ``threshold``: PCA, k-means lists, the references' visits and bound rows. The queries
+      are placed by the same rule (own list + visited lists), and :meth:`range` compares a
+      query with every reference in each list it is in, members and visitors alike: a pair is
+      found wherever the two meet (the self-join needs one to visit the other's list).
+      Measured at 980 000 references: recall 1.0 against exact on 1 208 pairs; built 7.5× and
+      searched 12× faster than faiss ``IndexIVFFlat`` + ``range_search`` (docs/benchmarks.md,
+      "crossmatch").
+      :meth:`topk` compares a query with the members of its ``nprobe`` nearest lists.
 
-        self.n, d = ref.shape
-        self.faiss = faiss
-        if self.n <= flat_max:
-            self.index = faiss.IndexFlatIP(d)
-        else:
-            nlist = int(min(4 * math.sqrt(self.n), self.n // 50))
-            quant = faiss.IndexFlatIP(d)
-            self.index = faiss.IndexIVFFlat(quant, d, nlist, faiss.METRIC_INNER_PRODUCT)
-            rng = np.random.default_rng(seed)
-            sample = np.sort(rng.choice(self.n, size=min(self.n, nlist * 64), replace=False))
-            self.index.train(np.ascontiguousarray(ref[sample], np.float32))
-            self.index.nprobe = min(nlist, 16)
-        for a in range(0, self.n, 65536):
-            self.index.add(np.ascontiguousarray(ref[a : a + 65536], np.float32))
+    Tiles are matrix products over many queries at once (not one scan per query); scores are
+    exact (float64 rescoring, as in the main search). CPU only; ``threads`` = 0: all cores.
+    """
+
+    def __init__(self, ref: np.ndarray, flat_max: int = 50_000, seed: int = 1234, *, threshold: float = 0.9,
+                 threads: int = 0, plan: object | None = None):
+        from dedup.compute import candidates as C
+
+        if ref.ndim != 2:
+            raise ValueError(f"reference vectors must be (n, d), got shape {ref.shape}")
+        self.ref = ref
+        self.n, self.d = ref.shape
+        self.threshold = float(threshold)
+        self.threads = int(threads)
+        self.plan = plan
+        if plan is None and self.n > flat_max:
+            params = C.IVFParams.auto(self.n, self.d, self.threshold, seed=seed, threads=threads)
+            self.plan = C.plan_ivf(ref, params, threshold=self.threshold)
+
+    # -- queries ------------------------------------------------------------------------------
 
     def range(self, q: np.ndarray, threshold: float) -> Matches:
-        if self.n == 0 or len(q) == 0:
-            return Matches(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
-        lims, dist, ids = self.index.range_search(np.ascontiguousarray(q, np.float32), float(threshold) - 1e-6)
-        qa = np.repeat(np.arange(len(q)), np.diff(lims.astype(np.int64)))
-        keep = dist >= threshold
-        return Matches(qa[keep].astype(np.int64), ids[keep].astype(np.int64), dist[keep].astype(np.float32))
+        """Every (query, reference) pair with cosine ≥ ``threshold`` (ordered by query, then
+        reference). With an IVF the lists are laid out for the build threshold; another
+        threshold still works, with recall measured only for the build one."""
+        from dedup.compute import candidates as C
 
-    def topk(self, q: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        if self.n == 0:
-            return np.full((len(q), k), -1), np.full((len(q), k), np.nan, np.float32)
-        d, i = self.index.search(np.ascontiguousarray(q, np.float32), min(k, self.n))
-        return i, d
+        if self.n == 0 or len(q) == 0:
+            return _no_matches()
+        mm = C._Matmul(False)
+        bs = _BLOCK
+        if self.plan is None:
+            qz = rz = None
+            jobs = [(np.arange(a, min(len(q), a + bs), dtype=np.int64), np.arange(self.n, dtype=np.int64))
+                    for a in range(0, len(q), bs)]
+        else:
+            coarse = self.plan.coarse
+            home, visits, qz = _assign_queries(q, coarse, self.threads, bound=self.plan.bound_rows is not None)
+            rz = self.plan.bound_rows
+            jobs = []
+            mo, vo = self.plan.member_offsets, self.plan.visitor_offsets
+            for L, hq, vq in _by_list(home, visits, self.plan.nlist):
+                # every reference the list holds, members and visitors, against every query
+                # it holds: a pair is found wherever the two meet
+                rrows = np.concatenate([self.plan.member_rows[mo[L] : mo[L + 1]],
+                                        self.plan.visitor_rows[vo[L] : vo[L + 1]]])
+                if len(rrows):
+                    jobs.append((np.sort(np.concatenate([hq, vq])), rrows))
+
+        def run(job):
+            qrows, rrows = job
+            out = []
+            for c0 in range(0, len(rrows), bs):
+                rr = rrows[c0 : c0 + bs]
+                zc = rz[rr] if rz is not None else C._rows_f32(self.ref, rr)
+                for r0 in range(0, len(qrows), bs):
+                    qr = qrows[r0 : r0 + bs]
+                    if rz is not None:
+                        got = C._tile_bounded(mm, qz[qr], zc, qr, rr, q, threshold, None, x_c=self.ref)
+                    else:
+                        got = C._tile(mm, C._rows_f32(q, qr), zc, qr, rr, threshold, None)
+                    if got is not None:
+                        out.append(got)
+            return out
+
+        parts = []
+        with C._single_threaded_libs():
+            for _, got in C._pmap(run, jobs, C._n_threads(self.threads)):
+                parts.extend(got)
+        if not parts:
+            return _no_matches()
+        qi = np.concatenate([p[0] for p in parts]).astype(np.int64)
+        ri = np.concatenate([p[1] for p in parts]).astype(np.int64)
+        sc = np.concatenate([p[2] for p in parts]).astype(np.float32)
+        # a pair can meet in several lists: once each, by (query, reference)
+        _, first = np.unique(qi * max(1, self.n) + ri, return_index=True)
+        return Matches(qi[first], ri[first], sc[first])
+
+    def topk(self, q: np.ndarray, k: int = 1, nprobe: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` most similar references of each query: (indices, cosines), (len(q), k),
+        most similar first; -1 / NaN where fewer were compared. Exact up to ``flat_max``
+        references; with an IVF, among the members of the query's ``nprobe`` nearest lists."""
+        from dataclasses import replace
+
+        from dedup.compute import candidates as C
+
+        nq, k = len(q), max(1, int(k))
+        idx = np.full((nq, k), -1, np.int64)
+        sims = np.full((nq, k), np.nan, np.float32)
+        if self.n == 0 or nq == 0:
+            return idx, sims
+        mm = C._Matmul(False)
+        bs = _BLOCK
+        if self.plan is None:
+            jobs = [(np.arange(a, min(nq, a + bs), dtype=np.int64), np.arange(self.n, dtype=np.int64))
+                    for a in range(0, nq, bs)]
+        else:
+            coarse = self.plan.coarse
+            wide = replace(coarse, rho=math.inf, params=replace(coarse.params, nprobe=max(1, min(int(nprobe), coarse.params.nlist))))
+            home, visits, _ = _assign_queries(q, wide, self.threads, bound=False)
+            mo = self.plan.member_offsets
+            jobs = []
+            for L, hq, vq in _by_list(home, visits, self.plan.nlist):
+                mem = self.plan.member_rows[mo[L] : mo[L + 1]]
+                qs = np.concatenate([hq, vq])
+                if len(qs) and len(mem):
+                    jobs.append((np.sort(qs), mem))
+
+        def run(job):
+            qrows, rrows = job
+            out = []
+            for r0 in range(0, len(qrows), bs):
+                qr = qrows[r0 : r0 + bs]
+                xq = C._rows_f32(q, qr)
+                for c0 in range(0, len(rrows), bs):
+                    rr = rrows[c0 : c0 + bs]
+                    s = mm(xq, C._rows_f32(self.ref, rr))
+                    kk = min(k, s.shape[1])
+                    top = np.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < s.shape[1] else np.broadcast_to(np.arange(s.shape[1]), s.shape)
+                    out.append((np.repeat(qr, kk), rr[top].ravel(), np.take_along_axis(s, top, axis=1).ravel()))
+            return out
+
+        parts = []
+        with C._single_threaded_libs():
+            for _, got in C._pmap(run, jobs, C._n_threads(self.threads)):
+                parts.extend(got)
+        if not parts:
+            return idx, sims
+        qi = np.concatenate([p[0] for p in parts])
+        ri = np.concatenate([p[1] for p in parts])
+        sc = np.concatenate([p[2] for p in parts])
+        order = np.lexsort((ri, -sc, qi))  # per query: most similar first (ties: lower index)
+        qi, ri = qi[order], ri[order]
+        rank = np.arange(len(qi)) - np.searchsorted(qi, qi, side="left")
+        keep = rank < k
+        qi, ri, rank = qi[keep], ri[keep], rank[keep]
+        # exact cosines of the chosen (float64, as the pair search scores), re-ranked on them
+        exact = np.empty(len(qi), np.float64)
+        step = 1 << 14
+        for a in range(0, len(qi), step):
+            exact[a : a + step] = np.einsum("ij,ij->i", np.asarray(q[qi[a : a + step]], np.float64),
+                                            np.asarray(self.ref[ri[a : a + step]], np.float64))
+        order = np.lexsort((ri, -exact, qi))
+        qi, ri, exact = qi[order], ri[order], exact[order]
+        rank = np.arange(len(qi)) - np.searchsorted(qi, qi, side="left")
+        idx[qi, rank] = ri
+        sims[qi, rank] = exact.astype(np.float32)
+        return idx, sims
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def save(self, directory: str) -> None:
+        """The IVF (if any) as plain arrays + JSON in ``directory`` (no pickle); the reference
+        vectors are not written: :meth:`load` takes them again."""
+        import json
+        import os
+
+        os.makedirs(directory, exist_ok=True)
+        meta = {"format": _FORMAT, "n": self.n, "d": self.d, "threshold": self.threshold, "ivf": self.plan is not None}
+        if self.plan is not None:
+            p, c = self.plan, self.plan.coarse
+            arrays = dict(assign=p.assign, member_rows=p.member_rows, member_offsets=p.member_offsets,
+                          visitor_rows=p.visitor_rows, visitor_offsets=p.visitor_offsets, centroids=c.centroids)
+            if c.projection.axes is not None:
+                arrays.update(axes=c.projection.axes, shift=c.projection.shift)
+            if c.bound is not None:
+                arrays.update(bound_axes=c.bound.axes)
+            tmp = os.path.join(directory, "ivf.tmp.npz")
+            np.savez(tmp, **arrays)
+            os.replace(tmp, os.path.join(directory, "ivf.npz"))
+            meta.update(rho=c.rho, params={k: v for k, v in vars(c.params).items()})
+        with open(os.path.join(directory, "index.json.tmp"), "w") as f:
+            json.dump(meta, f)
+        os.replace(os.path.join(directory, "index.json.tmp"), os.path.join(directory, "index.json"))
+
+    @classmethod
+    def load(cls, directory: str, ref: np.ndarray, threads: int = 0) -> VectorIndex | None:
+        """The index :meth:`save` wrote for these reference vectors; None if there is none or
+        it does not match them (another count, dimension or format): rebuild it then."""
+        import json
+        import os
+
+        from dedup.compute import candidates as C
+
+        try:
+            with open(os.path.join(directory, "index.json")) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if meta.get("format") != _FORMAT or meta.get("n") != ref.shape[0] or meta.get("d") != ref.shape[1]:
+            return None
+        if not meta["ivf"]:
+            return cls(ref, flat_max=ref.shape[0], threshold=meta["threshold"], threads=threads)
+        try:
+            a = np.load(os.path.join(directory, "ivf.npz"), allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        params = C.IVFParams(**meta["params"])
+        projection = C.Projection(a["axes"], a["shift"]) if "axes" in a else C.Projection(None, None)
+        bound = C.Bound(a["bound_axes"]) if "bound_axes" in a else None
+        centroids = a["centroids"]
+        gaps = C._centroid_gaps(centroids) if math.isfinite(meta["rho"]) and params.nprobe > 1 else None
+        coarse = C.IVFCoarse(projection, centroids, float(meta["rho"]), params, bound, gaps)
+        bound_rows = None
+        if bound is not None:  # recomputed (n × ~130 floats: cheaper to project than to store)
+            bound_rows = np.empty((ref.shape[0], bound.width), np.float32)
+            blocks = C.assign_blocks(ref.shape[0])
+
+            def project(b):
+                s, e = b
+                bound_rows[s:e] = bound(C._rows_f32(ref, slice(s, e)))
+
+            with C._single_threaded_libs():
+                for _ in C._pmap(project, blocks, C._n_threads(threads)):
+                    pass
+        plan = C.IVFPlan(n=ref.shape[0], nlist=params.nlist, assign=a["assign"], member_rows=a["member_rows"],
+                         member_offsets=a["member_offsets"], visitor_rows=a["visitor_rows"],
+                         visitor_offsets=a["visitor_offsets"], centroids=centroids, params=params,
+                         bound_rows=bound_rows, coarse=coarse)
+        return cls(ref, threshold=meta["threshold"], threads=threads, plan=plan)
+
+
+_FORMAT = 2  # of a saved VectorIndex (1: a faiss IndexIVFFlat file)
+_BLOCK = 4096  # tile edge: ≤ 4096² float32 scores per worker thread
+
+
+def _no_matches() -> Matches:
+    return Matches(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
+
+
+def _assign_queries(q: np.ndarray, coarse, threads: int, *, bound: bool):
+    """Each query's own list, its visits ((query, list) pairs) and, if ``bound``, its bound rows."""
+    from dedup.compute import candidates as C
+
+    nq = len(q)
+    blocks = C.assign_blocks(nq)
+    home = np.empty(nq, np.int32)
+    qz = np.empty((nq, coarse.bound.width), np.float32) if bound and coarse.bound is not None else None
+    visits: list = [None] * len(blocks)
+
+    def one(k):
+        s, e = blocks[k]
+        pz, zb = coarse.coordinates(C._rows_f32(q, slice(s, e)))
+        if qz is not None:
+            qz[s:e] = zb
+        p, vr, vl = C._assign(coarse, pz, np.arange(s, e, dtype=np.int64))
+        home[s:e] = p
+        visits[k] = (vr, vl)
+
+    with C._single_threaded_libs():
+        for _ in C._pmap(one, list(range(len(blocks))), C._n_threads(threads)):
+            pass
+    vr = np.concatenate([v[0] for v in visits]) if visits else np.empty(0, np.int64)
+    vl = np.concatenate([v[1] for v in visits]) if visits else np.empty(0, np.int32)
+    return home, (vr, vl), qz
+
+
+def _by_list(home: np.ndarray, visits: tuple[np.ndarray, np.ndarray], nlist: int):
+    """(list, its home queries, its visiting queries) for every list with either (ids increasing)."""
+    ho = np.argsort(home, kind="stable")
+    hoff = np.zeros(nlist + 1, np.int64)
+    np.cumsum(np.bincount(home, minlength=nlist), out=hoff[1:])
+    vr, vl = visits
+    vo = np.argsort(vl, kind="stable")
+    voff = np.zeros(nlist + 1, np.int64)
+    np.cumsum(np.bincount(vl, minlength=nlist), out=voff[1:])
+    vrs = vr[vo]
+    for L in range(nlist):
+        hq, vq = ho[hoff[L] : hoff[L + 1]].astype(np.int64), vrs[voff[L] : voff[L + 1]]
+        if len(hq) or len(vq):
+            yield L, hq, vq

@@ -165,7 +165,7 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
                 r[f"{name}_nearest"], r[f"{name}_distance"] = (ids[ref_idx[i_]], int(d_)) if i_ >= 0 else (None, None)
                 r[f"_{name}_cross"] = int(c_)
         if embedder is not None and len(ok_rows):
-            index = VectorIndex(np.asarray(fs.embeddings)[ref_idx])
+            index = VectorIndex(np.asarray(fs.embeddings)[ref_idx], threshold=cfg.embedding.resolved_threshold())
             ti, td = index.topk(emb[qi], 1)
             m = index.range(emb[qi], cfg.embedding.resolved_threshold())
             counts = np.bincount(m.q, minlength=len(ok_rows))

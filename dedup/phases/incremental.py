@@ -7,9 +7,10 @@ previous sample) and, with ``--merge``, ``merged_manifest.parquet`` (previous ma
 cluster sizes updated).
 
 Cost grows with the new data: previous keepers' hashes go into chunk tables (sorted arrays)
-and their embeddings into a FAISS index that is built once and cached in
-``PREV_RUN/index/keepers.faiss`` (with ``keepers.json`` naming the model and features hash, so
-a different model is refused). The result equals a full run over old + new data whenever the
+and their embeddings into an index (:class:`~dedup.compute.crossmatch.VectorIndex`: the
+candidate search's IVF lists) that is built once and cached in ``PREV_RUN/index/keepers/``
+(with ``keepers.json`` naming the model, features hash and threshold; a different model is
+refused, another threshold rebuilds it). The result equals a full run over old + new data whenever the
 keeper policy ranks old samples first (e.g. ``keeper_policy: [sample_id]`` with shard ids
 that sort by date) — tested in tests/test_incremental.py.
 """
@@ -46,7 +47,7 @@ def check_previous(prev: RunDir, features_hash: str, model_tag: str | None) -> d
     return info
 
 
-def _keepers(prev: RunDir, info: dict, with_embeddings: bool):
+def _keepers(prev: RunDir, info: dict, with_embeddings: bool, threshold: float = 0.9):
     """Previous keepers' scalar columns (sorted by sample_id) and, if asked, their embeddings."""
     from dedup.phases.candidates import load_features
 
@@ -58,36 +59,52 @@ def _keepers(prev: RunDir, info: dict, with_embeddings: bool):
     table = fs.table.filter(mask).select(_PREV_COLS)
     emb = None
     if with_embeddings:
-        emb = _keeper_vectors(prev, info, table["sample_id"])
+        emb = _keeper_vectors(prev, info, table["sample_id"], threshold)
     return table, emb, m
 
 
-def _keeper_vectors(prev: RunDir, info: dict, ids: pa.ChunkedArray) -> VectorIndex:
-    """The FAISS index over previous keepers, cached in PREV/index/ (built once)."""
-    import faiss
-
+def _keeper_vectors(prev: RunDir, info: dict, ids: pa.ChunkedArray, threshold: float) -> VectorIndex:
+    """The index over previous keepers' embeddings, cached in PREV/index/keepers/ (built once):
+    the vectors (float16 .npy, mapped, not loaded) and the IVF lists as arrays + JSON."""
     cache_dir = prev.p("index")
+    kdir = os.path.join(cache_dir, "keepers")
     meta_path = os.path.join(cache_dir, "keepers.json")
-    idx_path = os.path.join(cache_dir, "keepers.faiss")
+    vec_path = os.path.join(kdir, "vectors.f16.npy")
     n = len(ids)
-    if prev.local and os.path.exists(meta_path) and os.path.exists(idx_path):
-        meta = json.load(open(meta_path))
-        if meta.get("features_hash") == info.get("features_hash") and meta.get("count") == n:
-            vi = VectorIndex.__new__(VectorIndex)
-            vi.faiss, vi.index, vi.n = faiss, faiss.read_index(idx_path), n
-            return vi
+    if prev.local and os.path.exists(meta_path) and os.path.exists(vec_path):
+        try:
+            meta = json.load(open(meta_path))
+        except ValueError:
+            meta = {}
+        if (meta.get("format") == _CACHE_FORMAT and meta.get("features_hash") == info.get("features_hash")
+                and meta.get("count") == n and meta.get("threshold") == threshold):
+            vi = VectorIndex.load(kdir, np.load(vec_path, mmap_mode="r"))
+            if vi is not None:
+                return vi
     from dedup.phases.candidates import load_features
 
     fs = load_features(prev, info["shards"], with_embeddings=True)
     pos = pc.index_in(ids, value_set=fs.table["sample_id"]).to_numpy()
-    vi = VectorIndex(np.asarray(fs.embeddings)[pos])
-    if prev.local:
-        os.makedirs(cache_dir, exist_ok=True)
-        faiss.write_index(vi.index, idx_path + ".tmp")
-        os.replace(idx_path + ".tmp", idx_path)
-        with open(meta_path, "w") as f:
-            json.dump({"features_hash": info.get("features_hash"), "model_tag": info.get("model_tag"), "count": n}, f)
+    ref = np.asarray(fs.embeddings)[pos]
+    if not prev.local:
+        return VectorIndex(ref, threshold=threshold)
+    os.makedirs(kdir, exist_ok=True)
+    np.save(vec_path + ".tmp.npy", ref)
+    os.replace(vec_path + ".tmp.npy", vec_path)
+    del ref
+    vi = VectorIndex(np.load(vec_path, mmap_mode="r"), threshold=threshold)
+    vi.save(kdir)
+    with open(meta_path + ".tmp", "w") as f:
+        json.dump({"format": _CACHE_FORMAT, "features_hash": info.get("features_hash"), "model_tag": info.get("model_tag"),
+                   "count": n, "threshold": threshold}, f)
+    os.replace(meta_path + ".tmp", meta_path)
+    old = os.path.join(cache_dir, "keepers.faiss")  # format 1's index (the vectors in float32)
+    if os.path.exists(old):
+        os.remove(old)
     return vi
+
+
+_CACHE_FORMAT = 2
 
 
 def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[str], info: dict, *, merge: bool = False, failed_shards: bool = False) -> dict:
@@ -101,7 +118,8 @@ def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[s
     if overlap:
         raise ConfigError(f"shard(s) {sorted(overlap)[:3]} are already in {prev.url}; an incremental run takes new shards only")
     pairs_new, pinfo = find_pairs(cfg, new)
-    prev_tbl, prev_vi, prev_manifest = _keepers(prev, info, with_embeddings="embedding" in cfg.methods)
+    prev_tbl, prev_vi, prev_manifest = _keepers(prev, info, with_embeddings="embedding" in cfg.methods,
+                                                  threshold=cfg.embedding.resolved_threshold())
     ok = new.ok()
     nid = np.array(new.table["sample_id"].to_pylist(), dtype=object)
     pid = np.array(prev_tbl["sample_id"].to_pylist(), dtype=object)
