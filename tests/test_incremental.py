@@ -47,3 +47,14 @@ def test_incremental_equals_full_run_for_day2_samples(synth_shards, tmp_path):
                         "--embedder", "pixel", "--set", "clusters.keeper_policy=[sample_id]", "-q", "-w", "1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert pq.read_table(tmp_path / "day2c" / "manifest.parquet").equals(pq.read_table(tmp_path / "day2" / "manifest.parquet"))
+    # A previous run whose index/ cannot be written (here a file where the directory should
+    # be; a read-only copy behaves alike): the embeddings are staged in the temp dir, the index
+    # is built in memory, and the result is the same.
+    import shutil
+
+    shutil.rmtree(tmp_path / "day1" / "index")
+    (tmp_path / "day1" / "index").write_text("not a directory")
+    out = run_pipeline(day2, str(tmp_path / "day2d"), cfg, progress=False, against=str(tmp_path / "day1"))
+    assert out.exit_code == 0, out.stats
+    assert pq.read_table(tmp_path / "day2d" / "manifest.parquet").equals(pq.read_table(tmp_path / "day2" / "manifest.parquet"))
+    assert (tmp_path / "day1" / "index").read_text() == "not a directory"

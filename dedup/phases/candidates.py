@@ -90,18 +90,28 @@ def _stage_embeddings(run: RunDir, col: pa.ChunkedArray, order: pa.Array) -> np.
     """Write embeddings (in sample_id order) to a float16 memmap; nulls become zero rows."""
     d = col.type.list_size
     n = len(col)
-    base = run.p("index") if run.local else tempfile.mkdtemp(prefix="dedup-index-")
-    os.makedirs(base, exist_ok=True)
+    scratch = not run.local
+    if run.local:
+        base = run.p("index")
+        try:
+            os.makedirs(base, exist_ok=True)
+            with tempfile.TemporaryFile(dir=base):
+                pass
+        except OSError as e:  # e.g. a read-only previous run read by --against
+            log.warning("cannot write to %s (%s); staging the embeddings in the temp dir instead", base, e)
+            scratch = True
+    if scratch:
+        base = tempfile.mkdtemp(prefix="dedup-index-")
     need = n * d * 2 + (1 << 20)
     free = shutil.disk_usage(base).free
     if free < need:
         # say so before writing, instead of a "No space left on device" half-way through
-        if not run.local:
+        if scratch:
             shutil.rmtree(base, ignore_errors=True)
         from dedup.errors import DedupError
 
-        hint = ("set TMPDIR to a disk with room (the run directory is remote, so the embeddings "
-                "are staged locally)") if not run.local else "free space there or use another --out"
+        hint = ("set TMPDIR to a disk with room (the embeddings are staged in the temp dir: the run "
+                "directory is remote or not writable)") if scratch else "free space there or use another --out"
         raise DedupError(
             f"not enough disk space to stage {n:,} × {d} float16 embeddings for the candidate search: "
             f"{need / 2**30:.1f} GiB needed in {base}, {free / 2**30:.1f} GiB free; {hint}. "
@@ -127,10 +137,10 @@ def _stage_embeddings(run: RunDir, col: pa.ChunkedArray, order: pa.Array) -> np.
     mm.flush()
     del mm
     out = np.load(path, mmap_mode="r")
-    if not run.local:
-        # A scratch copy (the run dir is remote): remove the name now. The mapping stays valid
-        # until it is released and the space is freed then, even if the process is killed, so
-        # nothing is left in the temp dir (n × d × 2 bytes: 100 GB at 1e8 × 512).
+    if scratch:
+        # A scratch copy (the run dir is remote or read-only): remove the name now. The mapping
+        # stays valid until it is released and the space is freed then, even if the process is
+        # killed, so nothing is left in the temp dir (n × d × 2 bytes: 100 GB at 1e8 × 512).
         try:
             os.unlink(path)
             os.rmdir(base)

@@ -18,6 +18,7 @@ that sort by date) — tested in tests/test_incremental.py.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
@@ -30,6 +31,8 @@ from dedup.config import Config
 from dedup.errors import ConfigError, SchemaMismatchError
 from dedup.io.rundir import RunDir
 from dedup.schema import PAIRS_SCHEMA
+
+log = logging.getLogger(__name__)
 
 _PREV_COLS = ["sample_id", "shard_id", "key", "status", "error", "file_size", "caption_len", "width", "height", "sha256", "phash", "dhash"]
 
@@ -88,19 +91,26 @@ def _keeper_vectors(prev: RunDir, info: dict, ids: pa.ChunkedArray, threshold: f
     ref = np.asarray(fs.embeddings)[pos]
     if not prev.local:
         return VectorIndex(ref, threshold=threshold)
-    os.makedirs(kdir, exist_ok=True)
-    np.save(vec_path + ".tmp.npy", ref)
-    os.replace(vec_path + ".tmp.npy", vec_path)
+    try:
+        os.makedirs(kdir, exist_ok=True)
+        np.save(vec_path + ".tmp.npy", ref)
+        os.replace(vec_path + ".tmp.npy", vec_path)
+    except OSError as e:  # a read-only or full previous run: search without a cache
+        log.warning("cannot cache the previous keepers' index in %s (%s); building it in memory for this run", kdir, e)
+        return VectorIndex(ref, threshold=threshold)
     del ref
     vi = VectorIndex(np.load(vec_path, mmap_mode="r"), threshold=threshold)
-    vi.save(kdir)
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump({"format": _CACHE_FORMAT, "features_hash": info.get("features_hash"), "model_tag": info.get("model_tag"),
-                   "count": n, "threshold": threshold}, f)
-    os.replace(meta_path + ".tmp", meta_path)
-    old = os.path.join(cache_dir, "keepers.faiss")  # format 1's index (the vectors in float32)
-    if os.path.exists(old):
-        os.remove(old)
+    try:
+        vi.save(kdir)
+        with open(meta_path + ".tmp", "w") as f:
+            json.dump({"format": _CACHE_FORMAT, "features_hash": info.get("features_hash"),
+                       "model_tag": info.get("model_tag"), "count": n, "threshold": threshold}, f)
+        os.replace(meta_path + ".tmp", meta_path)
+        old = os.path.join(cache_dir, "keepers.faiss")  # format 1's index (the vectors in float32)
+        if os.path.exists(old):
+            os.remove(old)
+    except OSError as e:
+        log.warning("cannot cache the previous keepers' index in %s (%s); it is rebuilt next time", kdir, e)
     return vi
 
 
