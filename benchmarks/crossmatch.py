@@ -64,11 +64,12 @@ def _truth(ref: np.ndarray, q: np.ndarray, threshold: float) -> set[tuple[int, i
     return out
 
 
-def _faiss_ivfflat(ref: np.ndarray, q: np.ndarray, threshold: float, seed: int = 1234) -> dict:
+def ivfflat_index(ref: np.ndarray, seed: int = 1234):
+    """The faiss index dedup used before for queries against references (and the outlier
+    score): IndexIVFFlat, inner product, nlist = 4·√n, trained on 64·nlist rows, nprobe 16."""
     import faiss
 
     n, d = ref.shape
-    t0 = time.perf_counter()
     nlist = int(min(4 * math.sqrt(n), n // 50))
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
@@ -77,6 +78,13 @@ def _faiss_ivfflat(ref: np.ndarray, q: np.ndarray, threshold: float, seed: int =
     index.nprobe = min(nlist, 16)
     for a in range(0, n, 65536):
         index.add(np.ascontiguousarray(ref[a : a + 65536], np.float32))
+    return index
+
+
+def _faiss_ivfflat(ref: np.ndarray, q: np.ndarray, threshold: float, seed: int = 1234) -> dict:
+    t0 = time.perf_counter()
+    index = ivfflat_index(ref, seed)
+    nlist = index.nlist
     t1 = time.perf_counter()
     qi, ri = [], []
     for a in range(0, len(q), 4096):

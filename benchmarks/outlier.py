@@ -7,7 +7,7 @@ Data: the candidate benchmark's synthetic embeddings (d = 512, float16 memmaps, 
 first use; see benchmarks/candidates.py). For each n: ``kth_neighbour_similarity`` (what the
 manifest uses, k = 5) timed whole; exact k-th similarity for 2 000 sampled rows by blockwise
 brute force; errors and the Spearman rank correlation of the outlier scores. ``--no-old``
-skips the faiss ``IndexIVFFlat`` approach used before (``dedup.compute.crossmatch.VectorIndex``),
+skips the faiss ``IndexIVFFlat`` approach used before (``benchmarks.crossmatch.ivfflat_index``),
 timed on its build plus 5 000 queries and extrapolated to all rows.
 """
 
@@ -44,14 +44,14 @@ def exact_kth(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
 
 
 def old_seconds(x: np.ndarray) -> float:
-    from dedup.compute.crossmatch import VectorIndex
+    from benchmarks.crossmatch import ivfflat_index
 
     t = time.perf_counter()
-    index = VectorIndex(x)
+    index = ivfflat_index(x)
     build = time.perf_counter() - t
     q = _rows_f32(x, slice(0, 5000))
     t = time.perf_counter()
-    index.topk(q, K + 1)
+    index.search(q, K + 1)
     return build + (time.perf_counter() - t) * x.shape[0] / len(q)
 
 

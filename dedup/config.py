@@ -92,7 +92,7 @@ class ClusterConfig(_Section):
         0, ge=0,
         description="clusters of at least this size keep only members linked to their keeper by two signals or identical bytes (0 = off)",
     )
-    outlier_k: int = Field(5, ge=1, description="outlier_score = 1 - cosine to the k-th nearest other sample (needs embeddings)")
+    outlier_k: int = Field(5, ge=0, description="outlier_score = 1 - cosine to the k-th nearest other sample (needs embeddings); 0 = skip it (null column: large runs save its own search)")
 
     @field_validator("keeper_policy")
     @classmethod

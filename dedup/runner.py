@@ -236,7 +236,7 @@ def finish_run(
     timings["candidates"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     outlier = None
-    if fs.embeddings is not None:
+    if fs.embeddings is not None and cfg.clusters.outlier_k > 0:
         from dedup.phases.manifest import outlier_scores
 
         log.info("outlier scores: k-th nearest neighbour of %d embeddings", int(fs.ok().sum()))

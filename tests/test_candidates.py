@@ -453,6 +453,8 @@ def test_kth_neighbour_similarity_ivf_path_is_a_close_lower_bound():
     assert (got[q] <= ref + 1e-5).all()
     assert np.mean(ref - got[q]) < 0.02
     assert np.mean(np.abs(ref - got[q]) < 1e-5) > 0.5
+    # lists run on worker threads, merged in any order: the same values with one thread
+    assert np.array_equal(C.kth_neighbour_similarity(x, 5, exact_below=1000, threads=1), got, equal_nan=True)
 
 
 def test_progress_covers_the_coarse_stage_and_the_outlier_score(emb):

@@ -212,3 +212,11 @@ def test_outlier_score_marks_the_odd_one_out(tmp_path):
     scores = {r["key"]: r["outlier_score"] for r in m}
     assert max(scores, key=scores.get) == "k10"
     assert all(v is not None for v in scores.values())
+    # outlier_k = 0: no outlier search, a null column, the rest of the manifest unchanged
+    off = load_config(None, None, **{"methods": ["embedding"], "embedding.spec": "pixel", "embedding.threshold": 0.999,
+                                     "run.workers": 1, "clusters.outlier_k": 0})
+    assert run_pipeline([str(d)], str(tmp_path / "off"), off, progress=False).exit_code == 0
+    m_off = pq.read_table(tmp_path / "off" / "manifest.parquet")
+    assert m_off.column("outlier_score").null_count == m_off.num_rows
+    assert m_off.drop(["outlier_score"]).equals(pq.read_table(tmp_path / "run" / "manifest.parquet").drop(["outlier_score"]))
+    assert "outlier" not in json.loads((tmp_path / "off" / "stats.json").read_text())["timings"]

@@ -1508,6 +1508,7 @@ def kth_neighbour_similarity(
     block: int = 4096,
     stats: dict | None = None,
     progress: Callable[[int, int], None] | None = None,
+    threads: int = 0,
 ) -> np.ndarray:
     """Cosine of each valid row to its k-th most similar other valid row (float32; NaN for
     invalid rows and where fewer than k others were compared).
@@ -1518,7 +1519,8 @@ def kth_neighbour_similarity(
     each row is compared with the members of its own list and of its nearest other lists.
     A row whose true neighbours lie in lists it did not visit gets a lower similarity (a
     higher outlier score) than exact search would give; docs/manifest.md measures how much.
-    ``progress(done, total)`` counts row blocks (exact) or lists (IVF)."""
+    ``progress(done, total)`` counts row blocks (exact) or lists (IVF); ``threads``: worker
+    threads for the lists (0 = all cores)."""
     t0 = time.perf_counter()
     n, d = x.shape
     rows_all = _valid_rows(n, valid)
@@ -1547,17 +1549,19 @@ def kth_neighbour_similarity(
                 progress(b, nblocks)
     else:
         method = "ivf"
-        params = IVFParams.auto(m, d, nprobe=max(1, int(nprobe)), probe_margin=None, bound_dim=0)
+        params = IVFParams.auto(m, d, nprobe=max(1, int(nprobe)), probe_margin=None, bound_dim=0, threads=threads)
+        _want_fast_f16(x, float(m) * d * (params.nprobe + 1))  # every row read once per list it is in
         plan = plan_ivf(x, params, valid)
         mo, vo = plan.member_offsets, plan.visitor_offsets
-        for L in range(plan.nlist):
-            if progress and L % 64 == 0:
-                progress(L, plan.nlist)  # lists done so far
+
+        def one(L: int) -> list:
+            """Each row's k best similarities among this list's members (rows: members + visitors)."""
             mem = plan.member_rows[mo[L] : mo[L + 1]]
             if len(mem) == 0:
-                continue
+                return []
             vis = plan.visitor_rows[vo[L] : vo[L + 1]]
             rows = np.concatenate([mem, vis]) if len(vis) else mem
+            out = []
             for c0 in range(0, len(mem), block):
                 cm = mem[c0 : c0 + block]
                 xc = _rows_f32(x, cm)
@@ -1568,9 +1572,24 @@ def kth_neighbour_similarity(
                     pos = np.arange(r0, r0 + len(rr))
                     own = (pos >= c0) & (pos < c0 + len(cm)) & (pos < len(mem))
                     s[np.flatnonzero(own), pos[own] - c0] = -np.inf
-                    _merge_topk(best, rr, s, k)
+                    if s.shape[1] > k:
+                        s = np.partition(s, s.shape[1] - k, axis=1)[:, -k:]
+                    out.append((rr, s))
+            return out
+
+        # lists on worker threads (BLAS single-threaded inside, as in the pair stage); the
+        # merges stay in this thread: a visitor row is in several lists, and the k largest of
+        # a set do not depend on the order they arrive in
+        done = 0
         if progress:
-            progress(plan.nlist, plan.nlist)
+            progress(0, plan.nlist)
+        with _single_threaded_libs():
+            for _, got in _pmap(one, list(range(plan.nlist)), _n_threads(threads)):
+                for rr, s in got:
+                    _merge_topk(best, rr, s, k)
+                done += 1
+                if progress and (done % 64 == 0 or done == plan.nlist):
+                    progress(done, plan.nlist)
     kth = best[:, 0] if k == 1 else best.min(axis=1)
     kth = np.where(np.isfinite(kth), kth, np.nan).astype(_F32)
     out[idx] = kth[idx]

@@ -111,8 +111,8 @@ def outlier_scores(emb: np.ndarray, ok: np.ndarray, k: int, stats: dict | None =
 
     Exact below 10 000 ok samples; above, approximate over IVF lists with one matrix product
     per list (:func:`dedup.compute.candidates.kth_neighbour_similarity`): measured at 10⁶ on
-    the candidate benchmark's data, 49 s instead of ~1 960 s for the faiss IVF index this used
-    before, with outlier ranks correlating 0.93 with exact ones (benchmarks/outlier.py)."""
+    the candidate benchmark's data, 80 s instead of ~1 660 s for the faiss IVF index this used
+    before, with outlier ranks correlating 0.96 with exact ones (benchmarks/outlier.py)."""
     from dedup.compute.candidates import kth_neighbour_similarity
 
     sim = kth_neighbour_similarity(emb, int(k), valid=np.asarray(ok, bool), stats=stats, progress=progress)
