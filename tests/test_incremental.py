@@ -58,3 +58,34 @@ def test_incremental_equals_full_run_for_day2_samples(synth_shards, tmp_path):
     assert out.exit_code == 0, out.stats
     assert pq.read_table(tmp_path / "day2d" / "manifest.parquet").equals(pq.read_table(tmp_path / "day2" / "manifest.parquet"))
     assert (tmp_path / "day1" / "index").read_text() == "not a directory"
+
+
+@pytest.mark.slow
+def test_incremental_through_the_ivf_keepers_index(synth_shards, tmp_path, monkeypatch):
+    """The same day-2 decisions as a full run when the previous keepers' embeddings go through
+    the IVF index (normally from 50 000 keepers; forced here), built, cached and reloaded."""
+    import dedup.compute.crossmatch as crossmatch
+
+    monkeypatch.setattr(crossmatch, "FLAT_MAX", 10)
+    shards, truth = synth_shards
+    tars = sorted(str(p) for p in shards.glob("*.tar"))
+    day1, day2 = tars[:2], tars[2:]
+    cfg = load_config(None, None, **{"methods": ["embedding"], "embedding.spec": "pixel", "run.workers": 1,
+                                     "clusters.keeper_policy": ["sample_id"]})
+    assert run_pipeline(tars, str(tmp_path / "full"), cfg, progress=False).exit_code == 0
+    assert run_pipeline(day1, str(tmp_path / "day1"), cfg, progress=False).exit_code == 0
+    out = run_pipeline(day2, str(tmp_path / "day2"), cfg, progress=False, against=str(tmp_path / "day1"))
+    assert out.exit_code == 0, out.stats
+    assert (tmp_path / "day1" / "index" / "keepers" / "ivf.npz").exists()  # an IVF was built and cached
+    full = {r["sample_id"]: r for r in pq.read_table(tmp_path / "full" / "manifest.parquet").to_pylist()}
+    delta = pq.read_table(tmp_path / "day2" / "manifest.parquet").to_pylist()
+    assert delta and any(r["cluster_id"] and r["cluster_id"].startswith(("shard-00000", "shard-00001")) for r in delta)
+    for r in delta:
+        f = full[r["sample_id"]]
+        assert (r["is_keeper"], r["cluster_id"]) == (f["is_keeper"], f["cluster_id"]), r["sample_id"]
+    # again, from the cached index (loaded, not rebuilt: its files stay untouched): the same delta
+    cached = tmp_path / "day1" / "index" / "keepers" / "ivf.npz"
+    stamp = cached.stat().st_mtime_ns
+    again = run_pipeline(day2, str(tmp_path / "day2b"), cfg, progress=False, against=str(tmp_path / "day1"))
+    assert again.exit_code == 0 and cached.stat().st_mtime_ns == stamp
+    assert pq.read_table(tmp_path / "day2b" / "manifest.parquet").equals(pq.read_table(tmp_path / "day2" / "manifest.parquet"))

@@ -92,7 +92,8 @@ class VectorIndex:
     """Cosine search of query rows against reference rows (L2-normalised, float16 or float32;
     ``ref`` is kept by reference, so a memmap stays on disk).
 
-    * Up to ``flat_max`` references: exact, every query against every reference in tiles.
+    * Up to ``flat_max`` (default ``FLAT_MAX`` = 50 000) references: exact, every query
+      against every reference in tiles.
     * Above: the candidate search's IVF over the references (docs/candidates.md), trained for
       ``threshold``: PCA, k-means lists, the references' visits and bound rows. The queries
       are placed by the same rule (own list + visited lists), and :meth:`range` compares a
@@ -107,7 +108,7 @@ class VectorIndex:
     exact (float64 rescoring, as in the main search). CPU only; ``threads`` = 0: all cores.
     """
 
-    def __init__(self, ref: np.ndarray, flat_max: int = 50_000, seed: int = 1234, *, threshold: float = 0.9,
+    def __init__(self, ref: np.ndarray, flat_max: int | None = None, seed: int = 1234, *, threshold: float = 0.9,
                  threads: int = 0, plan: object | None = None):
         from dedup.compute import candidates as C
 
@@ -118,7 +119,7 @@ class VectorIndex:
         self.threshold = float(threshold)
         self.threads = int(threads)
         self.plan = plan
-        if plan is None and self.n > flat_max:
+        if plan is None and self.n > (FLAT_MAX if flat_max is None else flat_max):
             params = C.IVFParams.auto(self.n, self.d, self.threshold, seed=seed, threads=threads)
             self.plan = C.plan_ivf(ref, params, threshold=self.threshold)
 
@@ -325,6 +326,7 @@ class VectorIndex:
         return cls(ref, threshold=meta["threshold"], threads=threads, plan=plan)
 
 
+FLAT_MAX = 50_000  # up to this many references the search is exact (all pairs of tiles)
 _FORMAT = 2  # of a saved VectorIndex (1: a faiss IndexIVFFlat file)
 _BLOCK = 4096  # tile edge: ≤ 4096² float32 scores per worker thread
 
