@@ -169,15 +169,10 @@ class VectorIndex:
                         out.append(got)
             return out
 
-        parts = []
-        with C._single_threaded_libs():
-            for _, got in C._pmap(run, jobs, C._n_threads(self.threads)):
-                parts.extend(got)
-        if not parts:
+        got = _run_jobs(run, jobs, self.threads)
+        if got is None:
             return _no_matches()
-        qi = np.concatenate([p[0] for p in parts]).astype(np.int64)
-        ri = np.concatenate([p[1] for p in parts]).astype(np.int64)
-        sc = np.concatenate([p[2] for p in parts]).astype(np.float32)
+        qi, ri, sc = got[0].astype(np.int64), got[1].astype(np.int64), got[2].astype(np.float32)
         # a pair can meet in several lists: once each, by (query, reference)
         _, first = np.unique(qi * max(1, self.n) + ri, return_index=True)
         return Matches(qi[first], ri[first], sc[first])
@@ -226,15 +221,10 @@ class VectorIndex:
                     out.append((np.repeat(qr, kk), rr[top].ravel(), np.take_along_axis(s, top, axis=1).ravel()))
             return out
 
-        parts = []
-        with C._single_threaded_libs():
-            for _, got in C._pmap(run, jobs, C._n_threads(self.threads)):
-                parts.extend(got)
-        if not parts:
+        got = _run_jobs(run, jobs, self.threads)
+        if got is None:
             return idx, sims
-        qi = np.concatenate([p[0] for p in parts])
-        ri = np.concatenate([p[1] for p in parts])
-        sc = np.concatenate([p[2] for p in parts])
+        qi, ri, sc = got
         order = np.lexsort((ri, -sc, qi))  # per query: most similar first (ties: lower index)
         qi, ri = qi[order], ri[order]
         rank = np.arange(len(qi)) - np.searchsorted(qi, qi, side="left")
@@ -329,6 +319,20 @@ class VectorIndex:
 FLAT_MAX = 50_000  # up to this many references the search is exact (all pairs of tiles)
 _FORMAT = 2  # of a saved VectorIndex (1: a faiss IndexIVFFlat file)
 _BLOCK = 4096  # tile edge: ≤ 4096² float32 scores per worker thread
+
+
+def _run_jobs(run, jobs: list, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``run(job)`` → list of (query rows, reference rows, values) for every job, on worker
+    threads (BLAS single-threaded inside); the parts concatenated, or None if there are none."""
+    from dedup.compute import candidates as C
+
+    parts: list = []
+    with C._single_threaded_libs():
+        for _, got in C._pmap(run, jobs, C._n_threads(threads)):
+            parts.extend(got)
+    if not parts:
+        return None
+    return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
 
 
 def _no_matches() -> Matches:
