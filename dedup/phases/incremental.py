@@ -9,14 +9,16 @@ cluster sizes updated).
 Cost grows with the new data: previous keepers' hashes go into chunk tables (sorted arrays)
 and their embeddings into an index (:class:`~dedup.compute.crossmatch.VectorIndex`: the
 candidate search's IVF lists) that is built once and cached in ``PREV_RUN/index/keepers/``
-(with ``keepers.json`` naming the model, features hash and threshold; a different model is
-refused, another threshold rebuilds it). The result equals a full run over old + new data whenever the
-keeper policy ranks old samples first (e.g. ``keeper_policy: [sample_id]`` with shard ids
-that sort by date) — tested in tests/test_incremental.py.
+(with ``keepers.json`` naming the model, features hash, keepers and threshold; a different
+model is refused, other keepers or another threshold rebuild it). The result equals a full run
+over old + new data whenever the keeper policy ranks old samples first (e.g.
+``keeper_policy: [sample_id]`` with shard ids that sort by date) — tested in
+tests/test_incremental.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -74,13 +76,16 @@ def _keeper_vectors(prev: RunDir, info: dict, ids: pa.ChunkedArray, threshold: f
     meta_path = os.path.join(cache_dir, "keepers.json")
     vec_path = os.path.join(kdir, "vectors.f16.npy")
     n = len(ids)
+    # which keepers, exactly: a manifest recomputed with another keeper policy (--force) can
+    # keep as many samples, but not the same ones
+    ids_hash = hashlib.sha256("\n".join(ids.to_pylist()).encode()).hexdigest()
     if prev.local and os.path.exists(meta_path) and os.path.exists(vec_path):
         try:
             meta = json.load(open(meta_path))
         except ValueError:
             meta = {}
         if (meta.get("format") == _CACHE_FORMAT and meta.get("features_hash") == info.get("features_hash")
-                and meta.get("count") == n and meta.get("threshold") == threshold):
+                and meta.get("count") == n and meta.get("ids_hash") == ids_hash and meta.get("threshold") == threshold):
             vi = VectorIndex.load(kdir, np.load(vec_path, mmap_mode="r"))
             if vi is not None:
                 return vi
@@ -104,7 +109,7 @@ def _keeper_vectors(prev: RunDir, info: dict, ids: pa.ChunkedArray, threshold: f
         vi.save(kdir)
         with open(meta_path + ".tmp", "w") as f:
             json.dump({"format": _CACHE_FORMAT, "features_hash": info.get("features_hash"),
-                       "model_tag": info.get("model_tag"), "count": n, "threshold": threshold}, f)
+                       "model_tag": info.get("model_tag"), "count": n, "ids_hash": ids_hash, "threshold": threshold}, f)
         os.replace(meta_path + ".tmp", meta_path)
         old = os.path.join(cache_dir, "keepers.faiss")  # format 1's index (the vectors in float32)
         if os.path.exists(old):
