@@ -1346,7 +1346,7 @@ def _unit(plan: IVFPlan, a: int, b: int) -> WorkUnit:
 # Projecting a row onto the bound costs ~(q + 1)·d multiply-adds, once per list it is read
 # for; each of its tile products then costs q + 2 instead of d. With lists of fewer members
 # than this, projecting on the fly costs more than it saves (break-even ≈ q·d / (d − q) ≈ 170
-# at d = 512, q = 128; measured: docs/candidates.md).
+# at d = 512, q = 128; docs/candidates.md).
 _PROJECT_MIN_MEMBERS = 256
 
 
