@@ -4,6 +4,7 @@
     python benchmarks/candidates.py --n 100000 --json          # one JSON line (embeddings)
     python benchmarks/candidates.py --hashes --n 100000 --json # one JSON line (hashes)
     ... --repeat 1                                  # one timing per n (default 3, medians)
+    python benchmarks/candidates.py --ray --n 1000000          # the Ray path vs the serial driver
 
 Embeddings: synthetic L2-normalised float16 vectors (d = 512) with CLIP-like structure — a
 shared mean direction, topics of log-normal sizes, a decaying spectrum — plus planted
@@ -262,6 +263,27 @@ def _time_only(n: int, seed: int, threshold: float, params: dict | None) -> dict
             "peak_rss_mb": _peak_rss_mb(), "pairs": len(pairs)}
 
 
+def run_ray(n: int, seed: int = 0, threshold: float = THRESHOLD, params: dict | None = None) -> dict:
+    """The Ray path (local Ray, this machine's cores) next to the serial driver, in one
+    process: stage times, and whether both find the same pairs (they must)."""
+    from dedup.compute import candidates as cand
+    from dedup.config import load_config
+    from dedup.phases.candidates import _embedding_pairs_on_ray
+
+    x = np.load(_ensure_data(n, seed, threshold), mmap_mode="r")
+    p = cand.IVFParams.auto(n, x.shape[1], threshold, **(params or {}))
+    serial_stats: dict = {}
+    serial = cand.embedding_pairs(x, threshold, p, stats=serial_stats)
+    cfg = load_config(None, None, **{"run.executor": "ray"})
+    st: dict = {}
+    spread = _embedding_pairs_on_ray(cfg, cand, x, np.ones(n, bool), threshold, p, None, stats=st)
+    r = {"kind": "ray", "n": n, "pairs": len(spread), "same_pairs_as_serial": bool(spread == serial),
+         "serial_seconds": round(serial_stats["seconds"], 2)}
+    r.update({k: (round(v, 2) if isinstance(v, float) else v) for k, v in st.items()
+              if k in ("seconds", "train_seconds", "assign_seconds", "pairs_seconds", "units", "bound_width")})
+    return r
+
+
 def _repeat(r: dict, n: int, seed: int, threshold: float, params: dict | None, repeat: int) -> None:
     """Time the IVF search ``repeat - 1`` more times, each in its own process, and report the
     median of all runs (this shared 2-core VM's wall times vary by ±15% from run to run)."""
@@ -470,6 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, action="append", help="number of vectors (repeatable)")
     ap.add_argument("--json", action="store_true", help="print one JSON line per n")
     ap.add_argument("--hashes", action="store_true", help="benchmark 64-bit hashes instead of embeddings")
+    ap.add_argument("--ray", action="store_true", help="time the Ray path (local Ray) against the serial driver for each --n; JSON lines")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threshold", type=float, default=THRESHOLD)
     ap.add_argument("--queries", type=int, default=None, help="sampled exact-search rows (default: all for n ≤ 1e5, else 4000)")
@@ -492,6 +515,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.time_only:
         print(json.dumps(_time_only(a.n[0], a.seed, a.threshold, overrides)))
+        return
+    if a.ray:
+        for n in a.n or [10**5]:
+            print(json.dumps(run_ray(n, a.seed, a.threshold, overrides)), flush=True)
         return
     if a.json and a.n:
         for n in a.n:
