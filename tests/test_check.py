@@ -92,3 +92,22 @@ def test_check_within_finds_a_group_of_near_identical_generations(training_run, 
     groups = {g["group"]: g for g in pq.read_table(tmp_path / "out" / "within.parquet").to_pylist()}
     assert groups["prompt A"]["flagged"] and groups["prompt A"]["largest_cluster"] == 4
     assert not groups["prompt B"]["flagged"] and groups["prompt B"]["largest_cluster"] == 1
+
+
+def test_nearest_reference_is_never_below_a_found_match():
+    """check reports per query the nearest reference (topk) and the matches (range); where
+    range met a better reference than topk looked at, the nearest is raised to it, so a
+    query with matches is flagged by the embedding."""
+    import numpy as np
+
+    from dedup.compute.crossmatch import Matches
+    from dedup.phases.check import _nearest_covers_matches
+
+    ti = np.array([[5], [7], [-1], [2]])
+    td = np.array([[0.95], [0.80], [np.nan], [0.99]], np.float32)
+    m = Matches(q=np.array([0, 1, 1, 2, 3]), r=np.array([9, 3, 4, 8, 6]),
+                score=np.array([0.91, 0.92, 0.97, 0.93, 0.95], np.float32))
+    ni, nd = _nearest_covers_matches(ti, td, m)
+    assert ni[:, 0].tolist() == [5, 4, 8, 2]  # 0 and 3 keep topk's better one; 1 and 2 are raised
+    assert np.allclose(nd[:, 0], [0.95, 0.97, 0.93, 0.99])
+    assert ti[1, 0] == 7  # inputs untouched

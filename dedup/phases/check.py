@@ -168,6 +168,7 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
             index = VectorIndex(np.asarray(fs.embeddings)[ref_idx], threshold=cfg.embedding.resolved_threshold())
             ti, td = index.topk(emb[qi], 1)
             m = index.range(emb[qi], cfg.embedding.resolved_threshold())
+            ti, td = _nearest_covers_matches(ti, td, m)
             counts = np.bincount(m.q, minlength=len(ok_rows))
             for k, r in enumerate(ok_rows):
                 if ti[k, 0] >= 0:
@@ -195,6 +196,24 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
     else:
         result["groups"] = _within(cfg, rows, ok_rows, qi, ph, dh, emb, out, min_copies)
     return result
+
+
+def _nearest_covers_matches(ti: np.ndarray, td: np.ndarray, m) -> tuple[np.ndarray, np.ndarray]:
+    """The nearest reference per query (``ti``/``td``, (q, 1), from ``topk``), raised to the best
+    match ``range`` found where that is better: above the flat limit ``topk`` looks into a
+    query's nearest lists while ``range`` also meets references visiting them, and a query
+    with matches must not be reported (and left unflagged) with a nearest below them."""
+    ti, td = ti.copy(), td.copy()
+    if len(m.q) == 0:
+        return ti, td
+    order = np.lexsort((-m.score, m.q))  # per query, best match first
+    q_sorted = m.q[order]
+    first = order[np.r_[True, q_sorted[1:] != q_sorted[:-1]]]
+    bq, br, bs = m.q[first], m.r[first], m.score[first]
+    better = (ti[bq, 0] < 0) | ~(td[bq, 0] >= bs)  # also where topk gave NaN
+    ti[bq[better], 0] = br[better]
+    td[bq[better], 0] = bs[better]
+    return ti, td
 
 
 def _within(cfg, rows, ok_rows, qi, ph, dh, emb, out: RunDir, min_copies: int) -> list[dict]:
