@@ -230,7 +230,9 @@ def finish_run(
                 bars[name] = prog.updater(f"candidates/{name}")
             bars[name](done, total)
 
-        pairs, info = find_pairs(cfg, fs, progress=cb)
+        # the embedding search keeps its rows' nearest lists for the outlier score's search
+        lists: dict | None = {} if fs.embeddings is not None and cfg.clusters.outlier_k > 0 else None
+        pairs, info = find_pairs(cfg, fs, progress=cb, lists_out=lists)
     crash_point("candidates:before_write")
     run.write_parquet(run.p("pairs", "pairs.parquet"), pairs)
     timings["candidates"] = round(time.perf_counter() - t0, 3)
@@ -243,7 +245,8 @@ def finish_run(
         ost: dict = {}
         with Progress(progress) as prog:
             outlier = outlier_scores(fs.embeddings, fs.ok(), cfg.clusters.outlier_k, stats=ost,
-                                     progress=prog.updater("outlier scores"))
+                                     progress=prog.updater("outlier scores"), lists=lists)
+        del lists
         timings["outlier"] = round(ost.get("seconds", 0.0), 3)
     manifest, mstats = build_manifest(cfg, fs.table, pairs, outlier=outlier)
     total = manifest.num_rows

@@ -457,6 +457,39 @@ def test_kth_neighbour_similarity_ivf_path_is_a_close_lower_bound():
     assert np.array_equal(C.kth_neighbour_similarity(x, 5, exact_below=1000, threads=1), got, equal_nan=True)
 
 
+def test_outlier_search_reuses_the_duplicate_search_lists():
+    """embedding_pairs can leave its rows' nearest lists for kth_neighbour_similarity, which then
+    skips its own coarse stage: still a close lower bound of the exact k-th similarity."""
+    rng = np.random.default_rng(6)
+    centers = _unit(rng, 40, 32)
+    x = centers[rng.integers(0, 40, 12_000)] + 0.35 * _unit(rng, 12_000, 32)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    valid = np.ones(len(x), bool)
+    valid[::97] = False
+    lists: dict = {}
+    C.embedding_pairs(x, 0.9, IVFParams.auto(int(valid.sum()), 32, 0.9), valid=valid, lists_out=lists)
+    assert lists["nearest"].shape == (len(x), 5) and (lists["nearest"][~valid] == -1).all()
+    assert (lists["nearest"][valid, 0] == lists["assign"][valid]).all()  # own list first
+    st: dict = {}
+    got = C.kth_neighbour_similarity(x, 5, valid=valid, exact_below=1000, stats=st, lists=lists)
+    assert st["method"] == "ivf (the duplicate search's lists)"
+    assert np.isnan(got[~valid]).all()
+    q = np.sort(rng.choice(np.flatnonzero(valid), 800, replace=False))
+    xs = x.astype(np.float64)
+    s = xs[q] @ xs[valid].T
+    s[s > 1 - 1e-9] = -np.inf  # the row itself
+    ref = np.sort(s, axis=1)[:, -5]
+    assert (got[q] <= ref + 1e-5).all() and np.mean(ref - got[q]) < 0.02
+    # as close as with the search's own coarse stage (another k-means on the same rows)
+    own = C.kth_neighbour_similarity(x, 5, valid=valid, exact_below=1000)
+    assert np.mean(np.abs(ref - got[q]) < 1e-5) >= np.mean(np.abs(ref - own[q]) < 1e-5) - 0.05 > 0.4
+    assert np.mean(ref - got[q]) <= np.mean(ref - own[q]) + 0.005
+    # lists that cannot serve (fewer probes kept than asked): the search trains its own
+    st = {}
+    C.kth_neighbour_similarity(x, 5, valid=valid, exact_below=1000, stats=st, nprobe=8, lists=lists)
+    assert st["method"] == "ivf"
+
+
 def test_progress_covers_the_coarse_stage_and_the_outlier_score(emb):
     """Long stages report progress: the coarse stage from before k-means to the last assigned
     block, the pair stage up to every list, the k-th-neighbour score up to its end."""

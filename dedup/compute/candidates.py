@@ -888,6 +888,7 @@ class IVFPlan:
     params: IVFParams  # as used (nlist, nprobe clamped to the data)
     bound_rows: np.ndarray | None = None  # (n, width) float32 Bound rows for the pair stage
     coarse: IVFCoarse | None = None  # the quantizer that made it (assigns further rows, e.g. queries)
+    nearest: np.ndarray | None = None  # (n, k) int32 each row's k nearest lists, own first (-1: invalid row)
 
     def list_sizes(self) -> np.ndarray:
         return np.diff(self.member_offsets)
@@ -1148,12 +1149,16 @@ def assign_rows(x: np.ndarray, coarse: IVFCoarse, rows: np.ndarray | slice) -> t
     return _assign(coarse, pz, rid)
 
 
-def _assign(coarse: IVFCoarse, pz: np.ndarray, rid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`assign_rows` from the rows' PCA coordinates ``pz`` (``rid``: their row ids)."""
+def _assign(coarse: IVFCoarse, pz: np.ndarray, rid: np.ndarray,
+            nearest_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`assign_rows` from the rows' PCA coordinates ``pz`` (``rid``: their row ids).
+    ``nearest_out`` (rows × k, k ≤ nprobe): receives each row's k nearest lists, own first."""
     nprobe = coarse.params.nprobe
     centroids = coarse.centroids
     dist, lab = _nearest(centroids, pz, nprobe)
     del pz
+    if nearest_out is not None:
+        nearest_out[:] = lab[:, : nearest_out.shape[1]]
     prim = lab[:, 0].astype(np.int32)
     if nprobe == 1:
         return prim, np.empty(0, _I64), np.empty(0, np.int32)
@@ -1219,7 +1224,7 @@ def build_plan(n: int, coarse: IVFCoarse, idx: np.ndarray, prim: np.ndarray,
 
 def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, *,
              threshold: float | None = None, stats: dict | None = None,
-             progress: Callable[[int, int], None] | None = None) -> IVFPlan:
+             progress: Callable[[int, int], None] | None = None, keep_nearest: int = 0) -> IVFPlan:
     """Coarse stage (CPU, deterministic): PCA + k-means on a sample of the valid rows
     (:func:`train_ivf`), then each valid row's nearest list (member) and the lists it visits,
     streamed in blocks on worker threads (:func:`assign_rows`; ``x`` may be a memmap).
@@ -1234,7 +1239,9 @@ def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, 
     rows are projected on the worker threads while one of them trains the k-means.
     ``progress(done, total)`` counts row blocks: reported at 0 first, then each block as it
     is projected (with a bound) and as it is assigned to lists (total = 2 × blocks with a
-    bound, else the blocks; the k-means gives no progress of its own)."""
+    bound, else the blocks; the k-means gives no progress of its own).
+    ``keep_nearest`` = k > 0: the plan also keeps each row's k nearest lists (``nearest``; k is
+    capped at nprobe), e.g. for the outlier score's search, which then needs no coarse stage."""
     t0 = time.perf_counter()
     n = x.shape[0]
     rows = _valid_rows(n, valid)
@@ -1276,15 +1283,18 @@ def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, 
     t1 = time.perf_counter()
     prim = np.empty(m, np.int32)
     visits: list = [None] * len(blocks)
+    kn = min(int(keep_nearest), coarse.params.nprobe) if keep_nearest else 0
+    near = np.empty((m, kn), np.int32) if kn else None
 
     def one(k: int) -> None:
         s, e = blocks[k]
-        if bound_rows is None:
-            p, vr, vl = assign_rows(x, coarse, sel(k))
-        else:  # the same coordinates assign_rows computes, read off the bound rows
-            r = sel(k)
-            rid = np.arange(s, e, dtype=_I64) if rows is None else idx[s:e]
-            p, vr, vl = _assign(coarse, coarse.from_bound(bound_rows[r]), rid)
+        r = sel(k)
+        rid = np.arange(s, e, dtype=_I64) if rows is None else idx[s:e]
+        if bound_rows is None:  # as assign_rows computes them
+            pz = coarse.coordinates(_rows_f32(x, r))[0]
+        else:  # the same coordinates, read off the bound rows
+            pz = coarse.from_bound(bound_rows[r])
+        p, vr, vl = _assign(coarse, pz, rid, None if near is None else near[s:e])
         prim[s:e] = p
         visits[k] = (vr, vl)
 
@@ -1294,6 +1304,10 @@ def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, 
             if progress:
                 progress(done, total)
     plan = build_plan(n, coarse, idx, prim, visits, bound_rows)
+    if near is not None:
+        nearest = np.full((n, kn), -1, np.int32)
+        nearest[idx] = near
+        plan = replace(plan, nearest=nearest)
     if stats is not None:
         stats.update(train_seconds=t1 - t0, assign_seconds=time.perf_counter() - t1,
                      mean_probes=1.0 + len(plan.visitor_rows) / m, probe_radius=coarse.rho)
@@ -1431,13 +1445,16 @@ def embedding_pairs(
     progress: Callable[[int, int], None] | None = None,
     stats: dict | None = None,
     plan_progress: Callable[[int, int], None] | None = None,
+    lists_out: dict | None = None,
 ) -> Pairs:
     """Pairs of rows with cosine ≥ ``threshold``; rows L2-normalised, float16 or float32, may
     be a memmap. Serial driver: :func:`plan_ivf` → :func:`make_units` → :func:`unit_pairs`
     (in worker threads) → :func:`merge_pairs`. Below ``params.exact_below`` valid rows it is
     exact brute force. ``progress(done, total)`` counts lists (brute force: tiles),
     ``plan_progress`` the coarse stage (see :func:`plan_ivf`); ``stats``, if given, receives
-    timings and plan figures."""
+    timings and plan figures. ``lists_out``, if given (a dict) and the search ran on IVF lists,
+    receives each row's nearest lists for :func:`kth_neighbour_similarity` (``lists=``), so
+    the outlier score's search reuses this coarse stage instead of running its own."""
     t0 = time.perf_counter()
     if x.ndim != 2:
         raise ValueError(f"x must be (n, d), got shape {x.shape}")
@@ -1460,7 +1477,10 @@ def embedding_pairs(
     # rows are converted once for the assignment, then ≥ 2 more times without a bound (own
     # list, visits) but only as candidates with one
     _want_fast_f16(x, (1.2 if params.bound_dim else 3.0) * m * d)
-    plan = plan_ivf(x, params, valid, threshold=threshold, stats=st, progress=plan_progress)
+    plan = plan_ivf(x, params, valid, threshold=threshold, stats=st, progress=plan_progress,
+                    keep_nearest=_OUTLIER_NPROBE if lists_out is not None else 0)
+    if lists_out is not None:
+        lists_out.update(coarse=plan.coarse, assign=plan.assign, nearest=plan.nearest)
     t1 = time.perf_counter()
     units = make_units(plan)
     st.update(method="ivf", plan_seconds=t1 - t0, **plan_figures(plan, units, 0 if gpu else None))
@@ -1498,17 +1518,35 @@ def _merge_topk(best: np.ndarray, rows: np.ndarray, sims: np.ndarray, k: int) ->
     best[rows] = np.partition(both, both.shape[1] - k, axis=1)[:, -k:]
 
 
+_OUTLIER_NPROBE = 5  # lists the outlier score's search looks into: the row's own + 4 nearest
+
+
+def _plan_from_lists(lists: dict | None, idx: np.ndarray, n: int, nprobe: int) -> IVFPlan | None:
+    """An IVF plan whose rows visit their ``nprobe - 1`` next-nearest lists, from the lists an
+    earlier search kept; None if there are none or they do not cover these rows and probes."""
+    if not lists or lists.get("nearest") is None or lists.get("coarse") is None:
+        return None
+    nearest, assign = lists["nearest"], lists["assign"]
+    if len(assign) != n or nearest.shape[1] < nprobe or (assign[idx] < 0).any():
+        return None
+    others = nearest[idx, 1:nprobe]
+    keep = others >= 0
+    vr = np.repeat(idx, others.shape[1]).reshape(others.shape)[keep]  # rows increasing
+    return build_plan(n, lists["coarse"], idx, assign[idx], [(vr, others[keep])])
+
+
 def kth_neighbour_similarity(
     x: np.ndarray,
     k: int,
     valid: np.ndarray | None = None,
     *,
     exact_below: int = 10_000,
-    nprobe: int = 5,
+    nprobe: int = _OUTLIER_NPROBE,
     block: int = 4096,
     stats: dict | None = None,
     progress: Callable[[int, int], None] | None = None,
     threads: int = 0,
+    lists: dict | None = None,
 ) -> np.ndarray:
     """Cosine of each valid row to its k-th most similar other valid row (float32; NaN for
     invalid rows and where fewer than k others were compared).
@@ -1520,7 +1558,9 @@ def kth_neighbour_similarity(
     A row whose true neighbours lie in lists it did not visit gets a lower similarity (a
     higher outlier score) than exact search would give; docs/manifest.md measures how much.
     ``progress(done, total)`` counts row blocks (exact) or lists (IVF); ``threads``: worker
-    threads for the lists (0 = all cores)."""
+    threads for the lists (0 = all cores). ``lists``: the nearest lists an
+    :func:`embedding_pairs` run over the same rows kept (its ``lists_out``): the IVF path then
+    uses that partition and skips its own PCA, k-means and assignment."""
     t0 = time.perf_counter()
     n, d = x.shape
     rows_all = _valid_rows(n, valid)
@@ -1551,7 +1591,11 @@ def kth_neighbour_similarity(
         method = "ivf"
         params = IVFParams.auto(m, d, nprobe=max(1, int(nprobe)), probe_margin=None, bound_dim=0, threads=threads)
         _want_fast_f16(x, float(m) * d * (params.nprobe + 1))  # every row read once per list it is in
-        plan = plan_ivf(x, params, valid)
+        plan = _plan_from_lists(lists, idx, n, params.nprobe)
+        if plan is None:
+            plan = plan_ivf(x, params, valid)
+        else:
+            method = "ivf (the duplicate search's lists)"
         mo, vo = plan.member_offsets, plan.visitor_offsets
 
         def one(L: int) -> list:

@@ -149,7 +149,11 @@ def _stage_embeddings(run: RunDir, col: pa.ChunkedArray, order: pa.Array) -> np.
     return out
 
 
-def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], None] | None = None) -> tuple[pa.Table, dict]:
+def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], None] | None = None,
+               lists_out: dict | None = None) -> tuple[pa.Table, dict]:
+    """Candidate pairs of every method in ``cfg.methods`` (+ how the searches went). With
+    ``lists_out``, an embedding search on IVF lists (serial driver) leaves its rows' nearest
+    lists there for the outlier score (:func:`dedup.compute.candidates.embedding_pairs`)."""
     from dedup.compute import candidates as cand
 
     ok = fs.ok()
@@ -209,7 +213,7 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
                 add(method, _embedding_pairs_on_ray(cfg, cand, fs.embeddings, ok, th, params, cb, pcb, stats=st))
             else:
                 add(method, cand.embedding_pairs(fs.embeddings, th, params=params, valid=ok, progress=cb,
-                                                 plan_progress=pcb, stats=st))
+                                                 plan_progress=pcb, stats=st, lists_out=lists_out))
             # how the search went (for tuning nlist/nprobe): where the time went, visits per row
             info["ivf_search"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()
                                   if k in _SEARCH_STATS}

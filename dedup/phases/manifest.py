@@ -106,16 +106,17 @@ def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
 
 
 def outlier_scores(emb: np.ndarray, ok: np.ndarray, k: int, stats: dict | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                   progress: Callable[[int, int], None] | None = None, lists: dict | None = None) -> np.ndarray:
     """1 - cosine to the k-th nearest other ok sample (NaN where not computable).
 
     Exact below 10 000 ok samples; above, approximate over IVF lists with one matrix product
-    per list (:func:`dedup.compute.candidates.kth_neighbour_similarity`): measured at 10⁶ on
-    the candidate benchmark's data, 80 s instead of ~1 660 s for the faiss IVF index this used
-    before, with outlier ranks correlating 0.96 with exact ones (benchmarks/outlier.py)."""
+    per list (:func:`dedup.compute.candidates.kth_neighbour_similarity`; ``lists``: the
+    duplicate search's nearest lists, reused): measured at 10⁶ on the candidate benchmark's
+    data, 59 s with the search's lists, 80 s on its own, ~1 660 s for the faiss IVF index this
+    used before, with outlier ranks correlating 0.96 with exact ones (benchmarks/outlier.py)."""
     from dedup.compute.candidates import kth_neighbour_similarity
 
-    sim = kth_neighbour_similarity(emb, int(k), valid=np.asarray(ok, bool), stats=stats, progress=progress)
+    sim = kth_neighbour_similarity(emb, int(k), valid=np.asarray(ok, bool), stats=stats, progress=progress, lists=lists)
     return (1.0 - sim).astype(np.float32)
 
 
