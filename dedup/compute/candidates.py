@@ -1136,7 +1136,8 @@ def _centroid_gaps(c: np.ndarray) -> np.ndarray | None:
     return np.sqrt(np.maximum(g, 0.0)).astype(_F32)
 
 
-def assign_rows(x: np.ndarray, coarse: IVFCoarse, rows: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def assign_rows(x: np.ndarray, coarse: IVFCoarse, rows: np.ndarray | slice,
+                nearest_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Nearest list of each of ``x[rows]`` and the lists each visits (see :func:`plan_ivf`).
 
     Returns ``(member_list, visitor_row, visitor_list)``: int32 per row; then the (global row,
@@ -1146,7 +1147,7 @@ def assign_rows(x: np.ndarray, coarse: IVFCoarse, rows: np.ndarray | slice) -> t
     blk = _rows_f32(x, rows)
     pz, _ = coarse.coordinates(blk)
     del blk
-    return _assign(coarse, pz, rid)
+    return _assign(coarse, pz, rid, nearest_out)
 
 
 def _assign(coarse: IVFCoarse, pz: np.ndarray, rid: np.ndarray,
@@ -1288,13 +1289,12 @@ def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, 
 
     def one(k: int) -> None:
         s, e = blocks[k]
-        r = sel(k)
-        rid = np.arange(s, e, dtype=_I64) if rows is None else idx[s:e]
-        if bound_rows is None:  # as assign_rows computes them
-            pz = coarse.coordinates(_rows_f32(x, r))[0]
-        else:  # the same coordinates, read off the bound rows
-            pz = coarse.from_bound(bound_rows[r])
-        p, vr, vl = _assign(coarse, pz, rid, None if near is None else near[s:e])
+        out = None if near is None else near[s:e]
+        if bound_rows is None:
+            p, vr, vl = assign_rows(x, coarse, sel(k), out)
+        else:  # the same coordinates assign_rows computes, read off the bound rows
+            rid = np.arange(s, e, dtype=_I64) if rows is None else idx[s:e]
+            p, vr, vl = _assign(coarse, coarse.from_bound(bound_rows[sel(k)]), rid, out)
         prim[s:e] = p
         visits[k] = (vr, vl)
 
