@@ -2,6 +2,7 @@
 search; writes section "outlier" of docs/benchmarks.md.
 
     python benchmarks/outlier.py [--n 100000 1000000] [--no-old] [--no-write]
+    python benchmarks/outlier.py --ray --n 1000000     # Ray executor paths, JSON lines
 
 Data: the candidate benchmark's synthetic embeddings (d = 512, float16 memmaps, generated on
 first use; see benchmarks/candidates.py). For each n: ``kth_neighbour_similarity`` (what the
@@ -9,11 +10,19 @@ manifest uses, k = 5) timed whole; exact k-th similarity for 2 000 sampled rows 
 brute force; errors and the Spearman rank correlation of the outlier scores. ``--no-old``
 skips the faiss ``IndexIVFFlat`` approach used before (``benchmarks.crossmatch.ivfflat_index``),
 timed on its build plus 5 000 queries and extrapolated to all rows.
+
+``--ray`` (local Ray, all cores; prints JSON, writes nothing): the duplicate search on Ray
+keeping its lists, then the outlier score three ways — its work units as Ray tasks with those
+lists (what a Ray run does), on the driver's threads with the same lists, and on the driver
+with its own coarse stage (what a Ray run did before it kept the lists) — and checks that the
+first two give the same scores.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,6 +64,37 @@ def old_seconds(x: np.ndarray) -> float:
     return build + (time.perf_counter() - t) * x.shape[0] / len(q)
 
 
+def run_ray(n: int) -> dict:
+    import ray
+
+    from dedup.compute import candidates as cand
+    from dedup.config import load_config
+    from dedup.phases.candidates import _embedding_pairs_on_ray
+    from dedup.phases.manifest import outlier_scores
+
+    x = np.load(_ensure_data(n, 0, THRESHOLD), mmap_mode="r")
+    ok = np.ones(n, bool)
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    cfg = load_config(None, None, **{"run.executor": "ray"})
+    lists: dict = {}
+    t = time.perf_counter()
+    pairs = _embedding_pairs_on_ray(cfg, cand, x, ok, THRESHOLD, cand.IVFParams.auto(n, x.shape[1], THRESHOLD), None,
+                                    lists_out=lists)
+    search = time.perf_counter() - t
+    out = {"n": n, "search_ray_seconds": round(search, 1), "pairs": len(pairs)}
+    got = {}
+    for name, kw in (("ray_tasks_with_lists", {"lists": lists, "ray_cfg": cfg}), ("threads_with_lists", {"lists": lists}),
+                     ("driver_own_coarse_stage", {})):
+        st: dict = {}
+        t = time.perf_counter()
+        got[name] = outlier_scores(x, ok, K, stats=st, **kw)
+        out[f"outlier_{name}_seconds"] = round(time.perf_counter() - t, 1)
+        out.setdefault("units", st.get("units"))
+    out["ray_equals_threads"] = bool(np.array_equal(got["ray_tasks_with_lists"], got["threads_with_lists"], equal_nan=True))
+    return out
+
+
 def main() -> None:
     from scipy.stats import spearmanr
 
@@ -62,7 +102,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--no-old", action="store_true")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--ray", action="store_true", help="time the Ray executor's paths (JSON lines; writes nothing)")
     args = ap.parse_args()
+    if args.ray:
+        for n in args.n:
+            print(json.dumps(run_ray(n)), flush=True)
+        return
     rows = []
     for n in args.n:
         x = np.load(_ensure_data(n, 0, THRESHOLD), mmap_mode="r")

@@ -245,7 +245,8 @@ def finish_run(
         ost: dict = {}
         with Progress(progress) as prog:
             outlier = outlier_scores(fs.embeddings, fs.ok(), cfg.clusters.outlier_k, stats=ost,
-                                     progress=prog.updater("outlier scores"), lists=lists)
+                                     progress=prog.updater("outlier scores"), lists=lists,
+                                     ray_cfg=cfg if cfg.run.executor == "ray" else None)
         del lists
         timings["outlier"] = round(ost.get("seconds", 0.0), 3)
     manifest, mstats = build_manifest(cfg, fs.table, pairs, outlier=outlier)

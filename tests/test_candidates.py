@@ -457,6 +457,39 @@ def test_kth_neighbour_similarity_ivf_path_is_a_close_lower_bound():
     assert np.array_equal(C.kth_neighbour_similarity(x, 5, exact_below=1000, threads=1), got, equal_nan=True)
 
 
+def test_outlier_units_any_cut_same_scores(monkeypatch):
+    """The outlier search's lists run as work units; each unit merges its rows' k best, the
+    driver merges the units. Small units (a visitor row in many of them) give the same values
+    as one unit per ~65k rows, and a map_units that runs them in reverse order too."""
+    rng = np.random.default_rng(6)
+    centers = _unit(rng, 40, 32)
+    x = centers[rng.integers(0, 40, 12_000)] + 0.35 * _unit(rng, 12_000, 32)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    valid = np.ones(len(x), bool)
+    valid[::31] = False
+    st: dict = {}
+    ref = C.kth_neighbour_similarity(x, 5, valid=valid, exact_below=1000, stats=st)
+    assert st["method"] == "ivf" and st["units"] == 1
+    make = C.make_units
+    monkeypatch.setattr(C, "make_units", lambda plan, unit_rows=None: make(plan, 700))
+    seen: list = []
+
+    def backwards(units, k, block):
+        seen.append(len(units))
+        with C._single_threaded_libs():  # as the worker threads and Ray tasks run BLAS
+            for pos in reversed(range(len(units))):
+                yield pos, C.outlier_unit(x, units[pos], k, block)
+
+    ticks: list = []
+    st = {}
+    got = C.kth_neighbour_similarity(x, 5, valid=valid, exact_below=1000, stats=st, map_units=backwards,
+                                     progress=lambda a, b: ticks.append((a, b)))
+    assert seen[0] == st["units"] >= 10
+    assert np.array_equal(got, ref, equal_nan=True) and np.isnan(got[~valid]).all()
+    assert ticks[-1][0] == ticks[-1][1] and [a for a, _ in ticks] == sorted(a for a, _ in ticks)
+    assert np.array_equal(C.kth_neighbour_similarity(x, 5, valid=valid, exact_below=1000), ref, equal_nan=True)
+
+
 def test_outlier_search_reuses_the_duplicate_search_lists():
     """embedding_pairs can leave its rows' nearest lists for kth_neighbour_similarity, which then
     skips its own coarse stage: still a close lower bound of the exact k-th similarity."""

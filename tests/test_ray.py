@@ -415,3 +415,43 @@ def test_ray_candidate_search_equals_serial_with_the_bound_prefilter(ray_cluster
     spread = _embedding_pairs_on_ray(cfg, cand, x, ok, 0.9, params, None, stats=st_ray)
     assert serial == spread
     assert st_ray["bound_width"] == 34  # the units were handed the bound
+
+
+def test_outlier_score_on_ray_reuses_the_ray_search_lists(ray_cluster, monkeypatch):
+    """On Ray the coarse stage's tasks also return each row's nearest lists (as the serial
+    driver keeps them), and the outlier score's work units run as Ray tasks: the same lists
+    and the same scores as in one process."""
+    from dedup.compute import candidates as cand
+    from dedup.config import load_config
+    from dedup.phases.candidates import _embedding_pairs_on_ray
+    from dedup.phases.manifest import outlier_scores
+
+    rng = np.random.default_rng(6)
+    n, d = 12_000, 32
+    centers = rng.normal(size=(40, d))
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    x = centers[rng.integers(0, 40, n)] + 0.35 * rng.normal(size=(n, d)) / np.sqrt(d)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    ok = np.ones(n, bool)
+    ok[::53] = False
+    params = cand.IVFParams.auto(int(ok.sum()), d, threshold=0.9)
+    serial_lists: dict = {}
+    serial = cand.embedding_pairs(x, 0.9, params=params, valid=ok, lists_out=serial_lists)
+    cfg = load_config(None, None, **{"run.executor": "ray"})
+    monkeypatch.setattr(cand, "_ASSIGN_BLOCK", 2000)  # several assignment tasks
+    monkeypatch.setattr(cand, "_FAST_F16_MIN_VALUES", 0)  # the tasks load torch for fp16 (same values)
+    ray_lists: dict = {}
+    spread = _embedding_pairs_on_ray(cfg, cand, x, ok, 0.9, params, None, lists_out=ray_lists)
+    assert serial == spread
+    assert ray_lists["nearest"].shape == (n, 5) and (ray_lists["nearest"][~ok] == -1).all()
+    for key in ("assign", "nearest"):
+        assert np.array_equal(serial_lists[key], ray_lists[key]), key
+    make = cand.make_units
+    monkeypatch.setattr(cand, "make_units", lambda plan, unit_rows=None: make(plan, 2000))  # several units
+    st_serial: dict = {}
+    st_ray: dict = {}
+    local = outlier_scores(x, ok, 5, stats=st_serial, lists=serial_lists)
+    on_ray = outlier_scores(x, ok, 5, stats=st_ray, lists=ray_lists, ray_cfg=cfg)
+    assert st_ray["method"] == "ivf (the duplicate search's lists)" and st_ray["units"] >= 4
+    assert np.array_equal(local, on_ray, equal_nan=True)
+    assert np.isnan(on_ray[~ok]).all() and np.isfinite(on_ray[ok]).all()

@@ -48,7 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from itertools import combinations
 
@@ -652,9 +652,15 @@ def _pmap(fn: Callable, items: list, workers: int) -> Iterator:
 _FAST_F16_MIN_VALUES = 1 << 30
 
 
+def fast_f16_pays(x: np.ndarray, values: float) -> bool:
+    """Whether converting ``values`` float16 values of ``x`` pays for loading torch (~2 s);
+    a distributed search decides this once, for all of its tasks."""
+    return x.dtype == np.float16 and values >= _FAST_F16_MIN_VALUES
+
+
 def _want_fast_f16(x: np.ndarray, values: float) -> None:
     """Load torch for fp16 conversion when converting ``values`` float16 values pays for it."""
-    if x.dtype != np.float16 or "torch" in sys.modules or values < _FAST_F16_MIN_VALUES:
+    if "torch" in sys.modules or not fast_f16_pays(x, values):
         return
     try:
         import torch  # noqa: F401
@@ -1305,13 +1311,24 @@ def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, 
                 progress(done, total)
     plan = build_plan(n, coarse, idx, prim, visits, bound_rows)
     if near is not None:
-        nearest = np.full((n, kn), -1, np.int32)
-        nearest[idx] = near
-        plan = replace(plan, nearest=nearest)
+        plan = with_nearest(plan, idx, near)
     if stats is not None:
         stats.update(train_seconds=t1 - t0, assign_seconds=time.perf_counter() - t1,
                      mean_probes=1.0 + len(plan.visitor_rows) / m, probe_radius=coarse.rho)
     return plan
+
+
+def with_nearest(plan: IVFPlan, idx: np.ndarray, near: np.ndarray) -> IVFPlan:
+    """The plan, also holding each row's nearest lists (``near``: aligned with the valid rows
+    ``idx``; the other rows get -1)."""
+    nearest = np.full((plan.n, near.shape[1]), -1, np.int32)
+    nearest[idx] = near
+    return replace(plan, nearest=nearest)
+
+
+def outlier_lists(plan: IVFPlan) -> dict:
+    """What :func:`kth_neighbour_similarity` (``lists=``) reuses of a search's plan."""
+    return {"coarse": plan.coarse, "assign": plan.assign, "nearest": plan.nearest}
 
 
 def plan_figures(plan: IVFPlan, units: list[WorkUnit], bound_width: int | None = None) -> dict:
@@ -1480,7 +1497,7 @@ def embedding_pairs(
     plan = plan_ivf(x, params, valid, threshold=threshold, stats=st, progress=plan_progress,
                     keep_nearest=_OUTLIER_NPROBE if lists_out is not None else 0)
     if lists_out is not None:
-        lists_out.update(coarse=plan.coarse, assign=plan.assign, nearest=plan.nearest)
+        lists_out.update(outlier_lists(plan))
     t1 = time.perf_counter()
     units = make_units(plan)
     st.update(method="ivf", plan_seconds=t1 - t0, **plan_figures(plan, units, 0 if gpu else None))
@@ -1535,6 +1552,44 @@ def _plan_from_lists(lists: dict | None, idx: np.ndarray, n: int, nprobe: int) -
     return build_plan(n, lists["coarse"], idx, assign[idx], [(vr, others[keep])])
 
 
+def outlier_unit(x: np.ndarray, unit: WorkUnit, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """One unit of the outlier score's IVF search: each row of the unit's lists (members and
+    visitors) against the members of those lists. Returns ``(rows, sims)``: the rows
+    (increasing, unique) and their k largest similarities in this unit (rows × k float32,
+    -inf where fewer than k were compared). Pure: any machine, any order."""
+    mm = _Matmul(False)
+    got: list = []
+    for li in range(len(unit.lists)):
+        mem = unit.member_rows[unit.member_offsets[li] : unit.member_offsets[li + 1]]
+        if len(mem) == 0:
+            continue
+        vis = unit.visitor_rows[unit.visitor_offsets[li] : unit.visitor_offsets[li + 1]]
+        rows = np.concatenate([mem, vis]) if len(vis) else mem
+        for c0 in range(0, len(mem), block):
+            cm = mem[c0 : c0 + block]
+            xc = _rows_f32(x, cm)
+            for r0 in range(0, len(rows), block):
+                rr = rows[r0 : r0 + block]
+                s = mm(_rows_f32(x, rr), xc)
+                # a member never counts as its own neighbour
+                pos = np.arange(r0, r0 + len(rr))
+                own = (pos >= c0) & (pos < c0 + len(cm)) & (pos < len(mem))
+                s[np.flatnonzero(own), pos[own] - c0] = -np.inf
+                if s.shape[1] > k:
+                    s = np.partition(s, s.shape[1] - k, axis=1)[:, -k:]
+                got.append((rr, s))
+    if not got:
+        return np.empty(0, _I64), np.empty((0, k), _F32)
+    every = np.concatenate([rr for rr, _ in got])
+    rows, inv = np.unique(every, return_inverse=True)
+    best = np.full((len(rows), k), -np.inf, _F32)
+    at = 0
+    for rr, s in got:  # a tile's rows are distinct; a row recurs only across tiles
+        _merge_topk(best, inv[at : at + len(rr)], s, k)
+        at += len(rr)
+    return rows, best
+
+
 def kth_neighbour_similarity(
     x: np.ndarray,
     k: int,
@@ -1547,6 +1602,7 @@ def kth_neighbour_similarity(
     progress: Callable[[int, int], None] | None = None,
     threads: int = 0,
     lists: dict | None = None,
+    map_units: Callable[[list[WorkUnit], int, int], Iterable[tuple[int, tuple[np.ndarray, np.ndarray]]]] | None = None,
 ) -> np.ndarray:
     """Cosine of each valid row to its k-th most similar other valid row (float32; NaN for
     invalid rows and where fewer than k others were compared).
@@ -1560,7 +1616,12 @@ def kth_neighbour_similarity(
     ``progress(done, total)`` counts row blocks (exact) or lists (IVF); ``threads``: worker
     threads for the lists (0 = all cores). ``lists``: the nearest lists an
     :func:`embedding_pairs` run over the same rows kept (its ``lists_out``): the IVF path then
-    uses that partition and skips its own PCA, k-means and assignment."""
+    uses that partition and skips its own PCA, k-means and assignment. The lists are cut into
+    :class:`WorkUnit` s (:func:`make_units`), each searched by :func:`outlier_unit`;
+    ``map_units(units, k, block)``, if given, runs them elsewhere (e.g. as Ray tasks) and
+    yields ``(position in units, outlier_unit's result)`` in any order: the same values as
+    on the worker threads here, if its BLAS runs on one thread as theirs does (a
+    multi-threaded product may round differently)."""
     t0 = time.perf_counter()
     n, d = x.shape
     rows_all = _valid_rows(n, valid)
@@ -1596,44 +1657,28 @@ def kth_neighbour_similarity(
             plan = plan_ivf(x, params, valid)
         else:
             method = "ivf (the duplicate search's lists)"
-        mo, vo = plan.member_offsets, plan.visitor_offsets
-
-        def one(L: int) -> list:
-            """Each row's k best similarities among this list's members (rows: members + visitors)."""
-            mem = plan.member_rows[mo[L] : mo[L + 1]]
-            if len(mem) == 0:
-                return []
-            vis = plan.visitor_rows[vo[L] : vo[L + 1]]
-            rows = np.concatenate([mem, vis]) if len(vis) else mem
-            out = []
-            for c0 in range(0, len(mem), block):
-                cm = mem[c0 : c0 + block]
-                xc = _rows_f32(x, cm)
-                for r0 in range(0, len(rows), block):
-                    rr = rows[r0 : r0 + block]
-                    s = mm(_rows_f32(x, rr), xc)
-                    # a member never counts as its own neighbour
-                    pos = np.arange(r0, r0 + len(rr))
-                    own = (pos >= c0) & (pos < c0 + len(cm)) & (pos < len(mem))
-                    s[np.flatnonzero(own), pos[own] - c0] = -np.inf
-                    if s.shape[1] > k:
-                        s = np.partition(s, s.shape[1] - k, axis=1)[:, -k:]
-                    out.append((rr, s))
-            return out
-
-        # lists on worker threads (BLAS single-threaded inside, as in the pair stage); the
-        # merges stay in this thread: a visitor row is in several lists, and the k largest of
-        # a set do not depend on the order they arrive in
+        units = make_units(plan)
+        # units on worker threads (BLAS single-threaded inside, as in the pair stage) or as
+        # the caller's tasks (map_units); the merges stay here: a visitor row is in several
+        # units, and the k largest of a set do not depend on the order they arrive in
         done = 0
         if progress:
             progress(0, plan.nlist)
-        with _single_threaded_libs():
-            for _, got in _pmap(one, list(range(plan.nlist)), _n_threads(threads)):
-                for rr, s in got:
+        if map_units is not None:
+            results = map_units(units, k, block)
+            ctx = nullcontext()
+        else:
+            results = _pmap(lambda u: outlier_unit(x, u, k, block), units, _n_threads(threads))
+            ctx = _single_threaded_libs()
+        with ctx:
+            for u, (rr, s) in results:
+                if len(rr):
                     _merge_topk(best, rr, s, k)
-                done += 1
-                if progress and (done % 64 == 0 or done == plan.nlist):
+                done += len(units[u].lists)
+                if progress:
                     progress(done, plan.nlist)
+        if stats is not None:
+            stats.update(units=len(units))
     kth = best[:, 0] if k == 1 else best.min(axis=1)
     kth = np.where(np.isfinite(kth), kth, np.nan).astype(_F32)
     out[idx] = kth[idx]

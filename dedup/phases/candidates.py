@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -152,8 +153,8 @@ def _stage_embeddings(run: RunDir, col: pa.ChunkedArray, order: pa.Array) -> np.
 def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], None] | None = None,
                lists_out: dict | None = None) -> tuple[pa.Table, dict]:
     """Candidate pairs of every method in ``cfg.methods`` (+ how the searches went). With
-    ``lists_out``, an embedding search on IVF lists (serial driver) leaves its rows' nearest
-    lists there for the outlier score (:func:`dedup.compute.candidates.embedding_pairs`)."""
+    ``lists_out``, an embedding search on IVF lists (serial driver or Ray) leaves its rows'
+    nearest lists there for the outlier score (:func:`dedup.compute.candidates.embedding_pairs`)."""
     from dedup.compute import candidates as cand
 
     ok = fs.ok()
@@ -210,7 +211,8 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
             pcb = (lambda done, total: progress("embedding-assign", done, total)) if progress else None
             st: dict = {}
             if cfg.run.executor == "ray" and n_valid >= params.exact_below:
-                add(method, _embedding_pairs_on_ray(cfg, cand, fs.embeddings, ok, th, params, cb, pcb, stats=st))
+                add(method, _embedding_pairs_on_ray(cfg, cand, fs.embeddings, ok, th, params, cb, pcb, stats=st,
+                                                    lists_out=lists_out))
             else:
                 add(method, cand.embedding_pairs(fs.embeddings, th, params=params, valid=ok, progress=cb,
                                                  plan_progress=pcb, stats=st, lists_out=lists_out))
@@ -233,7 +235,9 @@ def _unit_task(x: np.ndarray, item) -> object:
     prefilter: the n × 130 bound rows of the serial driver never travel."""
     from dedup.compute import candidates as cand
 
-    unit, threshold, params, bound = item
+    unit, threshold, params, bound, fast = item
+    if fast:  # torch's fp16 conversion, loaded once per worker process
+        cand._want_fast_f16(x, math.inf)
     return cand.unit_pairs(x, unit, threshold, params, bound=bound)
 
 
@@ -243,12 +247,15 @@ def _assign_task(x: np.ndarray, item) -> object:
 
     from dedup.compute import candidates as cand
 
-    _, coarse_ref, spans = item
+    _, coarse_ref, spans, keep, fast = item
+    if fast:
+        cand._want_fast_f16(x, math.inf)
     coarse = ray.get(coarse_ref) if isinstance(coarse_ref, ray.ObjectRef) else coarse_ref
     out = []
     with cand._single_threaded_libs():
         for rows in spans:
-            out.append(cand.assign_rows(x, coarse, rows))
+            near = np.empty((len(rows), keep), np.int32) if keep else None
+            out.append((*cand.assign_rows(x, coarse, rows, near), near))
     return out
 
 
@@ -257,11 +264,13 @@ _ASSIGN_BLOCKS_PER_TASK = 64
 
 
 def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, threshold: float, params, progress,
-                            plan_progress=None, stats: dict | None = None):
+                            plan_progress=None, stats: dict | None = None, lists_out: dict | None = None):
     """Both halves spread as Ray tasks, the embeddings put in the object store once: the
     coarse quantizer is trained in the driver (a sample), the rows are assigned to lists by
     tasks of row blocks, then each work unit is a task. Same pairs as the serial driver: row
-    blocks and units are independent, and their merges are order-free."""
+    blocks and units are independent, and their merges are order-free. ``lists_out``: as in
+    :func:`dedup.compute.candidates.embedding_pairs` (the assignment tasks also return each
+    row's nearest lists, 20 bytes a row)."""
     from dedup.errors import DedupError
     from dedup.executors.ray import RayExecutor
 
@@ -279,7 +288,11 @@ def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, th
         # a task gets the row indices of its blocks (never the whole index array)
         groups = [list(range(k, min(len(blocks), k + _ASSIGN_BLOCKS_PER_TASK)))
                   for k in range(0, len(blocks), _ASSIGN_BLOCKS_PER_TASK)]
-        items = [(k, coarse_ref, [idx[blocks[b][0] : blocks[b][1]] for b in g]) for k, g in enumerate(groups)]
+        keep = min(cand._OUTLIER_NPROBE, coarse.params.nprobe) if lists_out is not None else 0
+        # the workers convert float16 rows as the serial driver would (same decision, made once)
+        fast = cand.fast_f16_pays(x, (1.2 if params.bound_dim else 3.0) * len(idx) * x.shape[1])
+        items = [(k, coarse_ref, [idx[blocks[b][0] : blocks[b][1]] for b in g], keep, fast)
+                 for k, g in enumerate(groups)]
         results: list = [None] * len(groups)
         done = 0
         for item, res, err in ex.map_units(_assign_task, items, shared=x_ref):
@@ -291,16 +304,24 @@ def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, th
             if plan_progress:
                 plan_progress(done, len(blocks))
         prim = np.empty(len(idx), np.int32)
+        near = np.empty((len(idx), keep), np.int32) if keep else None
         visits = []
         for g, res in zip(groups, results):
-            for b, (p, vr, vl) in zip(g, res):
+            for b, (p, vr, vl, nb) in zip(g, res):
                 prim[blocks[b][0] : blocks[b][1]] = p
+                if near is not None:
+                    near[blocks[b][0] : blocks[b][1]] = nb
                 visits.append((vr, vl))
+        del results
         plan = cand.build_plan(n, coarse, idx, prim, visits)
+        if near is not None:
+            plan = cand.with_nearest(plan, idx, near)
+            lists_out.update(cand.outlier_lists(plan))
+            del near
         t2 = time.perf_counter()
         units = cand.make_units(plan)
         parts = []
-        for k, (_unit, res, err) in enumerate(ex.map_units(_unit_task, [(u, threshold, params, coarse.bound) for u in units],
+        for k, (_unit, res, err) in enumerate(ex.map_units(_unit_task, [(u, threshold, params, coarse.bound, fast) for u in units],
                                                           shared=x_ref)):
             if err:
                 raise DedupError(f"candidate search unit failed after retries: {err}")

@@ -106,18 +106,56 @@ def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
 
 
 def outlier_scores(emb: np.ndarray, ok: np.ndarray, k: int, stats: dict | None = None,
-                   progress: Callable[[int, int], None] | None = None, lists: dict | None = None) -> np.ndarray:
+                   progress: Callable[[int, int], None] | None = None, lists: dict | None = None,
+                   ray_cfg: Config | None = None) -> np.ndarray:
     """1 - cosine to the k-th nearest other ok sample (NaN where not computable).
 
     Exact below 10 000 ok samples; above, approximate over IVF lists with one matrix product
     per list (:func:`dedup.compute.candidates.kth_neighbour_similarity`; ``lists``: the
     duplicate search's nearest lists, reused): measured at 10⁶ on the candidate benchmark's
-    data, 59 s with the search's lists, 80 s on its own, ~1 660 s for the faiss IVF index this
-    used before, with outlier ranks correlating 0.96 with exact ones (benchmarks/outlier.py)."""
+    data, 48 s on its own, ~950 s for the faiss IVF index this used before, with outlier ranks
+    correlating 0.96 with exact ones (benchmarks/outlier.py; docs/manifest.md).
+    ``ray_cfg``: the lists' work units run as Ray tasks (:func:`outlier_units_on_ray`), same
+    scores."""
     from dedup.compute.candidates import kth_neighbour_similarity
 
-    sim = kth_neighbour_similarity(emb, int(k), valid=np.asarray(ok, bool), stats=stats, progress=progress, lists=lists)
+    spread = outlier_units_on_ray(ray_cfg, emb) if ray_cfg is not None else None
+    sim = kth_neighbour_similarity(emb, int(k), valid=np.asarray(ok, bool), stats=stats, progress=progress, lists=lists,
+                                   map_units=spread)
     return (1.0 - sim).astype(np.float32)
+
+
+def _outlier_task(x: np.ndarray, item) -> tuple[np.ndarray, np.ndarray]:
+    """One work unit of the outlier search on a Ray worker (``x`` from the object store)."""
+    from dedup.compute import candidates as cand
+
+    _, unit, k, block, fast = item
+    if fast:  # torch's fp16 conversion, loaded once per worker process
+        cand._want_fast_f16(x, float("inf"))
+    with cand._single_threaded_libs():
+        return cand.outlier_unit(x, unit, k, block)
+
+
+def outlier_units_on_ray(cfg: Config, emb: np.ndarray) -> Callable:
+    """``map_units`` for :func:`~dedup.compute.candidates.kth_neighbour_similarity`: each work
+    unit a Ray task, the embeddings put in the object store once (only if the search runs on
+    IVF lists; below its exact threshold it stays in this process)."""
+
+    def run(units: list, k: int, block: int):
+        from dedup.compute.candidates import fast_f16_pays
+        from dedup.errors import DedupError
+        from dedup.executors.ray import RayExecutor
+
+        reads = sum(len(u.member_rows) + len(u.visitor_rows) for u in units)  # rows converted, about
+        fast = fast_f16_pays(emb, float(reads) * emb.shape[1])
+        with RayExecutor(cfg) as ex:
+            items = [(pos, u, k, block, fast) for pos, u in enumerate(units)]
+            for item, res, err in ex.map_units(_outlier_task, items, shared=np.asarray(emb)):
+                if err:
+                    raise DedupError(f"outlier score unit failed after retries: {err}")
+                yield item[0], res
+
+    return run
 
 
 def build_manifest(
