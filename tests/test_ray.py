@@ -439,7 +439,6 @@ def test_outlier_score_on_ray_reuses_the_ray_search_lists(ray_cluster, monkeypat
     serial = cand.embedding_pairs(x, 0.9, params=params, valid=ok, lists_out=serial_lists)
     cfg = load_config(None, None, **{"run.executor": "ray"})
     monkeypatch.setattr(cand, "_ASSIGN_BLOCK", 2000)  # several assignment tasks
-    monkeypatch.setattr(cand, "_FAST_F16_MIN_VALUES", 0)  # the tasks load torch for fp16 (same values)
     ray_lists: dict = {}
     spread = _embedding_pairs_on_ray(cfg, cand, x, ok, 0.9, params, None, lists_out=ray_lists)
     assert serial == spread

@@ -652,15 +652,9 @@ def _pmap(fn: Callable, items: list, workers: int) -> Iterator:
 _FAST_F16_MIN_VALUES = 1 << 30
 
 
-def fast_f16_pays(x: np.ndarray, values: float) -> bool:
-    """Whether converting ``values`` float16 values of ``x`` pays for loading torch (~2 s);
-    a distributed search decides this once, for all of its tasks."""
-    return x.dtype == np.float16 and values >= _FAST_F16_MIN_VALUES
-
-
 def _want_fast_f16(x: np.ndarray, values: float) -> None:
     """Load torch for fp16 conversion when converting ``values`` float16 values pays for it."""
-    if "torch" in sys.modules or not fast_f16_pays(x, values):
+    if x.dtype != np.float16 or "torch" in sys.modules or values < _FAST_F16_MIN_VALUES:
         return
     try:
         import torch  # noqa: F401

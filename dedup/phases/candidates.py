@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -235,9 +234,7 @@ def _unit_task(x: np.ndarray, item) -> object:
     prefilter: the n × 130 bound rows of the serial driver never travel."""
     from dedup.compute import candidates as cand
 
-    unit, threshold, params, bound, fast = item
-    if fast:  # torch's fp16 conversion, loaded once per worker process
-        cand._want_fast_f16(x, math.inf)
+    unit, threshold, params, bound = item
     return cand.unit_pairs(x, unit, threshold, params, bound=bound)
 
 
@@ -247,9 +244,7 @@ def _assign_task(x: np.ndarray, item) -> object:
 
     from dedup.compute import candidates as cand
 
-    _, coarse_ref, spans, keep, fast = item
-    if fast:
-        cand._want_fast_f16(x, math.inf)
+    _, coarse_ref, spans, keep = item
     coarse = ray.get(coarse_ref) if isinstance(coarse_ref, ray.ObjectRef) else coarse_ref
     out = []
     with cand._single_threaded_libs():
@@ -289,10 +284,7 @@ def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, th
         groups = [list(range(k, min(len(blocks), k + _ASSIGN_BLOCKS_PER_TASK)))
                   for k in range(0, len(blocks), _ASSIGN_BLOCKS_PER_TASK)]
         keep = min(cand._OUTLIER_NPROBE, coarse.params.nprobe) if lists_out is not None else 0
-        # the workers convert float16 rows as the serial driver would (same decision, made once)
-        fast = cand.fast_f16_pays(x, (1.2 if params.bound_dim else 3.0) * len(idx) * x.shape[1])
-        items = [(k, coarse_ref, [idx[blocks[b][0] : blocks[b][1]] for b in g], keep, fast)
-                 for k, g in enumerate(groups)]
+        items = [(k, coarse_ref, [idx[blocks[b][0] : blocks[b][1]] for b in g], keep) for k, g in enumerate(groups)]
         results: list = [None] * len(groups)
         done = 0
         for item, res, err in ex.map_units(_assign_task, items, shared=x_ref):
@@ -321,7 +313,7 @@ def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, th
         t2 = time.perf_counter()
         units = cand.make_units(plan)
         parts = []
-        for k, (_unit, res, err) in enumerate(ex.map_units(_unit_task, [(u, threshold, params, coarse.bound, fast) for u in units],
+        for k, (_unit, res, err) in enumerate(ex.map_units(_unit_task, [(u, threshold, params, coarse.bound) for u in units],
                                                           shared=x_ref)):
             if err:
                 raise DedupError(f"candidate search unit failed after retries: {err}")

@@ -129,9 +129,7 @@ def _outlier_task(x: np.ndarray, item) -> tuple[np.ndarray, np.ndarray]:
     """One work unit of the outlier search on a Ray worker (``x`` from the object store)."""
     from dedup.compute import candidates as cand
 
-    _, unit, k, block, fast = item
-    if fast:  # torch's fp16 conversion, loaded once per worker process
-        cand._want_fast_f16(x, float("inf"))
+    _, unit, k, block = item
     with cand._single_threaded_libs():
         return cand.outlier_unit(x, unit, k, block)
 
@@ -142,14 +140,11 @@ def outlier_units_on_ray(cfg: Config, emb: np.ndarray) -> Callable:
     IVF lists; below its exact threshold it stays in this process)."""
 
     def run(units: list, k: int, block: int):
-        from dedup.compute.candidates import fast_f16_pays
         from dedup.errors import DedupError
         from dedup.executors.ray import RayExecutor
 
-        reads = sum(len(u.member_rows) + len(u.visitor_rows) for u in units)  # rows converted, about
-        fast = fast_f16_pays(emb, float(reads) * emb.shape[1])
         with RayExecutor(cfg) as ex:
-            items = [(pos, u, k, block, fast) for pos, u in enumerate(units)]
+            items = [(pos, u, k, block) for pos, u in enumerate(units)]
             for item, res, err in ex.map_units(_outlier_task, items, shared=np.asarray(emb)):
                 if err:
                     raise DedupError(f"outlier score unit failed after retries: {err}")
