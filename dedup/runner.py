@@ -238,6 +238,7 @@ def finish_run(
     timings["candidates"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     outlier = None
+    outlier_search = None
     if fs.embeddings is not None and cfg.clusters.outlier_k > 0:
         from dedup.phases.manifest import outlier_scores
 
@@ -249,6 +250,9 @@ def finish_run(
                                      ray_cfg=cfg if cfg.run.executor == "ray" else None)
         del lists
         timings["outlier"] = round(ost.get("seconds", 0.0), 3)
+        spread = cfg.run.executor == "ray" and "units" in ost  # IVF units ran as Ray tasks
+        outlier_search = {"method": ost.get("method"), "units": ost.get("units"),
+                          "executor": "ray" if spread else "local", "seconds": timings["outlier"]}
     manifest, mstats = build_manifest(cfg, fs.table, pairs, outlier=outlier)
     total = manifest.num_rows
     frac = (total - mstats["ok"]) / total if total else 0.0
@@ -270,6 +274,7 @@ def finish_run(
         "candidate_timings": info["timings"],
         "ivf": info.get("ivf"),
         "ivf_search": info.get("ivf_search"),
+        "outlier_search": outlier_search,
         "methods": list(cfg.methods),
         "thresholds": {
             "phash_radius": cfg.hashes.phash_radius,

@@ -219,4 +219,7 @@ def test_outlier_score_marks_the_odd_one_out(tmp_path):
     m_off = pq.read_table(tmp_path / "off" / "manifest.parquet")
     assert m_off.column("outlier_score").null_count == m_off.num_rows
     assert m_off.drop(["outlier_score"]).equals(pq.read_table(tmp_path / "run" / "manifest.parquet").drop(["outlier_score"]))
-    assert "outlier" not in json.loads((tmp_path / "off" / "stats.json").read_text())["timings"]
+    off_stats = json.loads((tmp_path / "off" / "stats.json").read_text())
+    assert "outlier" not in off_stats["timings"] and off_stats["outlier_search"] is None
+    on = json.loads((tmp_path / "run" / "stats.json").read_text())["outlier_search"]
+    assert on["method"] == "exact" and on["units"] is None and on["executor"] == "local" and on["seconds"] >= 0

@@ -167,6 +167,10 @@ def _assert_same_run(a: Path, b: Path) -> None:
             s.pop(k, None)
         for k in [k for k in (s.get("ivf_search") or {}) if k.endswith("seconds")]:
             s["ivf_search"].pop(k)
+        for k in ("seconds", "executor"):  # where the outlier units ran differs, not what they found
+            (s.get("outlier_search") or {}).pop(k, None)
+        if (s.get("ivf_search") or {}).get("method") == "ivf-ray":  # the same IVF search, spread
+            s["ivf_search"]["method"] = "ivf"
     assert sa == sb
 
 
@@ -454,3 +458,34 @@ def test_outlier_score_on_ray_reuses_the_ray_search_lists(ray_cluster, monkeypat
     assert st_ray["method"] == "ivf (the duplicate search's lists)" and st_ray["units"] >= 4
     assert np.array_equal(local, on_ray, equal_nan=True)
     assert np.isnan(on_ray[~ok]).all() and np.isfinite(on_ray[ok]).all()
+
+
+def test_ray_run_equals_local_run_on_ivf_lists(ray_cluster, tmp_path):
+    """12 000 small images (10 % re-encoded copies of earlier ones): enough for the IVF paths of
+    both the duplicate search (≥ 5 000 rows) and the outlier score (≥ 10 000). With the Ray
+    executor both run as Ray tasks, the outlier search on the duplicate search's lists; the run
+    directory equals the local executor's."""
+    rng = np.random.default_rng(0)
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    k = 0
+    for s in range(6):
+        members = []
+        for _ in range(2000):
+            seed = k if rng.random() > 0.1 or k == 0 else int(rng.integers(0, k))
+            small = np.random.default_rng(seed).integers(0, 256, (6, 6, 3)).astype(np.uint8)
+            im = Image.fromarray(small).resize((48, 48), Image.BICUBIC)
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=90 if seed == k else 70)
+            members.append((f"s{k:06d}.jpg", buf.getvalue()))
+            k += 1
+        _tar(shard_dir / f"shard-{s:05d}.tar", members)
+    local, _ = _run(shard_dir, tmp_path / "local", "local")
+    remote, _ = _run(shard_dir, tmp_path / "ray", "ray")
+    assert local.exit_code == remote.exit_code == 0
+    assert local.stats["ivf_search"]["method"] == "ivf" and remote.stats["ivf_search"]["method"] == "ivf-ray"
+    for st, where in ((local.stats, "local"), (remote.stats, "ray")):
+        assert st["outlier_search"]["method"] == "ivf (the duplicate search's lists)", st["outlier_search"]
+        assert st["outlier_search"]["executor"] == where
+    assert remote.stats["duplicates"] > 1000  # ~1 200 planted copies
+    _assert_same_run(tmp_path / "local", tmp_path / "ray")
