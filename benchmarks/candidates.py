@@ -286,7 +286,8 @@ def run_ray(n: int, seed: int = 0, threshold: float = THRESHOLD, params: dict | 
 
 def _repeat(r: dict, n: int, seed: int, threshold: float, params: dict | None, repeat: int) -> None:
     """Time the IVF search ``repeat - 1`` more times, each in its own process, and report the
-    median of all runs (this shared 2-core VM's wall times vary by ±15% from run to run)."""
+    median of all runs (this shared 2-core VM's wall times vary by ±15% from run to run and by
+    up to ±50% between sessions)."""
     if repeat <= 1:
         return
     extra = [f"--set={k}={v}" for k, v in (params or {}).items()]
@@ -468,7 +469,7 @@ def _report(emb: list[dict], hsh: list[dict]) -> str:
         f"Machine: {machine_description()}. Each n runs in its own process (peak RSS = that process's "
         "`ru_maxrss`, including the memory-mapped float16 vectors it touched); the flat exact search runs in "
         "another process on the same data. Wall times depend on what else the machine was running (±15% "
-        "between runs here): IVF times are the median of several runs, each in a fresh process (same pairs "
+        "between runs here, up to ±50% between sessions on the same code): IVF times are the median of several runs, each in a fresh process (same pairs "
         "every run, checked); CPU seconds are the process's user+system time.\n\n"
         f"### Embeddings (d = {D}, float16 memmap, cosine ≥ {THRESHOLD}, default `IVFParams.auto`)\n\n"
         "Synthetic CLIP-like vectors: topics of log-normal sizes around a shared direction, 10% near-duplicate "

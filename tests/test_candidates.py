@@ -435,13 +435,18 @@ def test_kth_neighbour_similarity_exact_path_matches_brute_force():
     assert np.isnan(C.kth_neighbour_similarity(x[:3], 5)).all()  # fewer others than k
 
 
+def _topics(seed: int, n: int = 12_000, d: int = 32):
+    """(rng, x): n unit rows around 40 topic centres, float32 (the outlier search tests' data)."""
+    rng = np.random.default_rng(seed)
+    centers = _unit(rng, 40, d)
+    x = centers[rng.integers(0, 40, n)] + 0.35 * _unit(rng, n, d)
+    return rng, (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
 def test_kth_neighbour_similarity_ivf_path_is_a_close_lower_bound():
     """Above exact_below the search only looks into a few lists: never above the exact value
     (a subset's k-th best), and close to it on clustered data."""
-    rng = np.random.default_rng(6)
-    centers = _unit(rng, 40, 32)
-    x = centers[rng.integers(0, 40, 12_000)] + 0.35 * _unit(rng, 12_000, 32)
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    rng, x = _topics(6)
     st = {}
     got = C.kth_neighbour_similarity(x, 5, exact_below=1000, stats=st)
     assert st["method"] == "ivf"
@@ -461,10 +466,7 @@ def test_outlier_units_any_cut_same_scores(monkeypatch):
     """The outlier search's lists run as work units; each unit merges its rows' k best, the
     driver merges the units. Small units (a visitor row in many of them) give the same values
     as one unit per ~65k rows, and a map_units that runs them in reverse order too."""
-    rng = np.random.default_rng(6)
-    centers = _unit(rng, 40, 32)
-    x = centers[rng.integers(0, 40, 12_000)] + 0.35 * _unit(rng, 12_000, 32)
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    _, x = _topics(6)
     valid = np.ones(len(x), bool)
     valid[::31] = False
     st: dict = {}
@@ -493,10 +495,7 @@ def test_outlier_units_any_cut_same_scores(monkeypatch):
 def test_outlier_search_reuses_the_duplicate_search_lists():
     """embedding_pairs can leave its rows' nearest lists for kth_neighbour_similarity, which then
     skips its own coarse stage: still a close lower bound of the exact k-th similarity."""
-    rng = np.random.default_rng(6)
-    centers = _unit(rng, 40, 32)
-    x = centers[rng.integers(0, 40, 12_000)] + 0.35 * _unit(rng, 12_000, 32)
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    rng, x = _topics(6)
     valid = np.ones(len(x), bool)
     valid[::97] = False
     lists: dict = {}
