@@ -100,8 +100,18 @@ class RunDir:
         self.write_bytes(path, buf.getvalue())
 
     def read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        """Read one Parquet file (local: pyarrow's own file; remote: the fsspec file).
+
+        Through ``ParquetFile``, never ``pq.read_table`` on a Python file object: that makes a
+        dataset whose last reference to the Python file can be dropped by one of arrow's
+        threads after the call returns; if the interpreter is exiting by then, that thread
+        cannot take the GIL and the process aborts (exit 134, "terminate called without an
+        active exception") after all the work is done. Measured: 21 of 40 one-read scripts
+        aborted that way, 0 of 40 with this (tests/test_rundir_exit.py)."""
+        if self.local:
+            return pq.ParquetFile(path).read(columns=columns)
         with self.fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
+            return pq.ParquetFile(f).read(columns=columns)
 
     def remove(self, path: str) -> None:
         if self.fs.exists(path):
