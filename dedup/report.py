@@ -195,7 +195,10 @@ def build_report(run_dir: str, max_clusters: int = 12, max_members: int = 8, max
             below = _below_embedding(run, m, float(th["embedding"]), max_pairs)
             if below:
                 borderline.setdefault(method, []).extend(below)
-    hist = stats.get("cluster_size_histogram", {})
+    from dedup.phases.manifest import size_bucket_order
+
+    hist = dict(sorted(stats.get("cluster_size_histogram", {}).items(), key=lambda kv: size_bucket_order(kv[0])))
+    stats["cluster_size_histogram"] = hist
     size_svg = _bar_svg(list(hist.keys()), list(hist.values()))
 
     wanted = {mm["sample_id"] for c in clusters for mm in c["members"]}
@@ -264,8 +267,23 @@ def _below_embedding(run: RunDir, m, threshold: float, limit: int, sample: int =
 
 
 def write_report(run_dir: str, path: str | None = None) -> str:
-    run = RunDir(run_dir)
+    from dedup.io.rundir import finished_run
+    from dedup.io.safety import guard_file_output, run_reads
+
+    run = finished_run(run_dir)
+    if path is not None:  # never replace an input, a run file or a file that is not a report
+        guard_file_output(path, reads=run_reads(run), runs=[run_dir], ours=_is_report(path))
     html = build_report(run_dir)
     target = path or run.p("report.html")
     run.write_bytes(target, html.encode())
     return target
+
+
+def _is_report(path: str) -> bool:
+    """An existing local file that an earlier ``dedup report`` wrote (safe to replace)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"<!doctype html>") and b"<title>dedup report" in head

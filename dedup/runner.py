@@ -103,11 +103,15 @@ def _model_tag(cfg: Config) -> str | None:
     return spec_tag(cfg.embedding.spec)
 
 
-def _check_run_json(run: RunDir, cfg: Config, force: bool) -> None:
+def _check_run_json(run: RunDir, cfg: Config, force: bool, shard_urls: dict[str, str]) -> None:
     path = run.p("run.json")
     if not run.exists(path):
         return
-    prev = run.read_json(path)
+    try:
+        prev = run.read_json(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{run.url}/run.json cannot be read ({type(e).__name__}: {e}); use a new --out directory") from None
+    _check_same_inputs(run, prev, shard_urls, force)
     if prev.get("config_hash") != cfg.config_hash() and not force:
         old, new = prev.get("config", {}), cfg.to_dict()
         diffs = [f"  {k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
@@ -115,6 +119,56 @@ def _check_run_json(run: RunDir, cfg: Config, force: bool) -> None:
             f"{run.url} holds a run made with another configuration:\n" + "\n".join(diffs)
             + "\nuse a new --out directory, or --force to recompute what the change affects"
         )
+
+
+def _check_same_inputs(run: RunDir, prev: dict, shard_urls: dict[str, str], force: bool) -> None:
+    """A run directory holds one corpus: reusing it for other shards would replace its manifest
+    and leave the old shards' features behind. Refused unless --force, which then removes the
+    features and markers of the shards that are no longer inputs."""
+    old_urls = prev.get("shard_urls")
+    old = dict(old_urls) if isinstance(old_urls, dict) else {sid: None for sid in prev.get("shards", [])}
+    gone = sorted(set(old) - set(shard_urls))
+    new = sorted(set(shard_urls) - set(old))
+    moved = sorted(s for s in set(old) & set(shard_urls) if old[s] is not None and old[s] != shard_urls[s])
+    if not (gone or new or moved):
+        return
+    if not force:
+        parts = [f"{len(x)} {what} (e.g. {x[0]})" for x, what in ((gone, "shard(s) no longer in the inputs"),
+                 (new, "new shard(s)"), (moved, "shard(s) read from another location")) if x]
+        raise ConfigError(
+            f"{run.url} holds a run of other inputs: " + ", ".join(parts)
+            + "; use a new --out directory, or --force to replace that run"
+        )
+    for sid in gone:
+        run.remove(run.features(sid))
+        run.remove(run.done(sid))
+    if gone:
+        log.info("--force: removed the features of %d shard(s) that are no longer inputs", len(gone))
+
+
+def _guard_locations(inputs: list[str], out: str, refs: list[ShardRef], against: str | None) -> list[str]:
+    """Refuse an --out that overlaps the inputs or --against, or is a directory of the user's
+    files; before anything is written. Returns the normalised input locations (run.json)."""
+    from dedup.io.safety import dir_is_empty, guard_dir_output, input_locations, is_run_dir
+
+    reads = input_locations(inputs, [r.url for r in refs])
+    loc = guard_dir_output(out, reads=reads, runs=[against] if against else [])
+    if not dir_is_empty(loc) and not is_run_dir(loc):
+        raise ConfigError(
+            f"--out {out}: is an existing directory that is not a dedup run ({len(os.listdir(loc.path))} entries); "
+            "choose a new or empty directory (nothing was written)"
+        )
+    if against:
+        prev = RunDir(against)
+        if not prev.exists(prev.p("run.json")):
+            raise ConfigError(f"--against {against}: not a dedup run directory (no run.json)")
+    return [(f"{r.proto}://{r.path.lstrip('/')}" if r.proto else r.path) for r in reads]
+
+
+def _canonical_urls(refs: list[ShardRef]) -> dict[str, str]:
+    from dedup.io.safety import canonical
+
+    return {r.shard_id: canonical(r.url) for r in refs}
 
 
 def run_pipeline(
@@ -125,11 +179,16 @@ def run_pipeline(
 
     t_start = time.perf_counter()
     refs, missing = list_shards(inputs)
-    if not refs and not missing:
+    if not refs:
+        if missing:
+            raise ConfigError("no such shard or directory: " + ", ".join(m.url for m in missing[:3])
+                              + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
         raise ConfigError(f"no shards found in {inputs}")
+    locations = _guard_locations(inputs, out, refs, against)
     run = RunDir(out)
+    shard_urls = _canonical_urls([*refs, *missing])
     with RunLock(run):
-        _check_run_json(run, cfg, force)
+        _check_run_json(run, cfg, force, shard_urls)
         removed = run.clean_temp()
         if removed:
             log.info("removed %d temp file(s) left by an interrupted run", removed)
@@ -149,8 +208,10 @@ def run_pipeline(
                 "model_tag": model_tag,
                 "dedup_version": __version__,
                 "inputs": list(inputs),
+                "input_locations": locations,
                 "against": against,
                 "shards": [r.shard_id for r in refs],
+                "shard_urls": shard_urls,
             },
         )
         markers: dict[str, dict] = {}
@@ -204,7 +265,7 @@ def run_pipeline(
         stats["timings"]["total"] = round(time.perf_counter() - t_start, 3)
         stats["model_tag"] = model_tag
         stats["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        run.write_json(run.p("stats.json"), stats)
+        run.write_json(run.p("stats.json"), stats, sort_keys=False)  # histogram buckets in numeric order
         code = EXIT_PARTIAL if stats["partial"] else EXIT_OK
         return Outcome(code, stats, run.url)
 

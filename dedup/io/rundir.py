@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from dedup.errors import ConfigError
 from dedup.faults import crash_point
 
 TMP_MARK = ".tmp-"
@@ -87,8 +88,9 @@ class RunDir:
                 self.fs.makedirs(parent, exist_ok=True)
                 self.fs.put_file(f.name, path)
 
-    def write_json(self, path: str, obj: Any) -> None:
-        self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    def write_json(self, path: str, obj: Any, sort_keys: bool = True) -> None:
+        """``sort_keys=False`` keeps the dicts' own order (e.g. numeric histogram buckets)."""
+        self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n").encode())
 
     def read_json(self, path: str) -> Any:
         with self.fs.open(path, "rb") as f:
@@ -128,3 +130,15 @@ class RunDir:
                     os.remove(os.path.join(root, name))
                     n += 1
         return n
+
+
+def finished_run(run_dir: str) -> RunDir:
+    """The finished run at ``run_dir``, or a one-line error saying what it is instead."""
+    run = RunDir(run_dir)
+    if not run.exists(run.path):
+        raise ConfigError(f"{run_dir}: no such run directory")
+    if not run.exists(run.p("run.json")):
+        raise ConfigError(f"{run_dir}: not a dedup run directory (no run.json)")
+    if not run.exists(run.p("manifest.parquet")):
+        raise ConfigError(f"{run_dir}: the run has no manifest.parquet yet: finish it with `dedup run` first")
+    return run

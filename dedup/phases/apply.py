@@ -6,6 +6,10 @@ with every sidecar of a kept key. Each output shard is streamed (never held in m
 temp name and renamed (:meth:`RunDir.open_atomic`);
 ``CLEAN_DIR/_done/<shard_id>.json`` is written last, so a rerun skips finished shards. The
 number of samples written per shard is checked against the manifest.
+
+Before anything is written, every output is checked (:mod:`dedup.io.safety`): the clean
+directory and the keep-list may not be, contain or lie inside an input of the run or the run
+directory, and no file the user has is replaced without ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from typing import IO
 
 import pyarrow.compute as pc
 
-from dedup.errors import DedupError
-from dedup.io.rundir import RunDir
+from dedup.errors import ConfigError, DedupError
+from dedup.io.rundir import RunDir, finished_run
 from dedup.io.shards import _split_key
 from dedup.records import sample_id
 
@@ -40,9 +44,32 @@ def keep_set(run: RunDir, include_failed: bool = False) -> tuple[dict[str, set[s
     return keys, rows
 
 
-def write_keep_list(run_dir: str, path: str, include_failed: bool = False) -> int:
+def guard_apply_outputs(run_dir: str, clean_dir: str | None, keep_list: str | None, overwrite: bool = False) -> RunDir:
+    """Check every output of ``dedup apply`` before anything is written: neither may overlap
+    the run's inputs or the run directory; the clean directory must be new, empty or an
+    earlier apply output (its ``_done/``) unless ``overwrite``; an existing keep-list is
+    replaced only with ``overwrite``."""
+    from dedup.io.safety import dir_is_empty, guard_dir_output, guard_file_output, locate, run_reads
+
+    run = finished_run(run_dir)
+    reads = run_reads(run)
+    if clean_dir:
+        loc = guard_dir_output(clean_dir, reads=reads, runs=[run_dir])
+        if not dir_is_empty(loc) and not overwrite and not RunDir(clean_dir).exists(RunDir(clean_dir).p("_done")):
+            raise ConfigError(
+                f"--out {clean_dir}: is a non-empty directory that no `dedup apply` wrote; choose a new or empty "
+                "directory, or pass --overwrite to write clean shards among its files (same-named files are replaced)"
+            )
+    if keep_list:
+        guard_file_output(keep_list, reads=reads, runs=[run_dir], overwrite=overwrite, option="--keep-list")
+        if clean_dir and locate(keep_list).path == locate(clean_dir).path:
+            raise ConfigError(f"--keep-list {keep_list}: is the --out directory; give a file name")
+    return run
+
+
+def write_keep_list(run_dir: str, path: str, include_failed: bool = False, overwrite: bool = False) -> int:
     """One ``sample_id`` per line, sorted: for loaders that filter on the fly."""
-    run = RunDir(run_dir)
+    run = guard_apply_outputs(run_dir, None, path, overwrite)
     keys, _ = keep_set(run, include_failed)
     ids = sorted(sample_id(sid, k) for sid, ks in keys.items() for k in ks)
     out = RunDir(posixpath.dirname(path) or ".")
@@ -53,10 +80,9 @@ def write_keep_list(run_dir: str, path: str, include_failed: bool = False) -> in
 def apply_run(
     run_dir: str, clean_dir: str, include_failed: bool = False,
     progress: Callable[[str], None] | None = None, total: Callable[[int], None] | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    run = RunDir(run_dir)
-    if not run.exists(run.p("manifest.parquet")):
-        raise DedupError(f"{run_dir} has no manifest.parquet: run `dedup run` first")
+    run = guard_apply_outputs(run_dir, clean_dir, None, overwrite)
     keys, rows = keep_set(run, include_failed)
     if total is not None:
         total(len(rows))

@@ -73,8 +73,10 @@ def load_features(run: RunDir, shard_ids: list[str], with_embeddings: bool) -> F
                 )
     model_tag = metas[0][1].get("model_tag") or None if metas else None
     fhash = metas[0][1].get("config_hash") if metas else None
-    if not tables:
-        empty = pa.table({c: pa.array([], pa.string()) for c in ("sample_id", "shard_id", "key", "status")})
+    if not tables:  # no shard finished: an empty table of the features schema (scalar columns)
+        from dedup.schema import features_schema
+
+        empty = features_schema(None).empty_table().select(_SCALAR_COLS)
         return FeatureSet(empty, None, None, None)
     table = pa.concat_tables(tables, promote_options="permissive")
     order = pc.sort_indices(table, sort_keys=[("sample_id", "ascending")])
@@ -199,6 +201,8 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
             add(method, cand.hash_pairs(h, radius, valid=valid, progress=hcb))
         elif method == "embedding":
             if fs.embeddings is None:
+                if fs.table.num_rows == 0:
+                    continue  # no shard finished: nothing to compare (the run is partial)
                 raise SchemaMismatchError("method 'embedding' requested but the features hold no embeddings")
             th = cfg.embedding.resolved_threshold()
             n_valid = int(ok.sum())
