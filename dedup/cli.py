@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dedup.errors import ConfigError, DedupError
@@ -32,9 +34,27 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 err = Console(stderr=True)
 stdout = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from dedup import __version__
+
+        stdout.print(f"dedup {__version__}", highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", "-V", help="Print the version and exit.", callback=_version, is_eager=True)
+    ] = False,
+) -> None:
+    """Remove duplicate and near-duplicate images from WebDataset tar shards."""
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -44,10 +64,35 @@ def _setup_logging(quiet: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    # faiss's loader logs which SIMD build it tried at INFO, one line reading like an error
+    # ("Could not load library with AVX512 support"): not the user's business.
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+
+
+def _methods_list(methods: str | None) -> list[str] | None:
+    """--methods as a list; an empty or blank value is a mistake, not 'all'."""
+    if methods is None:
+        return None
+    out = [m.strip() for m in methods.split(",") if m.strip()]
+    if not out:
+        raise ConfigError("--methods is empty; give a comma-separated subset of exact,phash,dhash,embedding")
+    return out
+
+
+def _check_options(cfg, *, embedder: str | None, ray_address: str | None = None, against: str | None = None,
+                   merge: bool = False) -> None:
+    """Options that contradict each other are refused, never silently ignored."""
+    if merge and not against:
+        raise ConfigError("--merge needs --against PREVIOUS_RUN (it merges this run's delta into that run)")
+    if ray_address and cfg.run.executor != "ray":
+        raise ConfigError("--ray-address is only used with --executor ray")
+    if embedder and "embedding" not in cfg.methods:
+        raise ConfigError(f"--embedder {embedder} is unused: --methods {','.join(cfg.methods)} has no 'embedding'")
 
 
 def _fail(e: DedupError) -> None:
-    err.print(f"[bold red]error:[/] {e}", highlight=False)
+    # soft_wrap: one line however narrow the terminal (scripts grep it; no mid-path breaks)
+    err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     raise typer.Exit(getattr(e, "exit_code", 1))
 
 
@@ -110,13 +155,14 @@ def run(
             config,
             set_,
             **{
-                "methods": [m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+                "methods": _methods_list(methods),
                 "embedding.spec": embedder,
                 "run.workers": workers,
                 "run.executor": executor,
                 "ray.address": ray_address,
             },
         )
+        _check_options(cfg, embedder=embedder, ray_address=ray_address, against=against, merge=merge)
         if "embedding" in cfg.methods:
             from dedup.compute.embedders import parse_spec
 
@@ -204,26 +250,29 @@ def demo(
 @app.command()
 def apply(
     run_dir: Annotated[str, typer.Argument(help="A run directory written by `dedup run`.")],
-    out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Write clean shards here (one per input shard).")] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Write clean shards here (one per input shard); a new or empty directory, or an earlier apply output.")] = None,
     keep_list: Annotated[Optional[str], typer.Option("--keep-list", help="Write the kept sample_ids, one per line, to this file.")] = None,
     include_failed: Annotated[
         bool, typer.Option("--include-failed", help="Also keep samples whose status is not ok (default: drop them).")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --keep-list file, or write clean shards into a non-empty directory that no apply wrote. Inputs and the run directory are never written, with or without it.")
     ] = False,
 ) -> None:
     """Write clean shards with only the kept samples, and/or a keep-list.
 
     Clean shards: one per input shard, same name, original member bytes and headers, every
     sidecar, keys and order preserved; resumable; sample counts checked against the manifest.
+    Outputs that are, contain or lie inside an input or the run directory are refused before
+    anything is written.
     """
-    from dedup.phases.apply import apply_run, write_keep_list
+    from dedup.phases.apply import apply_run, guard_apply_outputs, write_keep_list
 
     if not out_dir and not keep_list:
         _fail(ConfigError("give --out CLEAN_DIR and/or --keep-list FILE"))
     _setup_logging(False)
     try:
-        if keep_list:
-            n = write_keep_list(run_dir, keep_list, include_failed)
-            err.print(f"wrote {n} sample ids to {keep_list}")
+        guard_apply_outputs(run_dir, out_dir, keep_list, overwrite)  # every output, before any is written
         if out_dir:
             from dedup.progress import Progress
 
@@ -233,11 +282,15 @@ def apply(
                 def set_total(n: int) -> None:
                     box["task"] = prog.task("apply", total=n)
 
-                s = apply_run(run_dir, out_dir, include_failed, progress=lambda sid: box["task"].advance(note=sid), total=set_total)
+                s = apply_run(run_dir, out_dir, include_failed, progress=lambda sid: box["task"].advance(note=sid),
+                              total=set_total, overwrite=overwrite)
             err.print(
                 f"wrote {s['samples_written']} samples ({s['members_written']} members) in {s['shards']} shard(s) "
                 f"to {out_dir}; {s['skipped']} shard(s) already done; manifest keeps {s['expected']}"
             )
+        if keep_list:
+            n = write_keep_list(run_dir, keep_list, include_failed, overwrite=overwrite)
+            err.print(f"wrote {n} sample ids to {keep_list}")
     except DedupError as e:
         _fail(e)
 
@@ -252,8 +305,8 @@ def report(
 
     try:
         path = write_report(run_dir, out)
-    except (DedupError, FileNotFoundError) as e:
-        _fail(e if isinstance(e, DedupError) else ConfigError(f"{run_dir} is not a finished run: {e}"))
+    except DedupError as e:
+        _fail(e)
     err.print(f"wrote {path}")
 
 
@@ -269,6 +322,10 @@ def eval_cmd(
 
     _setup_logging(True)
     try:
+        if not 0.0 < target_precision <= 1.0:
+            raise ConfigError(f"--target-precision {target_precision}: must be in (0, 1], e.g. 0.99")
+        if out is not None:
+            _guard_eval_out(run_dir, out)
         res = eval_run(run_dir, str(pairs), target_precision=target_precision, out_prefix=out)
     except DedupError as e:
         _fail(e)
@@ -295,7 +352,14 @@ def calibrate(
 
     _setup_logging(True)
     try:
-        cfg = load_config(config, set_, **{"methods": [m.strip() for m in methods.split(",")] if methods else None, "embedding.spec": embedder})
+        if sample < 1:
+            raise ConfigError(f"--sample {sample}: must be at least 1")
+        cfg = load_config(config, set_, **{"methods": _methods_list(methods), "embedding.spec": embedder})
+        _check_options(cfg, embedder=embedder)
+        if out is not None:
+            from dedup.io.safety import guard_file_output, input_locations
+
+            guard_file_output(str(out), reads=input_locations(inputs), ours=_is_json_with(str(out), "false_positive_rate"))
         imgs = sample_images(inputs, cfg, sample)
         emb = None
         if "embedding" in cfg.methods:
@@ -317,6 +381,33 @@ def calibrate(
     if out is not None:
         out.write_text(json.dumps(res, indent=1))
         err.print(f"wrote {out}")
+
+
+def _is_json_with(path: str, key: str) -> bool:
+    """An existing file is this tool's earlier output: JSON holding ``key``."""
+    try:
+        with open(path, "rb") as f:
+            return key in json.loads(f.read())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _guard_eval_out(run_dir: str, prefix: str) -> None:
+    from dedup.io.rundir import finished_run
+    from dedup.io.safety import guard_file_output, run_reads
+
+    reads = run_reads(finished_run(run_dir))
+    ours = _is_json_with(prefix + ".json", "at_configured_thresholds")
+    for ext in (".json", ".parquet", ".png"):
+        guard_file_output(prefix + ext, reads=reads, ours=ours, option="--out")
+
+
+def _guard_check_out(queries: list[str], against: str, out_dir: str) -> None:
+    from dedup.io.safety import dir_is_empty, guard_dir_output, input_locations
+
+    loc = guard_dir_output(out_dir, reads=input_locations(queries), runs=[against])
+    if not dir_is_empty(loc) and not ({"check.parquet", "within.parquet"} & set(os.listdir(loc.path))):
+        raise ConfigError(f"--out {out_dir}: is a non-empty directory that no `dedup check` wrote; choose a new or empty directory")
 
 
 def _print_eval(res: dict) -> None:
@@ -348,6 +439,7 @@ def check(
 
     _setup_logging(True)
     try:
+        _guard_check_out(queries, against, out_dir)
         res = run_check(queries, against, out_dir, within=within, group_by=group_by, min_copies=min_copies)
     except DedupError as e:
         _fail(e)
@@ -406,11 +498,15 @@ def print_summary(stats: dict, run_dir: str) -> None:
         t.add_row(f"  by {k}", str(v))
     t.add_row("clusters with duplicates", str(stats.get("clusters_with_duplicates", 0)))
     sh = stats.get("shards", {})
+    failed = sh.get("failed", {}) if sh else {}
     if sh:
-        t.add_row("shards", f"{sh.get('done', 0)}/{sh.get('total', 0)} done")
-        for sid, why in sh.get("failed", {}).items():
-            t.add_row(f"  [red]failed {sid}[/]", why[:80])
+        total = sh.get("total", 0)
+        t.add_row("shards read completely", f"{total - len(failed)}/{total}")
+        if failed:
+            t.add_row("[red]shards failed[/]", f"[red]{len(failed)}[/]")
     stdout.print(t)
+    for sid, why in failed.items():  # whole reasons: a cut one hides the way out
+        stdout.print(f"[red]failed shard[/] {sid}: {why}", highlight=False, soft_wrap=True)
     if stats.get("partial"):
         stdout.print("[bold yellow]PARTIAL:[/] some shards failed or the error budget was exceeded (exit code 3).")
 

@@ -38,7 +38,10 @@ class InputConfig(_Section):
     @field_validator("image_exts")
     @classmethod
     def _lower(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(e.lower().lstrip(".") for e in v)
+        out = tuple(e.lower().lstrip(".") for e in v)
+        if not out or not all(out):
+            raise ValueError("at least one (non-empty) image extension is required, e.g. [jpg, png]")
+        return out
 
 
 class DecodeConfig(_Section):
@@ -48,6 +51,21 @@ class DecodeConfig(_Section):
         description="Pillow formats accepted (detected from the bytes, not the extension); others get status unsupported_format",
     )
     draft: bool = Field(True, description="JPEG DCT-domain downscaling to the size the signals need")
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from PIL import Image
+
+        Image.init()
+        known = set(Image.OPEN) | set(Image.MIME)  # MIME adds formats opened by another plugin (MPO)
+        out = tuple(f.upper() for f in v)
+        bad = [f for f in out if f not in known]
+        if bad:
+            raise ValueError(f"unknown Pillow format(s) {bad}; Pillow here reads {sorted(known)}")
+        if not out:
+            raise ValueError("at least one format is required, e.g. [JPEG, PNG]")
+        return out
 
 
 class HashConfig(_Section):
@@ -201,10 +219,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
+        if p.is_dir():
+            raise ConfigError(f"--config {p}: is a directory; give a YAML/JSON file (see `dedup config`)")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text ({e.reason} at byte {e.start}): is it a YAML/JSON file?") from None
+        except OSError as e:
+            raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML/JSON: {e}") from e
+            raise ConfigError(f"config file {p} is not valid YAML/JSON: {' '.join(str(e).split())}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping, got {type(loaded).__name__}")
         data = loaded or {}

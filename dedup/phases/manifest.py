@@ -227,7 +227,7 @@ def build_manifest(
         "duplicates": int((ok & ~cl.is_keeper).sum()),
         "clusters": int(primary.sum()),
         "clusters_with_duplicates": int((primary & (cl.size > 1)).sum()),
-        "cluster_size_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0].split("-")[0].rstrip("+")))),
+        "cluster_size_histogram": dict(sorted(hist.items(), key=lambda kv: size_bucket_order(kv[0]))),
         "duplicates_by_method": by_method,
         "largest_clusters": [
             {"keeper": ids[k], "size": int(cl.size[k])} for k in largest if primary[k] and cl.size[k] > 1
@@ -243,3 +243,11 @@ def _bucket(s: int) -> str:
         if s <= hi:
             return f"{lo}-{hi}"
     return "1001+"
+
+
+def size_bucket_order(bucket: str) -> int:
+    """Numeric order of a cluster-size bucket label ("1", "2", "11-100", "1001+")."""
+    try:
+        return int(str(bucket).split("-")[0].rstrip("+"))
+    except ValueError:
+        return 1 << 62
