@@ -299,12 +299,13 @@ def apply(
 def report(
     run_dir: Annotated[str, typer.Argument(help="A run directory written by `dedup run`.")],
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="HTML file to write (default: RUN_DIR/report.html).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file that is not a dedup report.")] = False,
 ) -> None:
     """Write the self-contained HTML report: counts, cluster sizes, largest clusters, borderline pairs."""
     from dedup.report import write_report
 
     try:
-        path = write_report(run_dir, out)
+        path = write_report(run_dir, out, overwrite=overwrite)
     except DedupError as e:
         _fail(e)
     err.print(f"wrote {path}")
@@ -359,7 +360,7 @@ def calibrate(
         if out is not None:
             from dedup.io.safety import guard_file_output, input_locations
 
-            guard_file_output(str(out), reads=input_locations(inputs), ours=_is_json_with(str(out), "false_positive_rate"))
+            guard_file_output(str(out), reads=input_locations(inputs), ours=_is_json_with(str(out), "false_positive_rate"), flag=False)
         imgs = sample_images(inputs, cfg, sample)
         emb = None
         if "embedding" in cfg.methods:
@@ -397,9 +398,11 @@ def _guard_eval_out(run_dir: str, prefix: str) -> None:
     from dedup.io.safety import guard_file_output, run_reads
 
     reads = run_reads(finished_run(run_dir))
+    if os.path.isdir(prefix) or prefix.endswith("/"):
+        raise ConfigError(f"--out {prefix}: is a directory; give a file prefix such as {prefix.rstrip('/')}/eval")
     ours = _is_json_with(prefix + ".json", "at_configured_thresholds")
     for ext in (".json", ".parquet", ".png"):
-        guard_file_output(prefix + ext, reads=reads, ours=ours, option="--out")
+        guard_file_output(prefix + ext, reads=reads, ours=ours, option="--out", flag=False)
 
 
 def _guard_check_out(queries: list[str], against: str, out_dir: str) -> None:

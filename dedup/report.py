@@ -266,13 +266,13 @@ def _below_embedding(run: RunDir, m, threshold: float, limit: int, sample: int =
     return [{"a": ids[int(a[k])].as_py(), "b": ids[int(b[k])].as_py(), "score": round(float(s[k]), 4), "side": "below"} for k in sel]
 
 
-def write_report(run_dir: str, path: str | None = None) -> str:
+def write_report(run_dir: str, path: str | None = None, overwrite: bool = False) -> str:
     from dedup.io.rundir import finished_run
     from dedup.io.safety import guard_file_output, run_reads
 
     run = finished_run(run_dir)
     if path is not None:  # never replace an input, a run file or a file that is not a report
-        guard_file_output(path, reads=run_reads(run), runs=[run_dir], ours=_is_report(path))
+        guard_file_output(path, reads=run_reads(run), runs=[run_dir], ours=_is_report(path), overwrite=overwrite)
     html = build_report(run_dir)
     target = path or run.p("report.html")
     run.write_bytes(target, html.encode())

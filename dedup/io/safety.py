@@ -119,17 +119,20 @@ def guard_dir_output(out: str, *, reads: Iterable[Location], runs: Iterable[str]
 
 def guard_file_output(
     path: str, *, reads: Iterable[Location] = (), runs: Iterable[str] = (), overwrite: bool = False,
-    ours: bool = False, option: str = "--out",
+    ours: bool = False, option: str = "--out", flag: bool = True,
 ) -> Location:
-    """Refuse an output file that is a directory, an input (or inside an input directory that
-    is a file...), or a file of a run directory other than our own; and an existing file
-    unless ``overwrite`` or it is this tool's own earlier output (``ours``)."""
+    """Refuse an output file that is a directory, an input or inside an input directory, or an
+    existing file of a run directory other than our own output; and any existing file unless
+    ``overwrite`` or it is this tool's own earlier output (``ours``). ``flag``: the command
+    has an ``--overwrite`` option (the message offers it)."""
     loc = locate(path)
     if loc.local and os.path.isdir(loc.path):
         raise ConfigError(f"{option} {path}: is a directory; give a file name")
     for r in reads:
-        if r.contains(loc) and (r.path == loc.path or not _is_dir(r)):
+        if r.path == loc.path or (r.contains(loc) and not _is_dir(r)):
             raise ConfigError(f"{option} {path}: is one of the inputs ({r.shown}); refusing to replace it")
+        if r.contains(loc):
+            raise ConfigError(f"{option} {path}: lies inside the input {r.shown}; write it outside the inputs")
     exists = loc.local and os.path.exists(loc.path)
     for run in runs:
         r = locate(run)
@@ -138,7 +141,8 @@ def guard_file_output(
         if r.contains(loc) and exists and not ours:
             raise ConfigError(f"{option} {path}: is a file of the run directory {run}; refusing to replace it")
     if exists and not (overwrite or ours):
-        raise ConfigError(f"{option} {path}: exists; pass --overwrite to replace it, or choose another name")
+        how = "pass --overwrite to replace it, or choose another name" if flag else "choose another name"
+        raise ConfigError(f"{option} {path}: exists; {how}")
     return loc
 
 
