@@ -18,7 +18,7 @@ import pyarrow as pa
 from dedup.config import Config
 from dedup.faults import crash_point
 from dedup.io.rundir import RunDir
-from dedup.io.shards import ShardReadResult, caption_length, image_member, iter_samples, shard_fingerprint
+from dedup.io.shards import ShardReadResult, caption_length, iter_samples, pick_image, shard_fingerprint
 from dedup.records import ShardRef, Status, sample_id
 from dedup.schema import FEATURES_VERSION, features_schema
 
@@ -44,6 +44,7 @@ class _Row:
     dhash: int | None = None
     emb_index: int = -1
     notes: list[str] = field(default_factory=list)
+    image_name: str | None = None  # the image member's name in the tar (for notes)
 
 
 @dataclass
@@ -177,8 +178,9 @@ class FeatureExtractor:
                     sample.notes[:0] = carried
                     row = None
                 else:
-                    if image_member(sample, self.cfg.input.image_exts)[0]:
-                        row.notes.append("a second image member for this key was ignored (first kept)")
+                    ext2 = pick_image(sample, self.cfg.input.image_exts)[0]
+                    if ext2:
+                        row.notes.append(f"second image member {sample.name(ext2)!r} ignored; {row.image_name!r} used")
                     if row.caption_len is None:
                         row.caption_len = caption_length(sample)
                     continue
@@ -188,12 +190,13 @@ class FeatureExtractor:
             if sample.read_error:
                 row.status, row.error = Status.READ_ERROR, sample.read_error
                 continue
-            ext, data = image_member(sample, self.cfg.input.image_exts)
+            ext, data, picked = pick_image(sample, self.cfg.input.image_exts)
+            row.notes.extend(picked)
             if ext is None:
                 row.status = Status.NO_IMAGE
-                row.error = f"no member with an image extension (members: {sorted(sample.members) or 'none'})"
+                row.error = f"no member with an image extension or image content (members: {sorted(sample.members) or 'none'})"
                 continue
-            row.image_member, row.file_size = ext, len(data)
+            row.image_member, row.image_name, row.file_size = ext, sample.name(ext), len(data)
             if data:
                 row.sha256 = hashlib.sha256(data).digest()
             t = time.perf_counter()
@@ -329,6 +332,9 @@ def write_shard(
         "error": result.error,
         "rows": table.num_rows,
         "members": result.members,
+        # Members that are part of no row (links, directories, names without a key), with why:
+        # rows' members + these = every member of the tar.
+        "ignored_members": result.ignored,
         "bytes_read": result.bytes_read,
         **info,
     }
