@@ -219,14 +219,17 @@ class FeatureExtractor:
 
     def embed_images(self, images: list) -> tuple[np.ndarray | None, str | None]:
         """One chunk's embeddings as float16 ``[n, dim]``, or ``(None, error)``: a model failure
-        marks that chunk's samples ``embed_error``, never the run."""
+        marks that chunk's samples ``embed_error``, never the run. Rows that are not finite
+        (NaN/inf, also after the cast to float16) are returned as they are: :meth:`assemble`
+        fails only those samples, by key."""
         try:
             vecs = np.asarray(self.embedder.embed(images), dtype=np.float32)
-            if vecs.shape != (len(images), self.dim) or not np.isfinite(vecs).all():
-                raise ValueError(f"embedder returned shape {vecs.shape} / non-finite values")
+            if vecs.shape != (len(images), self.dim):
+                raise ValueError(f"embedder returned shape {vecs.shape}, expected {(len(images), self.dim)}")
         except Exception as e:  # noqa: BLE001 - recorded per sample
             return None, f"{type(e).__name__}: {e}"
-        return vecs.astype(np.float16), None
+        with np.errstate(over="ignore", invalid="ignore"):
+            return vecs.astype(np.float16), None
 
     def assemble(
         self,
@@ -244,6 +247,7 @@ class FeatureExtractor:
                 for k in keys:
                     rows[k].status, rows[k].error = Status.EMBED_ERROR, err
                 continue
+            _fail_nonfinite(ref, rows, keys, vecs)
             embeddings.append(vecs)
             for j, k in enumerate(keys):
                 rows[k].emb_index = n_emb + j
@@ -294,6 +298,17 @@ class FeatureExtractor:
             emb = pa.FixedSizeListArray.from_arrays(flat, self.dim, mask=pa.array(~mask))
             arrays.append(emb)
         return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _fail_nonfinite(ref: ShardRef, rows: dict[str, _Row], keys: list[str], vecs: np.ndarray) -> None:
+    """Mark the samples whose vector has a NaN/inf ``embed_error`` (only those), naming them."""
+    bad = [keys[i] for i in np.flatnonzero(~np.isfinite(vecs).all(axis=1))]
+    if not bad:
+        return
+    for k in bad:
+        rows[k].status, rows[k].error = Status.EMBED_ERROR, "embedder produced a non-finite vector (NaN/inf) for this sample"
+    shown = ", ".join(sample_id(ref.shard_id, k) for k in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    log.warning("embedder produced %d non-finite vector(s), marked embed_error: %s", len(bad), shown)
 
 
 def _join_error(r: _Row) -> str | None:
