@@ -186,6 +186,11 @@ def test_cut_tar_gz_is_truncated(tmp_path):
         p.write_bytes(full[:cut])
         samples, res = _read(p)
         assert res.condition == "truncated", (cut, res)
+    # A damaged byte in the compressed stream (bad data or a CRC mismatch) never reads as ok.
+    bad = bytearray(full)
+    bad[len(bad) // 2] ^= 0xFF
+    (tmp_path / "bad.tar.gz").write_bytes(bytes(bad))
+    assert _read(tmp_path / "bad.tar.gz")[1].condition != "ok"
     # A gzipped tar cut exactly at a header boundary (re-compressed): the end-of-archive check
     # runs on the decompressed bytes.
     tar = gzip.decompress(full)

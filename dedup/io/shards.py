@@ -189,6 +189,8 @@ class _CountingReader:
     def read(self, n: int = -1) -> bytes:
         b = self._f.read(n)
         self.pos += len(b)
+        if not self.keep:
+            return b
         self.tail += b
         if len(self.tail) > 2 * self.keep:
             del self.tail[: len(self.tail) - self.keep]
@@ -224,7 +226,7 @@ class _Prefixed:
 def tar_stream(f) -> tuple[object, bool]:
     """``(stream of the tar's bytes, gzipped)`` for a binary file holding a tar or a gzipped
     tar (told apart by the gzip magic, whatever the file's name). A cut gzip stream raises
-    ``EOFError`` and a damaged one ``OSError``/``zlib.error`` while reading (see
+    ``EOFError`` and a damaged one ``gzip.BadGzipFile``/``zlib.error`` while reading (see
     :data:`STREAM_ERRORS`)."""
     head = f.read(2)
     src = _Prefixed(head, f)
@@ -233,8 +235,9 @@ def tar_stream(f) -> tuple[object, bool]:
     return src, False
 
 
-# What reading a (possibly gzipped) tar stream can raise besides tarfile's own errors.
-STREAM_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
+# What a damaged or cut (possibly gzipped) tar stream raises. Not OSError at large: an I/O
+# error of the filesystem (a network hiccup) must fail the worker, which retries the shard.
+STREAM_ERRORS = (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error)
 
 
 def _member_type(m: tarfile.TarInfo) -> str:
@@ -332,7 +335,7 @@ def iter_samples(ref: ShardRef, result: ShardReadResult, image_exts: tuple[str, 
                 ext = ext.lower()
                 try:
                     data = tf.extractfile(m).read()
-                except STREAM_ERRORS as e:
+                except (*STREAM_ERRORS, OSError) as e:
                     current.read_error = f"member {m.name!r} cut short: {_err(e)}"
                     result.condition, result.error = "truncated", f"shard ends inside member {m.name!r}"
                     break
@@ -374,6 +377,7 @@ def _err(e: BaseException) -> str:
 
 
 def _drain_quietly(r: _CountingReader) -> None:
+    """Read to the end (for ``bytes_read``); an I/O error there only leaves the count short."""
     try:
         r.drain()
     except OSError:
