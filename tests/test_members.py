@@ -240,7 +240,9 @@ def test_apply_copies_kept_members_with_their_original_header_bytes(tmp_path, fm
     d = tmp_path / "in"
     d.mkdir()
     long = "sub/" + "l" * 120  # GNU: a long-name header; PAX: an extended header; ustar: prefix field
-    with tarfile.open(d / "h.tar", "w", format=fmt) as tf:
+    pax = {"comment": "global header"} if fmt == tarfile.PAX_FORMAT else None
+    with tarfile.open(d / "h.tar", "w", format=fmt, pax_headers=pax) as tf:
+        _add(tf, "README", b"not a sample")  # never copied; a global PAX header before it is
         for i, name in enumerate(["a", "b", "sub/c" if fmt == tarfile.USTAR_FORMAT else long]):
             _add(tf, f"{name}.jpg", _jpeg((i, 7, 7)), uname="alice", gname="staff", mode=0o640, mtime=1234567890)
             _add(tf, f"{name}.json", b'{"caption": "x"}', uname="alice", gname="staff", mtime=1234567890)
@@ -249,7 +251,10 @@ def test_apply_copies_kept_members_with_their_original_header_bytes(tmp_path, fm
     summary = apply_run(str(tmp_path / "run"), str(tmp_path / "clean"))
     assert summary["samples_written"] == 3 and summary["members_written"] == 6
     before, after = _raw_members(d / "h.tar"), _raw_members(tmp_path / "clean" / "h.tar")
+    before.pop("README")
     assert list(after) == list(before)
+    with tarfile.open(tmp_path / "clean" / "h.tar") as tf:
+        assert tf.pax_headers == (pax or {})
     for name in before:
         assert after[name] == before[name], name  # header blocks and data, byte for byte
 

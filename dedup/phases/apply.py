@@ -105,9 +105,9 @@ def _filter_shard(url: str, keep: set[str], out: IO[bytes]) -> tuple[int, int]:
     its header is written, so a member cut short by a truncated shard never appears. Only
     regular members with a WebDataset key are copied: the members that make up manifest rows
     (links, directories and key-less names are listed in the done markers, never in rows).
-    A global PAX header is copied even when the member after it is not (it applies to all
-    later members). A sparse member (never written by WebDataset tools) is written expanded,
-    with a rebuilt header.
+    Global PAX headers are copied where they stand, whether the member after them is kept or
+    not (they apply to all later members). A sparse member (never written by WebDataset tools)
+    is written expanded, with a rebuilt header.
     """
     from fsspec.core import url_to_fs
 
@@ -115,7 +115,7 @@ def _filter_shard(url: str, keep: set[str], out: IO[bytes]) -> tuple[int, int]:
 
     fs, path = url_to_fs(url)
     seen: set[str] = set()
-    members = written = 0
+    members = written = end = 0  # end: where the previous member's data ended in the input
 
     def put(b: bytes) -> None:
         nonlocal written
@@ -127,10 +127,13 @@ def _filter_shard(url: str, keep: set[str], out: IO[bytes]) -> tuple[int, int]:
         try:
             src = tarfile.open(fileobj=reader, mode="r|")
             while (m := src.next()) is not None:
+                # Between two members tarfile consumes only global PAX headers: copy them.
+                if m.offset > end:
+                    put(reader.bytes_at(end, m.offset - end) or b"")
+                end = src.offset
                 header = reader.bytes_at(m.offset, m.offset_data - m.offset)
                 key, _ = _split_key(m.name)
                 if not (m.isfile() and key is not None and key in keep):
-                    put(_global_header(header))
                     continue
                 data = src.extractfile(m).read()
                 if m.issparse() or header is None or len(header) != m.offset_data - m.offset:
@@ -144,14 +147,6 @@ def _filter_shard(url: str, keep: set[str], out: IO[bytes]) -> tuple[int, int]:
     put(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # end-of-archive, padded to a record like tarfile
     put(tarfile.NUL * (-written % tarfile.RECORDSIZE))
     return len(seen), members
-
-
-def _global_header(header: bytes | None) -> bytes:
-    """The global PAX header record at the start of a member's header blocks, or b""."""
-    if not header or len(header) < tarfile.BLOCKSIZE or header[156:157] != tarfile.XGLTYPE:
-        return b""
-    size = tarfile.nti(header[124:136])
-    return header[: tarfile.BLOCKSIZE + size + (-size % tarfile.BLOCKSIZE)]
 
 
 def _rebuilt_header(m: tarfile.TarInfo) -> bytes:
