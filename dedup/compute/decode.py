@@ -80,6 +80,12 @@ def _short(msg: str) -> str:
     return msg if len(msg) <= _MAX_ERROR_CHARS else msg[: _MAX_ERROR_CHARS - 1] + "…"
 
 
+def _too_large(pixels: str, policy: DecodePolicy) -> str:
+    """The ``too_large`` message: names our setting and how to change it (never Pillow's limit)."""
+    return (f"image of {pixels} pixels exceeds decode.max_pixels={policy.max_pixels} "
+            "(decompression-bomb guard; raise it with --set decode.max_pixels=...)")
+
+
 def _scale_to_8bit(im: Image.Image) -> Image.Image:
     """16/32-bit integer or float single-channel image → "L", keeping the picture visible.
 
@@ -130,7 +136,7 @@ def _decode(data: bytes, policy: DecodePolicy, min_size: int | None, gray: bool 
     if fmt not in policy.formats and str(fmt).upper() not in {f.upper() for f in policy.formats}:
         return Decoded(None, Status.UNSUPPORTED_FORMAT, f"format {fmt} not allowed (decode formats: {', '.join(policy.formats)})", w, h, mode, fmt)
     if w * h > policy.max_pixels:
-        return Decoded(None, Status.TOO_LARGE, f"{w}x{h} = {w * h} px > max_pixels {policy.max_pixels}", w, h, mode, fmt)
+        return Decoded(None, Status.TOO_LARGE, _too_large(f"{w}x{h} = {w * h}", policy), w, h, mode, fmt)
     if min_size and fmt in _DRAFTABLE and min(w, h) >= 2 * min_size:
         # libjpeg scales by 1/2, 1/4 or 1/8 in the DCT domain; Pillow picks the largest factor
         # s with size // s >= (min_size, min_size), so the decoded short side stays >= min_size.
@@ -176,7 +182,13 @@ def decode_image(data: bytes, policy: DecodePolicy = DecodePolicy(), min_size: i
             return _decode(bytes(data) if not isinstance(data, (bytes, bytearray)) else data, policy, min_size, gray)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(e))
-        msg = f"{m[1]} px > Pillow limit {m[2]} (decompression bomb)" if m else f"decompression bomb: {e}"
+        if m is None:
+            msg = f"decompression bomb: {e}"
+        elif int(m[1]) > policy.max_pixels:
+            msg = _too_large(m[1], policy)
+        else:  # allowed by decode.max_pixels, above Pillow's hard limit (2 x MAX_IMAGE_PIXELS)
+            msg = (f"image of {m[1]} pixels exceeds Pillow's hard limit of {m[2]} pixels, which "
+                   f"decode.max_pixels={policy.max_pixels} does not lift (raise PIL.Image.MAX_IMAGE_PIXELS too)")
         return Decoded(None, Status.TOO_LARGE, _short(msg))
     except Image.UnidentifiedImageError:
         return Decoded(None, Status.DECODE_ERROR, "cannot identify image file")

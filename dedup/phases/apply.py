@@ -122,26 +122,64 @@ def apply_run(
 
 
 def _filter_shard(url: str, keep: set[str], out: IO[bytes]) -> tuple[int, int]:
-    """Stream the members of kept keys from the shard at ``url`` into the tar ``out``;
-    returns (samples, members) written."""
+    """Stream the members of kept keys from the shard at ``url`` (a tar, or a gzipped tar)
+    into the tar ``out``; returns (samples, members) written.
+
+    Each kept member is copied as its original bytes: its header blocks, with any GNU
+    long-name or PAX extended header before them, verbatim from the input stream (so GNU,
+    ustar and PAX headers come out unchanged), then its data. A member's data is read before
+    its header is written, so a member cut short by a truncated shard never appears. Only
+    regular members with a WebDataset key are copied: the members that make up manifest rows
+    (links, directories and key-less names are listed in the done markers, never in rows).
+    Global PAX headers are copied where they stand, whether the member after them is kept or
+    not (they apply to all later members). A sparse member (never written by WebDataset tools)
+    is written expanded, with a rebuilt header.
+    """
     from fsspec.core import url_to_fs
+
+    from dedup.io.shards import STREAM_ERRORS, _CountingReader, tar_stream
 
     fs, path = url_to_fs(url)
     seen: set[str] = set()
-    members = 0
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as src, tarfile.open(
-        fileobj=out, mode="w", format=tarfile.PAX_FORMAT
-    ) as dst:
+    members = written = end = 0  # end: where the previous member's data ended in the input
+
+    def put(b: bytes) -> None:
+        nonlocal written
+        out.write(b)
+        written += len(b)
+
+    with fs.open(path, "rb") as f:
+        reader = _CountingReader(tar_stream(f)[0])  # tar bytes (decompressed), where offsets live
         try:
-            for m in src:
-                if not m.isfile():
-                    continue
+            src = tarfile.open(fileobj=reader, mode="r|")
+            while (m := src.next()) is not None:
+                # Between two members tarfile consumes only global PAX headers: copy them.
+                if m.offset > end:
+                    put(reader.bytes_at(end, m.offset - end) or b"")
+                end = src.offset
+                header = reader.bytes_at(m.offset, m.offset_data - m.offset)
                 key, _ = _split_key(m.name)
-                if key is None or key not in keep:
+                if not (m.isfile() and key is not None and key in keep):
                     continue
-                dst.addfile(m, src.extractfile(m))
+                data = src.extractfile(m).read()
+                if m.issparse() or header is None or len(header) != m.offset_data - m.offset:
+                    header = _rebuilt_header(m)
+                put(header)
+                put(data + tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE))
                 seen.add(key)
                 members += 1
-        except (tarfile.ReadError, EOFError):
+        except STREAM_ERRORS:
             pass  # a truncated shard ends here; its cut sample is never kept (status read_error)
+    put(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # end-of-archive, padded to a record like tarfile
+    put(tarfile.NUL * (-written % tarfile.RECORDSIZE))
     return len(seen), members
+
+
+def _rebuilt_header(m: tarfile.TarInfo) -> bytes:
+    """A PAX header for ``m`` as a plain regular file (fallback when the original header
+    blocks are not available verbatim, or describe a sparse layout that is not copied)."""
+    t = tarfile.TarInfo(m.name)
+    for a in ("mode", "uid", "gid", "uname", "gname", "mtime", "size"):
+        setattr(t, a, getattr(m, a))
+    t.pax_headers = {k: v for k, v in m.pax_headers.items() if not k.startswith("GNU.sparse.")}
+    return t.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")

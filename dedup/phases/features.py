@@ -18,7 +18,7 @@ import pyarrow as pa
 from dedup.config import Config
 from dedup.faults import crash_point
 from dedup.io.rundir import RunDir
-from dedup.io.shards import ShardReadResult, caption_length, image_member, iter_samples, shard_fingerprint
+from dedup.io.shards import ShardReadResult, caption_length, iter_samples, pick_image, shard_fingerprint
 from dedup.records import ShardRef, Status, sample_id
 from dedup.schema import FEATURES_VERSION, features_schema
 
@@ -44,6 +44,7 @@ class _Row:
     dhash: int | None = None
     emb_index: int = -1
     notes: list[str] = field(default_factory=list)
+    image_name: str | None = None  # the image member's name in the tar (for notes)
 
 
 @dataclass
@@ -177,8 +178,9 @@ class FeatureExtractor:
                     sample.notes[:0] = carried
                     row = None
                 else:
-                    if image_member(sample, self.cfg.input.image_exts)[0]:
-                        row.notes.append("a second image member for this key was ignored (first kept)")
+                    ext2 = pick_image(sample, self.cfg.input.image_exts)[0]
+                    if ext2:
+                        row.notes.append(f"second image member {sample.name(ext2)!r} ignored; {row.image_name!r} used")
                     if row.caption_len is None:
                         row.caption_len = caption_length(sample)
                     continue
@@ -188,12 +190,13 @@ class FeatureExtractor:
             if sample.read_error:
                 row.status, row.error = Status.READ_ERROR, sample.read_error
                 continue
-            ext, data = image_member(sample, self.cfg.input.image_exts)
+            ext, data, picked = pick_image(sample, self.cfg.input.image_exts)
+            row.notes.extend(picked)
             if ext is None:
                 row.status = Status.NO_IMAGE
-                row.error = f"no member with an image extension (members: {sorted(sample.members) or 'none'})"
+                row.error = f"no member with an image extension or image content (members: {sorted(sample.members) or 'none'})"
                 continue
-            row.image_member, row.file_size = ext, len(data)
+            row.image_member, row.image_name, row.file_size = ext, sample.name(ext), len(data)
             if data:
                 row.sha256 = hashlib.sha256(data).digest()
             t = time.perf_counter()
@@ -216,14 +219,17 @@ class FeatureExtractor:
 
     def embed_images(self, images: list) -> tuple[np.ndarray | None, str | None]:
         """One chunk's embeddings as float16 ``[n, dim]``, or ``(None, error)``: a model failure
-        marks that chunk's samples ``embed_error``, never the run."""
+        marks that chunk's samples ``embed_error``, never the run. Rows that are not finite
+        (NaN/inf, also after the cast to float16) are returned as they are: :meth:`assemble`
+        fails only those samples, by key."""
         try:
             vecs = np.asarray(self.embedder.embed(images), dtype=np.float32)
-            if vecs.shape != (len(images), self.dim) or not np.isfinite(vecs).all():
-                raise ValueError(f"embedder returned shape {vecs.shape} / non-finite values")
+            if vecs.shape != (len(images), self.dim):
+                raise ValueError(f"embedder returned shape {vecs.shape}, expected {(len(images), self.dim)}")
         except Exception as e:  # noqa: BLE001 - recorded per sample
             return None, f"{type(e).__name__}: {e}"
-        return vecs.astype(np.float16), None
+        with np.errstate(over="ignore", invalid="ignore"):
+            return vecs.astype(np.float16), None
 
     def assemble(
         self,
@@ -241,6 +247,7 @@ class FeatureExtractor:
                 for k in keys:
                     rows[k].status, rows[k].error = Status.EMBED_ERROR, err
                 continue
+            _fail_nonfinite(ref, rows, keys, vecs)
             embeddings.append(vecs)
             for j, k in enumerate(keys):
                 rows[k].emb_index = n_emb + j
@@ -293,6 +300,17 @@ class FeatureExtractor:
         return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def _fail_nonfinite(ref: ShardRef, rows: dict[str, _Row], keys: list[str], vecs: np.ndarray) -> None:
+    """Mark the samples whose vector has a NaN/inf ``embed_error`` (only those), naming them."""
+    bad = [keys[i] for i in np.flatnonzero(~np.isfinite(vecs).all(axis=1))]
+    if not bad:
+        return
+    for k in bad:
+        rows[k].status, rows[k].error = Status.EMBED_ERROR, "embedder produced a non-finite vector (NaN/inf) for this sample"
+    shown = ", ".join(sample_id(ref.shard_id, k) for k in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    log.warning("embedder produced %d non-finite vector(s), marked embed_error: %s", len(bad), shown)
+
+
 def _join_error(r: _Row) -> str | None:
     parts = ([r.error] if r.error else []) + r.notes
     return "; ".join(parts) if parts else None
@@ -329,6 +347,9 @@ def write_shard(
         "error": result.error,
         "rows": table.num_rows,
         "members": result.members,
+        # Members that are part of no row (links, directories, names without a key), with why:
+        # rows' members + these = every member of the tar.
+        "ignored_members": result.ignored,
         "bytes_read": result.bytes_read,
         **info,
     }
