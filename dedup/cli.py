@@ -507,6 +507,8 @@ def print_summary(stats: dict, run_dir: str) -> None:
         t.add_row("shards read completely", f"{total - len(failed)}/{total}")
         if failed:
             t.add_row("[red]shards failed[/]", f"[red]{len(failed)}[/]")
+        if sh.get("ignored_members"):
+            t.add_row("tar members that are no sample", str(sh["ignored_members"]))
     stdout.print(t)
     for sid, why in failed.items():  # whole reasons: a cut one hides the way out
         stdout.print(f"[red]failed shard[/] {sid}: {why}", highlight=False, soft_wrap=True)

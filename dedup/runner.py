@@ -261,6 +261,9 @@ def run_pipeline(
             "done": len(markers),
             "failed": {sid: failures[sid] for sid in sorted(failures)},
             "conditions": _count(m["condition"] for m in markers.values()),
+            # tar members that are no sample (links, directories, names without a key): listed
+            # with the reason in each shard's done marker
+            "ignored_members": sum(len(m.get("ignored_members") or []) for m in markers.values()),
         }
         stats["timings"]["total"] = round(time.perf_counter() - t_start, 3)
         stats["model_tag"] = model_tag

@@ -174,3 +174,17 @@ def test_reusing_a_run_directory_with_other_inputs_is_refused(workspace, tmp_pat
     code, err = _invoke("run", str(workspace / "inp" / ".." / "inp" / "shard-00000.tar"), "--out", str(run),
                         "--methods", HASHES, "-q", "--no-report", "-w", "1")
     assert code == 0, err
+
+
+def test_apply_never_writes_tars_beside_a_single_input_shard(workspace, tmp_path, monkeypatch):
+    """A run of one .tar file: its run directory may sit beside it (a run writes no .tar), but
+    clean shards may not, since a later `dedup run` of that folder would read them."""
+    monkeypatch.chdir(workspace)
+    code, err = _invoke("run", "inp/shard-00000.tar", "--out", "inp/one-run", "--methods", HASHES, "-q", "--no-report", "-w", "1")
+    assert code == 0, err
+    before = _tree(workspace)
+    for out in ("inp/clean", "inp/one-run/clean", "link-to-inp/clean"):
+        code, err = _invoke("apply", "inp/one-run", "--out", out)
+        assert code == 2, (out, err)
+    assert _tree(workspace) == before
+    shutil.rmtree(workspace / "inp" / "one-run")

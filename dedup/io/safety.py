@@ -71,9 +71,10 @@ def canonical(where: str) -> str:
     return f"{loc.proto}://{loc.path.lstrip('/')}" if loc.proto else loc.path
 
 
-def input_locations(inputs: Iterable[str], shard_urls: Iterable[str] = ()) -> list[Location]:
+def input_locations(inputs: Iterable[str], shard_urls: Iterable[str] = (), shard_dirs: bool = False) -> list[Location]:
     """The places a run reads: each input as given (a directory or a file; for a glob, the
-    directory before its first wildcard), and every shard with its directory."""
+    directory before its first wildcard), and every shard; with ``shard_dirs`` each shard's
+    directory too (for outputs of ``.tar`` files, which a later run of that folder would read)."""
     from braceexpand import braceexpand
 
     out: list[Location] = []
@@ -87,7 +88,8 @@ def input_locations(inputs: Iterable[str], shard_urls: Iterable[str] = ()) -> li
     for url in shard_urls:
         loc = locate(url)
         out.append(loc)
-        out.append(Location(loc.proto, posixpath.dirname(loc.path) or "/", posixpath.dirname(url) or "."))
+        if shard_dirs:
+            out.append(Location(loc.proto, posixpath.dirname(loc.path) or "/", posixpath.dirname(url) or "."))
     return _unique(out)
 
 
@@ -191,4 +193,4 @@ def run_reads(run) -> list[Location]:
                     urls.append(run.read_json(path)["url"])
                 except (OSError, ValueError, KeyError):
                     continue
-    return input_locations(inputs, urls)
+    return input_locations(inputs, urls, shard_dirs=True)
