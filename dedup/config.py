@@ -87,23 +87,61 @@ class EmbeddingConfig(_Section):
     spec: str = Field("open_clip:ViT-B-32:laion2b_s34b_b79k", description="embedder spec (docs/embedders.md); same as --embedder")
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:1, ...")
     batch_size: int = Field(32, gt=0, description="images per model batch")
-    threshold: float | None = Field(
-        None, ge=-1.0, le=1.0, description="cosine at or above which a pair is a duplicate; null = the embedder family's default (sscd/onnx 0.60, open_clip 0.95)"
+    threshold: float | Literal["auto"] | None = Field(
+        "auto",
+        description="cosine at or above which a pair is a duplicate. auto (default): the embedder family's value (sscd/onnx "
+        "0.60, open_clip 0.95) or higher, as this corpus needs to keep the expected unrelated pairs under false_pair_rate "
+        "x n (docs/quality.md); a number: that value; null: the family's value",
+    )
+    false_pair_rate: float = Field(
+        2e-4, gt=0.0,
+        description="threshold auto: expected unrelated pairs allowed above the threshold, per sample (2e-4 = 2 per 10,000)",
     )
     nlist: int | None = Field(None, gt=0, description="IVF lists for the candidate search; null = automatic from n")
     nprobe: int | None = Field(None, gt=0, description="IVF lists each vector is assigned/compared in; null = automatic")
 
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_range(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, (int, float)) and not -1.0 <= v <= 1.0:
+            raise ValueError("a cosine threshold lies in [-1, 1] (or use auto)")
+        return v
+
+    @property
+    def auto(self) -> bool:
+        return self.threshold == "auto"
+
     def resolved_threshold(self) -> float:
-        if self.threshold is not None:
-            return self.threshold
+        """The fixed threshold, or with ``auto`` the family's value (the floor auto starts
+        from; the value a run used is in its stats.json, ``thresholds.embedding_cosine``)."""
+        if isinstance(self.threshold, (int, float)):
+            return float(self.threshold)
         family = self.spec.split(":", 1)[0]
         return DEFAULT_THRESHOLDS.get(family, 0.9)
 
 
 class ClusterConfig(_Section):
+    grouping: Literal["components", "keeper"] = Field(
+        "components",
+        description="components: a group of linked samples stays one cluster around its most central member, and a member "
+        "joins it if linked to that keeper or close to it (join_margin); others are clustered apart (no chaining). "
+        "keeper: every member must be linked directly to its keeper (the first release's rule; groups can split)",
+    )
     keeper_policy: tuple[str, ...] = Field(
-        ("-pixels", "-file_size", "sample_id"),
-        description="rank columns, best first; '-' = larger is better. Columns: pixels, file_size, caption_len, sample_id",
+        ("-content_pixels", "-copies", "-file_size", "sample_id"),
+        description="rank columns, best first, deciding between a cluster's most central members; '-' = larger is better. "
+        "Columns: content_pixels (pixels inside uniform borders), pixels, copies (byte-identical ok samples), file_size, "
+        "caption_len, sample_id",
+    )
+    central_tolerance: float | None = Field(
+        0.02, ge=0.0,
+        description="members whose centrality (cosine to the cluster's mean embedding, or pHash agreement with its majority "
+        "hash) is within this of the best are tied, and keeper_policy decides; null = keeper_policy alone",
+    )
+    join_margin: float = Field(
+        0.15, ge=0.0, le=1.0,
+        description="grouping components: a member not linked to the keeper still joins it at cosine >= threshold - join_margin "
+        "(or both hashes within twice their radius, or identical bytes)",
     )
     keep_per_cluster: int = Field(1, ge=1, description="samples kept per cluster (the best-ranked k)")
     verify_min_size: int = Field(
@@ -115,7 +153,7 @@ class ClusterConfig(_Section):
     @field_validator("keeper_policy")
     @classmethod
     def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        known = {"pixels", "file_size", "caption_len", "sample_id"}
+        known = {"pixels", "content_pixels", "copies", "file_size", "caption_len", "sample_id"}
         for col in v:
             if col.lstrip("-+") not in known:
                 raise ValueError(f"unknown keeper column {col!r}; choose from {sorted(known)}")
@@ -185,6 +223,8 @@ class Config(_Section):
             # 2: hash-only runs draft-decode JPEG luma only (decode_plan); features computed
             # before that are not mixed with newer ones.
             "decode_version": 2,
+            # 3: hashes of the content box (uniform borders trimmed), content_fraction column
+            "hash_version": 3,
         }
         return _hash(part)
 

@@ -317,7 +317,9 @@ def finish_run(
         spread = cfg.run.executor == "ray" and "units" in ost  # IVF units ran as Ray tasks
         outlier_search = {"method": ost.get("method"), "units": ost.get("units"),
                           "executor": "ray" if spread else "local", "seconds": timings["outlier"]}
-    manifest, mstats = build_manifest(cfg, fs.table, pairs, outlier=outlier)
+    th_choice = info.get("embedding_threshold")
+    th_value = th_choice["value"] if th_choice else None
+    manifest, mstats = build_manifest(cfg, fs.table, pairs, outlier=outlier, embeddings=fs.embeddings, threshold=th_value)
     total = manifest.num_rows
     frac = (total - mstats["ok"]) / total if total else 0.0
     partial = failed_shards or frac > cfg.run.max_error_fraction
@@ -343,8 +345,10 @@ def finish_run(
         "thresholds": {
             "phash_radius": cfg.hashes.phash_radius,
             "dhash_radius": cfg.hashes.dhash_radius,
-            "embedding_cosine": cfg.embedding.resolved_threshold() if "embedding" in cfg.methods else None,
+            "embedding_cosine": (th_value if th_value is not None else cfg.embedding.resolved_threshold())
+            if "embedding" in cfg.methods else None,
         },
+        "embedding_threshold": th_choice,
         "timings": timings,
     }
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-FEATURES_VERSION = "FEATURES_V1"
+FEATURES_VERSION = "FEATURES_V2"
 PAIRS_VERSION = "PAIRS_V1"
 MANIFEST_VERSION = "MANIFEST_V1"
 
@@ -27,6 +27,8 @@ _FEATURE_FIELDS = [
     pa.field("sha256", pa.binary(32)),
     pa.field("phash", pa.uint64()),
     pa.field("dhash", pa.uint64()),
+    # V2: share of the image's area inside its uniform borders (1.0 = none); hashes are of that box
+    pa.field("content_fraction", pa.float32()),
 ]
 
 

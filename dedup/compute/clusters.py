@@ -103,11 +103,96 @@ def keeper_clusters(n: int, edges: Edges, rank: np.ndarray, valid: np.ndarray | 
                 keeper[a], method[a], score[a] = best, m[k], s[k]
             else:
                 is_k[a] = True
+    return _finish(n, keeper, method, score, rank, keep_per_cluster)
+
+
+def components(n: int, edges: Edges, valid: np.ndarray) -> np.ndarray:
+    """Connected-component label of each sample over the edges between valid samples
+    (-1 for invalid samples). Labels are the smallest member index of each component."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    i, j = edges.i.astype(np.int64), edges.j.astype(np.int64)
+    keep = (i != j) & valid[i] & valid[j] if len(i) else np.zeros(0, bool)
+    g = coo_matrix((np.ones(int(keep.sum()), np.int8), (i[keep], j[keep])), shape=(n, n))
+    _, lab = connected_components(g, directed=False)
+    first = np.full(lab.max() + 1 if n else 0, n, np.int64)
+    np.minimum.at(first, lab, np.arange(n))
+    out = first[lab]
+    return np.where(valid, out, -1)
+
+
+def group_clusters(
+    n: int, edges: Edges, rank: np.ndarray, valid: np.ndarray | None = None, keep_per_cluster: int = 1,
+    centrality=None, joins=None, tolerance: float = 0.02,
+) -> Clusters:
+    """Clusters that keep a group whole: connected components of the verified links, with the
+    component's most central member (then the keeper policy's rank) as keeper; a member joins
+    its component's keeper when it is linked to it directly or ``joins`` finds it close enough
+    to the keeper; members that do neither are clustered among themselves by
+    :func:`keeper_clusters` (keeper-centred: never joined through a chain of unrelated images).
+
+    ``centrality(members) -> float array``: how well each member represents its component
+    (e.g. cosine to the component's mean embedding); members within ``tolerance`` of the best
+    are tied and the rank decides between them. ``joins(members, keeper) -> (ok, method,
+    score)``: the relaxed check of each member against the keeper, with the METHOD_PRIORITY
+    index and score to report (None: direct links only)."""
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+    lab = components(n, edges, valid)
+    keeper = np.where(valid, np.arange(n), -1).astype(np.int64)
+    method = np.full(n, -1, np.int8)
+    score = np.full(n, np.nan, np.float32)
+
+    # best direct link (method priority first) of every linked pair, reported against the keeper
+    i, j = edges.i.astype(np.int64), edges.j.astype(np.int64)
+    ke = (i != j) & valid[i] & valid[j] if len(i) else np.zeros(0, bool)
+    i, j, em, es = i[ke], j[ke], edges.method[ke], edges.score[ke]
+    lo, hi = np.minimum(i, j), np.maximum(i, j)
+    o = np.lexsort((em, hi, lo))
+    first = np.ones(len(o), bool)
+    first[1:] = (lo[o][1:] != lo[o][:-1]) | (hi[o][1:] != hi[o][:-1])
+    o = o[first]
+    link = dict(zip(zip(lo[o].tolist(), hi[o].tolist()), zip(em[o].tolist(), es[o].tolist())))
+
+    sizes = np.bincount(np.maximum(lab, 0), minlength=n)
+    multi = np.flatnonzero(valid & (sizes[np.maximum(lab, 0)] > 1))
+    order = multi[np.argsort(lab[multi], kind="stable")]
+    groups = np.split(order, np.flatnonzero(np.diff(lab[order])) + 1) if len(order) else []
+    rest_mask = np.zeros(n, bool)
+    for members in groups:
+        cen = np.asarray(centrality(members), np.float64) if centrality is not None else np.zeros(len(members))
+        cand = members[cen >= cen.max() - tolerance]
+        k = int(cand[np.argmin(rank[cand])])
+        if joins is not None:
+            ok, jm, js = joins(members, k)
+            ok = np.asarray(ok, bool).copy()
+        else:
+            ok, jm, js = np.zeros(len(members), bool), np.full(len(members), -1), np.full(len(members), np.nan)
+        for pos, mbr in enumerate(members.tolist()):
+            if mbr == k:
+                ok[pos] = True
+                continue
+            direct = link.get((mbr, k) if mbr < k else (k, mbr))
+            if direct is not None:
+                ok[pos] = True
+                method[mbr], score[mbr] = direct
+            elif ok[pos]:
+                method[mbr], score[mbr] = jm[pos], js[pos]
+        keeper[members[ok]] = k
+        rest_mask[members[~ok]] = True
+    if rest_mask.any():  # keeper-centred among themselves (no edges cross components)
+        sub = keeper_clusters(n, edges, rank, valid=rest_mask, keep_per_cluster=1)
+        keeper[rest_mask] = sub.keeper[rest_mask]
+        method[rest_mask], score[rest_mask] = sub.method[rest_mask], sub.score[rest_mask]
+    return _finish(n, keeper, method, score, rank, keep_per_cluster)
+
+
+def _finish(n: int, keeper: np.ndarray, method: np.ndarray, score: np.ndarray, rank: np.ndarray, keep_per_cluster: int) -> Clusters:
+    """Sizes and keepers (with ``keep_per_cluster - 1`` extra copies, best-ranked first)."""
     size = np.zeros(n, np.int32)
     ok = keeper >= 0
     counts = np.bincount(keeper[ok], minlength=n)
     size[ok] = counts[keeper[ok]]
-
     is_keeper = ok & (keeper == np.arange(n))
     if keep_per_cluster > 1:
         members = np.flatnonzero(ok & ~is_keeper)

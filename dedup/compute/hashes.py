@@ -47,7 +47,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["HASH_SIZE", "HASH_MIN_SIZE", "hash_images", "resize_l", "phash_int", "dhash_int", "to_hex", "from_hex", "hamming"]
+__all__ = ["HASH_SIZE", "HASH_MIN_SIZE", "hash_images", "content_hashes", "resize_l", "phash_int", "dhash_int", "to_hex", "from_hex", "hamming"]
 
 HASH_SIZE = 8
 _PSIZE = HASH_SIZE * 4  # imagehash's highfreq_factor=4 → 32×32 before the DCT
@@ -252,6 +252,19 @@ def hash_images(images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
     ph, dh = _reduce(images)
     d_bits = (dh[:, :, 1:] > dh[:, :, :-1]).reshape(len(images), -1)
     return _pack(_phash_bits(ph)), _pack(d_bits)
+
+
+def content_hashes(images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pipeline's hashes: (phash, dhash, kept) of each image's content box — the image
+    without uniform borders (:mod:`dedup.compute.content`), so that padding, letterbox bars
+    and plain canvases neither dominate the hash nor separate a padded copy from its
+    original. ``kept``: the share of the area the box keeps (1.0: nothing trimmed, and then
+    the hashes equal imagehash's)."""
+    from dedup.compute.content import trim
+
+    boxes = [trim(im) for im in images]
+    ph, dh = hash_images([b for b, _ in boxes])
+    return ph, dh, np.array([k for _, k in boxes], np.float32)
 
 
 def phash_int(img: Image.Image) -> int:

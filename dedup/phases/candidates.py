@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 _SCALAR_COLS = [
     "sample_id", "shard_id", "key", "status", "error", "file_size", "caption_len",
-    "width", "height", "sha256", "phash", "dhash",
+    "width", "height", "sha256", "phash", "dhash", "content_fraction",
 ]
 
 
@@ -204,7 +204,9 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
                 if fs.table.num_rows == 0:
                     continue  # no shard finished: nothing to compare (the run is partial)
                 raise SchemaMismatchError("method 'embedding' requested but the features hold no embeddings")
-            th = cfg.embedding.resolved_threshold()
+            choice = embedding_threshold(cfg, fs, ok)
+            info["embedding_threshold"] = choice.to_dict()
+            th = choice.value
             n_valid = int(ok.sum())
             over = {k: v for k, v in (("nlist", cfg.embedding.nlist), ("nprobe", cfg.embedding.nprobe)) if v}
             params = cand.IVFParams.auto(n_valid, fs.embeddings.shape[1], threshold=th, **over)
@@ -226,6 +228,23 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
     table = pa.concat_tables(parts) if parts else PAIRS_SCHEMA.empty_table()
     table = table.sort_by([("a", "ascending"), ("b", "ascending"), ("method", "ascending")])
     return table, info
+
+
+def embedding_threshold(cfg: Config, fs: FeatureSet, ok: np.ndarray):
+    """The run's cosine threshold: fixed, or chosen for this corpus (:mod:`dedup.compute.threshold`)."""
+    from dedup.compute import threshold as T
+
+    n = int(ok.sum())
+    if not cfg.embedding.auto:
+        return T.fixed(cfg.embedding.resolved_threshold(), n)
+    t0 = time.perf_counter()
+    choice = T.choose(fs.embeddings, ok, cfg.embedding.resolved_threshold(), rate=cfg.embedding.false_pair_rate,
+                      sha=fs.table["sha256"].to_pylist())
+    log.info("embedding threshold auto: %.4f (family %.2f; %s; expected false pairs %s, budget %.1f) in %.1f s",
+             choice.value, choice.floor, choice.note,
+             "-" if choice.expected_false_pairs is None else f"{choice.expected_false_pairs:.2f}", choice.budget,
+             time.perf_counter() - t0)
+    return choice
 
 
 _SEARCH_STATS = ("method", "valid", "nlist", "nprobe", "mean_probes", "list_size_max", "list_size_mean",

@@ -42,6 +42,7 @@ class _Row:
     sha256: bytes | None = None
     phash: int | None = None
     dhash: int | None = None
+    content_fraction: float | None = None  # share of the area inside uniform borders (hashes only)
     emb_index: int = -1
     notes: list[str] = field(default_factory=list)
     image_name: str | None = None  # the image member's name in the tar (for notes)
@@ -153,13 +154,13 @@ class FeatureExtractor:
                 return None
             images = [im for _, im in pending]
             if self.want_hash:
-                from dedup.compute.hashes import hash_images
+                from dedup.compute.hashes import content_hashes
 
                 t = time.perf_counter()
-                ph, dh = hash_images(images)
+                ph, dh, kept = content_hashes(images)
                 timings["hash"] += time.perf_counter() - t
-                for (row, _), p, d in zip(pending, ph, dh):
-                    row.phash, row.dhash = int(p), int(d)
+                for (row, _), p, d, k in zip(pending, ph, dh, kept):
+                    row.phash, row.dhash, row.content_fraction = int(p), int(d), float(k)
             # Rows in a chunk are decoded (status ok), so never replaced later: keys are stable.
             chunk = EmbedChunk([row.key for row, _ in pending], images) if self.want_emb else None
             pending.clear()
@@ -278,6 +279,7 @@ class FeatureExtractor:
             "sha256": [r.sha256 for r in rs],
             "phash": [r.phash if r.status == Status.OK else None for r in rs],
             "dhash": [r.dhash if r.status == Status.OK else None for r in rs],
+            "content_fraction": [r.content_fraction if r.status == Status.OK else None for r in rs],
         }
         meta = {
             "config_hash": self.features_hash,

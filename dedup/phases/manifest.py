@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dedup.compute.clusters import METHOD_PRIORITY, Edges, keeper_clusters, rank_order
+from dedup.compute.clusters import METHOD_PRIORITY, Edges, group_clusters, keeper_clusters, rank_order
 from dedup.compute.crossmatch import popcount64
 from dedup.config import Config
 from dedup.schema import MANIFEST_SCHEMA
@@ -93,16 +93,76 @@ def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
         name = spec.lstrip("-+")
         if name == "sample_id":
             values = np.arange(table.num_rows, dtype=np.float64)  # table is sorted by sample_id
-        elif name == "pixels":
+        elif name in ("pixels", "content_pixels"):
             w = table["width"].to_numpy(zero_copy_only=False).astype(np.float64)
             h = table["height"].to_numpy(zero_copy_only=False).astype(np.float64)
             values = w * h
+            if name == "content_pixels" and "content_fraction" in table.column_names:
+                frac = table["content_fraction"].to_numpy(zero_copy_only=False).astype(np.float64)
+                values = values * np.where(np.isnan(frac), 1.0, frac)
+        elif name == "copies":
+            values = _copies(table)
         else:
             values = table[name].to_numpy(zero_copy_only=False).astype(np.float64)
         cols.append((values, desc))
     if not any(s.lstrip("-+") == "sample_id" for s in cfg.clusters.keeper_policy):
         cols.append((np.arange(table.num_rows, dtype=np.float64), False))  # total, deterministic order
     return rank_order(cols)
+
+
+def _copies(table: pa.Table) -> np.ndarray:
+    """How many ok samples hold exactly the same bytes as each sample (1 = unique)."""
+    sha = table["sha256"].to_pylist()
+    ok = [st == "ok" for st in table["status"].to_pylist()]
+    count: dict[bytes, int] = {}
+    for h, good in zip(sha, ok):
+        if good and h is not None:
+            count[h] = count.get(h, 0) + 1
+    return np.array([count.get(h, 1) if h is not None else 1 for h in sha], np.float64)
+
+
+def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, threshold: float | None):
+    """(centrality, joins) for :func:`~dedup.compute.clusters.group_clusters`: from the
+    embeddings when the run has them, else from the hashes."""
+    ph = table["phash"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64) if "phash" in table.column_names else None
+    dh = table["dhash"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64) if "dhash" in table.column_names else None
+    sha = np.array(table["sha256"].to_pylist(), dtype=object)
+    use_emb = emb is not None and threshold is not None and "embedding" in cfg.methods
+    use_p, use_d = "phash" in cfg.methods and ph is not None, "dhash" in cfg.methods and dh is not None
+    i_emb, i_p, i_x = METHOD_PRIORITY.index("embedding"), METHOD_PRIORITY.index("phash"), METHOD_PRIORITY.index("exact")
+
+    def vectors(members: np.ndarray) -> np.ndarray:
+        x = np.asarray(emb[members], np.float32)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    def centrality(members: np.ndarray) -> np.ndarray:
+        if use_emb:
+            x = vectors(members)
+            mean = x.mean(axis=0)
+            return x @ (mean / max(float(np.linalg.norm(mean)), 1e-12))
+        if use_p or use_d:
+            h = ph[members] if use_p else dh[members]
+            bits = ((h[:, None] >> np.arange(64, dtype=np.uint64)) & np.uint64(1)).astype(np.int8)
+            majority = (bits.mean(axis=0) >= 0.5).astype(np.int8)
+            return 1.0 - np.abs(bits - majority).mean(axis=1)
+        return np.zeros(len(members))
+
+    def joins(members: np.ndarray, k: int):
+        ok = np.array([s is not None and s == sha[k] for s in sha[members]], bool)
+        method = np.where(ok, i_x, -1).astype(np.int8)
+        score = np.where(ok, 1.0, np.nan).astype(np.float32)
+        if use_emb:
+            cos = vectors(members) @ vectors(np.array([k]))[0]
+            near = ~ok & (cos >= threshold - cfg.clusters.join_margin)
+            ok, method[near], score[near] = ok | near, i_emb, cos[near]
+        if use_p and use_d:
+            dp = popcount64(ph[members] ^ ph[k]).astype(np.int64)
+            dd = popcount64(dh[members] ^ dh[k]).astype(np.int64)
+            near = ~ok & (dp <= 2 * cfg.hashes.phash_radius) & (dd <= 2 * cfg.hashes.dhash_radius)
+            ok, method[near], score[near] = ok | near, i_p, dp[near]
+        return ok, method, score
+
+    return centrality, joins
 
 
 def outlier_scores(emb: np.ndarray, ok: np.ndarray, k: int, stats: dict | None = None,
@@ -154,20 +214,32 @@ def outlier_units_on_ray(cfg: Config, emb: np.ndarray) -> Callable:
 
 
 def build_manifest(
-    cfg: Config, table: pa.Table, pairs: pa.Table, rank: np.ndarray | None = None, outlier: np.ndarray | None = None
+    cfg: Config, table: pa.Table, pairs: pa.Table, rank: np.ndarray | None = None, outlier: np.ndarray | None = None,
+    embeddings: np.ndarray | None = None, threshold: float | None = None,
 ) -> tuple[pa.Table, dict]:
     """``table``: features' scalar columns sorted by sample_id. Returns (manifest, stats part).
 
-    ``rank`` overrides the keeper policy's order (incremental runs rank earlier keepers first)."""
+    ``rank`` overrides the keeper policy's order (incremental runs rank earlier keepers first).
+    ``embeddings`` (row-aligned with ``table``) and the run's embedding ``threshold`` let the
+    clusters measure centrality and closeness to the keeper by cosine (else by the hashes)."""
     n = table.num_rows
     status = table["status"].to_numpy(zero_copy_only=False)
     ok = status == "ok"
     rank = _rank(cfg, table) if rank is None else rank
     edges = _edges(cfg, table, pairs)
-    cl = keeper_clusters(n, edges, rank, valid=ok, keep_per_cluster=cfg.clusters.keep_per_cluster)
+
+    def clusters(edges: Edges):
+        if cfg.clusters.grouping == "keeper":
+            return keeper_clusters(n, edges, rank, valid=ok, keep_per_cluster=cfg.clusters.keep_per_cluster)
+        centrality, joins = _grouping_checks(cfg, table, embeddings, threshold)
+        tol = cfg.clusters.central_tolerance
+        return group_clusters(n, edges, rank, valid=ok, keep_per_cluster=cfg.clusters.keep_per_cluster,
+                              centrality=centrality if tol is not None else None, joins=joins, tolerance=tol or 0.0)
+
+    cl = clusters(edges)
     if cfg.clusters.verify_min_size and (cl.size >= cfg.clusters.verify_min_size).any():
         edges = _verified(edges, cl.size >= cfg.clusters.verify_min_size)
-        cl = keeper_clusters(n, edges, rank, valid=ok, keep_per_cluster=cfg.clusters.keep_per_cluster)
+        cl = clusters(edges)
     ids = table["sample_id"].to_numpy(zero_copy_only=False)
     has = cl.keeper >= 0
     cluster_id = np.where(has, ids[np.maximum(cl.keeper, 0)], None)

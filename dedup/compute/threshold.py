@@ -1,0 +1,176 @@
+"""A cosine threshold that adapts to the corpus: ``embedding.threshold: auto``.
+
+A fixed threshold does not transfer between corpora. On full-size photos unrelated pairs of a
+copy-detection descriptor (SSCD) sit near 0 and 0.60 is safe; on 32-px photos unrelated pairs
+reach 0.60–0.65 (a frog and a deer). And however rare an unrelated pair above a threshold is,
+their number grows with n²: at 10⁸ samples a per-pair rate of 10⁻¹² is already 5 000 pairs.
+
+So the threshold is chosen per run, from this corpus's own unrelated-pair similarities:
+
+1. **Sample.** A random subset of up to ``subset`` ok samples, all its pairs (one matrix
+   product; 3 000 samples give 4.5 million pairs), pairs of identical bytes left out.
+2. **Model the tail.** ``P(S > t) = P(S > u) · exp(-λ (t - u))`` above ``u``, the sample's
+   ``1 - tail`` quantile. Duplicates live at and above the embedder family's threshold
+   (``floor``: SSCD 0.60), so when ``u`` is below the floor only pairs below it are used, with an
+   exponential truncated at the floor (maximum likelihood): a corpus with many copies would
+   otherwise look "dense". When ``u`` is at or above the floor, more than ``tail`` of all pairs
+   reach it — far more than copies can make up — and the top of the whole sample is fitted.
+   Cosines are bounded by 1, so their true tail falls faster than an exponential: the model errs
+   towards too many false pairs, i.e. a higher threshold.
+3. **Budget.** The expected number of unrelated pairs above ``t`` among all ``n(n-1)/2``
+   pairs of the run is ``N · P(S > t)``; the threshold is the smallest ``t ≥ floor`` that keeps
+   it under ``rate · n`` (``embedding.false_pair_rate``, default 2 per 10 000 samples), and at
+   most ``ceiling``.
+
+The threshold never drops below the family's fixed value: auto only raises it where the corpus
+needs it. Cost: one product of the subset (about a second on 2 cores); no all-pairs pass, so it
+works at any n. Everything it estimated is returned (and written to stats.json and the report).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    value: float  # the threshold used
+    mode: str  # "auto" or "fixed"
+    floor: float  # the embedder family's threshold (auto never goes below it)
+    n: int  # ok samples with an embedding
+    budget: float  # expected false pairs allowed at n
+    expected_false_pairs: float | None  # at ``value``, over all pairs at n (the model's estimate)
+    expected_false_pairs_at_floor: float | None
+    sampled_pairs: int = 0
+    tail_start: float | None = None  # u
+    tail_share: float | None = None  # P(S > u), unrelated pairs
+    tail_rate: float | None = None  # λ
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def fixed(value: float, n: int) -> ThresholdChoice:
+    return ThresholdChoice(value=float(value), mode="fixed", floor=float(value), n=n, budget=float("nan"),
+                           expected_false_pairs=None, expected_false_pairs_at_floor=None)
+
+
+def _truncated_rate(excess: np.ndarray, width: float) -> float:
+    """MLE of λ for an exponential truncated to [0, width): its mean is 1/λ - width/(e^{λ width} - 1)."""
+    mean = float(excess.mean())
+    if mean <= 0:
+        return 1e6
+    if mean >= width / 2:  # flat (or rising) density up to the floor: the heaviest tail we allow
+        return 1e-6
+
+    def m(lam: float) -> float:
+        return 1.0 / lam - width / math.expm1(min(lam * width, 700.0))
+
+    lo, hi = 1e-6, 1e6
+    for _ in range(200):  # m is decreasing in λ
+        mid = math.sqrt(lo * hi)
+        if m(mid) > mean:
+            lo = mid
+        else:
+            hi = mid
+    return math.sqrt(lo * hi)
+
+
+def _mixture_fit(x: np.ndarray, width: float) -> tuple[float, float]:
+    """MLE of ``(w, λ)`` for values ``x`` in [0, width): a share ``w`` from an exponential
+    truncated to [0, width) (unrelated pairs, thinning out above the floor) and ``1 - w``
+    spread evenly (copies, found anywhere up to identity)."""
+    from scipy.optimize import minimize
+
+    def nll(p: np.ndarray) -> float:
+        w = 1.0 / (1.0 + math.exp(-p[0]))
+        lam = math.exp(p[1])
+        expo = lam * np.exp(-lam * x) / -math.expm1(-lam * width)
+        return -float(np.log(w * expo + (1.0 - w) / width + 1e-300).sum())
+
+    best = None
+    for w0, l0 in ((0.5, 10.0), (0.9, 50.0), (0.1, 3.0)):
+        r = minimize(nll, np.array([math.log(w0 / (1 - w0)), math.log(l0)]), method="Nelder-Mead",
+                     options={"xatol": 1e-4, "fatol": 1e-6, "maxiter": 2000})
+        if best is None or r.fun < best.fun:
+            best = r
+    return 1.0 / (1.0 + math.exp(-best.x[0])), math.exp(best.x[1])
+
+
+def unrelated_sample(emb: np.ndarray, valid: np.ndarray, sha: list | None, subset: int, seed: int) -> np.ndarray:
+    """Cosines of all pairs of a random subset of the valid rows (identical bytes left out)."""
+    idx = np.flatnonzero(valid)
+    rng = np.random.default_rng(seed)
+    if len(idx) > subset:
+        idx = np.sort(rng.choice(idx, subset, replace=False))
+    x = np.asarray(emb[idx], np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    g = x @ x.T
+    iu = np.triu_indices(len(idx), 1)
+    sims = g[iu]
+    if sha is not None:
+        h = np.array([sha[k] for k in idx], dtype=object)
+        same = np.array([a is not None and a == b for a, b in zip(h[iu[0]], h[iu[1]])], bool)
+        sims = sims[~same]
+    return sims
+
+
+def choose(
+    emb: np.ndarray, valid: np.ndarray, floor: float, *, rate: float = 1e-3, sha: list | None = None,
+    ceiling: float = 0.98, subset: int = 3000, tail: float = 1e-4, min_events: int = 30, seed: int = 0,
+) -> ThresholdChoice:
+    """The auto threshold for the valid rows of ``emb`` (see the module docstring)."""
+    valid = np.asarray(valid, bool)
+    n = int(valid.sum())
+    total = n * (n - 1) / 2.0
+    budget = max(rate * n, 0.0)
+    if n < 3:
+        return ThresholdChoice(floor, "auto", floor, n, budget, 0.0, 0.0, note="too few samples: the family threshold")
+    sims = np.sort(unrelated_sample(emb, valid, sha, subset, seed))
+    m = len(sims)
+    width = 1.0 - floor
+    above = sims[sims >= floor] - floor
+    if len(above) >= min_events:
+        # measured above the floor: unrelated pairs thin out from it, copies spread up to 1
+        w, lam = _mixture_fit(above, width)
+        share = len(above) / m * w  # of all pairs: unrelated and above the floor
+        u, how = floor, "unrelated pairs above the family threshold measured in the sample"
+
+        def expected(t: float) -> float:
+            return total * share * (math.exp(-lam * (t - floor)) - math.exp(-lam * width)) / -math.expm1(-lam * width)
+    else:
+        # extrapolated from below the floor: the top of the tail, truncated at the floor
+        below = sims[sims < floor]
+        k = max(int(len(below) * tail), 50)
+        if len(below) < 20 * k:
+            return ThresholdChoice(floor, "auto", floor, n, budget, None, None, sampled_pairs=m,
+                                   note="too few sampled pairs to model the tail: the family threshold")
+        u = float(below[-k - 1])
+        lam = _truncated_rate(below[-k:] - u, floor - u)
+        share = (k / m) / max(-math.expm1(-lam * (floor - u)), 1e-12)  # unrelated pairs above u
+        how = "extrapolated from the tail below the family threshold"
+
+        def expected(t: float) -> float:
+            return total * share * math.exp(-lam * (t - u))
+
+    if expected(floor) <= budget:
+        value, note = floor, f"the family threshold keeps the expected false pairs under the budget ({how})"
+    elif expected(ceiling) > budget:
+        value, note = ceiling, f"capped at the ceiling: the budget would need a still higher threshold ({how})"
+    else:
+        lo, hi = floor, ceiling
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if expected(mid) > budget else (lo, mid)
+        value, note = hi, f"raised above the family threshold: this corpus's unrelated pairs reach it ({how})"
+    return ThresholdChoice(
+        value=round(value, 4), mode="auto", floor=floor, n=n, budget=budget, expected_false_pairs=expected(value),
+        expected_false_pairs_at_floor=expected(floor), sampled_pairs=int(m), tail_start=u, tail_share=share,
+        tail_rate=lam, note=note,
+    )
+
+
