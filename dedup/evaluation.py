@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from dedup.compute.crossmatch import popcount64
 from dedup.config import Config
 from dedup.errors import ConfigError
 
+log = logging.getLogger(__name__)
 
 # -- edits ------------------------------------------------------------------------------------
 def _jpeg(im: Image.Image, q: int) -> bytes:
@@ -187,86 +189,213 @@ def sample_images(inputs: list[str], cfg: Config, n: int) -> list[tuple[str, Ima
 
 
 # -- eval -------------------------------------------------------------------------------------
+# A metric that the labels cannot measure (precision without any negative pair or without any
+# predicted duplicate, recall without any positive) is NaN, never a flattering 1.0; it is written
+# as null in eval.json. Labels are parsed strictly: an unknown label is an error, never a 0.
+
+NAN = float("nan")
+_LABELS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def parse_label(value: str | None, where: str) -> bool:
+    """``1``/``0``, ``1.0``/``0.0`` (as pandas writes floats), ``true``/``false``, ``yes``/``no``."""
+    v = (value or "").strip().lower()
+    if v in _LABELS:
+        return _LABELS[v]
+    try:
+        f = float(v)
+    except ValueError:
+        f = NAN
+    if f in (0.0, 1.0):
+        return f == 1.0
+    raise ConfigError(f"{where}: is_duplicate {value!r} is not a label; use 1/0, 1.0/0.0, true/false or yes/no")
+
+
+def read_pairs(path: str) -> list[tuple[str, str, bool]]:
+    """Labelled pairs ``(a, b, is_duplicate)`` of a CSV with a header naming a, b, is_duplicate."""
+    import csv
+    import os
+
+    if not os.path.exists(path):
+        raise ConfigError(f"--pairs file not found: {path}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--pairs {path} is not a file: want a CSV with columns a,b,is_duplicate")
+    want = ("a", "b", "is_duplicate")
+    pairs = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM (Excel) is not part of 'a'
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise ConfigError(f"{path} is empty: want a header a,b,is_duplicate and one labelled pair per line")
+            names = [h.strip().lower() for h in header]
+            if not set(want) <= set(names):
+                raise ConfigError(f"{path} must be a CSV with columns a,b,is_duplicate (sample ids of the run); its header is {header}")
+            col = [names.index(w) for w in want]
+            for row in reader:
+                if not any(c.strip() for c in row):
+                    continue
+                where = f"{path} line {reader.line_num}"
+                if len(row) <= max(col):
+                    raise ConfigError(f"{where}: {len(row)} field(s), want a,b,is_duplicate: {row}")
+                a, b, lab = (row[c].strip() for c in col)
+                if not a or not b:
+                    raise ConfigError(f"{where}: empty sample id in {row}")
+                pairs.append((a, b, parse_label(lab, where)))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text CSV file") from None
+    except csv.Error as e:
+        raise ConfigError(f"{path}: not a readable CSV: {e}") from None
+    if not pairs:
+        raise ConfigError(f"{path} has a header but no labelled pairs")
+    return pairs
+
+
+def _precision(tp: int, fp: int, nneg: int) -> float:
+    return tp / (tp + fp) if (tp + fp and nneg) else NAN
+
+
+def _f1(tp: int, fp: int, npos: int) -> float:
+    return 2 * tp / (tp + fp + npos) if npos else NAN  # 2tp / (2tp + fp + fn)
+
+
 def _curve(score: np.ndarray, label: np.ndarray, higher_is_dup: bool) -> list[dict]:
     thresholds = np.unique(score)
     rows = []
-    npos = int(label.sum())
+    npos, nneg = int(label.sum()), int((~label).sum())
     for t in thresholds:
         pred = score >= t if higher_is_dup else score <= t
         tp = int((pred & label).sum())
         fp = int((pred & ~label).sum())
-        p = tp / (tp + fp) if tp + fp else 1.0
-        r = tp / npos if npos else 1.0
-        rows.append({"threshold": float(t), "precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0})
+        rows.append({"threshold": float(t), "precision": _precision(tp, fp, nneg), "recall": tp / npos if npos else NAN, "f1": _f1(tp, fp, npos)})
     return rows
 
 
 def _at_precision(rows: list[dict], target: float) -> dict | None:
-    ok = [r for r in rows if r["precision"] >= target]
+    ok = [r for r in rows if r["precision"] >= target and r["recall"] == r["recall"]]  # NaN compares False
     return max(ok, key=lambda r: (r["recall"], r["threshold"])) if ok else None
 
 
 def _prf(pred: np.ndarray, label: np.ndarray) -> dict:
+    npos, nneg = int(label.sum()), int((~label).sum())
     tp = int((pred & label).sum())
     fp = int((pred & ~label).sum())
-    p = tp / (tp + fp) if tp + fp else 1.0
-    r = tp / int(label.sum()) if label.sum() else 1.0
-    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "tp": tp, "fp": fp}
+    return {"precision": _precision(tp, fp, nneg), "recall": tp / npos if npos else NAN, "f1": _f1(tp, fp, npos), "tp": tp, "fp": fp}
 
 
 def evaluate_scores(cfg: Config, scores: dict[str, np.ndarray], label: np.ndarray, target_precision: float = 0.99) -> dict:
     label = np.asarray(label, bool)
+    npos, nneg = int(label.sum()), int((~label).sum())
+    warnings = []
+    if not nneg:
+        warnings.append(f"all {npos} labelled pairs are duplicates: precision is undefined (nan here, null in eval.json); add pairs labelled 0 to measure it")
+    if not npos:
+        warnings.append(f"none of the {nneg} labelled pairs is a duplicate: recall and F1 are undefined (nan here, null in eval.json); add pairs labelled 1 to measure them")
     curves, best = {}, {}
     for m, s in scores.items():
         if m == "exact":
             continue
         higher = m == "embedding"
         curves[m] = _curve(np.asarray(s, np.float64), label, higher)
-        best[m] = _at_precision(curves[m], target_precision)
+        best[m] = _at_precision(curves[m], target_precision) if npos and nneg else None
     dec = decisions(cfg, scores)
     at_config = {m: _prf(v, label) for m, v in dec.items()}
-    return {"pairs": int(len(label)), "positives": int(label.sum()), "target_precision": target_precision,
-            "at_configured_thresholds": at_config, "threshold_for_target_precision": best, "curves": curves}
+    return {"pairs": int(len(label)), "positives": npos, "negatives": nneg, "target_precision": target_precision,
+            "warnings": warnings, "at_configured_thresholds": at_config, "threshold_for_target_precision": best, "curves": curves}
+
+
+def finished_run(run_dir: str) -> tuple:
+    """(RunDir, run.json) of a finished run, or a :class:`ConfigError` saying what it is not."""
+    from dedup.io.rundir import RunDir
+
+    try:
+        run = RunDir(run_dir)
+        done = run.exists(run.p("run.json")) and run.exists(run.p("manifest.parquet"))
+    except (ValueError, ImportError, OSError) as e:
+        raise ConfigError(f"cannot open run directory {run_dir}: {type(e).__name__}: {e}") from None
+    if not done:
+        what = "does not exist" if not run.exists(run.path) else "is not a finished dedup run (no run.json / manifest.parquet)"
+        raise ConfigError(f"run directory {run_dir} {what}")
+    try:
+        info = run.read_json(run.p("run.json"))
+        Config.model_validate(info["config"])
+    except Exception as e:  # noqa: BLE001 - unreadable or foreign run.json: a usage problem
+        raise ConfigError(f"{run_dir}/run.json is not a dedup run description: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return run, info
+
+
+def run_features(run, info: dict, with_embeddings: bool):
+    """The run's stored features, of the shards that have them (a failed shard has none)."""
+    from dedup.phases.candidates import load_features
+
+    shards = [s for s in info.get("shards", []) if run.exists(run.features(s))]
+    return load_features(run, shards, with_embeddings=with_embeddings)
 
 
 def eval_run(run_dir: str, pairs_csv: str, cfg: Config | None = None, target_precision: float = 0.99, out_prefix: str | None = None) -> dict:
-    import csv
-
-    from dedup.io.rundir import RunDir
-    from dedup.phases.candidates import load_features
-
-    run = RunDir(run_dir)
-    runinfo = run.read_json(run.p("run.json"))
+    if not 0.0 < target_precision <= 1.0:
+        raise ConfigError(f"--target-precision {target_precision}: want a number in (0, 1]")
+    run, runinfo = finished_run(run_dir)
     cfg = cfg or Config.model_validate(runinfo["config"])
-    with open(pairs_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"a", "b", "is_duplicate"} <= set(rows[0]):
-        raise ConfigError(f"{pairs_csv} must be a CSV with columns a,b,is_duplicate (sample ids of the run)")
-    fs = load_features(run, runinfo["shards"], with_embeddings="embedding" in cfg.methods)
-    ids = fs.table["sample_id"].to_pylist()
+    pairs = read_pairs(pairs_csv)
+    fs = run_features(run, runinfo, with_embeddings="embedding" in cfg.methods)
+    t = fs.table
+    ids = t["sample_id"].to_pylist()
+    status = t["status"].to_pylist()
     pos = {s: k for k, s in enumerate(ids)}
-    missing = [r for r in rows if r["a"] not in pos or r["b"] not in pos]
-    if missing:
-        raise ConfigError(f"{len(missing)} labelled pair(s) name samples not in the run, e.g. {missing[0]['a']}, {missing[0]['b']}")
-    i = np.array([pos[r["a"]] for r in rows])
-    j = np.array([pos[r["b"]] for r in rows])
-    label = np.array([str(r["is_duplicate"]).strip() in ("1", "true", "True") for r in rows])
-    sha = fs.table["sha256"].to_pylist()
-    sig = Signals(sha, fs.table["phash"].fill_null(0).to_numpy().astype(np.uint64), fs.table["dhash"].fill_null(0).to_numpy().astype(np.uint64),
+    usable, absent, failed = [], [], []
+    for a, b, lab in pairs:
+        if a not in pos or b not in pos:
+            absent.append(a if a not in pos else b)
+        elif status[pos[a]] != "ok" or status[pos[b]] != "ok":  # no features: scores would be made up
+            x = a if status[pos[a]] != "ok" else b
+            failed.append(f"{x} ({status[pos[x]]})")
+        else:
+            usable.append((pos[a], pos[b], lab))
+    why = []
+    if absent:
+        why.append(f"{len(absent)} name a sample id not in the run (e.g. {absent[0]!r})")
+    if failed:
+        why.append(f"{len(failed)} name a sample that has no features (e.g. {failed[0]})")
+    if not usable:
+        raise ConfigError(f"none of the {len(pairs)} labelled pairs in {pairs_csv} can be scored: " + "; ".join(why))
+    if why:
+        log.warning("skipped %d of %d labelled pairs: %s", len(pairs) - len(usable), len(pairs), "; ".join(why))
+    i = np.array([u[0] for u in usable])
+    j = np.array([u[1] for u in usable])
+    label = np.array([u[2] for u in usable], bool)
+    sig = Signals(t["sha256"].to_pylist(), t["phash"].fill_null(0).to_numpy().astype(np.uint64), t["dhash"].fill_null(0).to_numpy().astype(np.uint64),
                   None if fs.embeddings is None else np.asarray(fs.embeddings))
     result = evaluate_scores(cfg, pair_scores(sig, i, j), label, target_precision)
+    result["skipped"] = {"not_in_run": len(absent), "no_features": len(failed)}
+    for w in result["warnings"]:
+        log.warning("%s", w)
     prefix = out_prefix or run.p("eval")
-    write_eval_outputs(result, prefix)
+    try:
+        write_eval_outputs(result, prefix)
+    except OSError as e:
+        raise ConfigError(f"cannot write the eval outputs {prefix}.json/.parquet/.png: {e}") from None
     return result
+
+
+def _nulls(x):
+    """NaN → None, recursively (eval.json is strict JSON)."""
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: _nulls(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nulls(v) for v in x]
+    return x
 
 
 def write_eval_outputs(result: dict, prefix: str) -> list[str]:
     """``prefix.json`` (summary), ``prefix.parquet`` (curve points), ``prefix.png`` (PR curves)."""
     import pyarrow.parquet as pq
 
-    summary = {k: v for k, v in result.items() if k != "curves"}
+    summary = _nulls({k: v for k, v in result.items() if k != "curves"})
     with open(prefix + ".json", "w") as f:
-        json.dump(summary, f, indent=1)
+        json.dump(summary, f, indent=1, allow_nan=False)
     rows = [{"signal": m, **r} for m, rs in result["curves"].items() for r in rs]
     pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("signal", pa.string()), ("threshold", pa.float64()), ("precision", pa.float64()), ("recall", pa.float64()), ("f1", pa.float64())])), prefix + ".parquet")
     import matplotlib

@@ -145,9 +145,12 @@ def test_open_clip_unreachable_hub_is_actionable(monkeypatch):
         raise RuntimeError("Failed to download weights for tag 'laion2b_s34b_b79k'")
 
     monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    monkeypatch.setattr(E, "preflight", lambda spec: None)  # as if the hub had answered the probe
     with pytest.raises(ConfigError) as ei:
         make_embedder("open_clip:ViT-B-32:laion2b_s34b_b79k", device="cpu")
-    assert "open_clip:ViT-B-32:/path/to/checkpoint" in str(ei.value)
+    msg = str(ei.value)
+    assert "open_clip:ViT-B-32:/path/to/open_clip_pytorch_model.bin" in msg and "--embedder sscd" in msg
+    assert "\n" not in msg  # one line
 
 
 def test_sscd_missing_package_names_pip_command(monkeypatch):

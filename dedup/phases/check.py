@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,11 +27,13 @@ from dedup.io.rundir import RunDir
 from dedup.phases.manifest import hash_rule
 from dedup.records import Status
 
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 CHECK_SCHEMA = pa.schema(
     [
-        ("query_id", pa.string()), ("status", pa.string()), ("error", pa.string()), ("group", pa.string()),
+        ("query_id", pa.string()), ("path", pa.string()), ("status", pa.string()), ("error", pa.string()), ("group", pa.string()),
         ("flagged", pa.bool_()), ("flagged_by", pa.string()),
         ("exact_match", pa.string()),
         ("phash_nearest", pa.string()), ("phash_distance", pa.int32()),
@@ -38,24 +41,27 @@ CHECK_SCHEMA = pa.schema(
         ("embedding_nearest", pa.string()), ("embedding_cosine", pa.float32()),
         ("embedding_matches", pa.int32()),
     ],
-    metadata={"schema_version": "CHECK_V1"},
+    metadata={"schema_version": "CHECK_V2"},  # V2: query_id keeps the extension; path added
 )
 
 
-def iter_queries(inputs: list[str], cfg: Config, group_by: str | None) -> Iterator[tuple[str, bytes | None, str | None, str | None]]:
-    """(query_id, image bytes or None, group value, error) from image folders/files or shards."""
+def iter_queries(inputs: list[str], cfg: Config, group_by: str | None) -> Iterator[tuple[str, str, bytes | None, str | None, str | None]]:
+    """(query_id, path, image bytes or None, group value, error) from image folders/files or shards.
+
+    query_id: an image's path relative to its folder argument, extension kept (``a.jpg`` and
+    ``a.png`` are two queries), a file argument's name, or ``SHARD_ID/KEY``; path: the file, or
+    ``SHARD_URL#KEY``. :func:`_unique_ids` makes the ids unique across arguments.
+    """
     from dedup.io.shards import ShardReadResult, image_member, iter_samples, list_shards
 
     shard_inputs = []
     for item in inputs:
         p = Path(item)
         if "://" not in item and p.is_dir() and not any(p.rglob("*.tar")):
-            for f in sorted(x for x in p.rglob("*") if x.suffix.lower() in IMAGE_SUFFIXES):
-                rel = f.relative_to(p).with_suffix("").as_posix()
-                group = _group_from(f.with_suffix(".json").read_bytes() if f.with_suffix(".json").exists() else None, group_by)
-                yield rel, f.read_bytes(), group, None
+            for f in sorted(x for x in p.rglob("*") if x.suffix.lower() in IMAGE_SUFFIXES and x.is_file()):
+                yield f.relative_to(p).as_posix(), str(f), f.read_bytes(), _sidecar_group(f, group_by), None
         elif "://" not in item and p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-            yield p.stem, p.read_bytes(), None, None
+            yield p.name, str(p), p.read_bytes(), _sidecar_group(p, group_by), None
         else:
             shard_inputs.append(item)
     if shard_inputs:
@@ -66,7 +72,42 @@ def iter_queries(inputs: list[str], cfg: Config, group_by: str | None) -> Iterat
             res = ShardReadResult()
             for s in iter_samples(ref, res, cfg.input.image_exts):
                 _, data = image_member(s, cfg.input.image_exts)
-                yield f"{ref.shard_id}/{s.key}", data, _group_from(s.members.get("json"), group_by), s.read_error
+                yield f"{ref.shard_id}/{s.key}", f"{ref.url}#{s.key}", data, _group_from(s.members.get("json"), group_by), s.read_error
+
+
+def _sidecar_group(image: Path, field: str | None) -> str | None:
+    js = image.with_suffix(".json")
+    return _group_from(js.read_bytes() if field and js.is_file() else None, field)
+
+
+def _unique_ids(rows: list[dict]) -> None:
+    """Make ``query_id`` unique in place: a repeated id becomes the query's path (two folder
+    arguments with the same layout), then ``path#N`` (the same file given twice)."""
+    seen: set[str] = set()
+    for r in rows:
+        qid = r["query_id"]
+        if qid in seen:
+            qid = r["path"]
+            n = 2
+            while qid in seen:
+                qid, n = f"{r['path']}#{n}", n + 1
+            r["query_id"] = qid
+        seen.add(qid)
+
+
+def _check_group_field(rows: list[dict], field: str | None) -> int:
+    """How many queries lack the --group-by field; an error when none has it."""
+    if not field:
+        return 0
+    missing = sum(r["group"] is None for r in rows)
+    if rows and missing == len(rows):
+        raise ConfigError(
+            f"--group-by {field!r}: none of the {len(rows)} queries has that field in its sidecar JSON "
+            f"(NAME.json next to an image, or a shard sample's .json member)"
+        )
+    if missing:
+        log.warning("--group-by %r: %d of %d queries have no such field; they form the group '(none)'", field, missing, len(rows))
+    return missing
 
 
 def _group_from(js: bytes | None, field: str | None) -> str | None:
@@ -90,8 +131,8 @@ def _query_features(inputs, cfg: Config, embedder, group_by):
     policy = DecodePolicy(max_pixels=cfg.decode.max_pixels, formats=tuple(cfg.decode.formats))
     min_size, gray = decode_plan(cfg.decode.draft, True, int(embedder.input_size) if embedder else None)
     rows, images, thumbs, blobs = [], [], {}, []
-    for qid, data, group, err in iter_queries(inputs, cfg, group_by):
-        row = {"query_id": qid, "group": group, "status": Status.OK.value, "error": err, "sha": None}
+    for qid, path, data, group, err in iter_queries(inputs, cfg, group_by):
+        row = {"query_id": qid, "path": path, "group": group, "status": Status.OK.value, "error": err, "sha": None}
         if err or data is None:
             row["status"] = Status.READ_ERROR.value if err else Status.NO_IMAGE.value
             row["error"] = err or "no image member"
@@ -107,6 +148,10 @@ def _query_features(inputs, cfg: Config, embedder, group_by):
         images.append(d.image)
         blobs.append(data)
         rows.append(row)
+    if not rows:
+        raise ConfigError(f"no query images found in {', '.join(map(str, inputs))} (image files {', '.join(IMAGE_SUFFIXES)}, or shards)")
+    _unique_ids(rows)
+    missing_group = _check_group_field(rows, group_by)  # before the costly part
     ph, dh = hash_images(images) if images else (np.empty(0, np.uint64), np.empty(0, np.uint64))
     emb = embedder.embed(images) if (embedder is not None and images) else None
     for k, im in enumerate(images):
@@ -117,17 +162,23 @@ def _query_features(inputs, cfg: Config, embedder, group_by):
         buf = io.BytesIO()
         t.save(buf, "JPEG", quality=80)
         thumbs[k] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-    return rows, ph, dh, emb, thumbs
+    return rows, ph, dh, emb, thumbs, missing_group
 
 
 def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False, group_by: str | None = None, min_copies: int = 2) -> dict:
-    from dedup.phases.candidates import load_features
+    from dedup.evaluation import finished_run, run_features
 
-    run = RunDir(run_dir)
-    if not run.exists(run.p("run.json")) or not run.exists(run.p("manifest.parquet")):
-        raise ConfigError(f"{run_dir} is not a finished dedup run (no run.json / manifest.parquet)")
-    info = run.read_json(run.p("run.json"))
+    run, info = finished_run(run_dir)
     cfg = Config.model_validate(info["config"])
+    fs = None
+    if not within:  # the references first: a run with nothing to compare against fails before any work
+        fs = run_features(run, info, with_embeddings="embedding" in cfg.methods)
+        ok = np.array([s == "ok" for s in fs.table["status"].to_pylist()], bool)
+        if not ok.any():
+            raise ConfigError(
+                f"{run_dir} has no ok samples to compare against ({fs.n} sample(s) with features, none of them ok); "
+                f"check its manifest.parquet status/error columns"
+            )
     embedder = None
     if "embedding" in cfg.methods:
         from dedup.compute.embedders import make_embedder
@@ -135,16 +186,14 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
         embedder = make_embedder(cfg.embedding.spec, device=cfg.embedding.device, batch_size=cfg.embedding.batch_size)
         if info.get("model_tag") and embedder.tag != info["model_tag"]:
             raise SchemaMismatchError(f"the run was embedded with {info['model_tag']!r} but this machine loads {embedder.tag!r} for the same spec; refusing to compare")
-    rows, ph, dh, emb, thumbs = _query_features(inputs, cfg, embedder, group_by if within else None)
+    rows, ph, dh, emb, thumbs, missing_group = _query_features(inputs, cfg, embedder, group_by)
+    result: dict = {"queries": len(rows), "missing_group": missing_group}
     ok_rows = [r for r in rows if r["status"] == Status.OK.value]
     qi = np.array([r["img_index"] for r in ok_rows], np.int64)
-
-    result: dict = {"queries": len(rows), "ok": len(ok_rows)}
+    result["ok"] = len(ok_rows)
     out = RunDir(out_dir)
     if not within:
-        fs = load_features(run, info["shards"], with_embeddings=embedder is not None)
         t = fs.table
-        ok = np.array([s == "ok" for s in t["status"].to_pylist()])
         ids = np.array(t["sample_id"].to_pylist(), dtype=object)
         ref_idx = np.flatnonzero(ok)
         sha_map = {}
@@ -261,8 +310,8 @@ img{max-width:128px;max-height:128px;border:2px solid #bbb} td,th{padding:.2em .
 <h1>{{ title }}</h1>
 <h2 id="check">Memorization check</h2>
 <p>{{ result.queries }} queries, {{ result.flagged }} flagged as near-copies of training samples{% if rows|length < result.flagged %} (showing {{ rows|length }}){% endif %}.</p>
-{% for r in rows %}<div class="row flagged"><div>{% if r.img_index is defined and thumbs.get(r.img_index) %}<img src="{{ thumbs[r.img_index] }}" alt="{{ r.query_id }}">{% endif %}<br>{{ r.query_id }}</div>
+{% for r in rows %}<div class="row flagged"><div>{% if r.img_index is defined and thumbs.get(r.img_index) %}<img src="{{ thumbs[r.img_index] }}" alt="{{ r.query_id }}">{% endif %}<br><span title="{{ r.path }}">{{ r.query_id }}</span></div>
 {% set t = r.embedding_nearest or r.phash_nearest or r.exact_match %}<div>{% if train.get(t) %}<img src="{{ train[t] }}" alt="{{ t }}">{% endif %}<br>{{ t }}</div>
-<div>flagged by <b>{{ r.flagged_by }}</b><br>pHash {{ r.phash_distance }} bits, cosine {{ '%.3f'|format(r.embedding_cosine) if r.embedding_cosine is not none else '-' }}</div></div>{% endfor %}
+<div>flagged by <b>{{ r.flagged_by }}</b><br>pHash {{ r.phash_distance }} bits, cosine {{ '%.3f'|format(r.embedding_cosine) if r.get('embedding_cosine') is not none else '-' }}</div></div>{% endfor %}
 </body></html>"""
 )
