@@ -164,9 +164,10 @@ def run(
         )
         _check_options(cfg, embedder=embedder, ray_address=ray_address, against=against, merge=merge)
         if "embedding" in cfg.methods:
-            from dedup.compute.embedders import parse_spec
+            from dedup.compute.embedders import parse_spec, preflight
 
             parse_spec(cfg.embedding.spec)
+            preflight(cfg.embedding.spec)  # an unreachable model hub fails here, in seconds, before any work
         outcome = run_pipeline(inputs, out_dir, cfg, force=force, progress=not quiet, against=against, merge=merge)
     except DedupError as e:
         _fail(e)
@@ -364,7 +365,9 @@ def calibrate(
         imgs = sample_images(inputs, cfg, sample)
         emb = None
         if "embedding" in cfg.methods:
-            from dedup.compute.embedders import make_embedder
+            from dedup.compute.embedders import make_embedder, preflight
+
+            preflight(cfg.embedding.spec)
 
             emb = make_embedder(cfg.embedding.spec, device=cfg.embedding.device, batch_size=cfg.embedding.batch_size)
         res = calibrate_images(imgs, cfg, emb)
@@ -413,13 +416,19 @@ def _guard_check_out(queries: list[str], against: str, out_dir: str) -> None:
         raise ConfigError(f"--out {out_dir}: is a non-empty directory that no `dedup check` wrote; choose a new or empty directory")
 
 
+def _num(v) -> str:
+    """A metric, or '-' where it is undefined (no positives, no predictions)."""
+    return "-" if v is None or v != v else f"{v:.3f}"
+
+
 def _print_eval(res: dict) -> None:
     t = Table(title=f"{res['pairs']} labelled pairs, {res['positives']} duplicates")
     for c in ("signal", "precision", "recall", "F1", f"threshold for precision >= {res['target_precision']}"):
         t.add_column(c)
     for m, r in res["at_configured_thresholds"].items():
         best = res["threshold_for_target_precision"].get(m)
-        t.add_row(m, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", "-" if best is None else f"{best['threshold']:.4g} (recall {best['recall']:.3f})")
+        t.add_row(m, _num(r["precision"]), _num(r["recall"]), _num(r["f1"]),
+                  "-" if best is None else f"{best['threshold']:.4g} (recall {best['recall']:.3f})")
     stdout.print(t)
 
 

@@ -90,7 +90,7 @@ def compute_signals(blobs: list[bytes], cfg: Config, embedder=None) -> Signals:
     import hashlib
 
     from dedup.compute.decode import DecodePolicy, decode_image
-    from dedup.compute.hashes import hash_images
+    from dedup.compute.hashes import content_hashes
     from dedup.phases.features import decode_plan
 
     policy = DecodePolicy(max_pixels=cfg.decode.max_pixels, formats=tuple(cfg.decode.formats))
@@ -101,7 +101,7 @@ def compute_signals(blobs: list[bytes], cfg: Config, embedder=None) -> Signals:
         if d.image is None:
             raise ConfigError(f"calibration image could not be decoded: {d.error}")
         images.append(d.image)
-    ph, dh = hash_images(images)
+    ph, dh, _ = content_hashes(images)  # as the run hashes: the content box
     emb = embedder.embed(images) if embedder is not None else None
     return Signals([hashlib.sha256(b).digest() for b in blobs], ph, dh, emb)
 
@@ -288,9 +288,9 @@ def evaluate_scores(cfg: Config, scores: dict[str, np.ndarray], label: np.ndarra
     npos, nneg = int(label.sum()), int((~label).sum())
     warnings = []
     if not nneg:
-        warnings.append(f"all {npos} labelled pairs are duplicates: precision is undefined (nan here, null in eval.json); add pairs labelled 0 to measure it")
+        warnings.append(f"all {npos} labelled pairs are duplicates: precision is undefined (shown as -, null in eval.json); add pairs labelled 0 to measure it")
     if not npos:
-        warnings.append(f"none of the {nneg} labelled pairs is a duplicate: recall and F1 are undefined (nan here, null in eval.json); add pairs labelled 1 to measure them")
+        warnings.append(f"none of the {nneg} labelled pairs is a duplicate: recall and F1 are undefined (shown as -, null in eval.json); add pairs labelled 1 to measure them")
     curves, best = {}, {}
     for m, s in scores.items():
         if m == "exact":
@@ -337,6 +337,10 @@ def eval_run(run_dir: str, pairs_csv: str, cfg: Config | None = None, target_pre
         raise ConfigError(f"--target-precision {target_precision}: want a number in (0, 1]")
     run, runinfo = finished_run(run_dir)
     cfg = cfg or Config.model_validate(runinfo["config"])
+    if cfg.embedding.auto:  # decide at the threshold the run chose for its corpus
+        from dedup.compute.threshold import recorded
+
+        cfg = cfg.model_copy(update={"embedding": cfg.embedding.model_copy(update={"threshold": recorded(run, cfg)})})
     pairs = read_pairs(pairs_csv)
     fs = run_features(run, runinfo, with_embeddings="embedding" in cfg.methods)
     t = fs.table

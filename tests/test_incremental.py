@@ -18,7 +18,9 @@ def test_incremental_equals_full_run_for_day2_samples(synth_shards, tmp_path):
     day1, day2 = tars[:2], tars[2:]
     # Older data ranks first (shard ids sort by day): the policy that makes increments exact.
     kw = {"methods": ["exact", "phash", "dhash", "embedding"], "embedding.spec": "pixel", "run.workers": 1,
-          "clusters.keeper_policy": ["sample_id"]}
+          "clusters.keeper_policy": ["sample_id"],
+          # equal to a full run by construction with keeper-centred clusters (docs/operations.md)
+          "clusters.grouping": "keeper", "embedding.threshold": 0.95}
     cfg = load_config(None, None, **kw)
     assert run_pipeline(tars, str(tmp_path / "full"), cfg, progress=False).exit_code == 0
     assert run_pipeline(day1, str(tmp_path / "day1"), cfg, progress=False).exit_code == 0
@@ -44,7 +46,7 @@ def test_incremental_equals_full_run_for_day2_samples(synth_shards, tmp_path):
     # The keepers' index was cached in the previous run and is reused.
     assert (tmp_path / "day1" / "index" / "keepers" / "vectors.f16.npy").exists()
     r = subprocess.run([sys.executable, "-m", "dedup.cli", "run", *day2, "--out", str(tmp_path / "day2c"), "--against", str(tmp_path / "day1"),
-                        "--embedder", "pixel", "--set", "clusters.keeper_policy=[sample_id]", "-q", "-w", "1"], capture_output=True, text=True)
+                        "--embedder", "pixel", "--set", "clusters.keeper_policy=[sample_id]", "--set", "clusters.grouping=keeper", "--set", "embedding.threshold=0.95", "-q", "-w", "1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert pq.read_table(tmp_path / "day2c" / "manifest.parquet").equals(pq.read_table(tmp_path / "day2" / "manifest.parquet"))
     # A previous run whose index/ cannot be written (here a file where the directory should
@@ -63,7 +65,8 @@ def test_incremental_equals_full_run_for_day2_samples(synth_shards, tmp_path):
 @pytest.mark.slow
 def test_incremental_through_the_ivf_keepers_index(synth_shards, tmp_path, monkeypatch):
     """The same day-2 decisions as a full run when the previous keepers' embeddings go through
-    the IVF index (normally from 50 000 keepers; forced here), built, cached and reloaded."""
+    the IVF index (normally from 50 000 keepers; forced here), built, cached and reloaded.
+    A fixed threshold: an auto one is chosen per run, for each run's own n."""
     import dedup.compute.crossmatch as crossmatch
 
     monkeypatch.setattr(crossmatch, "FLAT_MAX", 10)
@@ -71,7 +74,9 @@ def test_incremental_through_the_ivf_keepers_index(synth_shards, tmp_path, monke
     tars = sorted(str(p) for p in shards.glob("*.tar"))
     day1, day2 = tars[:2], tars[2:]
     cfg = load_config(None, None, **{"methods": ["embedding"], "embedding.spec": "pixel", "run.workers": 1,
-                                     "clusters.keeper_policy": ["sample_id"]})
+                                     "clusters.keeper_policy": ["sample_id"],
+          # equal to a full run by construction with keeper-centred clusters (docs/operations.md)
+          "clusters.grouping": "keeper", "embedding.threshold": 0.95})
     assert run_pipeline(tars, str(tmp_path / "full"), cfg, progress=False).exit_code == 0
     assert run_pipeline(day1, str(tmp_path / "day1"), cfg, progress=False).exit_code == 0
     out = run_pipeline(day2, str(tmp_path / "day2"), cfg, progress=False, against=str(tmp_path / "day1"))

@@ -127,14 +127,16 @@ def group_clusters(
     centrality=None, joins=None, tolerance: float = 0.02,
 ) -> Clusters:
     """Clusters that keep a group whole: connected components of the verified links, with the
-    component's most central member (then the keeper policy's rank) as keeper; a member joins
+    component's most representative member as keeper — the most linked members (within 10 %
+    of the most), of those the most central, of those the best by the keeper policy's rank —
+    and a member joins
     its component's keeper when it is linked to it directly or ``joins`` finds it close enough
     to the keeper; members that do neither are clustered among themselves by
     :func:`keeper_clusters` (keeper-centred: never joined through a chain of unrelated images).
 
-    ``centrality(members) -> float array``: how well each member represents its component
-    (e.g. cosine to the component's mean embedding); members within ``tolerance`` of the best
-    are tied and the rank decides between them. ``joins(members, keeper) -> (ok, method,
+    ``centrality(members) -> float array``: how well each member represents the component's
+    most linked members (e.g. cosine to their mean embedding); members within ``tolerance`` of
+    the best are tied and the rank decides between them. ``joins(members, keeper) -> (ok, method,
     score)``: the relaxed check of each member against the keeper, with the METHOD_PRIORITY
     index and score to report (None: direct links only)."""
     valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
@@ -159,9 +161,14 @@ def group_clusters(
     order = multi[np.argsort(lab[multi], kind="stable")]
     groups = np.split(order, np.flatnonzero(np.diff(lab[order])) + 1) if len(order) else []
     rest_mask = np.zeros(n, bool)
+    degree = np.bincount(lo[o], minlength=n) + np.bincount(hi[o], minlength=n)  # distinct direct links
     for members in groups:
-        cen = np.asarray(centrality(members), np.float64) if centrality is not None else np.zeros(len(members))
-        cand = members[cen >= cen.max() - tolerance]
+        # the most linked members (within 10 %), then the most central of them, then the rank
+        deg = degree[members]
+        cand = members[deg >= deg.max() - int(0.1 * deg.max())]
+        if centrality is not None and len(cand) > 1:
+            cen = np.asarray(centrality(cand), np.float64)
+            cand = cand[cen >= cen.max() - tolerance]
         k = int(cand[np.argmin(rank[cand])])
         if joins is not None:
             ok, jm, js = joins(members, k)

@@ -19,8 +19,9 @@ So the threshold is chosen per run, from this corpus's own unrelated-pair simila
    towards too many false pairs, i.e. a higher threshold.
 3. **Budget.** The expected number of unrelated pairs above ``t`` among all ``n(n-1)/2``
    pairs of the run is ``N · P(S > t)``; the threshold is the smallest ``t ≥ floor`` that keeps
-   it under ``rate · n`` (``embedding.false_pair_rate``, default 2 per 10 000 samples), and at
-   most ``ceiling``.
+   it under ``rate · n`` (``embedding.false_pair_rate``, default 1 per 1 000 samples; at least 1),
+   and at most ``ceiling``. With 10 % of a corpus duplicated that is a pair precision of about
+   0.99.
 
 The threshold never drops below the family's fixed value: auto only raises it where the corpus
 needs it. Cost: one product of the subset (about a second on 2 cores); no all-pairs pass, so it
@@ -80,6 +81,11 @@ def _truncated_rate(excess: np.ndarray, width: float) -> float:
     return math.sqrt(lo * hi)
 
 
+# An unrelated tail thins out by at least e per 0.1 of cosine above the floor; a flatter
+# "tail" is copies (their similarities spread up to 1), not unrelated pairs.
+LAMBDA_MIN = 10.0
+
+
 def _mixture_fit(x: np.ndarray, width: float) -> tuple[float, float]:
     """MLE of ``(w, λ)`` for values ``x`` in [0, width): a share ``w`` from an exponential
     truncated to [0, width) (unrelated pairs, thinning out above the floor) and ``1 - w``
@@ -88,17 +94,17 @@ def _mixture_fit(x: np.ndarray, width: float) -> tuple[float, float]:
 
     def nll(p: np.ndarray) -> float:
         w = 1.0 / (1.0 + math.exp(-p[0]))
-        lam = math.exp(p[1])
+        lam = LAMBDA_MIN + math.exp(p[1])
         expo = lam * np.exp(-lam * x) / -math.expm1(-lam * width)
         return -float(np.log(w * expo + (1.0 - w) / width + 1e-300).sum())
 
     best = None
-    for w0, l0 in ((0.5, 10.0), (0.9, 50.0), (0.1, 3.0)):
-        r = minimize(nll, np.array([math.log(w0 / (1 - w0)), math.log(l0)]), method="Nelder-Mead",
+    for w0, l0 in ((0.5, 20.0), (0.9, 50.0), (0.1, 12.0)):
+        r = minimize(nll, np.array([math.log(w0 / (1 - w0)), math.log(l0 - LAMBDA_MIN + 1e-3)]), method="Nelder-Mead",
                      options={"xatol": 1e-4, "fatol": 1e-6, "maxiter": 2000})
         if best is None or r.fun < best.fun:
             best = r
-    return 1.0 / (1.0 + math.exp(-best.x[0])), math.exp(best.x[1])
+    return 1.0 / (1.0 + math.exp(-best.x[0])), LAMBDA_MIN + math.exp(best.x[1])
 
 
 def unrelated_sample(emb: np.ndarray, valid: np.ndarray, sha: list | None, subset: int, seed: int) -> np.ndarray:
@@ -127,16 +133,16 @@ def choose(
     valid = np.asarray(valid, bool)
     n = int(valid.sum())
     total = n * (n - 1) / 2.0
-    budget = max(rate * n, 0.0)
+    budget = max(rate * n, 1.0)  # at least one expected false pair: below that, noise decides
     if n < 3:
         return ThresholdChoice(floor, "auto", floor, n, budget, 0.0, 0.0, note="too few samples: the family threshold")
     sims = np.sort(unrelated_sample(emb, valid, sha, subset, seed))
     m = len(sims)
     width = 1.0 - floor
     above = sims[sims >= floor] - floor
-    if len(above) >= min_events:
+    w, lam = _mixture_fit(above, width) if len(above) >= min_events else (0.0, LAMBDA_MIN)
+    if w * len(above) >= min_events:
         # measured above the floor: unrelated pairs thin out from it, copies spread up to 1
-        w, lam = _mixture_fit(above, width)
         share = len(above) / m * w  # of all pairs: unrelated and above the floor
         u, how = floor, "unrelated pairs above the family threshold measured in the sample"
 
@@ -174,3 +180,14 @@ def choose(
     )
 
 
+
+
+def recorded(run, cfg) -> float:
+    """The cosine threshold a finished run used (its stats.json), so that ``check``, ``eval``
+    and incremental runs against it decide as the run did; the configured value if the run
+    recorded none (runs before ``auto``)."""
+    try:
+        value = run.read_json(run.p("stats.json")).get("thresholds", {}).get("embedding_cosine")
+    except (OSError, ValueError, FileNotFoundError):
+        value = None
+    return float(value) if value is not None else cfg.embedding.resolved_threshold()

@@ -125,7 +125,7 @@ def _query_features(inputs, cfg: Config, embedder, group_by):
     import hashlib
 
     from dedup.compute.decode import DecodePolicy, decode_image
-    from dedup.compute.hashes import hash_images
+    from dedup.compute.hashes import content_hashes
     from dedup.phases.features import decode_plan
 
     policy = DecodePolicy(max_pixels=cfg.decode.max_pixels, formats=tuple(cfg.decode.formats))
@@ -152,7 +152,7 @@ def _query_features(inputs, cfg: Config, embedder, group_by):
         raise ConfigError(f"no query images found in {', '.join(map(str, inputs))} (image files {', '.join(IMAGE_SUFFIXES)}, or shards)")
     _unique_ids(rows)
     missing_group = _check_group_field(rows, group_by)  # before the costly part
-    ph, dh = hash_images(images) if images else (np.empty(0, np.uint64), np.empty(0, np.uint64))
+    ph, dh = content_hashes(images)[:2] if images else (np.empty(0, np.uint64), np.empty(0, np.uint64))  # as the run hashes
     emb = embedder.embed(images) if (embedder is not None and images) else None
     for k, im in enumerate(images):
         if im.mode == "L" and gray:  # hashes wanted luma only; the page shows colour
@@ -170,6 +170,9 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
 
     run, info = finished_run(run_dir)
     cfg = Config.model_validate(info["config"])
+    from dedup.compute.threshold import recorded
+
+    run_th = recorded(run, cfg)  # the threshold the run itself used (auto: chosen for its corpus)
     fs = None
     if not within:  # the references first: a run with nothing to compare against fails before any work
         fs = run_features(run, info, with_embeddings="embedding" in cfg.methods)
@@ -214,16 +217,16 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
                 r[f"{name}_nearest"], r[f"{name}_distance"] = (ids[ref_idx[i_]], int(d_)) if i_ >= 0 else (None, None)
                 r[f"_{name}_cross"] = int(c_)
         if embedder is not None and len(ok_rows):
-            index = VectorIndex(np.asarray(fs.embeddings)[ref_idx], threshold=cfg.embedding.resolved_threshold())
+            index = VectorIndex(np.asarray(fs.embeddings)[ref_idx], threshold=run_th)
             ti, td = index.topk(emb[qi], 1)
-            m = index.range(emb[qi], cfg.embedding.resolved_threshold())
+            m = index.range(emb[qi], run_th)
             ti, td = _nearest_covers_matches(ti, td, m)
             counts = np.bincount(m.q, minlength=len(ok_rows))
             for k, r in enumerate(ok_rows):
                 if ti[k, 0] >= 0:
                     r["embedding_nearest"], r["embedding_cosine"] = ids[ref_idx[ti[k, 0]]], float(td[k, 0])
                 r["embedding_matches"] = int(counts[k])
-        th = cfg.embedding.resolved_threshold()
+        th = run_th
         for r in rows:
             why = []
             if r.get("exact_match"):
@@ -243,7 +246,7 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
         html = _CHECK_HTML.render(title=f"dedup check against {run_dir}", rows=flagged[:50], thumbs=thumbs, train=train_thumbs, result=result)
         out.write_bytes(out.p("check.html"), html.encode())
     else:
-        result["groups"] = _within(cfg, rows, ok_rows, qi, ph, dh, emb, out, min_copies)
+        result["groups"] = _within(cfg, rows, ok_rows, qi, ph, dh, emb, out, min_copies, run_th)
     return result
 
 
@@ -265,13 +268,13 @@ def _nearest_covers_matches(ti: np.ndarray, td: np.ndarray, m) -> tuple[np.ndarr
     return ti, td
 
 
-def _within(cfg, rows, ok_rows, qi, ph, dh, emb, out: RunDir, min_copies: int) -> list[dict]:
+def _within(cfg, rows, ok_rows, qi, ph, dh, emb, out: RunDir, min_copies: int, run_th: float) -> list[dict]:
     """Clusters among the queries of each group; groups whose largest cluster has >= min_copies."""
     groups: dict[str, list[int]] = defaultdict(list)
     for k, r in enumerate(ok_rows):
         groups[r["group"] or ""].append(k)
     report = []
-    th = cfg.embedding.resolved_threshold()
+    th = run_th
     for g, members in sorted(groups.items()):
         m = np.array(members)
         ii, jj = np.triu_indices(len(m), 1)

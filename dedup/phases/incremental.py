@@ -133,8 +133,14 @@ def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[s
     if overlap:
         raise ConfigError(f"shard(s) {sorted(overlap)[:3]} are already in {prev.url}; an incremental run takes new shards only")
     pairs_new, pinfo = find_pairs(cfg, new)
-    prev_tbl, prev_vi, prev_manifest = _keepers(prev, info, with_embeddings="embedding" in cfg.methods,
-                                                  threshold=cfg.embedding.resolved_threshold())
+    from dedup.compute.threshold import recorded
+
+    # the new shards meet the previous keepers at the previous run's threshold (or the new
+    # shards' own auto choice, if that is higher)
+    th = recorded(prev, cfg)
+    if pinfo.get("embedding_threshold"):
+        th = max(th, float(pinfo["embedding_threshold"]["value"]))
+    prev_tbl, prev_vi, prev_manifest = _keepers(prev, info, with_embeddings="embedding" in cfg.methods, threshold=th)
     ok = new.ok()
     nid = np.array(new.table["sample_id"].to_pylist(), dtype=object)
     pid = np.array(prev_tbl["sample_id"].to_pylist(), dtype=object)
@@ -161,7 +167,7 @@ def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[s
             m = table.query(new.table[method].fill_null(0).to_numpy().astype(np.uint64)[qidx])
             add(method, qidx[m.q], m.r, m.score)
     if prev_vi is not None and len(qidx):
-        m = prev_vi.range(np.asarray(new.embeddings)[qidx], cfg.embedding.resolved_threshold())
+        m = prev_vi.range(np.asarray(new.embeddings)[qidx], th)
         add("embedding", qidx[m.q], m.r, m.score)
     pairs = pa.concat_tables([pairs_new, *cross]).sort_by([("a", "ascending"), ("b", "ascending"), ("method", "ascending")])
     run.write_parquet(run.p("pairs", "pairs.parquet"), pairs)

@@ -112,6 +112,8 @@ def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
 
 def _copies(table: pa.Table) -> np.ndarray:
     """How many ok samples hold exactly the same bytes as each sample (1 = unique)."""
+    if "sha256" not in table.column_names:
+        return np.ones(table.num_rows, np.float64)
     sha = table["sha256"].to_pylist()
     ok = [st == "ok" for st in table["status"].to_pylist()]
     count: dict[bytes, int] = {}
@@ -126,7 +128,7 @@ def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, thres
     embeddings when the run has them, else from the hashes."""
     ph = table["phash"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64) if "phash" in table.column_names else None
     dh = table["dhash"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64) if "dhash" in table.column_names else None
-    sha = np.array(table["sha256"].to_pylist(), dtype=object)
+    sha = np.array(table["sha256"].to_pylist() if "sha256" in table.column_names else [None] * table.num_rows, dtype=object)
     use_emb = emb is not None and threshold is not None and "embedding" in cfg.methods
     use_p, use_d = "phash" in cfg.methods and ph is not None, "dhash" in cfg.methods and dh is not None
     i_emb, i_p, i_x = METHOD_PRIORITY.index("embedding"), METHOD_PRIORITY.index("phash"), METHOD_PRIORITY.index("exact")
