@@ -65,7 +65,20 @@ def _handler(signum, frame) -> None:
     if _state["signum"] is not None:
         _force_exit(signum)
     _state["signum"] = signum
+    if frame is not None and str(frame.f_globals.get("__name__", "")).startswith("ray."):
+        # Ray's waits check signals in C++ and accept only KeyboardInterrupt (anything else
+        # becomes a SystemError); dedup.executors.ray turns it back with as_interrupted().
+        raise KeyboardInterrupt
     raise Interrupted(signum)
+
+
+def as_interrupted(e: BaseException) -> BaseException:
+    """The :class:`Interrupted` for a KeyboardInterrupt raised on one of our signals (else ``e``)."""
+    if isinstance(e, KeyboardInterrupt) and _state["signum"] is not None:
+        new = Interrupted(_state["signum"])
+        new.__cause__ = None
+        return new
+    return e
 
 
 def install() -> None:
@@ -74,6 +87,16 @@ def install() -> None:
     for sig in SIGNALS:
         if signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, _handler)
+            _state["installed"] = True
+
+
+def reinstall() -> None:
+    """Take SIGINT/SIGTERM back after a library set its own (``ray.init`` sets a SIGTERM handler
+    that exits at once), if :func:`install` was called in this process."""
+    if _state.get("installed"):
+        for sig in SIGNALS:
+            if signal.getsignal(sig) not in (_handler, signal.SIG_IGN):
+                signal.signal(sig, _handler)
 
 
 def status(fn: Callable[[], str] | None) -> None:
@@ -122,6 +145,7 @@ def message(e: BaseException) -> str:
 def exit_interrupted(e: BaseException) -> None:
     """Print the one-line message and exit 128+signal. The interpreter's exit (atexit: Ray's
     shutdown, joins of library threads) gets ``EXIT_GRACE_S``; then the process ends anyway."""
+    e = as_interrupted(e)
     code = e.exit_code if isinstance(e, Interrupted) else 128 + signal.SIGINT
     _state["signum"] = _state["signum"] or signal.SIGINT  # a further signal forces the exit
     with contextlib.suppress(Exception):

@@ -285,3 +285,19 @@ def test_thread_map_does_not_run_its_queue_when_interrupted():
     gen.close()  # what an exception at the consumer does to the generator
     assert time.monotonic() - t0 < 0.5
     assert len(ran) <= 4, ran
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sigterm_of_a_ray_run(corpus, tmp_path):
+    """--executor ray (a local Ray this run starts): ray.init sets its own SIGTERM handler (exit
+    at once); ours is put back, so the driver cancels its tasks, kills its actors and shuts its
+    Ray down (every process of the session gone), then the same line and 143."""
+    pytest.importorskip("ray")
+    out = tmp_path / "run"
+    cmd = ["run", str(corpus), "--out", str(out), "-w", "2", "--executor", "ray", *HASHES]
+    rc, err, before, _ = _signal_at(cmd, signal.SIGTERM, "features:before_marker=30", lambda: True, tmp_path)
+    assert rc == 143, err
+    assert len(before) > 3, before  # Ray's own processes were in the session, and are gone
+    _one_line(err, signal.SIGTERM, "run")
+    assert not (out / ".lock").exists()
