@@ -77,9 +77,10 @@ def _until(cond, timeout: float, step: float = 0.05) -> bool:
     return cond()
 
 
-def _signal_at(cmd, sig, delay, ready, tmp_path):
-    """Start ``cmd`` held at ``delay``, wait for ``ready()``, send ``sig`` to the main process.
-    Returns (exit code, stderr, the session's pids before the signal, seconds until all gone)."""
+def _signal_at(cmd, sig, delay, ready, tmp_path, group=False):
+    """Start ``cmd`` held at ``delay``, wait for ``ready()``, send ``sig`` to the main process
+    (``group``: to its whole process group, as a terminal's Ctrl-C does). Returns (exit code,
+    stderr, the session's pids before the signal, seconds until all gone)."""
     flag = tmp_path / "flag"
     err = tmp_path / "stderr"
     with open(err, "w") as ferr:
@@ -90,7 +91,7 @@ def _signal_at(cmd, sig, delay, ready, tmp_path):
         assert p.poll() is None, f"exited before the signal: {err.read_text()[-2000:]}"
         before = _session(p.pid)
         t0 = time.monotonic()
-        p.send_signal(sig)
+        os.killpg(p.pid, sig) if group else p.send_signal(sig)
         rc = p.wait(timeout=GONE_S)
         assert _until(lambda: not _session(p.pid), GONE_S - (time.monotonic() - t0)), f"left running: {_session(p.pid)}"
         return rc, err.read_text(), before, time.monotonic() - t0
@@ -126,14 +127,17 @@ SIGS = [pytest.param(signal.SIGINT, id="SIGINT"), pytest.param(signal.SIGTERM, i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", SIGS)
-def test_signal_during_features_stops_workers_and_resumes(sig, corpus, reference, tmp_path):
+@pytest.mark.parametrize("sig,group", [pytest.param(signal.SIGINT, True, id="SIGINT-to-group"),
+                                       pytest.param(signal.SIGTERM, False, id="SIGTERM")])
+def test_signal_during_features_stops_workers_and_resumes(sig, group, corpus, reference, tmp_path):
     """Two workers, each held 1.5 s per shard before its marker: the signal comes after the
     first markers, while both workers are mid-shard and more shards wait. The run stops at once
-    (no queued shard is started or waited for), kills the workers, keeps the finished shards."""
+    (no queued shard is started or waited for), kills the workers, keeps the finished shards.
+    SIGINT goes to the whole group, as Ctrl-C in a terminal: the workers leave it to the parent
+    (no traceback of theirs); SIGTERM to the main process only, as ``kill`` or a scheduler."""
     out = tmp_path / "run"
     cmd = ["run", str(corpus), "--out", str(out), "-w", "2", *HASHES]
-    rc, err, before, took = _signal_at(cmd, sig, "features:before_marker=1.5", lambda: any(out.glob("done/*.json")), tmp_path)
+    rc, err, before, took = _signal_at(cmd, sig, "features:before_marker=1.5", lambda: any(out.glob("done/*.json")), tmp_path, group)
     assert rc == 128 + sig, err
     assert len(before) >= 3, before  # main, two workers (and the resource tracker)
     done = len(list(out.glob("done/*.json")))
