@@ -144,8 +144,9 @@ class LocalExecutor:
             except BaseException:  # interrupted, or the consumer stopped: no worker may go on
                 _terminate(pool)
                 raise
+            pids = _pids(pool)  # (shutdown forgets them)
             pool.shutdown(wait=True)
-            interrupt.unregister_workers(_pids(pool))
+            interrupt.unregister_workers(pids)
             if broken:
                 log.warning("a worker process died; restarting the pool for %d shard(s)", len(todo))
 
