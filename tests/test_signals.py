@@ -143,7 +143,7 @@ def test_signal_during_features_stops_workers_and_resumes(sig, group, corpus, re
     done = len(list(out.glob("done/*.json")))
     assert 1 <= done < N_SHARDS
     reported = int(re.search(rf": (\d+) of {N_SHARDS} shards done;", _one_line(err, sig, "run")).group(1))
-    assert 1 <= reported <= done  # a worker may write its marker just before the parent hears of it
+    assert reported <= done  # a worker writes its marker a moment before the parent hears of it
     assert took < 5, took  # the 1.5 s delays of the running shards are not waited for
     assert not (out / ".lock").exists()
     r = subprocess.run(EXE + cmd, capture_output=True, text=True, env=_env())
