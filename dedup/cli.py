@@ -526,11 +526,18 @@ def print_summary(stats: dict, run_dir: str) -> None:
 
 
 def main() -> None:
+    """The ``dedup`` entry point. SIGINT/SIGTERM stop any command cleanly (dedup.interrupt):
+    workers stopped and joined, lock released, one line on stderr, exit 130/143."""
+    from dedup import interrupt
+
+    interrupt.install()
     try:
         app()
     except ConfigError as e:  # pragma: no cover - raised outside commands
         err.print(f"[bold red]error:[/] {e}")
         sys.exit(2)
+    except (interrupt.Interrupted, KeyboardInterrupt) as e:
+        interrupt.exit_interrupted(e)
 
 
 if __name__ == "__main__":

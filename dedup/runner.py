@@ -12,12 +12,13 @@ import logging
 import os
 import socket
 import time
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from dedup import __version__
+from dedup import __version__, interrupt
 from dedup.config import Config
 from dedup.errors import ConfigError
 from dedup.faults import crash_point
@@ -41,19 +42,23 @@ class Outcome:
 class RunLock:
     """Refuses a second concurrent writer of one run directory (local run directories).
 
-    A lock left by a killed process on this host is detected (its pid is gone) and taken over.
+    The lock file records the owner (pid, host, process start time) and, once they start, the
+    owner's worker processes. A lock is stale, and taken over, only when the owner and every
+    recorded worker are gone: a worker that outlived its owner may still be writing into the
+    run directory. For the same reason the owner releases it only once its workers are gone.
     """
 
     def __init__(self, run: RunDir):
         self.run = run
         self.path = run.p(".lock")
         self.held = False
+        self.info: dict = {}
 
     def __enter__(self) -> RunLock:
         if not self.run.local:
             return self
         os.makedirs(self.run.path, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _start_time(os.getpid()), "workers": []}
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -62,30 +67,84 @@ class RunLock:
                     other = json.loads(open(self.path).read() or "{}")
                 except (OSError, ValueError):
                     other = {}
-                if other.get("host") == me["host"] and not _alive(other.get("pid")):
-                    os.remove(self.path)  # stale: its owner is dead
-                    continue
+                if other.get("host") == me["host"]:
+                    owner_alive = _alive(other.get("pid"), other.get("started"))
+                    workers = [w for w in other.get("workers") or [] if _alive(*_pid_start(w))]
+                    if not owner_alive and not workers:
+                        os.remove(self.path)  # stale: its owner and its workers are dead
+                        continue
+                    if not owner_alive:
+                        raise ConfigError(
+                            f"run directory {self.run.url}: the dedup process that locked it (pid {other.get('pid')}) is gone, "
+                            f"but its worker process(es) {[_pid_start(w)[0] for w in workers]} still run; wait for them to "
+                            f"exit (or kill them), then rerun"
+                        ) from None
                 raise ConfigError(
                     f"run directory {self.run.url} is locked by another dedup process "
                     f"(pid {other.get('pid')} on {other.get('host')}); if no such process runs, remove {self.path}"
                 ) from None
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(me))
+            self.info = me
             self.held = True
             return self
         raise ConfigError(f"could not take the lock {self.path}")
 
+    def add_workers(self, pids: list[int]) -> None:
+        """Record worker processes (with their start times) in the lock file."""
+        if not self.held:
+            return
+        known = {_pid_start(w)[0] for w in self.info["workers"]}
+        self.info["workers"] += [[p, _start_time(p)] for p in pids if p not in known]
+        self.run.write_bytes(self.path, json.dumps(self.info).encode())  # temp + rename: never half a lock
+
     def __exit__(self, *exc) -> None:
-        if self.held:
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
+        if not self.held:
+            return
+        deadline = time.monotonic() + _WORKER_EXIT_S
+        while (left := [w for w in self.info.get("workers", []) if _alive(*_pid_start(w))]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if left:  # pragma: no cover - the executors join their workers before we get here
+            log.warning("worker process(es) %s still run: leaving the lock %s in place", [w[0] for w in left], self.path)
+            return
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        self.held = False
 
 
-def _alive(pid) -> bool:
+_WORKER_EXIT_S = 10.0
+
+
+def _pid_start(w) -> tuple:
+    """A recorded worker: ``[pid, start time]`` (or a bare pid)."""
+    return (w[0], w[1]) if isinstance(w, list | tuple) else (w, None)
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid, started: int | None = None) -> bool:
+    """Whether ``pid`` runs (not a zombie), and is the process that started at ``started``."""
     if not isinstance(pid, int):
         return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        if fields[0] in (b"Z", b"X"):  # exited, not yet reaped: writes nothing any more
+            return False
+        return started is None or int(fields[19]) == started
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError, ValueError):
+        pass  # no /proc: ask the kernel
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -187,7 +246,7 @@ def run_pipeline(
     locations = _guard_locations(inputs, out, refs, against)
     run = RunDir(out)
     shard_urls = _canonical_urls([*refs, *missing])
-    with RunLock(run):
+    with RunLock(run) as lock:
         _check_run_json(run, cfg, force, shard_urls)
         removed = run.clean_temp()
         if removed:
@@ -226,15 +285,20 @@ def run_pipeline(
         if markers:
             log.info("resuming: %d shard(s) already done, %d to do", len(markers), len(todo))
 
+        interrupt.status(lambda: f"{len(markers)} of {len(refs)} shards done")
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        with Progress(progress) as prog:
+        with Progress(progress) as prog, ExitStack() as stack:
             task = prog.task("features", total=len(refs))
             task.update(len(markers))
             if todo:
                 executor = _executor(cfg)
+                if hasattr(executor, "on_workers"):
+                    executor.on_workers = lock.add_workers
                 factory = lambda: FeatureExtractor(cfg)  # noqa: E731
-                for ref, marker, err in executor.map_features(cfg.to_dict(), run.url, todo, factory):
+                # closed on any exit (an interrupt too): the executor stops its workers before the lock is released
+                results = stack.enter_context(closing(executor.map_features(cfg.to_dict(), run.url, todo, factory)))
+                for ref, marker, err in results:
                     if marker is None:
                         failures[ref.shard_id] = err or "unknown error"
                     elif marker["condition"] == "missing":

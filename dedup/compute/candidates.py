@@ -636,8 +636,12 @@ def _pmap(fn: Callable, items: list, workers: int) -> Iterator:
         return
     with ThreadPoolExecutor(max_workers=workers) as ex:
         futs = {ex.submit(fn, it): k for k, it in enumerate(items)}
-        for f in as_completed(futs):
-            yield futs[f], f.result()
+        try:
+            for f in as_completed(futs):
+                yield futs[f], f.result()
+        except BaseException:  # interrupted (dedup.interrupt) or abandoned: do not run the queue first
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 # --------------------------------------------------------------------------------------------

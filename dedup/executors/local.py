@@ -4,6 +4,12 @@ Each worker process builds one :class:`FeatureExtractor` (so the model loads onc
 process) and writes its shards' files itself; the parent only collects the markers. A shard
 whose task raises is retried; a worker that dies (OOM killer, segfault) breaks the pool,
 which is rebuilt and the unfinished shards resubmitted.
+
+Stopping (see :mod:`dedup.interrupt`): only a window of ``2 × workers`` shards is queued at a
+time, so an interrupt (or a consumer that stops early) has no backlog to wait for; the workers
+are then SIGKILLed and joined before the exception leaves :meth:`LocalExecutor.map_features`
+(their outputs are renamed into place and their markers written last, so killing one mid-shard
+loses only that shard's work). Workers ignore SIGINT and die with the parent process.
 """
 
 from __future__ import annotations
@@ -11,10 +17,12 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
+from dedup import interrupt
 from dedup.records import ShardRef
 
 log = logging.getLogger(__name__)
@@ -22,7 +30,11 @@ log = logging.getLogger(__name__)
 _WORKER: dict = {}
 
 
-def _init_worker(cfg_dict: dict, run_url: str, threads: int) -> None:
+_JOIN_S = 10.0  # how long to wait for a SIGKILLed worker to be gone
+
+
+def _init_worker(cfg_dict: dict, run_url: str, threads: int, parent_pid: int) -> None:
+    interrupt.worker_setup(parent_pid)
     # Keep each process to its share of the cores (set before torch/onnxruntime load).
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
@@ -57,9 +69,10 @@ Result = tuple[ShardRef, dict | None, str | None]  # (shard, marker, error)
 
 
 class LocalExecutor:
-    def __init__(self, workers: int, retries: int = 2):
+    def __init__(self, workers: int, retries: int = 2, on_workers: Callable[[list[int]], None] | None = None):
         self.workers = max(1, workers)
         self.retries = retries
+        self.on_workers = on_workers  # told the pids of each pool's workers (the run lock records them)
 
     def map_features(self, cfg_dict: dict, run_url: str, refs: list[ShardRef], extractor_factory: Callable) -> Iterator[Result]:
         if not refs:
@@ -91,18 +104,22 @@ class LocalExecutor:
         cores = os.cpu_count() or 1
         threads = max(1, cores // self.workers)
         attempts = {r: 0 for r in refs}
-        todo = list(refs)
+        todo = deque(refs)
+        window = 2 * self.workers  # queued at most: an interrupt has no backlog to wait for
         while todo:
             ctx = mp.get_context("spawn")
             broken = False
-            with ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg_dict, run_url, threads)) as pool:
-                futures = {pool.submit(_task, r): r for r in todo}
-                todo = []
-                pending = set(futures)
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            pool = ProcessPoolExecutor(
+                self.workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg_dict, run_url, threads, os.getpid())
+            )
+            futures: dict = {}
+            try:
+                while todo or futures:
+                    if todo and len(futures) < window:
+                        self._submit(pool, futures, todo, window)
+                    done, _ = wait(set(futures), return_when=FIRST_COMPLETED)
                     for fut in done:
-                        ref = futures[fut]
+                        ref = futures.pop(fut)
                         try:
                             yield ref, fut.result(), None
                         except BrokenProcessPool as e:
@@ -119,11 +136,57 @@ class LocalExecutor:
                             else:
                                 todo.append(ref)
                     if broken:
-                        for fut in pending:
+                        for fut, ref in futures.items():
                             fut.cancel()
-                            ref = futures[fut]
                             if ref not in todo:
                                 todo.append(ref)
                         break
+            except BaseException:  # interrupted, or the consumer stopped: no worker may go on
+                _terminate(pool)
+                raise
+            pids = _pids(pool)  # (shutdown forgets them)
+            pool.shutdown(wait=True)
+            interrupt.unregister_workers(pids)
             if broken:
                 log.warning("a worker process died; restarting the pool for %d shard(s)", len(todo))
+
+    def _submit(self, pool: ProcessPoolExecutor, futures: dict, todo: deque, window: int) -> None:
+        """Top the queue up to ``window`` shards; tell who needs to know the workers' pids."""
+        before = set(_pids(pool))
+        with interrupt.deferred():  # a worker starts with SIGINT/SIGTERM blocked (see worker_setup)
+            while todo and len(futures) < window:
+                ref = todo.popleft()
+                futures[pool.submit(_task, ref)] = ref
+        pids = _pids(pool)
+        if set(pids) - before:
+            interrupt.register_workers(pids)
+            if self.on_workers is not None:
+                self.on_workers(pids)
+
+
+def _pids(pool: ProcessPoolExecutor) -> list[int]:
+    procs = getattr(pool, "_processes", None) or {}
+    return sorted(p.pid for p in list(procs.values()) if p.pid)
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    """SIGKILL the pool's workers (a running shard is abandoned: its temp file is removed by the
+    next run, its marker was never written), cancel what is queued, and wait until every worker
+    is gone, so that nothing writes into the run directory any more."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        try:
+            p.kill()
+        except (OSError, ValueError):  # already gone / closed
+            pass
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        try:
+            p.join(_JOIN_S)
+        except (OSError, ValueError, AssertionError):
+            pass
+    still = [p.pid for p in procs if p.is_alive()] if procs else []
+    if still:  # pragma: no cover - SIGKILL does not fail short of an uninterruptible sleep
+        log.warning("worker process(es) %s did not exit after SIGKILL", still)
+    else:
+        interrupt.unregister_workers(p.pid for p in procs)

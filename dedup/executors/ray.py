@@ -24,6 +24,10 @@ already has), an actor is restarted and its calls retried (``max_restarts``,
 fail is restarted from scratch by the driver up to ``run.retries`` times, then reported failed
 (the run finishes partial, exit 3), exactly like the local executor.
 
+Interrupts (SIGINT/SIGTERM, see :mod:`dedup.interrupt`): the driver cancels its running scan,
+write and per-item tasks (forced), kills the embedding actors, and shuts Ray down if it started
+it; finished shards keep their markers.
+
 Resume state is the run directory's ``done/`` markers, wherever the run directory lives (a
 local path or an fsspec URL: s3://, gs://): a retried Ray job on a fresh cluster skips the
 shards already done.
@@ -43,6 +47,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from dedup import interrupt
 from dedup.config import Config
 from dedup.errors import ConfigError
 from dedup.records import ShardRef
@@ -181,6 +186,7 @@ class RayExecutor:
             kwargs.update(include_dashboard=False, num_cpus=self.cfg.run.workers or None)
             self._started = True
         ray.init(address=address, **kwargs)
+        interrupt.reinstall()  # ray.init's SIGTERM handler would exit without stopping anything
         log.info("ray: %s, resources %s", "started a local Ray" if self._started else f"connected to {address or os.environ.get('RAY_ADDRESS')}", ray.cluster_resources())
 
     def close(self) -> None:
@@ -194,8 +200,10 @@ class RayExecutor:
     def __enter__(self) -> RayExecutor:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, typ, e, tb) -> None:
         self.close()
+        if isinstance(e, KeyboardInterrupt) and interrupt.as_interrupted(e) is not e:
+            raise interrupt.as_interrupted(e) from None  # see dedup.interrupt._handler
 
     # -- sizing -----------------------------------------------------------------------------
     def _cluster_cpus(self) -> float:
@@ -289,9 +297,13 @@ class RayExecutor:
     def map_features(self, cfg_dict: dict, run_url: str, refs: list[ShardRef], extractor_factory: Callable | None = None) -> Iterator[Result]:
         """Same contract as ``LocalExecutor.map_features``: yields ``(shard, marker, None)`` or
         ``(shard, None, error)`` per shard as each finishes; workers write the files."""
+        return _interruptible(self._map_features(cfg_dict, run_url, refs))
+
+    def _map_features(self, cfg_dict: dict, run_url: str, refs: list[ShardRef]) -> Iterator[Result]:
         if not refs:
             return
         self.connect()
+        active: list[_Job] = []
         try:
             cfg = Config.model_validate(cfg_dict)
             want_emb = "embedding" in cfg.methods
@@ -318,7 +330,6 @@ class RayExecutor:
             cfg_ref, info_ref = ray.put(cfg_dict), ray.put(info)
 
             todo: deque[_Job] = deque(_Job(r) for r in refs)
-            active: list[_Job] = []
             limit = self._max_in_flight()
             capacity = max(1, len(actors) * _QUEUE_PER_ACTOR)
             embedding: dict[Any, int] = {}  # embed ref -> actor index, while unfinished
@@ -373,10 +384,25 @@ class RayExecutor:
                             continue
                         log.debug("shard %s done", job.ref.shard_id)
                         yield job.ref, marker, None
+        except BaseException as e:
+            self._cancel(active)  # nothing of this call runs on after it
+            if not isinstance(e, Exception):  # interrupted (dedup.interrupt), or the consumer stopped
+                self.close()  # the actors, and Ray itself if this executor started it
+            raise
         finally:
             # The actors and their reserved resources are this call's: release them even when
             # the consumer stops early or the driver is interrupted.
             self.close_actors()
+
+    @staticmethod
+    def _cancel(jobs: list[_Job]) -> None:
+        """Cancel the scan and write tasks of ``jobs`` (forced: their workers are killed; a write
+        killed mid-file leaves only a temp file, its marker is written last). The embedding
+        calls are actor tasks: they end with the actors (:meth:`close_actors`)."""
+        for job in jobs:
+            for r in (job.gen, job.write):
+                if r is not None:
+                    _cancel_ref(r)
 
     @staticmethod
     def _pump(job: _Job, dispatch, has_room, write, cfg_ref, info_ref, run_url) -> None:
@@ -410,6 +436,9 @@ class RayExecutor:
         With ``shared`` (e.g. the embedding matrix), it is put in the object store once and
         tasks call ``fn(shared, item)``; numpy arrays arrive zero-copy from shared memory.
         ``shared`` may already be a reference from :meth:`put` (several calls, one copy)."""
+        return _interruptible(self._map_units(fn, items, num_cpus=num_cpus, num_gpus=num_gpus, shared=shared))
+
+    def _map_units(self, fn: Callable, items: Iterable, *, num_cpus: float | None, num_gpus: float, shared: Any) -> Iterator:
         self.connect()
         if shared is not None:
             shared_ref = shared if isinstance(shared, ray.ObjectRef) else self.put(shared)
@@ -445,13 +474,37 @@ class RayExecutor:
                 pending[submit(item)] = item
             if not pending:
                 break
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for r in ready:
-                item = pending.pop(r)
-                try:
-                    yield item, ray.get(r), None
-                except ray.exceptions.RayError as e:
-                    yield item, None, _short(e)
+            try:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for r in ready:
+                    item = pending.pop(r)
+                    try:
+                        yield item, ray.get(r), None
+                    except ray.exceptions.RayError as e:
+                        yield item, None, _short(e)
+            except BaseException:  # interrupted, or the consumer stopped: cancel what still runs
+                for r in pending:
+                    _cancel_ref(r)
+                raise
+
+
+def _interruptible(gen: Iterator) -> Iterator:
+    """``gen``, with a KeyboardInterrupt that Ray raised on our SIGINT/SIGTERM turned back into
+    :class:`dedup.interrupt.Interrupted` (see ``dedup.interrupt._handler``)."""
+    try:
+        yield from gen
+    except KeyboardInterrupt as e:
+        new = interrupt.as_interrupted(e)
+        if new is e:
+            raise
+        raise new from None
+
+
+def _cancel_ref(r) -> None:
+    try:
+        ray.cancel(r, force=True)
+    except Exception:  # noqa: BLE001 - already finished, or gone with its worker
+        pass
 
 
 def _short(e: BaseException) -> str:
