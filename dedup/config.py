@@ -128,10 +128,10 @@ class ClusterConfig(_Section):
         "keeper: every member must be linked directly to its keeper (the first release's rule; groups can split)",
     )
     keeper_policy: tuple[str, ...] = Field(
-        ("-content_pixels", "-copies", "-file_size", "sample_id"),
-        description="rank columns, best first, deciding between a cluster's most central members; '-' = larger is better. "
-        "Columns: content_pixels (pixels inside uniform borders), pixels, copies (byte-identical ok samples), file_size, "
-        "caption_len, sample_id",
+        ("-unpadded", "-content_pixels", "-copies", "-file_size", "sample_id"),
+        description="rank columns, best first, deciding between a cluster's most linked, most central members; '-' = larger "
+        "is better. Columns: unpadded (1 unless uniform borders cover 3 %+ of the image), content_pixels (pixels inside "
+        "them), pixels, copies (byte-identical ok samples), file_size, caption_len, sample_id",
     )
     central_tolerance: float | None = Field(
         0.02, ge=0.0,
@@ -153,7 +153,7 @@ class ClusterConfig(_Section):
     @field_validator("keeper_policy")
     @classmethod
     def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        known = {"pixels", "content_pixels", "copies", "file_size", "caption_len", "sample_id"}
+        known = {"unpadded", "pixels", "content_pixels", "copies", "file_size", "caption_len", "sample_id"}
         for col in v:
             if col.lstrip("-+") not in known:
                 raise ValueError(f"unknown keeper column {col!r}; choose from {sorted(known)}")

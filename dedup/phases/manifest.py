@@ -102,6 +102,12 @@ def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
                 values = values * np.where(np.isnan(frac), 1.0, frac)
         elif name == "copies":
             values = _copies(table)
+        elif name == "unpadded":  # 1 = no uniform border (or under 3 % of the area); 0 = padded
+            if "content_fraction" in table.column_names:
+                frac = table["content_fraction"].to_numpy(zero_copy_only=False).astype(np.float64)
+                values = np.where(np.isnan(frac) | (frac >= 0.97), 1.0, 0.0)
+            else:
+                values = np.ones(table.num_rows)
         else:
             values = table[name].to_numpy(zero_copy_only=False).astype(np.float64)
         cols.append((values, desc))
