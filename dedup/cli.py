@@ -66,7 +66,8 @@ def _setup_logging(quiet: bool) -> None:
     )
     # faiss's loader logs which SIMD build it tried at INFO, one line reading like an error
     # ("Could not load library with AVX512 support"): not the user's business.
-    logging.getLogger("faiss").setLevel(logging.WARNING)
+    for name in ("faiss", "faiss.loader"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _methods_list(methods: str | None) -> list[str] | None:

@@ -169,3 +169,39 @@ def test_real_process_one_line_no_traceback(ws):
     assert "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == [p.stderr.strip()] and p.stderr.startswith("error:"), p.stderr
     assert not (ws / "fresh-run").exists()
+
+
+def test_summary_counts_a_failed_shard_and_prints_its_whole_reason(tmp_path):
+    """It said 'shards 1/1 done' for a shard that failed, and cut reasons at 80 columns."""
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "broken.tar").write_bytes(b"x" * 3000)
+    res = CliRunner().invoke(app, ["run", str(d), "--out", str(tmp_path / "r"), "--methods", HASHES, "--no-report", "-w", "1"])
+    assert res.exit_code == 3, res.output
+    res = CliRunner().invoke(app, ["summary", str(tmp_path / "r")])
+    out = " ".join(res.output.split())
+    assert "shards read completely │ 0/1" in out and "shards failed │ 1" in out, res.output
+    assert "failed shard broken: unreadable: not a tar archive" in out
+
+
+def test_cluster_size_histogram_in_numeric_order(ws):
+    """stats.json and the report listed buckets as strings sort: 1, 11-100, 2, ..."""
+    import json
+
+    from dedup.phases.manifest import _bucket, size_bucket_order
+
+    buckets = [_bucket(s) for s in (1, 2, 3, 7, 50, 500, 5000)]
+    assert sorted(buckets, key=size_bucket_order) == buckets
+    hist = json.loads((ws / "run" / "stats.json").read_text())["cluster_size_histogram"]
+    assert list(hist) == sorted(hist, key=size_bucket_order) and len(hist) > 1, hist
+
+
+def test_faiss_loader_lines_are_not_shown():
+    """Six faiss.loader INFO lines on every run, one reading like an error."""
+    import logging
+
+    from dedup.cli import _setup_logging
+
+    _setup_logging(False)
+    assert not logging.getLogger("faiss.loader").isEnabledFor(logging.INFO)
+    assert logging.getLogger("faiss.loader").isEnabledFor(logging.WARNING)

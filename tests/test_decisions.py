@@ -188,7 +188,8 @@ def test_group_stays_whole_without_chaining():
         return c >= 0.6 - 0.15, np.full(len(m), 3), c
 
     cl = group_clusters(7, edges, np.arange(7), centrality=centrality, joins=joins)
-    assert cl.keeper[0] == 0 and (cl.keeper[:6] == 0).all(), cl.keeper  # the outlier variant 5 joins
+    assert len(set(cl.keeper[:6].tolist())) == 1, cl.keeper  # one cluster: the outlier variant 5 joins
+    assert cl.keeper[0] in (0, 1), cl.keeper  # the most linked member (1 also links the outlier)
     assert cl.keeper[6] == 6, "6 is linked only through 5 and far from the keeper: not chained in"
 
 

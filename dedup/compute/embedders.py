@@ -228,22 +228,25 @@ def spec_tag(spec: str) -> str:
 
 
 def l2_normalize(vecs: np.ndarray, images: Sequence[Image.Image] | None = None) -> np.ndarray:
-    """Rows to unit norm, float32. A row that is non-finite or (near) zero cannot be normalised;
-    it becomes a pseudo-random unit vector seeded by the image's pixels, so it stays unit norm,
-    matches only a pixel-identical image, and is ~orthogonal to everything else (never NaN,
-    never a shared vector that would make all degenerate images one cluster)."""
+    """Rows to unit norm, float32. A non-finite row stays NaN: the features phase marks that
+    sample ``embed_error`` and names it (a broken model must not pass as a vector). A (near)
+    zero row cannot be normalised; it becomes a pseudo-random unit vector seeded by the
+    image's pixels, so it stays unit norm, matches only a pixel-identical image, and is
+    ~orthogonal to everything else (never a shared vector that would make all degenerate
+    images one cluster)."""
     v = np.asarray(vecs, np.float64)
     v = v.reshape(len(v), -1)
     finite = np.isfinite(v).all(axis=1)
     norms = np.linalg.norm(np.where(finite[:, None], v, 0.0), axis=1)
-    bad = ~finite | (norms < 1e-12)
-    out = np.zeros(v.shape, np.float32)
-    good = ~bad
+    zero = finite & (norms < 1e-12)
+    out = np.full(v.shape, np.nan, np.float32)
+    good = finite & ~zero
     out[good] = (v[good] / norms[good, None]).astype(np.float32)
-    for i in np.flatnonzero(bad):
+    for i in np.flatnonzero(zero):
         out[i] = _fallback_vector(images[i] if images is not None else None, v.shape[1], i)
-    if bad.any():
-        log.warning("embedder produced %d non-finite or zero vector(s); replaced by content-seeded unit vectors", int(bad.sum()))
+    if zero.any():
+        log.info("embedder produced %d zero vector(s) (e.g. uniform images); replaced by content-seeded unit vectors",
+                 int(zero.sum()))
     return out
 
 

@@ -8,7 +8,8 @@ their number grows with n²: at 10⁸ samples a per-pair rate of 10⁻¹² is al
 So the threshold is chosen per run, from this corpus's own unrelated-pair similarities:
 
 1. **Sample.** A random subset of up to ``subset`` ok samples, all its pairs (one matrix
-   product; 3 000 samples give 4.5 million pairs), pairs of identical bytes left out.
+   product; 3 000 samples give 4.5 million pairs), leaving out pairs of identical bytes and
+   pairs whose pHash and dHash are both within twice their radius (copies, by the hashes).
 2. **Model the tail.** ``P(S > t) = P(S > u) · exp(-λ (t - u))`` above ``u``, the sample's
    ``1 - tail`` quantile. Duplicates live at and above the embedder family's threshold
    (``floor``: SSCD 0.60), so when ``u`` is below the floor only pairs below it are used, with an
@@ -107,8 +108,10 @@ def _mixture_fit(x: np.ndarray, width: float) -> tuple[float, float]:
     return 1.0 / (1.0 + math.exp(-best.x[0])), LAMBDA_MIN + math.exp(best.x[1])
 
 
-def unrelated_sample(emb: np.ndarray, valid: np.ndarray, sha: list | None, subset: int, seed: int) -> np.ndarray:
-    """Cosines of all pairs of a random subset of the valid rows (identical bytes left out)."""
+def unrelated_sample(emb: np.ndarray, valid: np.ndarray, sha: list | None, subset: int, seed: int,
+                     copies=None) -> np.ndarray:
+    """Cosines of all pairs of a random subset of the valid rows, leaving out pairs of identical
+    bytes and pairs that ``copies(i, j) -> bool array`` calls copies (e.g. both hashes close)."""
     idx = np.flatnonzero(valid)
     rng = np.random.default_rng(seed)
     if len(idx) > subset:
@@ -121,13 +124,17 @@ def unrelated_sample(emb: np.ndarray, valid: np.ndarray, sha: list | None, subse
     if sha is not None:
         h = np.array([sha[k] for k in idx], dtype=object)
         same = np.array([a is not None and a == b for a, b in zip(h[iu[0]], h[iu[1]])], bool)
-        sims = sims[~same]
-    return sims
+    else:
+        same = np.zeros(len(sims), bool)
+    if copies is not None:
+        same |= np.asarray(copies(idx[iu[0]], idx[iu[1]]), bool)
+    return sims[~same]
 
 
 def choose(
     emb: np.ndarray, valid: np.ndarray, floor: float, *, rate: float = 1e-3, sha: list | None = None,
     ceiling: float = 0.98, subset: int = 3000, tail: float = 1e-4, min_events: int = 30, seed: int = 0,
+    copies=None,
 ) -> ThresholdChoice:
     """The auto threshold for the valid rows of ``emb`` (see the module docstring)."""
     valid = np.asarray(valid, bool)
@@ -136,7 +143,7 @@ def choose(
     budget = max(rate * n, 1.0)  # at least one expected false pair: below that, noise decides
     if n < 3:
         return ThresholdChoice(floor, "auto", floor, n, budget, 0.0, 0.0, note="too few samples: the family threshold")
-    sims = np.sort(unrelated_sample(emb, valid, sha, subset, seed))
+    sims = np.sort(unrelated_sample(emb, valid, sha, subset, seed, copies))
     m = len(sims)
     width = 1.0 - floor
     above = sims[sims >= floor] - floor

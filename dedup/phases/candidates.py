@@ -238,8 +238,19 @@ def embedding_threshold(cfg: Config, fs: FeatureSet, ok: np.ndarray):
     if not cfg.embedding.auto:
         return T.fixed(cfg.embedding.resolved_threshold(), n)
     t0 = time.perf_counter()
+    copies = None
+    if {"phash", "dhash"} <= set(cfg.methods):  # pairs the hashes call copies are no unrelated pairs
+        from dedup.compute.crossmatch import popcount64
+
+        ph = fs.table["phash"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64)
+        dh = fs.table["dhash"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64)
+        rp, rd = 2 * cfg.hashes.phash_radius, 2 * cfg.hashes.dhash_radius
+
+        def copies(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+            return (popcount64(ph[i] ^ ph[j]) <= rp) & (popcount64(dh[i] ^ dh[j]) <= rd)
+
     choice = T.choose(fs.embeddings, ok, cfg.embedding.resolved_threshold(), rate=cfg.embedding.false_pair_rate,
-                      sha=fs.table["sha256"].to_pylist())
+                      sha=fs.table["sha256"].to_pylist(), copies=copies)
     log.info("embedding threshold auto: %.4f (family %.2f; %s; expected false pairs %s, budget %.1f) in %.1f s",
              choice.value, choice.floor, choice.note,
              "-" if choice.expected_false_pairs is None else f"{choice.expected_false_pairs:.2f}", choice.budget,
