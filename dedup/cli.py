@@ -1,7 +1,8 @@
 """Command line: ``dedup run | check | report | apply | eval | calibrate | demo | summary | config``.
 
 Exit codes: 0 complete; 2 usage or configuration error; 3 finished with failed shards or over
-the error budget (the manifest is still written and marked partial); 1 unexpected error.
+the error budget (the manifest is still written and marked partial); 130/143 interrupted by
+SIGINT/SIGTERM (dedup.interrupt); 1 unexpected error.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ app = typer.Typer(
         "such as s3://bucket/shards/), computes sha256, pHash/dHash and an embedding per sample, finds "
         "candidate duplicates (FAISS IVF for embeddings), forms clusters around keepers, and writes "
         "RUN_DIR/manifest.parquet with one row per input sample, failures included.\n\n"
-        "Exit codes: 0 complete; 2 usage/config error; 3 finished with failed shards or over the "
-        "error budget (manifest still written, marked partial)."
+        "Exit codes: 0 complete; 2 usage/config error (nothing written); 3 finished with failed shards or over the "
+        "error budget (manifest still written, marked partial); 130/143 stopped by Ctrl-C/SIGTERM (finished shards "
+        "kept: rerun the same command to resume).\n\n"
+        "Outputs never overlap inputs: an --out that is, contains or lies inside an input or the run directory is "
+        "refused, and no existing file is replaced without --overwrite."
     ),
     no_args_is_help=True,
     add_completion=False,

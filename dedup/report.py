@@ -55,6 +55,11 @@ pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em}
 {% for k, v in stats.duplicates_by_method.items() %}<tr><th>removed by {{ k }}</th><td class="num">{{ v }}</td></tr>{% endfor %}
 {% for k, v in stats.pairs.items() %}<tr><th>candidate pairs, {{ k }}</th><td class="num">{{ v }}</td></tr>{% endfor %}
 </table>
+{% if stats.embedding_threshold %}{% set et = stats.embedding_threshold %}
+<p id="threshold">Embedding threshold <b>{{ et.value }}</b> ({{ et.mode }}{% if et.mode == "auto" %}; the family's value {{ et.floor }};
+expected unrelated pairs above it among the {{ et.n }} samples: {{ "%.3g"|format(et.expected_false_pairs) if et.expected_false_pairs is not none else "-" }}
+(at {{ et.floor }}: {{ "%.3g"|format(et.expected_false_pairs_at_floor) if et.expected_false_pairs_at_floor is not none else "-" }}; budget {{ "%.3g"|format(et.budget) }}){% endif %}).
+{{ et.note }}</p>{% endif %}
 
 <h2 id="sizes">Cluster sizes (copy counts: the memorization risk)</h2>
 {{ size_svg|safe }}

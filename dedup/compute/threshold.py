@@ -85,6 +85,9 @@ def _truncated_rate(excess: np.ndarray, width: float) -> float:
 # An unrelated tail thins out by at least e per 0.1 of cosine above the floor; a flatter
 # "tail" is copies (their similarities spread up to 1), not unrelated pairs.
 LAMBDA_MIN = 10.0
+# The unrelated pairs of a dense corpus pile up at the floor and thin out by e per 0.05 or faster
+# (CIFAR-10 photos with SSCD: λ ≈ 46); a fitted component flatter than this is copies.
+STEEP = 20.0
 
 
 def _mixture_fit(x: np.ndarray, width: float) -> tuple[float, float]:
@@ -148,6 +151,14 @@ def choose(
     width = 1.0 - floor
     above = sims[sims >= floor] - floor
     w, lam = _mixture_fit(above, width) if len(above) >= min_events else (0.0, LAMBDA_MIN)
+    copy_heavy = len(above) >= max(min_events, tail * m) and not (lam >= STEEP and w * len(above) >= min_events)
+    if copy_heavy:
+        # many pairs above the floor, but they do not thin out from it as unrelated pairs do:
+        # copies, spread up to 1. They crowd the top of the tail below the floor too, so there
+        # is nothing to extrapolate from: the family threshold.
+        return ThresholdChoice(floor, "auto", floor, n, budget, None, None, sampled_pairs=m, tail_share=len(above) / m,
+                               note="the pairs above the family threshold are copies, not a tail of unrelated pairs: "
+                                    "the family threshold")
     if w * len(above) >= min_events:
         # measured above the floor: unrelated pairs thin out from it, copies spread up to 1
         share = len(above) / m * w  # of all pairs: unrelated and above the floor
@@ -158,8 +169,8 @@ def choose(
     else:
         # extrapolated from below the floor: the top of the tail, truncated at the floor
         below = sims[sims < floor]
-        k = max(int(len(below) * tail), 50)
-        if len(below) < 20 * k:
+        k = int(len(below) * tail)
+        if k < 50:  # under ~500 000 sampled pairs (n < ~1 000) the top of the tail is a handful of pairs
             return ThresholdChoice(floor, "auto", floor, n, budget, None, None, sampled_pairs=m,
                                    note="too few sampled pairs to model the tail: the family threshold")
         u = float(below[-k - 1])
