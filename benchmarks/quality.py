@@ -185,7 +185,12 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        DOC.write_text(text)
+        # keep the section benchmarks/quality_groups.py writes (between its markers)
+        import re
+
+        old = DOC.read_text() if DOC.exists() else ""
+        kept = re.search(r"<!-- groups:begin -->.*?<!-- groups:end -->", old, re.S)
+        DOC.write_text(text + ("\n" + kept.group(0) + "\n" if kept else ""))
         print(f"wrote {DOC}", file=sys.stderr)
 
 
