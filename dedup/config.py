@@ -128,10 +128,10 @@ class ClusterConfig(_Section):
         "keeper: every member must be linked directly to its keeper (the first release's rule; groups can split)",
     )
     keeper_policy: tuple[str, ...] = Field(
-        ("-unpadded", "-content_pixels", "-copies", "-file_size", "sample_id"),
+        ("-unpadded", "-pixels", "-copies", "-file_size", "sample_id"),
         description="rank columns, best first, deciding between a cluster's most linked, most central members; '-' = larger "
-        "is better. Columns: unpadded (1 unless uniform borders cover 3 %+ of the image), content_pixels (pixels inside "
-        "them), pixels, copies (byte-identical ok samples), file_size, caption_len, sample_id",
+        "is better. Columns: unpadded (0 when uniform borders - padding, bars, a canvas - cover 20 %+ of the image), pixels, "
+        "content_pixels (pixels inside such borders), copies (byte-identical ok samples), file_size, caption_len, sample_id",
     )
     central_tolerance: float | None = Field(
         0.02, ge=0.0,

@@ -127,8 +127,8 @@ def group_clusters(
     centrality=None, joins=None, tolerance: float = 0.02,
 ) -> Clusters:
     """Clusters that keep a group whole: connected components of the verified links, with the
-    component's most representative member as keeper — the most linked members (within 10 %
-    of the most), of those the most central, of those the best by the keeper policy's rank —
+    component's most representative member as keeper — the most linked members (at least 80 %
+    of the most links), of those the most central, of those the best by the keeper policy's rank —
     and a member joins
     its component's keeper when it is linked to it directly or ``joins`` finds it close enough
     to the keeper; members that do neither are clustered among themselves by
@@ -163,9 +163,10 @@ def group_clusters(
     rest_mask = np.zeros(n, bool)
     degree = np.bincount(lo[o], minlength=n) + np.bincount(hi[o], minlength=n)  # distinct direct links
     for members in groups:
-        # the most linked members (within 10 %), then the most central of them, then the rank
+        # the most linked members (at least 80 % of the most links), then the most central of
+        # them, then the rank
         deg = degree[members]
-        cand = members[deg >= deg.max() - int(0.1 * deg.max())]
+        cand = members[deg >= 0.8 * deg.max()]
         if centrality is not None and len(cand) > 1:
             cen = np.asarray(centrality(cand), np.float64)
             cand = cand[cen >= cen.max() - tolerance]

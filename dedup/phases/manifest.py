@@ -102,10 +102,10 @@ def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
                 values = values * np.where(np.isnan(frac), 1.0, frac)
         elif name == "copies":
             values = _copies(table)
-        elif name == "unpadded":  # 1 = no uniform border (or under 3 % of the area); 0 = padded
+        elif name == "unpadded":  # 0 = uniform borders (padding, bars, a canvas) cover 20 %+ of the image
             if "content_fraction" in table.column_names:
                 frac = table["content_fraction"].to_numpy(zero_copy_only=False).astype(np.float64)
-                values = np.where(np.isnan(frac) | (frac >= 0.97), 1.0, 0.0)
+                values = np.where(np.isnan(frac) | (frac >= UNPADDED), 1.0, 0.0)
             else:
                 values = np.ones(table.num_rows)
         else:
@@ -114,6 +114,12 @@ def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
     if not any(s.lstrip("-+") == "sample_id" for s in cfg.clusters.keeper_policy):
         cols.append((np.arange(table.num_rows, dtype=np.float64), False))  # total, deterministic order
     return rank_order(cols)
+
+
+# A member whose uniform borders take 20 % or more of the image is a padded copy for the keeper
+# policy; a natural flat margin (a scan, a studio backdrop, a sky band) usually takes less, and
+# the original has it too.
+UNPADDED = 0.8
 
 
 def _copies(table: pa.Table) -> np.ndarray:
