@@ -348,8 +348,12 @@ def calibrate(
     methods: MethodsOpt = None,
     embedder: EmbedderOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the result as JSON here.")] = None,
+    corpus_size: Annotated[
+        Optional[int], typer.Option("--corpus-size", help="Samples in the corpus you will deduplicate: false pairs are reported at this size (default 1,000,000).")
+    ] = None,
 ) -> None:
-    """Recall per edit type on a sample of your own images, and the false-positive rate among them.
+    """Recall per edit type on a sample of your own images, the false-positive rate among them,
+    and what that rate means in false pairs at your corpus's size.
 
     Applies known edits (re-encode, resize, crop, flip, rotate, text overlay, grayscale, colour,
     padding) at several strengths and checks every signal at the configured thresholds.
@@ -361,6 +365,8 @@ def calibrate(
     try:
         if sample < 1:
             raise ConfigError(f"--sample {sample}: must be at least 1")
+        if corpus_size is not None and corpus_size < 2:
+            raise ConfigError(f"--corpus-size {corpus_size}: must be at least 2")
         cfg = load_config(config, set_, **{"methods": _methods_list(methods), "embedding.spec": embedder})
         _check_options(cfg, embedder=embedder)
         if out is not None:
@@ -375,7 +381,7 @@ def calibrate(
             preflight(cfg.embedding.spec)
 
             emb = make_embedder(cfg.embedding.spec, device=cfg.embedding.device, batch_size=cfg.embedding.batch_size)
-        res = calibrate_images(imgs, cfg, emb)
+        res = calibrate_images(imgs, cfg, emb, corpus_size=corpus_size)
     except DedupError as e:
         _fail(e)
     t = Table(title=f"recall per edit ({res['images']} of your images)")
@@ -386,7 +392,15 @@ def calibrate(
     for e, row in res["recall"].items():
         t.add_row(e, *[f"{row[m]:.2f}" for m in signals])
     t.add_row(f"[bold]false-positive rate[/] ({res['unrelated_pairs']} pairs)", *[f"{res['false_positive_rate'][m]:.4f}" for m in signals])
+    at = res["at_corpus_size"]
+    size = f"{at['corpus_size']:,}" + (" (assumed; --corpus-size)" if at["assumed"] else "")
+    t.add_row("[bold]expected false pairs[/] at the corpus size", *[_pairs(at["expected_false_pairs"][m]) for m in signals])
+    t.add_row("  95 % upper bound", *[_pairs(at["expected_false_pairs_upper_95"][m]) for m in signals])
     stdout.print(t)
+    stdout.print(f"corpus size {size} samples; budget (embedding.false_pair_rate): {at['budget']:,.0f} false pairs", highlight=False)
+    if "auto_threshold" in at:
+        a = at["auto_threshold"]
+        stdout.print(f"embedding.threshold auto would use {a['value']} at that size: {a['note']}", highlight=False)
     if out is not None:
         out.write_text(json.dumps(res, indent=1))
         err.print(f"wrote {out}")
@@ -421,6 +435,10 @@ def _guard_check_out(queries: list[str], against: str, out_dir: str) -> None:
         raise ConfigError(f"--out {out_dir}: is a non-empty directory that no `dedup check` wrote; choose a new or empty directory")
 
 
+def _pairs(v: float) -> str:
+    return f"{v:,.0f}" if 10 <= v < 1e6 else f"{v:.3g}"
+
+
 def _num(v) -> str:
     """A metric, or '-' where it is undefined (no positives, no predictions)."""
     return "-" if v is None or v != v else f"{v:.3f}"
@@ -435,6 +453,15 @@ def _print_eval(res: dict) -> None:
         t.add_row(m, _num(r["precision"]), _num(r["recall"]), _num(r["f1"]),
                   "-" if best is None else f"{best['threshold']:.4g} (recall {best['recall']:.3f})")
     stdout.print(t)
+    at = res.get("at_corpus_size") or {}
+    if at.get("expected_false_pairs"):
+        per = ", ".join(f"{m} {_pairs(v)}" for m, v in at["expected_false_pairs"].items())
+        stdout.print(f"if the negative pairs are a random sample of unrelated pairs, the run's {at['samples']:,} samples "
+                     f"hold about this many false pairs: {per}", highlight=False)
+    est = at.get("run_estimate")
+    if est and est.get("mode") == "auto" and est.get("expected_false_pairs") is not None:
+        stdout.print(f"the run's own estimate (embedding.threshold auto {est['value']}): "
+                     f"{_pairs(est['expected_false_pairs'])} unrelated pairs above it", highlight=False)
 
 
 @app.command()

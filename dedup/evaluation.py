@@ -136,7 +136,11 @@ def decisions(cfg: Config, scores: dict[str, np.ndarray]) -> dict[str, np.ndarra
 
 
 # -- calibrate --------------------------------------------------------------------------------
-def calibrate_images(originals: list[tuple[str, Image.Image]], cfg: Config, embedder=None, edits: dict | None = None) -> dict:
+def calibrate_images(originals: list[tuple[str, Image.Image]], cfg: Config, embedder=None, edits: dict | None = None,
+                     corpus_size: int | None = None) -> dict:
+    """Recall per edit on these images, the false-positive rate among their unrelated pairs,
+    and what that rate means at the corpus's size (``corpus_size``; default 10⁶ samples): a
+    rate of 0.0023 looks harmless, but is ~1.2 billion false pairs among 10⁶ samples."""
     edits = edits or EDITS
     n = len(originals)
     if n < 2:
@@ -160,7 +164,24 @@ def calibrate_images(originals: list[tuple[str, Image.Image]], cfg: Config, embe
     ii, jj = np.triu_indices(n, 1)
     dec = decisions(cfg, pair_scores(sig, ii, jj))
     fpr = {m: float(v.mean()) for m, v in dec.items()}
-    return {"images": n, "unrelated_pairs": int(len(ii)), "recall": per_edit, "false_positive_rate": fpr}
+    size = int(corpus_size or 10**6)
+    total = size * (size - 1) / 2.0
+    at_n = {
+        "corpus_size": size,
+        "assumed": corpus_size is None,
+        # observed rate x all pairs; with no false pair seen, the 95 % upper bound (3 / pairs)
+        "expected_false_pairs": {m: r * total for m, r in fpr.items()},
+        "expected_false_pairs_upper_95": {m: (max(r * len(ii), 3.0) / len(ii)) * total for m, r in fpr.items()},
+        "budget": max(cfg.embedding.false_pair_rate * size, 1.0),
+    }
+    if sig.emb is not None and "embedding" in cfg.methods:
+        from dedup.compute.threshold import choose
+
+        ch = choose(sig.emb[:n], np.ones(n, bool), cfg.embedding.resolved_threshold(), rate=cfg.embedding.false_pair_rate,
+                    n_total=size)
+        at_n["auto_threshold"] = ch.to_dict()
+    return {"images": n, "unrelated_pairs": int(len(ii)), "recall": per_edit, "false_positive_rate": fpr,
+            "at_corpus_size": at_n}
 
 
 def sample_images(inputs: list[str], cfg: Config, n: int) -> list[tuple[str, Image.Image]]:
@@ -372,6 +393,7 @@ def eval_run(run_dir: str, pairs_csv: str, cfg: Config | None = None, target_pre
                   None if fs.embeddings is None else np.asarray(fs.embeddings))
     result = evaluate_scores(cfg, pair_scores(sig, i, j), label, target_precision)
     result["skipped"] = {"not_in_run": len(absent), "no_features": len(failed)}
+    result["at_corpus_size"] = _at_corpus_size(result, int(sum(st == "ok" for st in status)), run)
     for w in result["warnings"]:
         log.warning("%s", w)
     prefix = out_prefix or run.p("eval")
@@ -391,6 +413,24 @@ def _nulls(x):
     if isinstance(x, list):
         return [_nulls(v) for v in x]
     return x
+
+
+def _at_corpus_size(result: dict, n: int, run) -> dict:
+    """The labelled negatives' false-positive rate per signal, in false pairs among the run's
+    n(n-1)/2 pairs — meaningful when the negatives are a random sample of unrelated pairs —
+    beside the run's own estimate (``embedding.threshold: auto``)."""
+    total = n * (n - 1) / 2.0
+    nneg = result.get("negatives") or 0
+    out: dict = {"samples": n, "pairs": total, "expected_false_pairs": {}}
+    for m, r in result["at_configured_thresholds"].items():
+        fp = r.get("fp")
+        if fp is not None and nneg:
+            out["expected_false_pairs"][m] = fp / nneg * total
+    try:
+        out["run_estimate"] = run.read_json(run.p("stats.json")).get("embedding_threshold")
+    except (OSError, ValueError):
+        out["run_estimate"] = None
+    return out
 
 
 def write_eval_outputs(result: dict, prefix: str) -> list[str]:

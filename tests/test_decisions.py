@@ -218,3 +218,20 @@ def test_no_member_is_far_from_its_keeper_random_graphs():
             assert cl.keeper[k] == k
             if s != k:
                 assert (min(s, k), max(s, k)) in adj or x[s] @ x[k] >= 0.5, (trial, s, k)
+
+
+def test_calibrate_speaks_in_false_pairs_at_the_corpus_size(photos):
+    """A false-positive rate of 0.0023 on 435 pairs looks harmless; at 2·10⁶ samples it is
+    thousands of false pairs. calibrate reports the rate at the corpus size."""
+    from dedup.evaluation import calibrate_images
+
+    cfg = load_config(None, None, methods=["exact", "phash", "dhash"])
+    res = calibrate_images([(str(k), im) for k, im in enumerate(photos[:8])], cfg, corpus_size=2_000_000)
+    at = res["at_corpus_size"]
+    total = 2_000_000 * 1_999_999 / 2
+    assert at["corpus_size"] == 2_000_000 and not at["assumed"]
+    for m, rate in res["false_positive_rate"].items():
+        assert at["expected_false_pairs"][m] == pytest.approx(rate * total)
+        # no false pair among 28 sampled pairs still allows ~1e11 at that size (rule of three)
+        assert at["expected_false_pairs_upper_95"][m] >= 3 / res["unrelated_pairs"] * total * 0.999
+    assert at["budget"] == pytest.approx(2000.0)

@@ -137,11 +137,12 @@ def unrelated_sample(emb: np.ndarray, valid: np.ndarray, sha: list | None, subse
 def choose(
     emb: np.ndarray, valid: np.ndarray, floor: float, *, rate: float = 1e-3, sha: list | None = None,
     ceiling: float = 0.98, subset: int = 3000, tail: float = 1e-4, min_events: int = 30, seed: int = 0,
-    copies=None,
+    copies=None, n_total: int | None = None,
 ) -> ThresholdChoice:
-    """The auto threshold for the valid rows of ``emb`` (see the module docstring)."""
+    """The auto threshold for the valid rows of ``emb`` (see the module docstring).
+    ``n_total``: the corpus size to budget for, when ``emb`` is a sample of it (``calibrate``)."""
     valid = np.asarray(valid, bool)
-    n = int(valid.sum())
+    n = int(n_total) if n_total else int(valid.sum())
     total = n * (n - 1) / 2.0
     budget = max(rate * n, 1.0)  # at least one expected false pair: below that, noise decides
     if n < 3:
