@@ -70,15 +70,22 @@ def rank_order(columns: list[tuple[np.ndarray, bool]]) -> np.ndarray:
     return rank
 
 
-def keeper_clusters(n: int, edges: Edges, rank: np.ndarray, valid: np.ndarray | None = None, keep_per_cluster: int = 1) -> Clusters:
-    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
-    keeper = np.where(valid, np.arange(n), -1).astype(np.int64)
-    method = np.full(n, -1, np.int8)
-    score = np.full(n, np.nan, np.float32)
+def _singletons(n: int, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keeper, method, score) before any link: every valid sample its own keeper."""
+    return np.where(valid, np.arange(n), -1).astype(np.int64), np.full(n, -1, np.int8), np.full(n, np.nan, np.float32)
 
+
+def _valid_edges(edges: Edges, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, method, score) of the edges between two different valid samples."""
     i, j = edges.i.astype(np.int64), edges.j.astype(np.int64)
     keep = (i != j) & valid[i] & valid[j] if len(i) else np.zeros(0, bool)
-    i, j, em, es = i[keep], j[keep], edges.method[keep], edges.score[keep]
+    return i[keep], j[keep], edges.method[keep], edges.score[keep]
+
+
+def keeper_clusters(n: int, edges: Edges, rank: np.ndarray, valid: np.ndarray | None = None, keep_per_cluster: int = 1) -> Clusters:
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+    keeper, method, score = _singletons(n, valid)
+    i, j, em, es = _valid_edges(edges, valid)
     if len(i):
         # One directed edge per (u, v, method priority); best method first per (u, v).
         u = np.concatenate([i, j])
@@ -112,9 +119,8 @@ def components(n: int, edges: Edges, valid: np.ndarray) -> np.ndarray:
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    i, j = edges.i.astype(np.int64), edges.j.astype(np.int64)
-    keep = (i != j) & valid[i] & valid[j] if len(i) else np.zeros(0, bool)
-    g = coo_matrix((np.ones(int(keep.sum()), np.int8), (i[keep], j[keep])), shape=(n, n))
+    i, j, _, _ = _valid_edges(edges, valid)
+    g = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
     _, lab = connected_components(g, directed=False)
     first = np.full(lab.max() + 1 if n else 0, n, np.int64)
     np.minimum.at(first, lab, np.arange(n))
@@ -141,14 +147,9 @@ def group_clusters(
     index and score to report (None: direct links only)."""
     valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
     lab = components(n, edges, valid)
-    keeper = np.where(valid, np.arange(n), -1).astype(np.int64)
-    method = np.full(n, -1, np.int8)
-    score = np.full(n, np.nan, np.float32)
-
+    keeper, method, score = _singletons(n, valid)
     # best direct link (method priority first) of every linked pair, reported against the keeper
-    i, j = edges.i.astype(np.int64), edges.j.astype(np.int64)
-    ke = (i != j) & valid[i] & valid[j] if len(i) else np.zeros(0, bool)
-    i, j, em, es = i[ke], j[ke], edges.method[ke], edges.score[ke]
+    i, j, em, es = _valid_edges(edges, valid)
     lo, hi = np.minimum(i, j), np.maximum(i, j)
     o = np.lexsort((em, hi, lo))
     first = np.ones(len(o), bool)
