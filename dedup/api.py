@@ -1,0 +1,123 @@
+"""The Python API: what the CLI does, callable from a notebook or a pipeline.
+
+    import dedup
+    run = dedup.run(["shards/"], "runs/r1", methods="exact,phash,dhash")
+    print(run.stats["duplicates"], "duplicates")
+    keep = run.manifest(filters=[("is_keeper", "=", True)])   # a pyarrow Table
+    dedup.apply(run, "clean/")                                   # clean shards, original bytes
+
+Every function takes and returns plain values (paths, pyarrow tables, dicts); errors are
+:class:`dedup.errors.DedupError` (``ConfigError`` for what the CLI answers with exit 2). The
+same checks as the CLI run first: outputs never overlap inputs, an unreachable model hub fails
+before any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from dedup.config import Config, load_config
+from dedup.io.rundir import RunDir, finished_run
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished run directory: its manifest, stats and pairs."""
+
+    path: str
+    exit_code: int = 0  # as `dedup run` would exit: 0 complete, 3 partial
+
+    @property
+    def stats(self) -> dict:
+        rd = RunDir(self.path)
+        return rd.read_json(rd.p("stats.json"))
+
+    @property
+    def config(self) -> Config:
+        rd = RunDir(self.path)
+        return Config.model_validate(rd.read_json(rd.p("run.json"))["config"])
+
+    def manifest(self, columns: list[str] | None = None, filters: Any = None) -> pa.Table:
+        """The manifest (one row per input sample), optionally some columns / filtered rows
+        (pyarrow filter syntax, as in ``pq.read_table(..., filters=...)``)."""
+        import pyarrow.parquet as pq
+
+        rd = RunDir(self.path)
+        if filters is None:
+            return rd.read_parquet(rd.p("manifest.parquet"), columns=columns)
+        with rd.fs.open(rd.p("manifest.parquet"), "rb") as f:
+            return pq.ParquetFile(f).read(columns=columns).filter(_expression(filters))
+
+    def pairs(self) -> pa.Table:
+        rd = RunDir(self.path)
+        return rd.read_parquet(rd.p("pairs", "pairs.parquet"))
+
+    def kept_ids(self) -> list[str]:
+        """``sample_id`` of every kept sample (what ``dedup apply --keep-list`` writes)."""
+        return sorted(self.manifest(["sample_id", "is_keeper"], filters=[("is_keeper", "=", True)])["sample_id"].to_pylist())
+
+
+def _expression(filters: Any):
+    """pyarrow's list-of-tuples filter syntax as a compute expression."""
+    from pyarrow.parquet import filters_to_expression
+
+    return filters_to_expression(filters)
+
+
+def run(
+    inputs: str | list[str], out: str, *, config: str | None = None, methods: str | list[str] | None = None,
+    embedder: str | None = None, force: bool = False, progress: bool = False, **settings: Any,
+) -> Run:
+    """Deduplicate ``inputs`` (shard directories, .tar files, globs, brace patterns, URLs) into
+    the run directory ``out``; as ``dedup run``. ``settings`` are dotted config keys with ``__``
+    for the dot: ``run(..., hashes__phash_radius=6, embedding__threshold=0.7)``."""
+    from dedup.runner import run_pipeline
+
+    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    direct = {k.replace("__", "."): v for k, v in settings.items()}
+    cfg = load_config(config, None, **{"methods": methods, "embedding.spec": embedder, **direct})
+    if "embedding" in cfg.methods:
+        from dedup.compute.embedders import parse_spec, preflight
+
+        parse_spec(cfg.embedding.spec)
+        preflight(cfg.embedding.spec)
+    outcome = run_pipeline(inputs, out, cfg, force=force, progress=progress)
+    return Run(outcome.run_dir, outcome.exit_code)
+
+
+def open_run(path: str) -> Run:
+    """A finished run directory (a one-line ConfigError if it is not one)."""
+    finished_run(path)
+    return Run(path)
+
+
+def apply(run: Run | str, out: str | None = None, *, keep_list: str | None = None, include_failed: bool = False,
+          overwrite: bool = False) -> dict:
+    """Clean shards (original member bytes) and/or a keep-list; as ``dedup apply``."""
+    from dedup.phases.apply import apply_run, guard_apply_outputs, write_keep_list
+
+    path = run.path if isinstance(run, Run) else run
+    guard_apply_outputs(path, out, keep_list, overwrite)
+    result: dict = {}
+    if out:
+        result.update(apply_run(path, out, include_failed, overwrite=overwrite))
+    if keep_list:
+        result["keep_list"] = write_keep_list(path, keep_list, include_failed, overwrite=overwrite)
+    return result
+
+
+def check(queries: str | list[str], against: Run | str, out: str = "dedup-check", **options: Any) -> pa.Table:
+    """Flag queries that are near-copies of the run's training samples; returns check.parquet
+    as a table (as ``dedup check``; ``options``: within, group_by, min_copies)."""
+    from dedup.phases.check import check as run_check
+
+    path = against.path if isinstance(against, Run) else against
+    run_check([queries] if isinstance(queries, str) else list(queries), path, out, **options)
+    rd = RunDir(out)
+    name = "within.parquet" if options.get("within") else "check.parquet"
+    return rd.read_parquet(rd.p(name))
