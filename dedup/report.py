@@ -91,6 +91,19 @@ expected unrelated pairs above it among the {{ et.n }} samples: {{ "%.3g"|format
 <h2 id="distributions">Score distributions of candidate pairs</h2>
 {% for method, svg in score_svgs.items() %}<h3>{{ method }}</h3>{{ svg|safe }}{% endfor %}
 
+{% if checks %}
+<h2 id="checks">Memorization checks against this run</h2>
+<p>Written by <code>dedup check QUERIES --against</code> this run (RUN/checks.json).</p>
+{% for c in checks %}
+<div class="cluster check"><div><b>{{ c.flagged }}</b> of {{ c.queries }} queries flagged, {{ c.written_at }}:
+<a href="{{ c.html_href }}">check.html</a> (<code>{{ c.out }}</code>){% if c.region_threshold %}; regions matched at cosine &ge; {{ c.region_threshold }}{% endif %}</div>
+{% if c.top %}<table><tr><th>query</th><th>training sample</th><th>flagged by</th><th>cosine</th><th>region</th></tr>
+{% for t in c.top %}<tr><td>{{ t.query_id }}</td><td>{% if thumbs_checks.get(t.match) %}<img src="{{ thumbs_checks[t.match] }}" alt="{{ t.match }}" style="max-height:48px;display:block">{% endif %}{{ t.match }}</td><td>{{ t.flagged_by }}</td>
+<td class="num">{{ "%.3f"|format(t.cosine) if t.cosine is not none else "-" }}</td><td>{{ "whole image" if t.whole or not t.box else t.box|join(", ") }}</td></tr>
+{% endfor %}</table>{% endif %}</div>
+{% endfor %}
+{% endif %}
+
 <h2 id="config">Configuration and timings</h2>
 <pre>{{ config_json }}</pre>
 <pre>{{ timings_json }}</pre>
@@ -216,14 +229,35 @@ def build_report(run_dir: str, max_clusters: int = 12, max_members: int = 8, max
         for p in rows:
             p["a_thumb"], p["b_thumb"] = thumbs.get(p["a"]), thumbs.get(p["b"])
 
+    checks = _checks(run)
+    thumbs_checks = _thumbs(run, {t["match"] for c in checks for t in c.get("top", [])[:5] if t.get("match")}, image_exts, size=64) if checks else {}
     stats.setdefault("duplicates_by_method", {})
     stats.setdefault("pairs", {})
     stats.setdefault("status_counts", {})
     return TEMPLATE.render(
         run_dir=run_dir, stats=stats, clusters=clusters, borderline=borderline, thresholds=th,
-        size_svg=size_svg, score_svgs=score_svgs,
+        size_svg=size_svg, score_svgs=score_svgs, checks=checks, thumbs_checks=thumbs_checks,
         config_json=json.dumps(cfg.get("config", {}), indent=1), timings_json=json.dumps(stats.get("timings", {}), indent=1),
     )
+
+
+def _checks(run: RunDir) -> list[dict]:
+    """The ``dedup check`` results recorded in RUN/checks.json, newest first, with a link to
+    each check.html (relative to the run directory where both are local)."""
+    import os
+
+    try:
+        checks = run.read_json(run.p("checks.json")) if run.exists(run.p("checks.json")) else []
+    except (OSError, ValueError):
+        return []
+    out = []
+    for c in checks if isinstance(checks, list) else []:
+        if not isinstance(c, dict) or "html" not in c:
+            continue
+        c = dict(c)
+        c["html_href"] = os.path.relpath(c["html"], run.path) if run.local and "://" not in c["html"] else c["html"]
+        out.append(c)
+    return sorted(out, key=lambda c: c.get("written_at") or "", reverse=True)
 
 
 def _below_hash(m, method: str, radius: int, limit: int, sample: int = 50_000) -> list[dict]:

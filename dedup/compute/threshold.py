@@ -210,3 +210,48 @@ def recorded(run, cfg) -> float:
     except (OSError, ValueError, FileNotFoundError):
         value = None
     return float(value) if value is not None else cfg.embedding.resolved_threshold()
+
+
+# Fallback for region matches when the run recorded no tail model (fixed threshold, or too few
+# samples to fit one): the run's threshold plus this margin. Measured with sscd-distilled on
+# real photos (benchmarks/check_quality.py, docs/quality.md "check"): the best region of an
+# unrelated query reached 0.42 (the run's 0.60 minus 0.18) over ~50 regions × 12 samples per
+# query; copies found by their regions sit at 0.66-0.9 (median 0.85), and at 0.70 at least 7
+# of the 72 copies caught at 0.65 would be missed. Runs that recorded a tail model use it.
+REGION_MARGIN = 0.05
+
+
+def region_threshold(choice: dict | None, base: float, *, regions_per_query: float, n_ref: int,
+                     budget: float = 0.01, margin: float = REGION_MARGIN, ceiling: float = 0.98) -> dict:
+    """The cosine threshold for a query's region matches in ``dedup check``.
+
+    Each query is compared region by region (``regions_per_query``) with every one of the
+    ``n_ref`` training samples, so a query has ``R · n`` chances of a false flag, not ``n``.
+    With the run's tail model (``choice``: its stats.json ``embedding_threshold``, with
+    ``tail_start`` u, ``tail_share`` p and ``tail_rate`` λ), the expected false flags per query
+    are ``R · n · p · exp(-λ (t - u))``; the threshold is the smallest ``t`` ≥ ``base`` (the
+    run's own threshold) that keeps them under ``budget`` (0.01: one false flag per 100
+    queries), at most ``ceiling``. Without a tail model: ``base + margin``.
+
+    Returns ``{"value", "method" ("tail" | "margin"), "base", "budget_per_query",
+    "expected_false_flags_per_query" (None without a model), "regions_per_query", "n_ref"}``.
+    The tail is fitted on whole-image pairs; regions are smaller and blurrier, so treat the
+    estimate as a guide, not a guarantee (the margin path was measured on regions).
+    """
+    out = {"base": float(base), "budget_per_query": float(budget), "regions_per_query": float(regions_per_query),
+           "n_ref": int(n_ref), "expected_false_flags_per_query": None}
+    c = choice or {}
+    u, p, lam = c.get("tail_start"), c.get("tail_share"), c.get("tail_rate")
+    pairs = max(float(regions_per_query), 1.0) * max(int(n_ref), 1)
+    if u is not None and p and lam and lam > 0 and p > 0:
+        u, p, lam = float(u), float(p), float(lam)
+
+        def expected(t: float) -> float:
+            return pairs * p * math.exp(-lam * (t - u))
+
+        t = u + math.log(max(pairs * p / budget, 1e-300)) / lam
+        t = min(max(t, float(base)), ceiling)
+        out.update(value=round(t, 4), method="tail", expected_false_flags_per_query=expected(t))
+        return out
+    out.update(value=round(min(float(base) + float(margin), ceiling), 4), method="margin", margin=float(margin))
+    return out
