@@ -472,6 +472,10 @@ def check(
     within: Annotated[bool, typer.Option("--within", help="Cluster the queries among themselves instead (per --group-by group).")] = False,
     group_by: Annotated[Optional[str], typer.Option("--group-by", help="Sidecar JSON field that groups queries, e.g. prompt.")] = None,
     min_copies: Annotated[int, typer.Option("--min-copies", help="With --within: flag groups whose largest cluster has at least this many images.")] = 2,
+    regions: Annotated[
+        bool, typer.Option("--regions/--no-regions", help="Also match regions of each query (grids, content boxes): finds copies inside collages, scenes and re-photographs; ~30x the cost per query.")
+    ] = True,
+    max_regions: Annotated[Optional[int], typer.Option("--max-regions", help="At most this many regions per query (default: all, ~46 for a photo).")] = None,
 ) -> None:
     """Memorization guard: flag query images that are near-copies of a run's training samples.
 
@@ -484,7 +488,10 @@ def check(
     _setup_logging(True)
     try:
         _guard_check_out(queries, against, out_dir)
-        res = run_check(queries, against, out_dir, within=within, group_by=group_by, min_copies=min_copies)
+        if max_regions is not None and max_regions < 1:
+            raise ConfigError(f"--max-regions {max_regions}: must be at least 1 (or --no-regions)")
+        res = run_check(queries, against, out_dir, within=within, group_by=group_by, min_copies=min_copies,
+                        regions=regions, max_regions=max_regions)
     except DedupError as e:
         _fail(e)
     if within:
@@ -497,6 +504,9 @@ def check(
         err.print(f"wrote {out_dir}/within.parquet")
     else:
         stdout.print(f"{res['flagged']} of {res['queries']} queries flagged as near-copies of training samples")
+        if res.get("regions_per_query"):
+            err.print(f"{res['regions_per_query']:.1f} regions per query at cosine >= {(res.get('region_threshold') or {}).get('value')}, "
+                      f"{res.get('seconds_per_query', 0):.3f} s per query", highlight=False)
         err.print(f"wrote {out_dir}/check.parquet and {out_dir}/check.html")
 
 

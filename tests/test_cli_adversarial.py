@@ -113,6 +113,7 @@ CASES = {
     "check: --out a directory of user files": ["check", "queries", "--against", "run", "--out", "notarun"],
     "check: --out inside the queries": ["check", "queries", "--against", "run", "--out", "queries/c"],
     "check: --out inside the run": ["check", "queries", "--against", "run", "--out", "run/c"],
+    "check: --max-regions 0": ["check", "queries", "--against", "run", "--out", "c", "--max-regions", "0"],
     # calibrate / config
     "calibrate: --sample 0": ["calibrate", "shards", "--sample", "0", "--methods", HASHES],
     "calibrate: --methods empty": ["calibrate", "shards", "--methods", ""],
