@@ -170,11 +170,14 @@ def main() -> None:
         "",
         "- Keep all four signals on (the default): hashes are cheap and explain themselves; the copy-detection "
         "embedding catches what hashes cannot (crops, flips, rotations, padding, overlays).",
-        "- With SSCD, cosine 0.60 is the default: unrelated photos sit near 0 (median in table (a)), edited "
-        "copies mostly above 0.8. Its weakest edits are heavy JPEG re-encoding and padding (recall in table (a)); "
-        "the hashes cover the re-encodes, which is why the combined rule beats each signal. Lowering the "
+        "- With SSCD the family value is cosine 0.60: unrelated photos sit near 0 (median in table (a)), edited "
+        "copies mostly above 0.8. The run's threshold is `auto` by default: 0.60, or higher where the corpus's "
+        "unrelated pairs reach it (small or similar-looking photos; the CIFAR-10 rows of the groups section below) "
+        "— tables (a) and (b) here score pairs at the family value. Its weakest edits are heavy JPEG re-encoding and "
+        "padding (recall in table (a)); the hashes cover the re-encodes, and the pipeline hashes the content box, "
+        "which pairs a padded copy with its original (groups section). Lowering the "
         "threshold towards the value where (b) still has precision ≥ 0.99 (above) also catches re-shot scenes; "
-        "check the false-positive rate on your data with `dedup calibrate` first.",
+        "check what it means at your corpus's size with `dedup calibrate --corpus-size N` first.",
         "- pHash and dHash decide together (`hashes.cross_check`, on by default): a pair one hash finds counts "
         "only if the other is within twice its radius. On these edits that costs about 2 points of the hashes' recall "
         "(the embedding covers it in the combined rule); at scale it removes the unrelated images that collide "
@@ -185,12 +188,13 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        # keep the section benchmarks/quality_groups.py writes (between its markers)
+        # keep the sections other scripts write between their markers (quality_groups.py,
+        # check_quality.py: <!-- NAME:begin --> ... <!-- NAME:end -->)
         import re
 
         old = DOC.read_text() if DOC.exists() else ""
-        kept = re.search(r"<!-- groups:begin -->.*?<!-- groups:end -->", old, re.S)
-        DOC.write_text(text + ("\n" + kept.group(0) + "\n" if kept else ""))
+        kept = [m.group(0) for m in re.finditer(r"<!-- (\w+):begin -->.*?<!-- \1:end -->", old, re.S)]
+        DOC.write_text(text + "".join("\n" + k + "\n" for k in kept))
         print(f"wrote {DOC}", file=sys.stderr)
 
 
