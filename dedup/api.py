@@ -82,10 +82,9 @@ def run(
     direct = {k.replace("__", "."): v for k, v in settings.items()}
     cfg = load_config(config, None, **{"methods": methods, "embedding.spec": embedder, **direct})
     if "embedding" in cfg.methods:
-        from dedup.compute.embedders import parse_spec, preflight
+        from dedup.compute.embedders import parse_spec
 
         parse_spec(cfg.embedding.spec)
-        preflight(cfg.embedding.spec)
     outcome = run_pipeline(inputs, out, cfg, force=force, progress=progress)
     return Run(outcome.run_dir, outcome.exit_code)
 

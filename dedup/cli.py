@@ -169,10 +169,9 @@ def run(
         )
         _check_options(cfg, embedder=embedder, ray_address=ray_address, against=against, merge=merge)
         if "embedding" in cfg.methods:
-            from dedup.compute.embedders import parse_spec, preflight
+            from dedup.compute.embedders import parse_spec
 
-            parse_spec(cfg.embedding.spec)
-            preflight(cfg.embedding.spec)  # an unreachable model hub fails here, in seconds, before any work
+            parse_spec(cfg.embedding.spec)  # (the model hub is probed by run_pipeline, after the paths are checked)
         outcome = run_pipeline(inputs, out_dir, cfg, force=force, progress=not quiet, against=against, merge=merge)
     except DedupError as e:
         _fail(e)

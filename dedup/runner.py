@@ -244,6 +244,10 @@ def run_pipeline(
                               + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
         raise ConfigError(f"no shards found in {inputs}")
     locations = _guard_locations(inputs, out, refs, against)
+    if "embedding" in cfg.methods:  # an unreachable model hub fails here, in seconds, before any work
+        from dedup.compute.embedders import preflight
+
+        preflight(cfg.embedding.spec)
     run = RunDir(out)
     shard_urls = _canonical_urls([*refs, *missing])
     with RunLock(run) as lock:
