@@ -55,6 +55,44 @@ class Run:
         rd = RunDir(self.path)
         return rd.read_parquet(rd.p("pairs", "pairs.parquet"))
 
+    def images(self, sample_ids: list[str]) -> dict:
+        """The decoded images (PIL, RGB) of these samples, read back from the input shards."""
+        from dedup.compute.decode import decode_image
+        from dedup.io.shards import ShardReadResult, image_member, iter_samples
+        from dedup.records import ShardRef
+
+        rd = RunDir(self.path)
+        exts = tuple(self.config.input.image_exts)
+        wanted: dict[str, set[str]] = {}
+        for sid in sample_ids:
+            shard, key = sid.rsplit("/", 1)
+            wanted.setdefault(shard, set()).add(key)
+        out = {}
+        for shard, keys in wanted.items():
+            url = rd.read_json(rd.done(shard))["url"]
+            for sample in iter_samples(ShardRef(url, shard), ShardReadResult(), exts):
+                if sample.key in keys:
+                    data = image_member(sample, exts)[1]
+                    dec = decode_image(data) if data else None
+                    if dec is not None and dec.image is not None:
+                        out[f"{shard}/{sample.key}"] = dec.image.convert("RGB")
+        return out
+
+    def hash_pairs(self, method: str = "phash", radius: int = 16) -> pa.Table:
+        """Every pair of ok samples whose ``method`` hash (phash or dhash) is within ``radius``
+        bits: ``a``, ``b`` (sample ids), ``bits`` — to see what lies just outside the run's radius."""
+        import numpy as np
+        import pyarrow.compute as pc
+
+        from dedup.compute.candidates import hash_pairs
+
+        m = self.manifest(["sample_id", "status", method])
+        m = m.filter(pc.and_(pc.equal(m["status"], "ok"), pc.is_valid(m[method])))
+        ids = np.array(m["sample_id"].to_pylist(), dtype=object)
+        found = hash_pairs(m[method].to_numpy().astype(np.uint64), int(radius))
+        return pa.table({"a": pa.array(ids[found.i], pa.string()), "b": pa.array(ids[found.j], pa.string()),
+                         "bits": pa.array(np.asarray(found.score, np.int32))})
+
     def kept_ids(self) -> list[str]:
         """``sample_id`` of every kept sample (what ``dedup apply --keep-list`` writes)."""
         return sorted(self.manifest(["sample_id", "is_keeper"], filters=[("is_keeper", "=", True)])["sample_id"].to_pylist())

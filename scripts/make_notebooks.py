@@ -9,13 +9,12 @@ NB = Path(__file__).resolve().parent.parent / "notebooks"
 SETUP = '''import os, json
 from pathlib import Path
 import numpy as np
-import pyarrow.parquet as pq
-import pyarrow.compute as pc
+import dedup
 # The run directory to explore: set DEDUP_RUN_DIR, or run `dedup demo` first (writes dedup-demo/run).
 RUN = Path(os.environ.get("DEDUP_RUN_DIR", "dedup-demo/run"))
-assert (RUN / "manifest.parquet").exists(), f"{RUN} is not a finished dedup run"
-manifest = pq.read_table(RUN / "manifest.parquet")
-stats = json.loads((RUN / "stats.json").read_text())
+run = dedup.open_run(str(RUN))  # the public API (docs/api.md)
+manifest = run.manifest()
+stats = run.stats
 print(RUN, manifest.num_rows, "samples")'''
 
 
@@ -41,26 +40,12 @@ for keeper, n in largest.items():
     print(f"cluster of {n}, keeper {keeper}")
     print(members.to_string(index=False))
     print()'''),
-        nbf.v4.new_markdown_cell("## Thumbnails of one cluster\n\nImages are read back from the input shards (their URLs are in `done/<shard>.json`)."),
-        nbf.v4.new_code_cell('''import io
-from PIL import Image
-from dedup.io.shards import ShardReadResult, image_member, iter_samples
-from dedup.records import ShardRef
-
-def load_images(sample_ids, exts=("jpg", "jpeg", "png", "webp")):
-    out = {}
-    for sid in sample_ids:
-        shard, key = sid.rsplit("/", 1)
-        url = json.loads((RUN / "done" / f"{shard}.json").read_text())["url"]
-        for s in iter_samples(ShardRef(url, shard), ShardReadResult(), exts):
-            if s.key == key:
-                out[sid] = Image.open(io.BytesIO(image_member(s, exts)[1])).convert("RGB")
-                break
-    return out
+        nbf.v4.new_markdown_cell("## Thumbnails of one cluster\n\nImages are read back from the input shards (`Run.images`)."),
+        nbf.v4.new_code_cell('''from PIL import Image
 
 if len(largest):
     ids = df[df["cluster_id"] == largest.index[0]]["sample_id"].tolist()
-    imgs = load_images(ids)
+    imgs = run.images(ids)  # read back from the input shards
     strip = Image.new("RGB", (128 * len(imgs), 128), "white")
     for k, im in enumerate(imgs.values()):
         im.thumbnail((128, 128)); strip.paste(im, (128 * k, 0))
@@ -74,24 +59,25 @@ def calibrate() -> nbf.NotebookNode:
     nb.cells = [
         nbf.v4.new_markdown_cell("# Calibrate thresholds\n\nHow far apart are the pairs each method found, and where would a stricter or looser threshold cut? With a labelled ground truth (the demo writes `ground_truth.json` next to its shards, or set `DEDUP_TRUTH`), precision and recall per threshold."),
         nbf.v4.new_code_cell(SETUP),
-        nbf.v4.new_code_cell('''pairs = pq.read_table(RUN / "pairs" / "pairs.parquet").to_pandas()
+        nbf.v4.new_code_cell('''pairs = run.pairs().to_pandas()
 print(pairs.groupby("method")["score"].describe().to_string())
 stats["thresholds"]'''),
         nbf.v4.new_markdown_cell("## Hash distances of all pairs within a wider radius\n\nRecompute pHash pairs up to 16 bits from the manifest's hashes (cheap), to see what lies just outside the configured radius."),
-        nbf.v4.new_code_cell('''from dedup.compute.candidates import hash_pairs
-ok = manifest.filter(pc.equal(manifest["status"], "ok"))
-ids = np.array(ok["sample_id"].to_pylist())
-wide = hash_pairs(ok["phash"].to_numpy().astype(np.uint64), 16)
-hist = np.bincount(wide.score.astype(int), minlength=17)
+        nbf.v4.new_code_cell('''wide = run.hash_pairs("phash", radius=16)  # a, b, bits
+hist = np.bincount(wide["bits"].to_numpy(), minlength=17)
 dict(enumerate(hist.tolist()))'''),
         nbf.v4.new_markdown_cell("## Precision and recall per pHash radius (needs a ground truth)"),
         nbf.v4.new_code_cell('''truth_path = Path(os.environ.get("DEDUP_TRUTH", RUN.parent / "ground_truth.json"))
 rows = []
 if truth_path.exists():
-    from dedup.testing.synth import GroundTruth
-    truth = GroundTruth.from_json(truth_path).duplicate_pairs()
-    a, b, s = ids[wide.i], ids[wide.j], wide.score
-    is_dup = np.array([tuple(sorted(p)) in truth for p in zip(a, b)])
+    # the demo's ground truth: samples of one group are duplicates of each other
+    groups = {}
+    for smp in json.loads(truth_path.read_text())["samples"]:
+        if smp.get("group") is not None:
+            groups.setdefault(smp["group"], []).append(smp["sample_id"])
+    truth = {tuple(sorted((x, y))) for ids in groups.values() for k, x in enumerate(ids) for y in ids[k + 1:]}
+    a, b, s = wide["a"].to_pylist(), wide["b"].to_pylist(), wide["bits"].to_numpy()
+    is_dup = np.array([tuple(sorted(p)) in truth for p in zip(a, b)], bool)
     for r in range(0, 17):
         sel = s <= r
         tp = int((is_dup & sel).sum())
