@@ -64,7 +64,8 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 try:
-                    other = json.loads(open(self.path).read() or "{}")
+                    with open(self.path) as f:
+                        other = json.loads(f.read() or "{}")
                 except (OSError, ValueError):
                     other = {}
                 if other.get("host") == me["host"]:
