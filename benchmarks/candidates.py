@@ -186,7 +186,9 @@ def _key(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
 
 def _flat(n: int, seed: int, threshold: float, queries: int, out: Path) -> dict:
     """Exact reference in this process: all pairs (n ≤ exact_max) or sampled query rows."""
-    from dedup.compute.candidates import _canonical, _rows_f32, _single_threaded_libs, _tile, _Matmul, _n_threads, _pmap
+    from dedup.compute.search.kernels import Matmul, rows_f32, tile_pairs
+    from dedup.compute.search.pairs import canonical_pairs
+    from dedup.compute.search.threads import n_threads, pmap, single_threaded_libs
     from dedup.compute.candidates import brute_force_pairs
 
     x = np.load(_data_path(n, seed, threshold), mmap_mode="r")
@@ -199,23 +201,23 @@ def _flat(n: int, seed: int, threshold: float, queries: int, out: Path) -> dict:
     else:
         rng = np.random.default_rng(seed + 99)
         q = np.sort(rng.choice(n, size=queries, replace=False))
-        xq = _rows_f32(x, q)
-        mm = _Matmul(False)
+        xq = rows_f32(x, q)
+        mm = Matmul(False)
         block = 16384
         starts = list(range(0, n, block))
 
         def col(c0_: int):
             c1_ = min(n, c0_ + block)
-            got = _tile(mm, xq, _rows_f32(x, slice(c0_, c1_)), q, np.arange(c0_, c1_), threshold, None)
+            got = tile_pairs(mm, xq, rows_f32(x, slice(c0_, c1_)), q, np.arange(c0_, c1_), threshold, None)
             return got
 
         parts = []
-        with _single_threaded_libs():
-            for _, g in _pmap(col, starts, _n_threads(0)):
+        with single_threaded_libs():
+            for _, g in pmap(col, starts, n_threads(0)):
                 if g is not None:
                     parts.append(g)
         if parts:
-            p = _canonical(*(np.concatenate([g[k] for g in parts]) for k in range(3)))
+            p = canonical_pairs(*(np.concatenate([g[k] for g in parts]) for k in range(3)))
         else:
             from dedup.compute.candidates import Pairs
 
@@ -357,12 +359,12 @@ def run_embeddings(n: int, seed: int = 0, threshold: float = THRESHOLD, queries:
 
 def _hash_truth(h: np.ndarray, radius: int, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, float, float]:
     """Exact pairs within radius: all pairs (blockwise) or sampled query rows vs all."""
-    from dedup.compute.candidates import _hash_brute
+    from dedup.compute.search.hamming import hash_brute
 
     n = len(h)
     t0 = time.perf_counter()
     if queries <= 0 or queries >= n:
-        p = _hash_brute(h, radius)
+        p = hash_brute(h, radius)
         secs = time.perf_counter() - t0
         return p.i, p.j, p.score, "exact", secs, secs
     rng = np.random.default_rng(seed + 7)
@@ -383,7 +385,7 @@ def _hash_truth(h: np.ndarray, radius: int, queries: int, seed: int) -> tuple[np
 
 
 def run_hashes(n: int, seed: int = 0, radii: tuple[int, ...] = (4, 8, 12), queries: int | None = None) -> dict:
-    from dedup.compute.candidates import _plan_mih, hash_pairs
+    from dedup.compute.search.hamming import hash_pairs, plan_mih
 
     h = synth_hashes(n, seed)
     if queries is None:
@@ -397,7 +399,7 @@ def run_hashes(n: int, seed: int = 0, radii: tuple[int, ...] = (4, 8, 12), queri
         secs = time.perf_counter() - t0
         tot += secs
         found[r] = _key(p.i, p.j, n)
-        plan = _plan_mih(h, r, np.random.default_rng(0))
+        plan = plan_mih(h, r, np.random.default_rng(0))
         method = "exhaustive" if plan is None else f"MIH m={plan.m}, ±{plan.rp} bits/chunk"
         res[r] = {"seconds": round(secs, 2), "cpu_seconds": round(time.process_time() - c0, 2), "pairs": len(p),
                   "method": method}

@@ -44,22 +44,23 @@ def _rss_mb() -> float:
 
 def _truth(ref: np.ndarray, q: np.ndarray, threshold: float) -> set[tuple[int, int]]:
     """Exact (query, ref) pairs ≥ threshold: float32 products, float64 rescoring near it."""
-    from dedup.compute.candidates import _rows_f32, _single_threaded_libs, _pmap, _n_threads
+    from dedup.compute.search.kernels import rows_f32
+    from dedup.compute.search.threads import n_threads, pmap, single_threaded_libs
 
-    xq = _rows_f32(q, slice(0, len(q)))
+    xq = rows_f32(q, slice(0, len(q)))
     blocks = [(s, min(len(ref), s + (1 << 16))) for s in range(0, len(ref), 1 << 16)]
 
     def one(b):
         s, e = b
-        r = _rows_f32(ref, slice(s, e))
+        r = rows_f32(ref, slice(s, e))
         qi, ri = np.nonzero(xq @ r.T >= threshold - 1e-3)
         ex = np.einsum("ij,ij->i", q[qi].astype(np.float64), ref[s + ri].astype(np.float64))
         ok = ex >= threshold
         return list(zip(qi[ok].tolist(), (s + ri[ok]).tolist()))
 
     out: set = set()
-    with _single_threaded_libs():
-        for _, got in _pmap(one, blocks, _n_threads(0)):
+    with single_threaded_libs():
+        for _, got in pmap(one, blocks, n_threads(0)):
             out.update(got)
     return out
 

@@ -34,17 +34,18 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._table import machine_description, markdown_table, write_section  # noqa: E402
 from benchmarks.candidates import THRESHOLD, _ensure_data  # noqa: E402
-from dedup.compute.candidates import _rows_f32, kth_neighbour_similarity  # noqa: E402
+from dedup.compute.search.kernels import rows_f32  # noqa: E402
+from dedup.compute.search.knn import kth_neighbour_similarity  # noqa: E402
 
 K = 5
 
 
 def exact_kth(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
-    xq = _rows_f32(x, q)
+    xq = rows_f32(x, q)
     best = np.full((len(q), k), -np.inf, np.float32)
     n = x.shape[0]
     for c in range(0, n, 16384):
-        s = xq @ _rows_f32(x, slice(c, min(n, c + 16384))).T
+        s = xq @ rows_f32(x, slice(c, min(n, c + 16384))).T
         own = np.flatnonzero((q >= c) & (q < c + 16384))
         s[own, q[own] - c] = -np.inf
         both = np.concatenate([best, s], axis=1)
@@ -58,7 +59,7 @@ def old_seconds(x: np.ndarray) -> float:
     t = time.perf_counter()
     index = ivfflat_index(x)
     build = time.perf_counter() - t
-    q = _rows_f32(x, slice(0, 5000))
+    q = rows_f32(x, slice(0, 5000))
     t = time.perf_counter()
     index.search(q, K + 1)
     return build + (time.perf_counter() - t) * x.shape[0] / len(q)

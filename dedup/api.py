@@ -84,7 +84,7 @@ class Run:
         import numpy as np
         import pyarrow.compute as pc
 
-        from dedup.compute.candidates import hash_pairs
+        from dedup.compute.search.hamming import hash_pairs
 
         m = self.manifest(["sample_id", "status", method])
         m = m.filter(pc.and_(pc.equal(m["status"], "ok"), pc.is_valid(m[method])))

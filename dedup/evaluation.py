@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
-from dedup.compute.crossmatch import popcount64
+from dedup.compute.search.hamming import popcount64
 from dedup.config import Config
 from dedup.errors import ConfigError
 

@@ -263,7 +263,7 @@ def _checks(run: RunDir) -> list[dict]:
 def _below_hash(m, method: str, radius: int, limit: int, sample: int = 50_000) -> list[dict]:
     """Pairs just outside the radius (radius+1 .. radius+4 bits), from a bounded sample (the
     search at radius+4 is often exhaustive: 50 000 rows take ~1 s, 200 000 took ~12 s)."""
-    from dedup.compute.candidates import hash_pairs
+    from dedup.compute.search.hamming import hash_pairs
 
     ok = m.filter(pc.and_(pc.equal(m["status"], "ok"), pc.is_valid(m[method])))
     if ok.num_rows > sample:

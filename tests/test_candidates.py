@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 from dedup.compute import candidates as C
+from dedup.compute.search import bound as search_bound
+from dedup.compute.search import cosine as search_cosine
+from dedup.compute.search import knn as search_knn
 from dedup.compute.candidates import IVFParams, Pairs
 
 
@@ -174,7 +177,7 @@ def test_fp16_rows_convert_bit_exactly_through_torch(tmp_path):
     assert "torch" in __import__("sys").modules and torch is not None
     for rows in (slice(0, 300), slice(5, 200), np.array([0, 3, 3, 299]), np.arange(0, 300, 2)):
         for src in (x, mm):
-            got = C._rows_f32(src, rows)
+            got = C.rows_f32(src, rows)
             ref = np.asarray(src[rows]).astype(np.float32)
             assert got.dtype == np.float32 and got.flags.c_contiguous
             assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
@@ -240,9 +243,9 @@ def test_bound_rows_bound_every_cosine(emb):
     x = emb.astype(np.float64)
     exact = x[rows] @ x.T
     bound = z[rows].astype(np.float64) @ z.T.astype(np.float64)
-    assert (bound >= exact - C._BOUND_SLACK).all()
+    assert (bound >= exact - C.BOUND_SLACK).all()
     assert (bound >= exact).all()  # in fact without the slack here (it covers worst cases)
-    passed = (bound >= 0.9 - C._BOUND_SLACK).mean()
+    passed = (bound >= 0.9 - C.BOUND_SLACK).mean()
     assert passed < 10 * (exact >= 0.9).mean() and passed < 0.01
     # a row that is not unit-norm cannot be bounded this way: every pair with it is a candidate
     odd = C.Bound(C.train_ivf(emb, _bounded(*emb.shape), threshold=0.9).bound.axes)(
@@ -280,7 +283,7 @@ def test_unit_pairs_project_the_bound_on_the_fly(emb, monkeypatch):
     coarse = C.train_ivf(emb, params, threshold=0.9)
     units = C.make_units(plan, unit_rows=2000)
     sizes = np.diff(plan.member_offsets)
-    assert (sizes >= C._PROJECT_MIN_MEMBERS).sum() >= 6 and (sizes > 0).all()
+    assert (sizes >= C.PROJECT_MIN_MEMBERS).sum() >= 6 and (sizes > 0).all()
     for bs in (64, 300, 4096):
         plain = C.merge_pairs(C.unit_pairs(emb, u, 0.9, plan.params, block_size=bs) for u in units)
         rows = C.merge_pairs(C.unit_pairs(emb, u, 0.9, plan.params, block_size=bs, bound=plan.bound_rows)
@@ -290,10 +293,10 @@ def test_unit_pairs_project_the_bound_on_the_fly(emb, monkeypatch):
         assert projected == plain == rows and len(plain) > 500, bs
     # which lists took the prefilter: with a "slack" that rules out every pair, those find
     # nothing, the others (full products) still find theirs
-    monkeypatch.setattr(C, "_BOUND_SLACK", -1.0)
-    monkeypatch.setattr(C, "_PROJECT_MIN_MEMBERS", int(np.median(sizes[sizes > 0])) + 1)
+    monkeypatch.setattr(search_bound, "BOUND_SLACK", -1.0)
+    monkeypatch.setattr(search_cosine, "PROJECT_MIN_MEMBERS", int(np.median(sizes[sizes > 0])) + 1)
     small = C.merge_pairs(C.unit_pairs(emb, u, 0.9, plan.params, bound=coarse.bound) for u in units)
-    big = sizes[plan.assign] >= C._PROJECT_MIN_MEMBERS
+    big = sizes[plan.assign] >= search_cosine.PROJECT_MIN_MEMBERS
     assert len(small) > 0 and not (big[small.i] & big[small.j]).any()  # each found in a small list
     assert len(small) < len(plain)
 
@@ -311,7 +314,7 @@ def test_ivf_with_bound_recall_against_brute_force(emb):
     # k-means trains); assign_rows (the Ray tasks) computes them from x: the same partition
     plan = C.plan_ivf(emb, _bounded(*emb.shape), threshold=0.9)
     coarse = C.train_ivf(emb, _bounded(*emb.shape), threshold=0.9)
-    with C._single_threaded_libs():  # as the Ray tasks run it (multi-threaded BLAS rounds otherwise)
+    with C.single_threaded_libs():  # as the Ray tasks run it (multi-threaded BLAS rounds otherwise)
         assert np.array_equal(C.assign_rows(emb, coarse, slice(0, len(emb)))[0], plan.assign)
 
 
@@ -387,8 +390,8 @@ def test_auto_params():
     assert replace(p, nprobe=3).nprobe == 3
     # the visiting radius grows as the threshold drops; no margin = plain top-nprobe
     p = IVFParams.auto(10**6, 512)
-    assert C._probe_radius(p, 0.6) > C._probe_radius(p, 0.9) > C._probe_radius(p, 0.99) > 0
-    assert C._probe_radius(replace(p, probe_margin=None), 0.9) == float("inf")
+    assert C.probe_radius(p, 0.6) > C.probe_radius(p, 0.9) > C.probe_radius(p, 0.99) > 0
+    assert C.probe_radius(replace(p, probe_margin=None), 0.9) == float("inf")
 
 
 def test_adaptive_probing_visits_fewer_lists_and_stays_exact(emb):
@@ -473,12 +476,12 @@ def test_outlier_units_any_cut_same_scores(monkeypatch):
     ref = C.kth_neighbour_similarity(x, 5, valid=valid, exact_below=1000, stats=st)
     assert st["method"] == "ivf" and st["units"] == 1
     make = C.make_units
-    monkeypatch.setattr(C, "make_units", lambda plan, unit_rows=None: make(plan, 700))
+    monkeypatch.setattr(search_knn, "make_units", lambda plan, unit_rows=None: make(plan, 700))
     seen: list = []
 
     def backwards(units, k, block):
         seen.append(len(units))
-        with C._single_threaded_libs():  # as the worker threads and Ray tasks run BLAS
+        with C.single_threaded_libs():  # as the worker threads and Ray tasks run BLAS
             for pos in reversed(range(len(units))):
                 yield pos, C.outlier_unit(x, units[pos], k, block)
 
@@ -555,9 +558,9 @@ def test_more_lists_than_training_rows_uses_the_rows_as_centroids(emb):
     params = _ivf(*emb.shape, use_gpu=False, nlist=500, train_size=300)
     plan = C.plan_ivf(emb, params, threshold=0.9)
     assert plan.nlist == len(plan.centroids) == 500
-    sample = C._sample_rows(np.arange(len(emb)), 500, params.seed)
-    proj, _ = C._pca(C._rows_f32(emb, sample), params.pca_dim)
-    assert np.allclose(plan.centroids, proj(C._rows_f32(emb, sample)), atol=1e-5)
+    sample = C.sample_rows(np.arange(len(emb)), 500, params.seed)
+    proj, _ = C.fit_pca(C.rows_f32(emb, sample), params.pca_dim)
+    assert np.allclose(plan.centroids, proj(C.rows_f32(emb, sample)), atol=1e-5)
     p = C.embedding_pairs(emb, 0.9, params)
     truth = _set(C.brute_force_pairs(emb, 0.9))
     assert _set(p) <= truth and len(_set(p) & truth) >= 0.95 * len(truth)

@@ -381,7 +381,7 @@ def test_candidate_search_spread_over_ray_equals_serial(ray_cluster, monkeypatch
     serial = cand.embedding_pairs(x, 0.9, params=params, valid=ok)
     cfg = load_config(None, None, **{"run.executor": "ray"})
     # small row blocks, two per task: the coarse stage runs as 3 tasks, reassembled in order
-    monkeypatch.setattr(cand, "_ASSIGN_BLOCK", 1000)
+    monkeypatch.setattr("dedup.compute.search.coarse.ASSIGN_BLOCK", 1000)
     monkeypatch.setattr("dedup.phases.candidates._ASSIGN_BLOCKS_PER_TASK", 2)
     ticks = []
     st: dict = {}
@@ -413,7 +413,7 @@ def test_ray_candidate_search_equals_serial_with_the_bound_prefilter(ray_cluster
     st: dict = {}
     serial = cand.embedding_pairs(x, 0.9, params=params, valid=ok, stats=st)
     assert st["bound_width"] == 34 and len(serial.i) > 50
-    assert st["list_size_mean"] >= 2 * cand._PROJECT_MIN_MEMBERS
+    assert st["list_size_mean"] >= 2 * cand.PROJECT_MIN_MEMBERS
     cfg = load_config(None, None, **{"run.executor": "ray"})
     st_ray: dict = {}
     spread = _embedding_pairs_on_ray(cfg, cand, x, ok, 0.9, params, None, stats=st_ray)
@@ -442,7 +442,7 @@ def test_outlier_score_on_ray_reuses_the_ray_search_lists(ray_cluster, monkeypat
     serial_lists: dict = {}
     serial = cand.embedding_pairs(x, 0.9, params=params, valid=ok, lists_out=serial_lists)
     cfg = load_config(None, None, **{"run.executor": "ray"})
-    monkeypatch.setattr(cand, "_ASSIGN_BLOCK", 2000)  # several assignment tasks
+    monkeypatch.setattr("dedup.compute.search.coarse.ASSIGN_BLOCK", 2000)  # several assignment tasks
     ray_lists: dict = {}
     spread = _embedding_pairs_on_ray(cfg, cand, x, ok, 0.9, params, None, lists_out=ray_lists)
     assert serial == spread
@@ -450,7 +450,7 @@ def test_outlier_score_on_ray_reuses_the_ray_search_lists(ray_cluster, monkeypat
     for key in ("assign", "nearest"):
         assert np.array_equal(serial_lists[key], ray_lists[key]), key
     make = cand.make_units
-    monkeypatch.setattr(cand, "make_units", lambda plan, unit_rows=None: make(plan, 2000))  # several units
+    monkeypatch.setattr("dedup.compute.search.knn.make_units", lambda plan, unit_rows=None: make(plan, 2000))  # several units
     st_serial: dict = {}
     st_ray: dict = {}
     local = outlier_scores(x, ok, 5, stats=st_serial, lists=serial_lists)

@@ -273,9 +273,9 @@ def test_lock_is_not_taken_over_while_a_worker_of_its_dead_owner_runs(tmp_path):
 
 
 def test_thread_map_does_not_run_its_queue_when_interrupted():
-    """The candidate search's thread map (_pmap) is left by an interrupt: only the units
+    """The candidate search's thread map (pmap) is left by an interrupt: only the units
     already running finish, the queued ones are cancelled (before: all 40 ran, ~2 s)."""
-    from dedup.compute.candidates import _pmap
+    from dedup.compute.search.threads import pmap
 
     ran = []
 
@@ -284,7 +284,7 @@ def test_thread_map_does_not_run_its_queue_when_interrupted():
         ran.append(i)
         return i
 
-    gen = _pmap(unit, list(range(40)), 2)
+    gen = pmap(unit, list(range(40)), 2)
     next(gen)
     t0 = time.monotonic()
     gen.close()  # what an exception at the consumer does to the generator

@@ -7,7 +7,7 @@ incremental runs (new shards against a previous run's keepers). Pure numpy/faiss
   values; each query looks up its bucket per chunk with a binary search), verified exactly;
   plus the nearest reference hash per query for reporting.
 * embeddings: :class:`VectorIndex` — exact below ~50k reference vectors; above, the candidate
-  search's IVF lists (dedup.compute.candidates) with the queries as extra visitors, compared
+  search's IVF lists (dedup.compute.search) with the queries as extra visitors, compared
   list by list in matrix products, scores rescored exactly.
 """
 
@@ -18,12 +18,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-def popcount64(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.uint64)
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(x).astype(np.int64)
-    return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(axis=-1).astype(np.int64)
+from dedup.compute.search.bound import Bound, tile_pairs_bounded
+from dedup.compute.search.coarse import (
+    IVFCoarse,
+    Projection,
+    assign_blocks,
+    assign_coordinates,
+    centroid_gaps,
+    plan_ivf,
+)
+from dedup.compute.search.hamming import popcount64
+from dedup.compute.search.ivf import IVFParams, IVFPlan
+from dedup.compute.search.kernels import Matmul, rows_f32, tile_pairs
+from dedup.compute.search.threads import n_threads, pmap, single_threaded_libs
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,6 @@ class VectorIndex:
 
     def __init__(self, ref: np.ndarray, flat_max: int | None = None, seed: int = 1234, *, threshold: float = 0.9,
                  threads: int = 0, plan: object | None = None):
-        from dedup.compute import candidates as C
-
         if ref.ndim != 2:
             raise ValueError(f"reference vectors must be (n, d), got shape {ref.shape}")
         self.ref = ref
@@ -120,8 +125,8 @@ class VectorIndex:
         self.threads = int(threads)
         self.plan = plan
         if plan is None and self.n > (FLAT_MAX if flat_max is None else flat_max):
-            params = C.IVFParams.auto(self.n, self.d, self.threshold, seed=seed, threads=threads)
-            self.plan = C.plan_ivf(ref, params, threshold=self.threshold)
+            params = IVFParams.auto(self.n, self.d, self.threshold, seed=seed, threads=threads)
+            self.plan = plan_ivf(ref, params, threshold=self.threshold)
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -129,11 +134,9 @@ class VectorIndex:
         """Every (query, reference) pair with cosine ≥ ``threshold`` (ordered by query, then
         reference). With an IVF the lists are laid out for the build threshold; another
         threshold still works, with recall measured only for the build one."""
-        from dedup.compute import candidates as C
-
         if self.n == 0 or len(q) == 0:
             return _no_matches()
-        mm = C._Matmul(False)
+        mm = Matmul(False)
         bs = _BLOCK
         if self.plan is None:
             qz = rz = None
@@ -158,13 +161,13 @@ class VectorIndex:
             out = []
             for c0 in range(0, len(rrows), bs):
                 rr = rrows[c0 : c0 + bs]
-                zc = rz[rr] if rz is not None else C._rows_f32(self.ref, rr)
+                zc = rz[rr] if rz is not None else rows_f32(self.ref, rr)
                 for r0 in range(0, len(qrows), bs):
                     qr = qrows[r0 : r0 + bs]
                     if rz is not None:
-                        got = C._tile_bounded(mm, qz[qr], zc, qr, rr, q, threshold, None, x_c=self.ref)
+                        got = tile_pairs_bounded(mm, qz[qr], zc, qr, rr, q, threshold, None, x_c=self.ref)
                     else:
-                        got = C._tile(mm, C._rows_f32(q, qr), zc, qr, rr, threshold, None)
+                        got = tile_pairs(mm, rows_f32(q, qr), zc, qr, rr, threshold, None)
                     if got is not None:
                         out.append(got)
             return out
@@ -183,14 +186,12 @@ class VectorIndex:
         references; with an IVF, among the members of the query's ``nprobe`` nearest lists."""
         from dataclasses import replace
 
-        from dedup.compute import candidates as C
-
         nq, k = len(q), max(1, int(k))
         idx = np.full((nq, k), -1, np.int64)
         sims = np.full((nq, k), np.nan, np.float32)
         if self.n == 0 or nq == 0:
             return idx, sims
-        mm = C._Matmul(False)
+        mm = Matmul(False)
         bs = _BLOCK
         if self.plan is None:
             jobs = [(np.arange(a, min(nq, a + bs), dtype=np.int64), np.arange(self.n, dtype=np.int64))
@@ -212,10 +213,10 @@ class VectorIndex:
             out = []
             for r0 in range(0, len(qrows), bs):
                 qr = qrows[r0 : r0 + bs]
-                xq = C._rows_f32(q, qr)
+                xq = rows_f32(q, qr)
                 for c0 in range(0, len(rrows), bs):
                     rr = rrows[c0 : c0 + bs]
-                    s = mm(xq, C._rows_f32(self.ref, rr))
+                    s = mm(xq, rows_f32(self.ref, rr))
                     kk = min(k, s.shape[1])
                     top = np.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < s.shape[1] else np.broadcast_to(np.arange(s.shape[1]), s.shape)
                     out.append((np.repeat(qr, kk), rr[top].ravel(), np.take_along_axis(s, top, axis=1).ravel()))
@@ -276,8 +277,6 @@ class VectorIndex:
         import json
         import os
 
-        from dedup.compute import candidates as C
-
         try:
             with open(os.path.join(directory, "index.json")) as f:
                 meta = json.load(f)
@@ -291,25 +290,25 @@ class VectorIndex:
             a = np.load(os.path.join(directory, "ivf.npz"), allow_pickle=False)
         except (OSError, ValueError):
             return None
-        params = C.IVFParams(**meta["params"])
-        projection = C.Projection(a["axes"], a["shift"]) if "axes" in a else C.Projection(None, None)
-        bound = C.Bound(a["bound_axes"]) if "bound_axes" in a else None
+        params = IVFParams(**meta["params"])
+        projection = Projection(a["axes"], a["shift"]) if "axes" in a else Projection(None, None)
+        bound = Bound(a["bound_axes"]) if "bound_axes" in a else None
         centroids = a["centroids"]
-        gaps = C._centroid_gaps(centroids) if math.isfinite(meta["rho"]) and params.nprobe > 1 else None
-        coarse = C.IVFCoarse(projection, centroids, float(meta["rho"]), params, bound, gaps)
+        gaps = centroid_gaps(centroids) if math.isfinite(meta["rho"]) and params.nprobe > 1 else None
+        coarse = IVFCoarse(projection, centroids, float(meta["rho"]), params, bound, gaps)
         bound_rows = None
         if bound is not None:  # recomputed (n × ~130 floats: cheaper to project than to store)
             bound_rows = np.empty((ref.shape[0], bound.width), np.float32)
-            blocks = C.assign_blocks(ref.shape[0])
+            blocks = assign_blocks(ref.shape[0])
 
             def project(b):
                 s, e = b
-                bound_rows[s:e] = bound(C._rows_f32(ref, slice(s, e)))
+                bound_rows[s:e] = bound(rows_f32(ref, slice(s, e)))
 
-            with C._single_threaded_libs():
-                for _ in C._pmap(project, blocks, C._n_threads(threads)):
+            with single_threaded_libs():
+                for _ in pmap(project, blocks, n_threads(threads)):
                     pass
-        plan = C.IVFPlan(n=ref.shape[0], nlist=params.nlist, assign=a["assign"], member_rows=a["member_rows"],
+        plan = IVFPlan(n=ref.shape[0], nlist=params.nlist, assign=a["assign"], member_rows=a["member_rows"],
                          member_offsets=a["member_offsets"], visitor_rows=a["visitor_rows"],
                          visitor_offsets=a["visitor_offsets"], centroids=centroids, params=params,
                          bound_rows=bound_rows, coarse=coarse)
@@ -324,11 +323,9 @@ _BLOCK = 4096  # tile edge: ≤ 4096² float32 scores per worker thread
 def _run_jobs(run, jobs: list, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """``run(job)`` → list of (query rows, reference rows, values) for every job, on worker
     threads (BLAS single-threaded inside); the parts concatenated, or None if there are none."""
-    from dedup.compute import candidates as C
-
     parts: list = []
-    with C._single_threaded_libs():
-        for _, got in C._pmap(run, jobs, C._n_threads(threads)):
+    with single_threaded_libs():
+        for _, got in pmap(run, jobs, n_threads(threads)):
             parts.extend(got)
     if not parts:
         return None
@@ -341,25 +338,23 @@ def _no_matches() -> Matches:
 
 def _assign_queries(q: np.ndarray, coarse, threads: int, *, bound: bool):
     """Each query's own list, its visits ((query, list) pairs) and, if ``bound``, its bound rows."""
-    from dedup.compute import candidates as C
-
     nq = len(q)
-    blocks = C.assign_blocks(nq)
+    blocks = assign_blocks(nq)
     home = np.empty(nq, np.int32)
     qz = np.empty((nq, coarse.bound.width), np.float32) if bound and coarse.bound is not None else None
     visits: list = [None] * len(blocks)
 
     def one(k):
         s, e = blocks[k]
-        pz, zb = coarse.coordinates(C._rows_f32(q, slice(s, e)))
+        pz, zb = coarse.coordinates(rows_f32(q, slice(s, e)))
         if qz is not None:
             qz[s:e] = zb
-        p, vr, vl = C._assign(coarse, pz, np.arange(s, e, dtype=np.int64))
+        p, vr, vl = assign_coordinates(coarse, pz, np.arange(s, e, dtype=np.int64))
         home[s:e] = p
         visits[k] = (vr, vl)
 
-    with C._single_threaded_libs():
-        for _ in C._pmap(one, list(range(len(blocks))), C._n_threads(threads)):
+    with single_threaded_libs():
+        for _ in pmap(one, list(range(len(blocks))), n_threads(threads)):
             pass
     vr = np.concatenate([v[0] for v in visits]) if visits else np.empty(0, np.int64)
     vl = np.concatenate([v[1] for v in visits]) if visits else np.empty(0, np.int32)

@@ -47,7 +47,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["HASH_SIZE", "HASH_MIN_SIZE", "hash_images", "content_hashes", "resize_l", "phash_int", "dhash_int", "to_hex", "from_hex", "hamming"]
+from dedup.compute.search.hamming import popcount64
+
+__all__ = ["HASH_MIN_SIZE", "HASH_SIZE", "content_hashes", "dhash_int", "from_hex", "hamming", "hash_images", "phash_int", "resize_l", "to_hex"]
 
 HASH_SIZE = 8
 _PSIZE = HASH_SIZE * 4  # imagehash's highfreq_factor=4 → 32×32 before the DCT
@@ -290,7 +292,4 @@ def from_hex(s: str) -> int:
 
 def hamming(a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:
     """Element-wise Hamming distance of uint64 hashes."""
-    x = np.bitwise_xor(np.asarray(a, np.uint64), np.asarray(b, np.uint64))
-    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
-        return np.bitwise_count(x).astype(np.int64)
-    return np.unpackbits(x.reshape(-1, 1).view(np.uint8), axis=1).sum(axis=1).reshape(x.shape).astype(np.int64)
+    return popcount64(np.bitwise_xor(np.asarray(a, np.uint64), np.asarray(b, np.uint64)))

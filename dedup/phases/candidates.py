@@ -155,8 +155,9 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
                lists_out: dict | None = None) -> tuple[pa.Table, dict]:
     """Candidate pairs of every method in ``cfg.methods`` (+ how the searches went). With
     ``lists_out``, an embedding search on IVF lists (serial driver or Ray) leaves its rows'
-    nearest lists there for the outlier score (:func:`dedup.compute.candidates.embedding_pairs`)."""
-    from dedup.compute import candidates as cand
+    nearest lists there for the outlier score (:func:`dedup.compute.search.cosine.embedding_pairs`)."""
+    from dedup.compute import search as cand
+    from dedup.compute.search.hamming import popcount64
 
     ok = fs.ok()
     ids = fs.table["sample_id"].to_numpy(zero_copy_only=False)
@@ -191,7 +192,7 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
             col = fs.table[method]
             valid = ok & col.is_valid().to_numpy(zero_copy_only=False)
             h = col.fill_null(0).to_numpy().astype(np.uint64)
-            ones = np.bitwise_count(h) if hasattr(np, "bitwise_count") else np.array([bin(int(v)).count("1") for v in h])
+            ones = popcount64(h)
             k = cfg.hashes.min_informative_bits
             informative = (ones >= k) & (ones <= 64 - k)
             info.setdefault("uninformative_hashes", {})[method] = int((valid & ~informative).sum())
@@ -240,7 +241,7 @@ def embedding_threshold(cfg: Config, fs: FeatureSet, ok: np.ndarray):
     t0 = time.perf_counter()
     copies = None
     if {"phash", "dhash"} <= set(cfg.methods):  # pairs the hashes call copies are no unrelated pairs
-        from dedup.compute.crossmatch import popcount64
+        from dedup.compute.search.hamming import popcount64
 
         ph = fs.table["phash"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64)
         dh = fs.table["dhash"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64)
@@ -266,25 +267,26 @@ def _unit_task(x: np.ndarray, item) -> object:
     """One IVF work unit (a group of lists) on a Ray worker; ``x`` arrives from the object store.
     With the quantizer's :class:`Bound` (~0.3 MB), the unit projects its own rows for the
     prefilter: the n × 130 bound rows of the serial driver never travel."""
-    from dedup.compute import candidates as cand
+    from dedup.compute.search.cosine import unit_pairs
 
     unit, threshold, params, bound = item
-    return cand.unit_pairs(x, unit, threshold, params, bound=bound)
+    return unit_pairs(x, unit, threshold, params, bound=bound)
 
 
 def _assign_task(x: np.ndarray, item) -> object:
     """Rows of the coarse stage on a Ray worker: their lists, one block at a time."""
     import ray
 
-    from dedup.compute import candidates as cand
+    from dedup.compute.search.coarse import assign_rows
+    from dedup.compute.search.threads import single_threaded_libs
 
     _, coarse_ref, spans, keep = item
     coarse = ray.get(coarse_ref) if isinstance(coarse_ref, ray.ObjectRef) else coarse_ref
     out = []
-    with cand._single_threaded_libs():
+    with single_threaded_libs():
         for rows in spans:
             near = np.empty((len(rows), keep), np.int32) if keep else None
-            out.append((*cand.assign_rows(x, coarse, rows, near), near))
+            out.append((*assign_rows(x, coarse, rows, near), near))
     return out
 
 
@@ -298,7 +300,7 @@ def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, th
     coarse quantizer is trained in the driver (a sample), the rows are assigned to lists by
     tasks of row blocks, then each work unit is a task. Same pairs as the serial driver: row
     blocks and units are independent, and their merges are order-free. ``lists_out``: as in
-    :func:`dedup.compute.candidates.embedding_pairs` (the assignment tasks also return each
+    :func:`dedup.compute.search.cosine.embedding_pairs` (the assignment tasks also return each
     row's nearest lists, 20 bytes a row)."""
     from dedup.errors import DedupError
     from dedup.executors.ray import RayExecutor
@@ -317,7 +319,7 @@ def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, th
         # a task gets the row indices of its blocks (never the whole index array)
         groups = [list(range(k, min(len(blocks), k + _ASSIGN_BLOCKS_PER_TASK)))
                   for k in range(0, len(blocks), _ASSIGN_BLOCKS_PER_TASK)]
-        keep = min(cand._OUTLIER_NPROBE, coarse.params.nprobe) if lists_out is not None else 0
+        keep = min(cand.OUTLIER_NPROBE, coarse.params.nprobe) if lists_out is not None else 0
         items = [(k, coarse_ref, [idx[blocks[b][0] : blocks[b][1]] for b in g], keep) for k, g in enumerate(groups)]
         results: list = [None] * len(groups)
         done = 0

@@ -20,8 +20,9 @@ import numpy as np
 import pyarrow as pa
 
 from dedup.compute.clusters import Edges, keeper_clusters
-from dedup.compute.crossmatch import HashTable, VectorIndex, nearest_hash, popcount64
+from dedup.compute.crossmatch import HashTable, VectorIndex, nearest_hash
 from dedup.compute.regions import DEFAULT_GRIDS, RegionSpec
+from dedup.compute.search.hamming import popcount64
 from dedup.config import Config
 from dedup.errors import ConfigError, SchemaMismatchError
 from dedup.io.rundir import RunDir

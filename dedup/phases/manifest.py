@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dedup.compute.clusters import METHOD_PRIORITY, Edges, group_clusters, keeper_clusters, rank_order
-from dedup.compute.crossmatch import popcount64
+from dedup.compute.search.hamming import popcount64
 from dedup.config import Config
 from dedup.schema import MANIFEST_SCHEMA
 
@@ -185,13 +185,13 @@ def outlier_scores(emb: np.ndarray, ok: np.ndarray, k: int, stats: dict | None =
     """1 - cosine to the k-th nearest other ok sample (NaN where not computable).
 
     Exact below 10 000 ok samples; above, approximate over IVF lists with one matrix product
-    per list (:func:`dedup.compute.candidates.kth_neighbour_similarity`; ``lists``: the
+    per list (:func:`dedup.compute.search.knn.kth_neighbour_similarity`; ``lists``: the
     duplicate search's nearest lists, reused): measured at 10⁶ on the candidate benchmark's
     data, 48 s on its own, ~950 s for the faiss IVF index this used before, with outlier ranks
     correlating 0.96 with exact ones (benchmarks/outlier.py; docs/manifest.md).
     ``ray_cfg``: the lists' work units run as Ray tasks (:func:`outlier_units_on_ray`), same
     scores."""
-    from dedup.compute.candidates import kth_neighbour_similarity
+    from dedup.compute.search.knn import kth_neighbour_similarity
 
     spread = outlier_units_on_ray(ray_cfg, emb) if ray_cfg is not None else None
     sim = kth_neighbour_similarity(emb, int(k), valid=np.asarray(ok, bool), stats=stats, progress=progress, lists=lists,
@@ -201,15 +201,16 @@ def outlier_scores(emb: np.ndarray, ok: np.ndarray, k: int, stats: dict | None =
 
 def _outlier_task(x: np.ndarray, item) -> tuple[np.ndarray, np.ndarray]:
     """One work unit of the outlier search on a Ray worker (``x`` from the object store)."""
-    from dedup.compute import candidates as cand
+    from dedup.compute.search.knn import outlier_unit
+    from dedup.compute.search.threads import single_threaded_libs
 
     _, unit, k, block = item
-    with cand._single_threaded_libs():
-        return cand.outlier_unit(x, unit, k, block)
+    with single_threaded_libs():
+        return outlier_unit(x, unit, k, block)
 
 
 def outlier_units_on_ray(cfg: Config, emb: np.ndarray) -> Callable:
-    """``map_units`` for :func:`~dedup.compute.candidates.kth_neighbour_similarity`: each work
+    """``map_units`` for :func:`~dedup.compute.search.knn.kth_neighbour_similarity`: each work
     unit a Ray task, the embeddings put in the object store once (only if the search runs on
     IVF lists; below its exact threshold it stays in this process)."""
 

@@ -1,0 +1,156 @@
+"""Tile kernels of the cosine searches: rows gathered and converted from float16, the float32
+tile product (:class:`Matmul`: BLAS on CPU; faiss on GPU only with ``use_gpu``), candidates
+kept with a rounding margin and rescored exactly in float64 (see :mod:`dedup.compute.search`)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import numpy as np
+
+__all__ = [
+    "Matmul",
+    "exact_scores",
+    "f32_margin",
+    "gpu_available",
+    "rows_f32",
+    "tile_candidates",
+    "tile_pairs",
+    "want_fast_f16",
+]
+
+_F32 = np.float32
+
+
+def gpu_available() -> bool:
+    """True when faiss sees a CUDA GPU (faiss-gpu installed and a device visible)."""
+    try:
+        import faiss
+
+        return faiss.get_num_gpus() > 0
+    except Exception:  # pragma: no cover - faiss missing or broken CUDA
+        return False
+
+
+
+# numpy converts float16 one value at a time (≈2.5 ns per value on the benchmark machine: a
+# quarter of the pair stage); torch uses the CPU's F16C instructions (≈0.15 ns). torch is a
+# dependency (open_clip), but importing it costs ~2 s, so a search imports it only when its
+# conversions would cost more than that (want_fast_f16); once loaded it is always used.
+_FAST_F16_MIN_VALUES = 1 << 30
+
+
+def want_fast_f16(x: np.ndarray, values: float) -> None:
+    """Load torch for fp16 conversion when converting ``values`` float16 values pays for it."""
+    if x.dtype != np.float16 or "torch" in sys.modules or values < _FAST_F16_MIN_VALUES:
+        return
+    try:
+        import torch  # noqa: F401
+    except Exception:  # pragma: no cover - torch missing or broken: numpy conversion
+        pass
+
+
+def rows_f32(x: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
+    """Gather rows (sorted indices read a memmap front to back) and convert to float32
+    (bit-exact either way: every float16 value is a float32 value)."""
+    a = x[rows]
+    torch = sys.modules.get("torch") if a.dtype == np.float16 and a.size >= 4096 else None
+    if torch is None:
+        return np.ascontiguousarray(a, dtype=_F32)
+    if not (a.flags.writeable and a.flags.c_contiguous):
+        a = np.array(a, order="C")  # torch wants a writable buffer (memmap slices are not)
+    out = np.empty(a.shape, _F32)
+    torch.from_numpy(out).copy_(torch.from_numpy(a))
+    return out
+
+
+def f32_margin(d: int) -> float:
+    # above the worst-case float32 rounding of a d-term dot product of vectors of norm ≤ ~1
+    return d * 2.0**-22 + 1e-6
+
+
+_GPU_RES = None
+_GPU_LOCK = threading.Lock()
+
+
+class Matmul:
+    """S = A @ B.T in float32: BLAS on CPU, faiss ``pairwise_distance_gpu`` on GPU."""
+
+    def __init__(self, use_gpu: bool):
+        self.gpu = bool(use_gpu)
+        if self.gpu:
+            import faiss
+
+            global _GPU_RES
+            with _GPU_LOCK:
+                if _GPU_RES is None:
+                    _GPU_RES = faiss.StandardGpuResources()
+            self._faiss = faiss
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        if self.gpu:
+            f = self._faiss
+            with _GPU_LOCK:
+                return f.pairwise_distance_gpu(_GPU_RES, a, b, metric=f.METRIC_INNER_PRODUCT)
+        return a @ b.T
+
+
+def exact_scores(a: np.ndarray, b: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float64 dot products of a[r[k]] and b[c[k]] (exact for fp16-valued inputs, so the value
+    does not depend on how it is computed)."""
+    rs, inv_r = np.unique(r, return_inverse=True)
+    cs, inv_c = np.unique(c, return_inverse=True)
+    if len(rs) * len(cs) <= 4 * len(r):  # dense: one float64 product of the sub-block
+        sub = a[rs].astype(np.float64) @ b[cs].astype(np.float64).T
+        return sub[inv_r, inv_c]
+    out = np.empty(len(r), np.float64)
+    step = max(1, (1 << 21) // max(1, a.shape[1]))
+    for s in range(0, len(r), step):
+        e = min(len(r), s + step)
+        out[s:e] = np.einsum("ij,ij->i", a[r[s:e]].astype(np.float64), b[c[s:e]].astype(np.float64))
+    return out
+
+
+def tile_candidates(s: np.ndarray, lo: float, diag: tuple[int, int] | None):
+    """Positions (r, c) of tile ``s`` holding a value ≥ lo, each symmetric pair once (see
+    :func:`tile_pairs` for ``diag``); None when there are none. ``s`` is overwritten."""
+    lo = np.float32(lo)
+    sym = diag is not None and diag[0] > 0
+    if sym:
+        n_sym, offset = diag
+        r = np.arange(max(0, -offset), min(n_sym, s.shape[1] - offset))
+        s[r, r + offset] = -np.inf  # a row and itself (else every such row would be a hit)
+    # Candidates are rare: one reduction finds the rows holding any, and only those are
+    # compared in full (a compare + nonzero over the whole tile cost ~15% of the pair stage).
+    hit = np.flatnonzero(s.max(axis=1) >= lo)
+    if len(hit) == 0:
+        return None
+    if 2 * len(hit) > len(s):  # dense (e.g. a list of near-identical rows): no copy of the rows
+        r, c = np.nonzero(s >= lo)
+    else:
+        rr, c = np.nonzero(s[hit] >= lo)
+        r = hit[rr]
+    del s
+    if sym:
+        keep = (r >= n_sym) | (c > r + offset)  # each symmetric pair once (not its mirror)
+        r, c = r[keep], c[keep]
+        if len(r) == 0:
+            return None
+    return r, c
+
+
+def tile_pairs(mm: Matmul, xr, xc, rows_r, rows_c, threshold: float, diag: tuple[int, int] | None):
+    """Pairs (rows_r[r], rows_c[c]) with exact cosine ≥ threshold in one tile.
+
+    ``diag = (n_sym, offset)``: rows r < n_sym belong to the symmetric (member × member) part
+    and keep only columns c > r + offset (each pair once); other rows keep every column."""
+    got = tile_candidates(mm(xr, xc), threshold - f32_margin(xr.shape[1]), diag)
+    if got is None:
+        return None
+    r, c = got
+    sc = exact_scores(xr, xc, r, c)
+    ok = sc >= threshold
+    if not ok.any():
+        return None
+    return rows_r[r[ok]], rows_c[c[ok]], sc[ok].astype(_F32)
