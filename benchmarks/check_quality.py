@@ -30,12 +30,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._table import machine_description, markdown_table, write_section  # noqa: E402
 from dedup.testing.synth import real_photos  # noqa: E402
+from dedup.testing import variants  # noqa: E402
 from dedup.testing.variants import jpeg_bytes  # noqa: E402
 
 QUALITY = Path(__file__).resolve().parent.parent / "docs" / "quality.md"
@@ -119,11 +120,7 @@ def caption(im: Image.Image, rng, text: str = "when the model remembers  #ai #ar
     top = rng.random() < 0.5
     out.paste(im, (0, bar if top else 0))
     d = ImageDraw.Draw(out)
-    size = max(10, bar // 3)
-    try:
-        font = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
+    font = variants.font(max(10, bar // 3))
     fill = (0, 0, 0) if out.getpixel((0, 0 if top else h + bar - 1)) == (255, 255, 255) else (255, 255, 255)
     d.text((w // 30, (0 if top else h) + bar // 3), text, fill=fill, font=font)
     return out

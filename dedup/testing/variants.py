@@ -75,17 +75,22 @@ def letterbox(im: Image.Image, aspect: float | None = None, colour=(0, 0, 0)) ->
     return paste_on_canvas(im, size, colour)
 
 
+def font(size: int):
+    """Pillow's default font at ``size`` px (a fixed small bitmap font before Pillow 10.1)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
 def text_overlay(im: Image.Image, text: str = "SALE  -50%  www.example.com") -> Image.Image:
     im = im.convert("RGB").copy()
     w, h = im.size
     draw = ImageDraw.Draw(im)
     size = max(8, h // 9)
-    try:
-        font = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
+    font_ = font(size)
     for k, y in enumerate((h // 10, h // 2 - size // 2, h - h // 10 - size)):
-        draw.text((w // 20 + k * w // 30, y), text, fill=(255, 255, 255), font=font, stroke_width=max(1, size // 12), stroke_fill=(0, 0, 0))
+        draw.text((w // 20 + k * w // 30, y), text, fill=(255, 255, 255), font=font_, stroke_width=max(1, size // 12), stroke_fill=(0, 0, 0))
     return im
 
 
