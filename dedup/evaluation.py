@@ -326,17 +326,11 @@ def evaluate_scores(cfg: Config, scores: dict[str, np.ndarray], label: np.ndarra
 
 
 def finished_run(run_dir: str) -> tuple:
-    """(RunDir, run.json) of a finished run, or a :class:`ConfigError` saying what it is not."""
-    from dedup.io.rundir import RunDir
+    """(RunDir, run.json) of a finished run (:func:`dedup.io.rundir.finished_run`, plus a
+    run.json this version can read), or a :class:`ConfigError` saying what it is not."""
+    from dedup.io import rundir
 
-    try:
-        run = RunDir(run_dir)
-        done = run.exists(run.p("run.json")) and run.exists(run.p("manifest.parquet"))
-    except (ValueError, ImportError, OSError) as e:
-        raise ConfigError(f"cannot open run directory {run_dir}: {type(e).__name__}: {e}") from None
-    if not done:
-        what = "does not exist" if not run.exists(run.path) else "is not a finished dedup run (no run.json / manifest.parquet)"
-        raise ConfigError(f"run directory {run_dir} {what}")
+    run = rundir.finished_run(run_dir)
     try:
         info = run.read_json(run.p("run.json"))
         Config.model_validate(info["config"])

@@ -36,7 +36,7 @@ def test_api_errors_are_config_errors(tmp_path):
     import dedup
     from dedup.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="no such run directory"):
+    with pytest.raises(ConfigError, match="does not exist"):
         dedup.open_run(str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match="no such shard"):
         dedup.run(str(tmp_path / "missing.tar"), str(tmp_path / "r"), methods="exact")

@@ -134,11 +134,16 @@ class RunDir:
 
 def finished_run(run_dir: str) -> RunDir:
     """The finished run at ``run_dir``, or a one-line error saying what it is instead."""
-    run = RunDir(run_dir)
-    if not run.exists(run.path):
-        raise ConfigError(f"{run_dir}: no such run directory")
+    try:
+        run = RunDir(run_dir)
+        exists = run.exists(run.path)
+    except (ValueError, ImportError, OSError) as e:
+        raise ConfigError(f"cannot open run directory {run_dir}: {type(e).__name__}: {e}") from None
+    if not exists:
+        raise ConfigError(f"run directory {run_dir} does not exist")
     if not run.exists(run.p("run.json")):
-        raise ConfigError(f"{run_dir}: not a dedup run directory (no run.json)")
+        raise ConfigError(f"run directory {run_dir} is not a finished dedup run (no run.json)")
     if not run.exists(run.p("manifest.parquet")):
-        raise ConfigError(f"{run_dir}: the run has no manifest.parquet yet: finish it with `dedup run` first")
+        raise ConfigError(f"run directory {run_dir} is not a finished dedup run (no manifest.parquet yet: "
+                          "finish it with `dedup run` first)")
     return run
