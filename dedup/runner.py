@@ -351,10 +351,11 @@ def finish_run(
     from dedup.phases.manifest import build_manifest
 
     timings = dict(timings or {})
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fs = load_features(run, sorted(shard_ids), with_embeddings="embedding" in cfg.methods)
     timings["load"] = round(time.perf_counter() - t0, 3)
-    t0 = time.perf_counter()
+    timings["cpu_load"] = round(time.process_time() - c0, 3)  # cpu_*: this process's CPU seconds, all threads
+    t0, c0 = time.perf_counter(), time.process_time()
     with Progress(progress) as prog:
         bars: dict = {}
 
@@ -369,7 +370,8 @@ def finish_run(
     crash_point("candidates:before_write")
     run.write_parquet(run.p("pairs", "pairs.parquet"), pairs)
     timings["candidates"] = round(time.perf_counter() - t0, 3)
-    t0 = time.perf_counter()
+    timings["cpu_candidates"] = round(time.process_time() - c0, 3)
+    t0, c0 = time.perf_counter(), time.process_time()
     outlier = None
     outlier_search = None
     if fs.embeddings is not None and cfg.clusters.outlier_k > 0:
@@ -397,6 +399,7 @@ def finish_run(
     )
     run.write_parquet(run.p("manifest.parquet"), manifest)
     timings["manifest"] = round(time.perf_counter() - t0, 3)
+    timings["cpu_manifest"] = round(time.process_time() - c0, 3)
     status_counts = _count(fs.table["status"].to_pylist())
     return {
         **mstats,

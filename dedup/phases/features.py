@@ -119,20 +119,22 @@ class FeatureExtractor:
     # same three methods, so their features files are identical.
 
     def extract(self, ref: ShardRef) -> tuple[pa.Table, ShardReadResult, dict]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         scan: ShardScan | None = None
         embedded: list[tuple[list[str], np.ndarray | None, str | None]] = []
-        t_embed = 0.0
+        t_embed = c_embed = 0.0
         for item in self.scan(ref):
             if isinstance(item, EmbedChunk):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 vecs, err = self.embed_images(item.images)
                 t_embed += time.perf_counter() - t
+                c_embed += time.process_time() - c
                 embedded.append((item.keys, vecs, err))
             else:
                 scan = item
         assert scan is not None
-        timings = {**scan.timings, "embed": t_embed, "total": time.perf_counter() - t0}
+        timings = {**scan.timings, "embed": t_embed, "total": time.perf_counter() - t0,
+                   "cpu_embed": c_embed, "cpu_total": time.process_time() - c0}
         return self.assemble(ref, scan, embedded, timings)
 
     def scan(self, ref: ShardRef) -> Iterator[EmbedChunk | ShardScan]:
@@ -147,7 +149,8 @@ class FeatureExtractor:
         result = ShardReadResult()
         rows: dict[str, _Row] = {}
         pending: list[tuple[_Row, object]] = []
-        timings = {"decode": 0.0, "hash": 0.0}
+        # wall seconds, and process CPU seconds (cpu_*: all of this process's threads)
+        timings = {"decode": 0.0, "hash": 0.0, "cpu_decode": 0.0, "cpu_hash": 0.0}
 
         def flush() -> EmbedChunk | None:
             if not pending:
@@ -156,9 +159,10 @@ class FeatureExtractor:
             if self.want_hash:
                 from dedup.compute.hashes import content_hashes
 
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 ph, dh, kept = content_hashes(images)
                 timings["hash"] += time.perf_counter() - t
+                timings["cpu_hash"] += time.process_time() - c
                 for (row, _), p, d, k in zip(pending, ph, dh, kept):
                     row.phash, row.dhash, row.content_fraction = int(p), int(d), float(k)
             # Rows in a chunk are decoded (status ok), so never replaced later: keys are stable.
@@ -200,9 +204,10 @@ class FeatureExtractor:
             row.image_member, row.image_name, row.file_size = ext, sample.name(ext), len(data)
             if data:
                 row.sha256 = hashlib.sha256(data).digest()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             dec = decode_image(data, self.policy, min_size=self.min_size, gray=self.gray)
             timings["decode"] += time.perf_counter() - t
+            timings["cpu_decode"] += time.process_time() - c
             row.width, row.height, row.orig_mode, row.format = dec.width, dec.height, dec.orig_mode, dec.format
             if dec.status != Status.OK:
                 row.status, row.error = dec.status, dec.error
@@ -257,7 +262,8 @@ class FeatureExtractor:
         counts: dict[str, int] = {}
         for r in rows.values():
             counts[r.status.value] = counts.get(r.status.value, 0) + 1
-        timings = {k: timings.get(k, 0.0) for k in ("decode", "hash", "embed", "total")}
+        cpu = {k: timings[k] for k in ("cpu_decode", "cpu_hash", "cpu_embed", "cpu_total") if k in timings}
+        timings = {**{k: timings.get(k, 0.0) for k in ("decode", "hash", "embed", "total")}, **cpu}
         return table, scan.result, {"counts": counts, "timings": {k: round(v, 3) for k, v in timings.items()}}
 
     def _table(self, ref: ShardRef, rows: dict[str, _Row], embeddings: list[np.ndarray]) -> pa.Table:
