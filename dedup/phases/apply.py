@@ -25,15 +25,15 @@ import pyarrow.compute as pc
 from dedup.errors import ConfigError, DedupError
 from dedup.io.rundir import RunDir, finished_run
 from dedup.io.shards import _split_key
-from dedup.records import sample_id
+from dedup.records import Status, sample_id
 
 
 def keep_set(run: RunDir, include_failed: bool = False) -> tuple[dict[str, set[str]], dict[str, int]]:
     """(shard_id -> kept keys, shard_id -> rows in manifest) from the manifest."""
-    m = run.read_parquet(run.p("manifest.parquet"), columns=["shard_id", "key", "status", "is_keeper"])
+    m = run.read_parquet(run.manifest, columns=["shard_id", "key", "status", "is_keeper"])
     mask = m["is_keeper"]
     if include_failed:
-        mask = pc.or_(mask, pc.not_equal(m["status"], "ok"))
+        mask = pc.or_(mask, pc.not_equal(m["status"], Status.OK.value))
     kept = m.filter(mask)
     keys: dict[str, set[str]] = defaultdict(set)
     for sid, key in zip(kept["shard_id"].to_pylist(), kept["key"].to_pylist()):

@@ -19,7 +19,7 @@ from dedup.config import Config
 from dedup.faults import crash_point
 from dedup.io.rundir import RunDir
 from dedup.io.shards import ShardReadResult, caption_length, iter_samples, pick_image, shard_fingerprint
-from dedup.records import ShardRef, Status, sample_id
+from dedup.records import ModelInfo, ShardRef, Status, sample_id
 from dedup.schema import FEATURES_VERSION, features_schema
 
 log = logging.getLogger(__name__)
@@ -91,23 +91,26 @@ def decode_plan(draft: bool, want_hash: bool, embed_size: int | None) -> tuple[i
 class FeatureExtractor:
     """Holds what is expensive to set up (the embedder) for many shards in one process."""
 
-    def __init__(self, cfg: Config, embedder=None):
+    def __init__(self, cfg: Config, embedder=None, model: ModelInfo | None = None):
+        """``model`` instead of an embedder: what the model is, for stages that never embed
+        (the Ray executor's CPU tasks); :meth:`embed_images` then has no model to run."""
         self.cfg = cfg
         self.want_hash = bool({"phash", "dhash"} & set(cfg.methods))
         self.want_emb = "embedding" in cfg.methods
         self.embedder = embedder
-        if self.want_emb and self.embedder is None:
+        if self.want_emb and self.embedder is None and model is None:
             from dedup.compute.embedders import make_embedder
 
             self.embedder = make_embedder(cfg.embedding.spec, device=cfg.embedding.device, batch_size=cfg.embedding.batch_size)
         from dedup.compute.decode import DecodePolicy
 
         self.policy = DecodePolicy(max_pixels=cfg.decode.max_pixels, formats=tuple(cfg.decode.formats))
-        self.model_tag = self.embedder.tag if self.want_emb else None
-        self.dim = self.embedder.dim if self.want_emb else None
+        known = model if model is not None else self.embedder  # the model's tag, dim and input size
+        self.model_tag = known.tag if self.want_emb else None
+        self.dim = known.dim if self.want_emb else None
         self.features_hash = cfg.features_hash(self.model_tag)
         self.min_size, self.gray = decode_plan(
-            cfg.decode.draft, self.want_hash, int(self.embedder.input_size) if self.want_emb else None)
+            cfg.decode.draft, self.want_hash, int(known.input_size) if self.want_emb else None)
         # Images per group handed to hashing/embedding (one model batch, or several).
         self.batch = max(BATCH, cfg.embedding.batch_size) if self.want_emb else BATCH
 
