@@ -32,8 +32,11 @@ log = logging.getLogger("dedup")
 EXIT_OK, EXIT_USAGE, EXIT_PARTIAL = 0, 2, 3
 
 
-@dataclass
+@dataclass(frozen=True)
 class Outcome:
+    """What a run ended with: its exit code (``EXIT_OK`` / ``EXIT_PARTIAL``), the stats it wrote
+    to stats.json, and the run directory's URL."""
+
     exit_code: int
     stats: dict
     run_dir: str
