@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from dedup.errors import ConfigError, DedupError
 from dedup.io.rundir import RunDir, finished_run
-from dedup.io.shards import _split_key
+from dedup.io.shards import split_key
 from dedup.records import Status, sample_id
 
 
@@ -158,7 +158,7 @@ def _filter_shard(url: str, keep: set[str], out: IO[bytes]) -> tuple[int, int]:
                     put(reader.bytes_at(end, m.offset - end) or b"")
                 end = src.offset
                 header = reader.bytes_at(m.offset, m.offset_data - m.offset)
-                key, _ = _split_key(m.name)
+                key, _ = split_key(m.name)
                 if not (m.isfile() and key is not None and key in keep):
                     continue
                 data = src.extractfile(m).read()

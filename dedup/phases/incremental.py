@@ -180,9 +180,9 @@ def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[s
     is_prev = np.zeros(combined.num_rows, bool)
     is_prev[: prev_tbl.num_rows] = True
     is_prev = is_prev[order.to_numpy()]
-    from dedup.phases.manifest import _rank
+    from dedup.phases.manifest import keeper_rank
 
-    base = _rank(cfg, combined)
+    base = keeper_rank(cfg, combined)
     rank = np.lexsort((base, ~is_prev))  # previous keepers first, then the policy
     r = np.empty(len(rank), np.int64)
     r[rank] = np.arange(len(rank))

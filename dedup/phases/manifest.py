@@ -89,7 +89,9 @@ def _verified(edges: Edges, large: np.ndarray) -> Edges:
     return Edges(edges.i[keep], edges.j[keep], edges.method[keep], edges.score[keep])
 
 
-def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
+def keeper_rank(cfg: Config, table: pa.Table) -> np.ndarray:
+    """Each row's place in the keeper policy's order (``clusters.keeper_policy``; 0 = the best
+    keeper), ties broken by sample_id. ``table`` is sorted by sample_id."""
     cols = []
     for spec in cfg.clusters.keeper_policy:
         desc = spec.startswith("-")
@@ -243,7 +245,7 @@ def build_manifest(
     n = table.num_rows
     status = table["status"].to_numpy(zero_copy_only=False)
     ok = status == Status.OK.value
-    rank = _rank(cfg, table) if rank is None else rank
+    rank = keeper_rank(cfg, table) if rank is None else rank
     edges = _edges(cfg, table, pairs)
 
     def clusters(edges: Edges):
