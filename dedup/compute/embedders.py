@@ -237,13 +237,13 @@ def l2_normalize(vecs: np.ndarray, images: Sequence[Image.Image] | None = None) 
     images one cluster)."""
     v = np.asarray(vecs, np.float64)
     v = v.reshape(len(v), -1)
-    finite = np.isfinite(v).all(axis=1)
+    finite = np.all(np.isfinite(v), axis=1)
     norms = np.linalg.norm(np.where(finite[:, None], v, 0.0), axis=1)
     zero = finite & (norms < 1e-12)
     out = np.full(v.shape, np.nan, np.float32)
     good = finite & ~zero
     out[good] = (v[good] / norms[good, None]).astype(np.float32)
-    for i in np.flatnonzero(zero):
+    for i in np.flatnonzero(zero).tolist():
         out[i] = _fallback_vector(images[i] if images is not None else None, v.shape[1], i)
     if zero.any():
         log.info("embedder produced %d zero vector(s) (e.g. uniform images); replaced by content-seeded unit vectors",
@@ -418,7 +418,7 @@ class OnnxEmbedder(_ShapeBucketed):
         opts = dict(opts or {})
         want = (device or "auto").lower()
         available = ort.get_available_providers()
-        providers = ["CPUExecutionProvider"]
+        providers: list[str | tuple[str, dict[str, int]]] = ["CPUExecutionProvider"]
         if want == "auto" or want.startswith("cuda"):
             if "CUDAExecutionProvider" in available:
                 dev_id = int(want.split(":", 1)[1]) if ":" in want else 0

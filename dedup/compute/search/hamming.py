@@ -213,7 +213,7 @@ def hash_brute(h: np.ndarray, radius: int, block: int = 4096, threads: int = 0,
         index = faiss.IndexBinaryFlat(64)
         index.add(codes[r0:])
         lims, dist, lab = index.range_search(codes[r0:r1], int(radius) + 1)  # strict "<"
-        qi = np.repeat(np.arange(r1 - r0, dtype=_I64), np.diff(lims.astype(_I64)))
+        qi = np.repeat(np.arange(r1 - r0, dtype=_I64), np.diff(lims).astype(_I64))
         lab = lab.astype(_I64)
         keep = lab > qi  # upper triangle within the block; later rows entirely
         return qi[keep] + r0, lab[keep] + r0, dist[keep].astype(_F32)
