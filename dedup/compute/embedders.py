@@ -437,7 +437,7 @@ class OnnxEmbedder(_ShapeBucketed):
         so.log_severity_level = 3
         try:
             self.sess = ort.InferenceSession(path, sess_options=so, providers=providers)
-        except Exception as e:  # noqa: BLE001 - a broken or non-ONNX file: a config problem
+        except Exception as e:  # a broken or non-ONNX file: a config problem
             raise ConfigError(f"cannot load ONNX model {path}: {type(e).__name__}: {e}") from e
         self.device = "cuda" if "CUDAExecutionProvider" in self.sess.get_providers() else "cpu"
         inp = self.sess.get_inputs()[0]
@@ -504,7 +504,7 @@ class TorchScriptEmbedder(_ShapeBucketed):
         self.device = _torch_device(device)
         try:
             self.model = torch.jit.load(path, map_location=self.device).eval()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise ConfigError(f"cannot load TorchScript module {path}: {type(e).__name__}: {e}") from e
         self.size = int(opts.get("size", 224))
         self.fit = opts.get("fit", DEFAULT_FIT)
@@ -544,7 +544,7 @@ class OpenClipEmbedder(Embedder):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 model, _, preprocess = open_clip.create_model_and_transforms(arch, device="cpu", **kwargs)
-        except Exception as e:  # noqa: BLE001 - unknown tag, unreachable hub, bad checkpoint: say what to do
+        except Exception as e:  # unknown tag, unreachable hub, bad checkpoint: say what to do
             offline = os.path.isfile(pretrained) or pretrained == "none"
             raise ConfigError(
                 f"cannot load open_clip {arch} with pretrained={pretrained!r}: {type(e).__name__}: {e}"

@@ -31,7 +31,6 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import fsspec
 from braceexpand import braceexpand
 from fsspec.core import url_to_fs
 

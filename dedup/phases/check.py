@@ -517,8 +517,8 @@ def _box_pct(box, data: bytes) -> dict | None:
     _, _, w, h = _full_box(data)
     if not w or not h:
         return None
-    l, t, r, b = box
-    return {"left": 100 * l / w, "top": 100 * t / h, "width": 100 * (r - l) / w, "height": 100 * (b - t) / h}
+    x0, y0, x1, y1 = box
+    return {"left": 100 * x0 / w, "top": 100 * y0 / h, "width": 100 * (x1 - x0) / w, "height": 100 * (y1 - y0) / h}
 
 
 def _nearest_covers_matches(ti: np.ndarray, td: np.ndarray, m) -> tuple[np.ndarray, np.ndarray]:

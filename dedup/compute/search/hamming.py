@@ -264,7 +264,7 @@ def hash_mih(h: np.ndarray, radius: int, plan: MIHPlan, threads: int = 0,
         hb = _high_bit(masks.astype(np.uint64)).astype(vals.dtype)
         qblock = max(256, (1 << 20) // (len(masks) + 1))
 
-        def block(q0: int, k=k, vals=vals, bk=bk, rank=rank, own_end=own_end, masks=masks, hb=hb):
+        def block(q0: int, k=k, vals=vals, bk=bk, rank=rank, own_end=own_end, masks=masks, hb=hb, qblock=qblock):
             q1 = min(n, q0 + qblock)
             q = np.arange(q0, q1, dtype=_I64)
             v = vals[q0:q1]

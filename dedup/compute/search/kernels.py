@@ -29,7 +29,7 @@ def gpu_available() -> bool:
         import faiss
 
         return faiss.get_num_gpus() > 0
-    except Exception:  # pragma: no cover - faiss missing or broken CUDA
+    except Exception:  # noqa: BLE001  # pragma: no cover - faiss missing or broken CUDA
         return False
 
 
@@ -47,7 +47,7 @@ def want_fast_f16(x: np.ndarray, values: float) -> None:
         return
     try:
         import torch  # noqa: F401
-    except Exception:  # pragma: no cover - torch missing or broken: numpy conversion
+    except Exception:  # noqa: BLE001  # pragma: no cover - torch missing or broken: numpy conversion
         pass
 
 
