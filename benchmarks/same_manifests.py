@@ -92,17 +92,31 @@ def dedup_run(code: Path, cwd: Path, args: list[str], embedder: str) -> tuple[in
     return p.returncode, time.perf_counter() - t0
 
 
-def run_all(code: Path, work: Path, corpora: dict[str, list[str]], embedder: str) -> dict[str, dict]:
-    """Every case in ``work`` (relative --out / --against paths: the same strings for both revisions)."""
-    work.mkdir(parents=True)
-    out: dict[str, dict] = {}
-    code_s, t = dedup_run(code, work, [*corpora["synth"], "--out", "synth"], embedder)
-    out["synth"] = {"dir": work / "synth", "exit": code_s, "seconds": t}
-    code_b, t = dedup_run(code, work, [*corpora["bad"], "--out", "bad"], embedder)
-    out["bad"] = {"dir": work / "bad", "exit": code_b, "seconds": t}
-    code_1, t1 = dedup_run(code, work, [*corpora["day1"], "--out", "day1"], embedder)
-    code_2, t2 = dedup_run(code, work, [*corpora["day2"], "--out", "day2", "--against", "day1", "--merge"], embedder)
-    out["incremental"] = {"dir": work / "day2", "exit": (code_1, code_2), "seconds": t1 + t2, "first": work / "day1"}
+def run_cases(codes: dict[str, Path], base: Path, corpora: dict[str, list[str]], embedder: str) -> dict[str, dict[str, dict]]:
+    """Every case with each revision's code, the revisions alternating case by case (so that
+    a change in the machine's load falls on both); each revision in its own directory, with
+    relative --out / --against paths: the same strings for both."""
+    cases = {
+        "synth": [[*corpora["synth"], "--out", "synth"]],
+        "bad": [[*corpora["bad"], "--out", "bad"]],
+        "incremental": [[*corpora["day1"], "--out", "day1"],
+                        [*corpora["day2"], "--out", "day2", "--against", "day1", "--merge"]],
+    }
+    out: dict[str, dict[str, dict]] = {rev: {} for rev in codes}
+    for case, steps in cases.items():
+        for rev, code in codes.items():
+            work = base / f"runs-{rev}"
+            work.mkdir(exist_ok=True)
+            exits, seconds = [], 0.0
+            for args in steps:
+                code_, t = dedup_run(code, work, args, embedder)
+                exits.append(code_)
+                seconds += t
+            last = work / steps[-1][steps[-1].index("--out") + 1]
+            res: dict = {"dir": last, "exit": exits[0] if len(exits) == 1 else tuple(exits), "seconds": seconds}
+            if len(steps) > 1:
+                res["first"] = work / steps[0][steps[0].index("--out") + 1]
+            out[rev][case] = res
     return out
 
 
@@ -159,8 +173,8 @@ def main() -> int:
         code_a, commit_a = export(args.rev_a, base / "code-a")
         code_b, commit_b = export(args.rev_b, base / "code-b")
         corpora = make_corpora(base / "corpora")
-        res_a = run_all(code_a, base / "runs-a", corpora, args.embedder)
-        res_b = run_all(code_b, base / "runs-b", corpora, args.embedder)
+        res = run_cases({"a": code_a, "b": code_b}, base, corpora, args.embedder)
+        res_a, res_b = res["a"], res["b"]
         rows, all_ok = [], True
         for case in res_a:
             row, ok = compare(res_a[case], res_b[case])
