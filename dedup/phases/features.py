@@ -6,7 +6,6 @@ written last, after the features file, so a killed run resumes at shard granular
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from dedup.compute.signals import SignalPlan, decode_plan, hash_batch  # noqa: F401 - decode_plan re-exported (its old home)
 from dedup.config import Config
 from dedup.faults import crash_point
 from dedup.io.rundir import RunDir
@@ -65,29 +65,6 @@ class ShardScan:
     timings: dict
 
 
-def decode_plan(draft: bool, want_hash: bool, embed_size: int | None) -> tuple[int | None, bool]:
-    """How to decode for the signals a run computes: ``(min_size, gray)`` for
-    :func:`dedup.compute.decode.decode_image`. Every caller that must reproduce a run's hashes
-    (features, ``dedup check``, calibration) decodes through this, so their bits agree.
-
-    * ``min_size``: the smallest decoded short side that serves every signal (JPEG draft
-      decoding): the embedder's input size, ``HASH_MIN_SIZE`` for hashes, 1 for exact-only
-      runs (decode only to validate the image); None when ``decode.draft`` is off.
-    * ``gray``: no embedder, so only grey pixels are needed: draft-decoded JPEGs come back as
-      their luma channel (docs/hashing.md measures what that changes).
-    """
-    if not draft:
-        return None, False
-    sizes = []
-    if embed_size is not None:
-        sizes.append(int(embed_size))
-    if want_hash:
-        from dedup.compute.hashes import HASH_MIN_SIZE
-
-        sizes.append(int(HASH_MIN_SIZE))
-    return (max(sizes) if sizes else 1), embed_size is None
-
-
 class FeatureExtractor:
     """Holds what is expensive to set up (the embedder) for many shards in one process."""
 
@@ -100,14 +77,12 @@ class FeatureExtractor:
             from dedup.compute.embedders import make_embedder
 
             self.embedder = make_embedder(cfg.embedding.spec, device=cfg.embedding.device, batch_size=cfg.embedding.batch_size)
-        from dedup.compute.decode import DecodePolicy
-
-        self.policy = DecodePolicy(max_pixels=cfg.decode.max_pixels, formats=tuple(cfg.decode.formats))
         self.model_tag = self.embedder.tag if self.want_emb else None
         self.dim = self.embedder.dim if self.want_emb else None
         self.features_hash = cfg.features_hash(self.model_tag)
-        self.min_size, self.gray = decode_plan(
-            cfg.decode.draft, self.want_hash, int(self.embedder.input_size) if self.want_emb else None)
+        self.plan = SignalPlan.build(
+            cfg.decode.draft, cfg.decode.max_pixels, cfg.decode.formats, want_hash=self.want_hash,
+            embed_size=int(self.embedder.input_size) if self.want_emb else None)
         # Images per group handed to hashing/embedding (one model batch, or several).
         self.batch = max(BATCH, cfg.embedding.batch_size) if self.want_emb else BATCH
 
@@ -142,8 +117,6 @@ class FeatureExtractor:
         embeddings are wanted), in shard order, then the :class:`ShardScan` as the last item.
         Chunks hold the decoded images; consume them as they come to keep memory bounded.
         """
-        from dedup.compute.decode import decode_image
-
         result = ShardReadResult()
         rows: dict[str, _Row] = {}
         pending: list[tuple[_Row, object]] = []
@@ -154,10 +127,8 @@ class FeatureExtractor:
                 return None
             images = [im for _, im in pending]
             if self.want_hash:
-                from dedup.compute.hashes import content_hashes
-
                 t = time.perf_counter()
-                ph, dh, kept = content_hashes(images)
+                ph, dh, kept = hash_batch(images)
                 timings["hash"] += time.perf_counter() - t
                 for (row, _), p, d, k in zip(pending, ph, dh, kept):
                     row.phash, row.dhash, row.content_fraction = int(p), int(d), float(k)
@@ -198,11 +169,10 @@ class FeatureExtractor:
                 row.error = f"no member with an image extension or image content (members: {sorted(sample.members) or 'none'})"
                 continue
             row.image_member, row.image_name, row.file_size = ext, sample.name(ext), len(data)
-            if data:
-                row.sha256 = hashlib.sha256(data).digest()
             t = time.perf_counter()
-            dec = decode_image(data, self.policy, min_size=self.min_size, gray=self.gray)
+            read = self.plan.read(data)
             timings["decode"] += time.perf_counter() - t
+            row.sha256, dec = read.sha256, read.decoded
             row.width, row.height, row.orig_mode, row.format = dec.width, dec.height, dec.orig_mode, dec.format
             if dec.status != Status.OK:
                 row.status, row.error = dec.status, dec.error
