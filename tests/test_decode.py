@@ -456,3 +456,59 @@ def test_decode_plan():
     assert decode_plan(True, True, 224) == (224, False)  # an embedder needs colour
     assert decode_plan(True, True, 64) == (HASH_MIN_SIZE, False)
     assert decode_plan(True, False, None) == (1, True)  # exact-only: validate at the smallest size
+
+
+# ---------------------------------------------------------------- libjpeg-turbo fast path
+def _jpeg_variants() -> list[bytes]:
+    src = _astronaut()
+    out = []
+    for size in ((700, 520), (300, 200), (97, 61)):
+        im = src.resize(size)
+        for kw in ({"quality": 90}, {"quality": 75, "subsampling": 0}, {"quality": 85, "progressive": True},
+                   {"quality": 80, "subsampling": 1}):
+            b = io.BytesIO()
+            im.save(b, "JPEG", **kw)
+            out.append(b.getvalue())
+        for mode, orientation in (("L", 1), ("RGB", 6), ("L", 3), ("RGB", 8)):
+            ex = Image.Exif()
+            ex[0x0112] = orientation
+            b = io.BytesIO()
+            im.convert(mode).save(b, "JPEG", exif=ex.tobytes())
+            out.append(b.getvalue())
+    return out
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("simplejpeg") is None, reason="simplejpeg not installed")
+def test_turbo_path_equals_pillow_path(monkeypatch):
+    """JPEGs decoded by libjpeg-turbo (simplejpeg) give Pillow's pixels, mode and sizes, bit for
+    bit, at every draft size and in luma mode — so hashes and embeddings do not depend on
+    whether simplejpeg is installed."""
+    import dedup.compute.decode as dec
+
+    cases = _jpeg_variants()
+    fast = [[dec.decode_image(b, min_size=m, gray=g) for m in (None, 1, 96, 288) for g in (False, True)] for b in cases]
+    monkeypatch.setattr(dec, "_turbo", None)
+    slow = [[dec.decode_image(b, min_size=m, gray=g) for m in (None, 1, 96, 288) for g in (False, True)] for b in cases]
+    n = 0
+    for fs, ss in zip(fast, slow):
+        for f, s in zip(fs, ss):
+            assert (f.status, f.width, f.height, f.orig_mode, f.format) == (s.status, s.width, s.height, s.orig_mode, s.format)
+            assert f.image is not None and s.image is not None
+            assert f.image.mode == s.image.mode and f.image.size == s.image.size
+            assert np.array_equal(np.asarray(f.image), np.asarray(s.image))
+            n += 1
+    assert n == len(cases) * 8
+
+
+def test_truncated_jpeg_same_status_without_turbo(monkeypatch):
+    """A truncated JPEG: the fast path gives way to Pillow, whose status and message stand."""
+    import dedup.compute.decode as dec
+
+    b = io.BytesIO()
+    _astronaut().save(b, "JPEG", quality=90)
+    cut = b.getvalue()[: len(b.getvalue()) // 2]
+    with_turbo = dec.decode_image(cut, min_size=96, gray=True)
+    monkeypatch.setattr(dec, "_turbo", None)
+    without = dec.decode_image(cut, min_size=96, gray=True)
+    assert with_turbo.status == without.status == Status.DECODE_ERROR
+    assert with_turbo.error == without.error
