@@ -357,9 +357,14 @@ def test_draft_keeps_short_side_at_least_min_size(size):
         d = decode_image(data, min_size=min_size)
         im = ok(d)
         assert min(im.size) >= min(min_size, min(size))
-        factor = round(size[0] / im.size[0])
-        assert factor in (1, 2, 4, 8)
-        assert factor == 8 or min(size) // min_size < 2 * factor  # the largest allowed reduction
+        scales = [(n, den) for n, den in ((1, 1), (1, 2), (3, 8), (1, 4), (1, 8))
+                  if im.size == (-(-size[0] * n // den), -(-size[1] * n // den))]
+        assert scales, im.size  # a DCT scale: 1/2, 1/4, 1/8 (Pillow) or 3/8 (libjpeg-turbo, colour)
+        n, den = scales[-1]
+        if n == 3:
+            assert -(-min(size) * 3 // 8) >= min_size and min(size) // min_size < 4  # 1/4 would be too small
+        else:
+            assert den == 8 or min(size) // min_size < 2 * den  # the largest allowed reduction
         assert (d.width, d.height) == size
 
 
@@ -481,8 +486,8 @@ def _jpeg_variants() -> list[bytes]:
 @pytest.mark.skipif(__import__("importlib").util.find_spec("simplejpeg") is None, reason="simplejpeg not installed")
 def test_turbo_path_equals_pillow_path(monkeypatch):
     """JPEGs decoded by libjpeg-turbo (simplejpeg) give Pillow's pixels, mode and sizes, bit for
-    bit, at every draft size and in luma mode — so hashes and embeddings do not depend on
-    whether simplejpeg is installed."""
+    bit, at every draft size and in luma mode (these sizes never call for the 3/8 scale) — so
+    hashes do not depend on whether simplejpeg is installed."""
     import dedup.compute.decode as dec
 
     cases = _jpeg_variants()
@@ -512,3 +517,25 @@ def test_truncated_jpeg_same_status_without_turbo(monkeypatch):
     without = dec.decode_image(cut, min_size=96, gray=True)
     assert with_turbo.status == without.status == Status.DECODE_ERROR
     assert with_turbo.error == without.error
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("simplejpeg") is None, reason="simplejpeg not installed")
+def test_colour_draft_uses_three_eighths(monkeypatch):
+    """A colour draft (an embedder's input size) uses libjpeg-turbo's 3/8 scale where Pillow's
+    1/2 would be the next: fewer pixels, the short side still ≥ min_size, the original size
+    reported; luma drafts (hashes) keep Pillow's 1/2."""
+    import dedup.compute.decode as dec
+
+    data = encode(_astronaut().resize((1200, 900)), "JPEG", quality=90)
+    assert dec.JPEG_SCALES == "1/2,3/8,1/4,1/8"
+    d = dec.decode_image(data, min_size=288)
+    assert d.status == Status.OK and d.image is not None
+    assert d.image.size == (450, 338) and (d.width, d.height) == (1200, 900)  # ceil(3/8 of each side)
+    assert dec.decode_image(data, min_size=288, gray=True).image.size == (600, 450)  # luma: Pillow's 1/2
+    assert dec.decode_image(data, min_size=338).image.size == (450, 338)  # 3/8 of 900 = 337.5 → 338: 3/8 still
+    assert dec.decode_image(data, min_size=339).image.size == (600, 450)  # 3/8 too small: 1/2
+    # Against the full decode resized to the same size: the same picture.
+    full = np.asarray(dec.decode_image(data).image.resize((450, 338), Image.Resampling.BILINEAR, reducing_gap=3.0), np.float64)
+    assert np.abs(full - np.asarray(d.image, np.float64)).mean() < 3.0
+    monkeypatch.setattr(dec, "_turbo", None)
+    assert dec.decode_image(data, min_size=288).image.size == (600, 450)  # Pillow alone: 1/2

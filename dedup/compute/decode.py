@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 
 from dedup.records import Status
 
-__all__ = ["DecodePolicy", "Decoded", "decode_image"]
+__all__ = ["JPEG_SCALES", "DecodePolicy", "Decoded", "decode_image"]
 
 _ORIENTATION_TAG = 0x0112
 _SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that exchange width and height
@@ -151,11 +151,22 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
+# The DCT scales a colour JPEG may be draft-decoded at (an embedder runs; ``decode_image`` with
+# ``min_size`` and not ``gray``): with libjpeg-turbo also 3/8 — Pillow offers 1/2, 1/4 and 1/8
+# only, so a photo whose short side is 2.67-4× the model's input decodes at 3/8 instead of 1/2,
+# 44 % fewer pixels (benchmarks/decode.py: embeddings as close to the full decode's). Luma-only
+# drafts for hashes keep Pillow's scales (bits unchanged). Part of the features hash
+# (``Config.features_hash``): runs decoded with and without simplejpeg are not mixed.
+JPEG_SCALES = "1/2,3/8,1/4,1/8" if _turbo is not None else "1/2,1/4,1/8"
+
+
 def _turbo_decode(im: Image.Image, data: bytes, min_size: int, gray: bool, orientation: int) -> Image.Image | None:
     """A baseline/progressive YCbCr or grey JPEG decoded by libjpeg-turbo (simplejpeg) with the
     result Pillow's path gives, bit for bit (tests/test_decode.py): the same DCT scale as
     ``Image.draft`` (1/2, 1/4, 1/8: the output size is asked for exactly), the same IDCT
-    (islow) and upsampling (fancy), luma only where Pillow would decode "L". Skips Pillow's
+    (islow) and upsampling (fancy), luma only where Pillow would decode "L" — except that a
+    colour draft uses 3/8 where Pillow would use 1/2 and 3/8 still keeps ``min_size``
+    (:data:`JPEG_SCALES`). Skips Pillow's
     per-image decoder set-up and its RGB→RGBX→RGB copies (measured in docs/benchmarks.md).
     None on any error: the caller then decodes with Pillow, so statuses and messages are
     Pillow's."""
@@ -165,14 +176,18 @@ def _turbo_decode(im: Image.Image, data: bytes, min_size: int, gray: bool, orien
         q = min(w // min_size, h // min_size)
         scale = next(s for s in (8, 4, 2, 1) if q >= s)
     luma = im.mode == "L" or (gray and scale > 1)
+    num, den = 1, scale
+    if scale == 2 and not luma and -(-min(w, h) * 3 // 8) >= min_size:
+        num, den = 3, 8  # colour for an embedder: 3/8 where it keeps the input size (JPEG_SCALES)
+    out_h, out_w = -(-h * num // den), -(-w * num // den)
     try:
         assert _turbo is not None
         a = _turbo.decode_jpeg(data, colorspace="GRAY" if luma else "RGB", fastdct=False, fastupsample=False,
-                               min_height=-(-h // scale), min_width=-(-w // scale))
+                               min_height=out_h, min_width=out_w)
     except Exception:  # noqa: BLE001 - Pillow decodes it again and reports
         return None
-    if a.shape[:2] != (-(-h // scale), -(-w // scale)):
-        return None  # not the size Pillow would give (never seen): decode with Pillow
+    if a.shape[:2] != (out_h, out_w):
+        return None  # not the scale asked for (never seen): decode with Pillow
     out = Image.fromarray(a[:, :, 0] if luma else a, "L" if luma else "RGB")
     t = _TRANSPOSE.get(orientation)
     if t is not None:

@@ -77,10 +77,10 @@ class SignalPlan:
         min_size, gray = decode_plan(draft, want_hash, embed_size)
         return cls(DecodePolicy(max_pixels=int(max_pixels), formats=tuple(formats)), min_size, gray)
 
-    def read(self, data: bytes) -> ImageRead:
+    def read(self, data: bytes | None) -> ImageRead:
         """sha256 + decode of one member's bytes, at the plan's size."""
         sha = hashlib.sha256(data).digest() if data else None
-        return ImageRead(sha, decode_image(data, self.policy, min_size=self.min_size, gray=self.gray))
+        return ImageRead(sha, decode_image(data or b"", self.policy, min_size=self.min_size, gray=self.gray))
 
 
 def hash_batch(images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

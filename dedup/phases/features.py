@@ -7,9 +7,12 @@ written last, after the features file, so a killed run resumes at shard granular
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +24,9 @@ from dedup.io.rundir import RunDir
 from dedup.io.shards import ShardReadResult, caption_length, iter_samples, pick_image, shard_fingerprint
 from dedup.records import ShardRef, Status, sample_id
 from dedup.schema import FEATURES_VERSION, features_schema
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,55 @@ class ShardScan:
     timings: dict
 
 
+PREFETCH = 2  # chunks decoded ahead of the embedder: bounded memory (≤ 2 × batch images)
+
+_T = TypeVar("_T")
+
+
+def prefetch(items: Iterator[_T], depth: int) -> Iterator[_T]:
+    """``items``, produced by a worker thread at most ``depth`` items ahead of the consumer.
+
+    In :meth:`FeatureExtractor.extract` this overlaps reading, decoding and hashing the next
+    chunks with the embedding of the current one: libjpeg-turbo/Pillow decoding, numpy and
+    onnxruntime/torch inference all release the GIL. An exception in the producer is raised in
+    the consumer; a consumer that stops (an error, an interrupt) stops the producer at its next
+    item."""
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(msg: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(msg, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("done", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(("error", e))
+
+    worker = threading.Thread(target=produce, name="dedup-decode", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+
+
 class FeatureExtractor:
     """Holds what is expensive to set up (the embedder) for many shards in one process."""
 
@@ -85,6 +140,8 @@ class FeatureExtractor:
             embed_size=int(self.embedder.input_size) if self.want_emb else None)
         # Images per group handed to hashing/embedding (one model batch, or several).
         self.batch = max(BATCH, cfg.embedding.batch_size) if self.want_emb else BATCH
+        # Decode + hash the next chunks in a thread while this one is embedded (extract only).
+        self.overlap = True
 
     # ---------------------------------------------------------------------------------------
     # The features of a shard come from three stages, which the local executor runs in one
@@ -98,7 +155,8 @@ class FeatureExtractor:
         scan: ShardScan | None = None
         embedded: list[tuple[list[str], np.ndarray | None, str | None]] = []
         t_embed = 0.0
-        for item in self.scan(ref):
+        items = self.scan(ref)
+        for item in (prefetch(items, PREFETCH) if self.want_emb and self.overlap else items):
             if isinstance(item, EmbedChunk):
                 t = time.perf_counter()
                 vecs, err = self.embed_images(item.images)
@@ -119,7 +177,7 @@ class FeatureExtractor:
         """
         result = ShardReadResult()
         rows: dict[str, _Row] = {}
-        pending: list[tuple[_Row, object]] = []
+        pending: list[tuple[_Row, Image.Image]] = []
         timings = {"decode": 0.0, "hash": 0.0}
 
         def flush() -> EmbedChunk | None:
@@ -177,7 +235,7 @@ class FeatureExtractor:
             if dec.status != Status.OK:
                 row.status, row.error = dec.status, dec.error
                 continue
-            if self.want_hash or self.want_emb:
+            if (self.want_hash or self.want_emb) and dec.image is not None:  # OK: always an image
                 pending.append((row, dec.image))
                 if len(pending) >= self.batch:
                     chunk = flush()
