@@ -307,6 +307,20 @@ def prepare(im: Image.Image, size: int | tuple[int, int], fit: str) -> np.ndarra
     return np.asarray(resize(im, (nw, nh)).crop((left, top, left + tw, top + th)))
 
 
+def cpu_threads() -> int:
+    """Threads for a model's CPU inference: ``OMP_NUM_THREADS`` when set (the local executor
+    sets it to cores / workers in each worker), else the cores this process may run on (its
+    CPU affinity, which taskset, cgroup cpusets and Ray restrict) — not the machine's core
+    count, onnxruntime's default, which oversubscribes a process given fewer cores."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _torch_device(device: str) -> str:
     import torch
 
@@ -431,9 +445,7 @@ class OnnxEmbedder(_ShapeBucketed):
         elif want != "cpu":
             raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
         so = ort.SessionOptions()
-        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-        if threads > 0:
-            so.intra_op_num_threads = threads
+        so.intra_op_num_threads = cpu_threads()
         so.log_severity_level = 3
         try:
             self.sess = ort.InferenceSession(path, sess_options=so, providers=providers)
