@@ -150,7 +150,7 @@ def run(embedder_spec: str, crops: int) -> str:
                 f"{100 * recall:.1f}%", str(changed), f"{np.abs(pair - ref_pair).mean():.4f}"]
     headers = ["decode", "Mpx decoded per original", "decode ms/file", "preprocess + embed ms/file",
                "cosine to the full-decode vector, mean / p1 / min", f"edits found at cosine ≥ {threshold}",
-               "decisions ≠ full decode", "mean |Δ cosine| of (original, edit)"]
+               "decisions ≠ full decode", "mean abs. change of the (original, edit) cosine"]
     return (f"{len(srcs)} photos ≥ 1,000 px (3 Holidays photos of 3264×2448 and crops), {len(edits)} edits of them "
             f"({len(EDITS)} kinds, dedup.evaluation.EDITS), {len(files)} files; embedder {embedder_spec} "
             f"(input {size} px), one thread, CPU time:\n\n" + markdown_table(headers, rows))
