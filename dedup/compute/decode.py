@@ -196,7 +196,7 @@ def _turbo_decode(im: Image.Image, data: bytes, min_size: int, gray: bool, orien
 
 
 def _decode(data: bytes, policy: DecodePolicy, min_size: int | None, gray: bool = False) -> Decoded:
-    im = Image.open(io.BytesIO(data))  # formats=None: identify anything Pillow knows
+    im: Image.Image = Image.open(io.BytesIO(data))  # formats=None: identify anything Pillow knows
     fmt, mode = im.format, im.mode
     w, h = im.size
     if fmt not in policy.formats and str(fmt).upper() not in {f.upper() for f in policy.formats}:

@@ -226,6 +226,7 @@ class FeatureExtractor:
                 row.status = Status.NO_IMAGE
                 row.error = f"no member with an image extension or image content (members: {sorted(sample.members) or 'none'})"
                 continue
+            assert data is not None  # comes with ext
             row.image_member, row.image_name, row.file_size = ext, sample.name(ext), len(data)
             t = time.perf_counter()
             read = self.plan.read(data)
@@ -235,7 +236,8 @@ class FeatureExtractor:
             if dec.status != Status.OK:
                 row.status, row.error = dec.status, dec.error
                 continue
-            if (self.want_hash or self.want_emb) and dec.image is not None:  # OK: always an image
+            if self.want_hash or self.want_emb:
+                assert dec.image is not None  # status OK
                 pending.append((row, dec.image))
                 if len(pending) >= self.batch:
                     chunk = flush()
