@@ -36,7 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._table import machine_description, markdown_table, write_section  # noqa: E402
+from benchmarks._table import machine_description, markdown_table, write_section
 
 UKB = Path("/work/shared/data/ukbench_holidays")
 
