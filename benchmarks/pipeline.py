@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {name}: wall {wall:.1f} s, cpu {cpu:.1f} s, {n} images", file=sys.stderr)
     text = "\n".join([
         "### Keeping the cores busy (`benchmarks/pipeline.py`)", "",
-        f"`python benchmarks/pipeline.py` — {machine_description()}; {cores} cores given to the process (other "
-        f"sessions share the machine: wall times are noisy, CPU per image less so). One shard of {args.images} web-size "
+        f"`python benchmarks/pipeline.py` — {machine_description()}; {cores} cores given to the process; load average "
+        f"{os.getloadavg()[0]:.1f} at the end (above {cores}, other processes held the cores: wall times and 'cores busy' then "
+        f"say little, CPU per image more). One shard of {args.images} web-size "
         f"JPEGs (long side 320-1024 px), `FeatureExtractor.extract` with exact, pHash, dHash and {args.embedder} "
         f"embeddings (batch 32), best of {args.reps}:", "",
         markdown_table(["set-up", "wall ms/image", "CPU ms/image", "cores busy"], rows), "",
