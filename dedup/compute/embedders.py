@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from dedup.compute.hub import offline_hint, open_clip_weights, preflight  # noqa: F401 - public here too
+from dedup.compute.threads import cpu_threads
 from dedup.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -305,20 +306,6 @@ def prepare(im: Image.Image, size: int | tuple[int, int], fit: str) -> np.ndarra
     nw, nh = max(tw, round(w * s)), max(th, round(h * s))
     left, top = (nw - tw) // 2, (nh - th) // 2
     return np.asarray(resize(im, (nw, nh)).crop((left, top, left + tw, top + th)))
-
-
-def cpu_threads() -> int:
-    """Threads for a model's CPU inference: ``OMP_NUM_THREADS`` when set (the local executor
-    sets it to cores / workers in each worker), else the cores this process may run on (its
-    CPU affinity, which taskset, cgroup cpusets and Ray restrict) — not the machine's core
-    count, onnxruntime's default, which oversubscribes a process given fewer cores."""
-    env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _torch_device(device: str) -> str:
