@@ -330,7 +330,7 @@ def finished_run(run_dir: str) -> tuple:
 
     run = rundir.finished_run(run_dir)
     try:
-        info = run.read_json(run.p("run.json"))
+        info = run.read_json(run.run_json)
         Config.model_validate(info["config"])
     except Exception as e:  # noqa: BLE001 - unreadable or foreign run.json: a usage problem
         raise ConfigError(f"{run_dir}/run.json is not a dedup run description: {type(e).__name__}: {str(e).splitlines()[0]}") from None
@@ -388,7 +388,7 @@ def eval_run(run_dir: str, pairs_csv: str, cfg: Config | None = None, target_pre
     result["at_corpus_size"] = _at_corpus_size(result, int(sum(st == "ok" for st in status)), run)
     for w in result["warnings"]:
         log.warning("%s", w)
-    prefix = out_prefix or run.p("eval")
+    prefix = out_prefix or run.eval_prefix
     try:
         write_eval_outputs(result, prefix)
     except OSError as e:
@@ -419,7 +419,7 @@ def _at_corpus_size(result: dict, n: int, run) -> dict:
         if fp is not None and nneg:
             out["expected_false_pairs"][m] = fp / nneg * total
     try:
-        out["run_estimate"] = run.read_json(run.p("stats.json")).get("embedding_threshold")
+        out["run_estimate"] = run.read_json(run.stats).get("embedding_threshold")
     except (OSError, ValueError):
         out["run_estimate"] = None
     return out

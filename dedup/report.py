@@ -132,7 +132,7 @@ def _bar_svg(labels: list[str], values: list[int], width: int = 640, height: int
     return "".join(parts)
 
 
-def _thumbs(run: RunDir, wanted: set[str], image_exts: tuple[str, ...], size: int = 136) -> dict[str, str]:
+def thumbnails(run: RunDir, wanted: set[str], image_exts: tuple[str, ...], size: int = 136) -> dict[str, str]:
     """Data-URI JPEG thumbnails for the wanted sample ids, read from their shards."""
     from PIL import Image, ImageOps
 
@@ -224,7 +224,7 @@ def build_report(run_dir: str, max_clusters: int = 12, max_members: int = 8, max
 
     wanted = {mm["sample_id"] for c in clusters for mm in c["members"]}
     wanted |= {p[x] for rows in borderline.values() for p in rows for x in ("a", "b")}
-    thumbs = _thumbs(run, wanted, image_exts)
+    thumbs = thumbnails(run, wanted, image_exts)
     for c in clusters:
         for mm in c["members"]:
             mm["thumb"] = thumbs.get(mm["sample_id"])
@@ -233,7 +233,7 @@ def build_report(run_dir: str, max_clusters: int = 12, max_members: int = 8, max
             p["a_thumb"], p["b_thumb"] = thumbs.get(p["a"]), thumbs.get(p["b"])
 
     checks = _checks(run)
-    thumbs_checks = _thumbs(run, {t["match"] for c in checks for t in c.get("top", [])[:5] if t.get("match")}, image_exts, size=64) if checks else {}
+    thumbs_checks = thumbnails(run, {t["match"] for c in checks for t in c.get("top", [])[:5] if t.get("match")}, image_exts, size=64) if checks else {}
     stats.setdefault("duplicates_by_method", {})
     stats.setdefault("pairs", {})
     stats.setdefault("status_counts", {})

@@ -137,7 +137,7 @@ def _filter_shard(url: str, keep: set[str], out: IO[bytes]) -> tuple[int, int]:
     """
     from fsspec.core import url_to_fs
 
-    from dedup.io.shards import STREAM_ERRORS, _CountingReader, tar_stream
+    from dedup.io.shards import STREAM_ERRORS, CountingReader, tar_stream
 
     fs, path = url_to_fs(url)
     seen: set[str] = set()
@@ -149,7 +149,7 @@ def _filter_shard(url: str, keep: set[str], out: IO[bytes]) -> tuple[int, int]:
         written += len(b)
 
     with fs.open(path, "rb") as f:
-        reader = _CountingReader(tar_stream(f)[0])  # tar bytes (decompressed), where offsets live
+        reader = CountingReader(tar_stream(f)[0])  # tar bytes (decompressed), where offsets live
         try:
             src = tarfile.open(fileobj=reader, mode="r|")  # type: ignore[call-overload]  # "r|" only reads
             while (m := src.next()) is not None:

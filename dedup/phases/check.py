@@ -305,8 +305,8 @@ def _record_check(run: RunDir, out: RunDir, result: dict, flagged: list[dict]) -
 
     entry = {
         "out": out.path if not out.local else os.path.abspath(out.path),
-        "html": out.p("check.html") if not out.local else os.path.abspath(out.p("check.html")),
-        "parquet": out.p("check.parquet") if not out.local else os.path.abspath(out.p("check.parquet")),
+        "html": out.check_html if not out.local else os.path.abspath(out.check_html),
+        "parquet": out.check_parquet if not out.local else os.path.abspath(out.check_parquet),
         "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "queries": result["queries"], "flagged": result["flagged"],
         "regions": result.get("regions", False), "region_threshold": (result.get("region_threshold") or {}).get("value"),
@@ -314,7 +314,7 @@ def _record_check(run: RunDir, out: RunDir, result: dict, flagged: list[dict]) -
                  "cosine": r.get("region_cosine"), "box": r.get("region_box"), "whole": r.get("region_whole"),
                  "flagged_by": r["flagged_by"]} for r in flagged[:10]],
     }
-    path = run.p("checks.json")
+    path = run.checks
     try:
         checks = run.read_json(path) if run.exists(path) else []
         if not isinstance(checks, list):
@@ -415,7 +415,7 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
                 # matched at the run's threshold, then kept at the region threshold, which
                 # depends on how many regions the queries had
                 try:
-                    choice = run.read_json(run.p("stats.json")).get("embedding_threshold")
+                    choice = run.read_json(run.stats).get("embedding_threshold")
                 except (OSError, ValueError):
                     choice = None
                 kw = {} if region_margin is None else {"margin": float(region_margin)}
@@ -482,14 +482,14 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
         meta[b"region_threshold"] = json.dumps(result.get("region_threshold")).encode()
         schema = CHECK_SCHEMA.with_metadata(meta)
         table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
-        out.write_parquet(out.p("check.parquet"), table)
+        out.write_parquet(out.check_parquet, table)
         result["flagged"] = int(sum(r["flagged"] for r in rows))
         flagged = [r for r in rows if r["flagged"]]
         train_thumbs = _train_thumbs(run, info, {r["_top"] for r in flagged[:50]})
         for r in flagged[:50]:
             r["_box_pct"] = _box_pct(r.get("region_box"), blobs[r["img_index"]]) if r.get("region_box") and not r.get("region_whole") else None
         html = _CHECK_HTML.render(title=f"dedup check against {run_dir}", rows=flagged[:50], thumbs=thumbs, train=train_thumbs, result=result)
-        out.write_bytes(out.p("check.html"), html.encode())
+        out.write_bytes(out.check_html, html.encode())
         if record:
             _record_check(run, out, result, flagged)
     else:
@@ -562,15 +562,15 @@ def _within(cfg, rows, ok_rows, qi, ph, dh, emb, out: RunDir, min_copies: int, r
         })
     report.sort(key=lambda x: (-x["largest_cluster"], x["group"]))
     tbl = pa.Table.from_pylist(report, schema=pa.schema([("group", pa.string()), ("samples", pa.int32()), ("largest_cluster", pa.int32()), ("flagged", pa.bool_()), ("members", pa.list_(pa.string()))]))
-    out.write_parquet(out.p("within.parquet"), tbl)
+    out.write_parquet(out.within_parquet, tbl)
     return report
 
 
 def _train_thumbs(run: RunDir, info: dict, ids: set) -> dict:
-    from dedup.report import _thumbs
+    from dedup.report import thumbnails
 
     ids = {i for i in ids if i}
-    return _thumbs(run, ids, tuple(info["config"]["input"]["image_exts"]), size=128) if ids else {}
+    return thumbnails(run, ids, tuple(info["config"]["input"]["image_exts"]), size=128) if ids else {}
 
 
 from jinja2 import Environment, select_autoescape  # noqa: E402
