@@ -31,7 +31,6 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import fsspec
 from braceexpand import braceexpand
 from fsspec.core import url_to_fs
 
@@ -46,7 +45,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _TEXT_EXTS = frozenset({"txt", "text", "json", "jsonl", "cls", "cls2", "caption", "csv", "tsv", "xml", "html", "yaml", "yml", "md"})
 
 
-def _split_key(name: str) -> tuple[str | None, str | None]:
+def split_key(name: str) -> tuple[str | None, str | None]:
     """WebDataset convention: ``dir/a.v2.jpg`` -> (``dir/a``, ``v2.jpg``)."""
     d, base = posixpath.split(name)
     if "." not in base or base.startswith("."):
@@ -146,7 +145,7 @@ def shard_fingerprint(url: str) -> dict:
     """Cheap identity of a shard's content for resume checks: size plus mtime/etag if known."""
     fs, path = url_to_fs(url)
     info = fs.info(path)
-    fp = {"size": int(info.get("size") or 0)}
+    fp: dict[str, int | str] = {"size": int(info.get("size") or 0)}
     for k in ("mtime", "ETag", "etag", "LastModified", "last_modified"):
         if k in info and info[k] is not None:
             fp["version"] = str(info[k])
@@ -232,7 +231,7 @@ def tar_stream(f) -> tuple[object, bool]:
     head = f.read(2)
     src = _Prefixed(head, f)
     if head == _GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=src, mode="rb"), True
+        return gzip.GzipFile(fileobj=src, mode="rb"), True  # type: ignore[call-overload]  # reads only: no seek needed
     return src, False
 
 
@@ -287,7 +286,7 @@ def iter_samples(ref: ShardRef, result: ShardReadResult, image_exts: tuple[str, 
         try:
             stream, gzipped = tar_stream(raw)
             reader = _CountingReader(stream)  # bytes of the tar (decompressed), where offsets live
-            tf = tarfile.open(fileobj=reader, mode="r|")
+            tf = tarfile.open(fileobj=reader, mode="r|")  # type: ignore[call-overload]  # "r|" only reads
         except STREAM_ERRORS as e:
             _drain_quietly(raw)
             result.bytes_read = raw.pos
@@ -310,7 +309,7 @@ def iter_samples(ref: ShardRef, result: ShardReadResult, image_exts: tuple[str, 
                 if m is None:
                     break
                 result.members += 1
-                key, ext = _split_key(m.name)
+                key, ext = split_key(m.name)
                 if not m.isfile():
                     kind = _member_type(m)
                     why = _why_not_followed(m, kind)
@@ -333,6 +332,7 @@ def iter_samples(ref: ShardRef, result: ShardReadResult, image_exts: tuple[str, 
                     current = None
                 if current is None:
                     current = Sample(key)
+                assert ext is not None  # a key comes with an extension
                 ext = ext.lower()
                 try:
                     data = tf.extractfile(m).read()
