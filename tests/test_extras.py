@@ -140,6 +140,7 @@ def test_the_hook_blocks_the_extras_and_every_core_module_imports(core_env):
     assert r.stdout.strip() == "[('dedup.executors.ray', 'ray')]"
 
 
+@pytest.mark.slow  # ~10-25 s: a run, a report and an apply, each a fresh process
 def test_hash_only_run_report_apply_on_core(core_env, shards, tmp_path):
     src, planted, n_rows = shards
     run = tmp_path / "run"
