@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dedup.errors import ConfigError, DedupError
+from dedup.extras import need
 from dedup.records import METHODS
 
 app = typer.Typer(
@@ -208,6 +209,10 @@ def demo(
     from dedup.testing.synth import make_shards
 
     _setup_logging(quiet)
+    try:
+        need("dedup demo", "skimage", "webdataset")  # its photos and its shard writer
+    except DedupError as e:
+        _fail(e)
     shards = out_dir / "shards"
     run_dir = out_dir / "run"
     err.print(f"writing demo shards to {shards} ...")
@@ -322,6 +327,7 @@ def eval_cmd(
 
     _setup_logging(True)
     try:
+        need("dedup eval (its precision-recall plot)", "matplotlib")
         if not 0.0 < target_precision <= 1.0:
             raise ConfigError(f"--target-precision {target_precision}: must be in (0, 1], e.g. 0.99")
         if out is not None:

@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from dedup.compute.search.hamming import popcount64
 from dedup.config import Config
 from dedup.errors import ConfigError
+from dedup.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -434,8 +435,7 @@ def write_eval_outputs(result: dict, prefix: str) -> list[str]:
         json.dump(summary, f, indent=1, allow_nan=False)
     rows = [{"signal": m, **r} for m, rs in result["curves"].items() for r in rs]
     pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("signal", pa.string()), ("threshold", pa.float64()), ("precision", pa.float64()), ("recall", pa.float64()), ("f1", pa.float64())])), prefix + ".parquet")
-    import matplotlib
-
+    matplotlib = require("the precision-recall plot", "matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

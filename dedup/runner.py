@@ -21,6 +21,7 @@ import pyarrow as pa
 from dedup import __version__, interrupt
 from dedup.config import Config
 from dedup.errors import ConfigError
+from dedup.extras import need
 from dedup.faults import crash_point
 from dedup.io.rundir import RunDir
 from dedup.io.shards import list_shards
@@ -241,6 +242,8 @@ def run_pipeline(
     from dedup.phases.features import FeatureExtractor, marker_is_current
 
     t_start = time.perf_counter()
+    if cfg.run.executor == "ray":
+        need("--executor ray", "ray", hint="or --executor local")
     refs, missing = list_shards(inputs)
     if not refs:
         if missing:

