@@ -38,12 +38,11 @@ from PIL import Image
 from sameruns import assert_same_manifest
 
 ray = pytest.importorskip("ray")
-from ray._private import ray_constants  # noqa: E402 - after the importorskip
-from ray.cluster_utils import Cluster  # noqa: E402
+from ray.cluster_utils import Cluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-STORE = ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES  # Ray's smallest object store: 75 MiB
+STORE = 75 * 1024 * 1024  # Ray's smallest object store (its OBJECT_STORE_MINIMUM_MEMORY_BYTES)
 SIDE = 48  # pixel:48 → 2 304 dimensions
 SHARDS, PER_SHARD = 6, 3000
 EMBEDDING_BYTES = SHARDS * PER_SHARD * SIDE * SIDE * 2  # float16
@@ -55,7 +54,7 @@ TIMEOUT = 900
 
 def _dedup(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dedup.cli", "run", *args], capture_output=True, text=True,
-                          env=env, timeout=TIMEOUT)
+                          env=env, timeout=TIMEOUT, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +145,7 @@ def _node_of(cluster: Cluster, pid: int):
     """The worker node whose raylet started the worker process ``pid`` (None: not found)."""
     up = _ancestors(pid)
     for node in cluster.worker_nodes:
-        raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+        raylet = node.all_processes["raylet"][0].process.pid
         if raylet in up:
             return node
     return None
