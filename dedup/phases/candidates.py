@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -250,6 +250,7 @@ def embedding_threshold(cfg: Config, fs: FeatureSet, ok: np.ndarray):
         def copies(i: np.ndarray, j: np.ndarray) -> np.ndarray:
             return (popcount64(ph[i] ^ ph[j]) <= rp) & (popcount64(dh[i] ^ dh[j]) <= rd)
 
+    assert fs.embeddings is not None  # an embedding run
     choice = T.choose(fs.embeddings, ok, cfg.embedding.resolved_threshold(), rate=cfg.embedding.false_pair_rate,
                       sha=fs.table["sha256"].to_pylist(), copies=copies)
     log.info("embedding threshold auto: %.4f (family %.2f; %s; expected false pairs %s, budget %.1f) in %.1f s",
@@ -343,6 +344,7 @@ def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, th
         del results
         plan = cand.build_plan(n, coarse, idx, prim, visits)
         if near is not None:
+            assert lists_out is not None  # near is kept only for lists_out
             plan = cand.with_nearest(plan, idx, near)
             lists_out.update(cand.outlier_lists(plan))
             del near
