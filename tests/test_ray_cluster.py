@@ -37,8 +37,7 @@ import pytest
 from PIL import Image
 from sameruns import assert_same_manifest
 
-ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster
+Cluster = pytest.importorskip("ray.cluster_utils").Cluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -69,7 +68,7 @@ def corpus(tmp_path_factory) -> Path:
                 seed = k if k == 0 or rng.random() > 0.1 else int(rng.integers(0, k))
                 small = np.random.default_rng(seed).integers(0, 256, (6, 6, 3)).astype(np.uint8)
                 buf = io.BytesIO()
-                Image.fromarray(small).resize((SIDE, SIDE), Image.BICUBIC).save(buf, "JPEG", quality=90 if seed == k else 70)
+                Image.fromarray(small).resize((SIDE, SIDE), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90 if seed == k else 70)
                 ti = tarfile.TarInfo(f"s{k:06d}.jpg")
                 ti.size, ti.mtime = buf.tell(), 1_700_000_000
                 buf.seek(0)
@@ -87,7 +86,7 @@ def local_run(corpus, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def cluster(monkeypatch) -> Iterator[Cluster]:
+def cluster(monkeypatch) -> Iterator:
     """Head (no CPUs) + 2 worker nodes of 1 CPU, every object store 75 MiB. The nodes inherit
     this process's environment (set DEDUP_DELAY_AT before asking for the fixture). Its own Ray
     temp dir: the cluster's address file must not make another ``ray.init()`` on this machine
@@ -131,7 +130,7 @@ def test_cluster_run_equals_local_run(corpus, local_run, cluster, tmp_path):
 
 
 def _ancestors(pid: int) -> list[int]:
-    out = []
+    out: list[int] = []
     while pid > 1 and len(out) < 6:
         try:
             pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -141,7 +140,7 @@ def _ancestors(pid: int) -> list[int]:
     return out
 
 
-def _node_of(cluster: Cluster, pid: int):
+def _node_of(cluster, pid: int):
     """The worker node whose raylet started the worker process ``pid`` (None: not found)."""
     up = _ancestors(pid)
     for node in cluster.worker_nodes:

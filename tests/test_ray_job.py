@@ -111,7 +111,7 @@ def head() -> Iterator[Head]:
     port, dash = _free_port(), _free_port()
     ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                     "runtime-env-agent-port", "metrics-export-port")]
-    log = open(Path(temp) / "ray-start.log", "w")  # noqa: SIM115 - open while the head runs
+    log = open(Path(temp) / "ray-start.log", "w")  # open while the head runs
     proc = subprocess.Popen(
         [*RAY, "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats", *ports],
