@@ -447,6 +447,7 @@ class RayExecutor:
         task = ray.remote(_unit).options(
             num_cpus=self.cfg.ray.cpus_per_task if num_cpus is None else num_cpus, num_gpus=num_gpus,
             max_retries=self._retries(), retry_exceptions=True,
+            name=getattr(fn, "__name__", "unit"),  # the dashboard shows fn's name, not the wrapper's
         )
         if shared is not None:
             shared_ref = shared if isinstance(shared, ray.ObjectRef) else self.put(shared)
