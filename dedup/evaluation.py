@@ -87,23 +87,21 @@ class Signals:
 
 def compute_signals(blobs: list[bytes], cfg: Config, embedder=None) -> Signals:
     """Every signal for encoded images, decoded exactly as the pipeline decodes them."""
-    import hashlib
+    from dedup.compute.signals import SignalPlan, hash_batch
 
-    from dedup.compute.decode import DecodePolicy, decode_image
-    from dedup.compute.hashes import content_hashes
-    from dedup.phases.features import decode_plan
-
-    policy = DecodePolicy(max_pixels=cfg.decode.max_pixels, formats=tuple(cfg.decode.formats))
-    min_size, gray = decode_plan(cfg.decode.draft, True, int(embedder.input_size) if embedder is not None else None)
-    images = []
+    plan = SignalPlan.build(cfg.decode.draft, cfg.decode.max_pixels, cfg.decode.formats, want_hash=True,
+                            embed_size=int(embedder.input_size) if embedder is not None else None)
+    images, shas = [], []
     for b in blobs:
-        d = decode_image(b, policy, min_size=min_size, gray=gray)
-        if d.image is None:
-            raise ConfigError(f"calibration image could not be decoded: {d.error}")
-        images.append(d.image)
-    ph, dh, _ = content_hashes(images)  # as the run hashes: the content box
+        read = plan.read(b)
+        if read.decoded.image is None:
+            raise ConfigError(f"calibration image could not be decoded: {read.decoded.error}")
+        assert read.sha256 is not None  # decoded, so not zero bytes
+        images.append(read.decoded.image)
+        shas.append(read.sha256)
+    ph, dh, _ = hash_batch(images)  # as the run hashes: the content box
     emb = embedder.embed(images) if embedder is not None else None
-    return Signals([hashlib.sha256(b).digest() for b in blobs], ph, dh, emb)
+    return Signals(shas, ph, dh, emb)
 
 
 def pair_scores(s: Signals, i: np.ndarray, j: np.ndarray) -> dict[str, np.ndarray]:

@@ -44,7 +44,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _TEXT_EXTS = frozenset({"txt", "text", "json", "jsonl", "cls", "cls2", "caption", "csv", "tsv", "xml", "html", "yaml", "yml", "md"})
 
 
-def _split_key(name: str) -> tuple[str | None, str | None]:
+def split_key(name: str) -> tuple[str | None, str | None]:
     """WebDataset convention: ``dir/a.v2.jpg`` -> (``dir/a``, ``v2.jpg``)."""
     d, base = posixpath.split(name)
     if "." not in base or base.startswith("."):
@@ -308,7 +308,7 @@ def iter_samples(ref: ShardRef, result: ShardReadResult, image_exts: tuple[str, 
                 if m is None:
                     break
                 result.members += 1
-                key, ext = _split_key(m.name)
+                key, ext = split_key(m.name)
                 if not m.isfile():
                     kind = _member_type(m)
                     why = _why_not_followed(m, kind)

@@ -24,16 +24,16 @@ import pyarrow.compute as pc
 
 from dedup.errors import ConfigError, DedupError
 from dedup.io.rundir import RunDir, finished_run
-from dedup.io.shards import _split_key
-from dedup.records import sample_id
+from dedup.io.shards import split_key
+from dedup.records import Status, sample_id
 
 
 def keep_set(run: RunDir, include_failed: bool = False) -> tuple[dict[str, set[str]], dict[str, int]]:
     """(shard_id -> kept keys, shard_id -> rows in manifest) from the manifest."""
-    m = run.read_parquet(run.p("manifest.parquet"), columns=["shard_id", "key", "status", "is_keeper"])
+    m = run.read_parquet(run.manifest, columns=["shard_id", "key", "status", "is_keeper"])
     mask = m["is_keeper"]
     if include_failed:
-        mask = pc.or_(mask, pc.not_equal(m["status"], "ok"))
+        mask = pc.or_(mask, pc.not_equal(m["status"], Status.OK.value))
     kept = m.filter(mask)
     keys: dict[str, set[str]] = defaultdict(set)
     for sid, key in zip(kept["shard_id"].to_pylist(), kept["key"].to_pylist()):
@@ -158,7 +158,7 @@ def _filter_shard(url: str, keep: set[str], out: IO[bytes]) -> tuple[int, int]:
                     put(reader.bytes_at(end, m.offset - end) or b"")
                 end = src.offset
                 header = reader.bytes_at(m.offset, m.offset_data - m.offset)
-                key, _ = _split_key(m.name)
+                key, _ = split_key(m.name)
                 if not (m.isfile() and key is not None and key in keep):
                     continue
                 data = src.extractfile(m).read()

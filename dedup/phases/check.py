@@ -135,14 +135,12 @@ def _group_from(js: bytes | None, field: str | None) -> str | None:
 
 
 def _query_features(inputs, cfg: Config, embedder, group_by):
-    import hashlib
+    from dedup.compute.decode import decode_image
+    from dedup.compute.signals import SignalPlan, hash_batch
 
-    from dedup.compute.decode import DecodePolicy, decode_image
-    from dedup.compute.hashes import content_hashes
-    from dedup.phases.features import decode_plan
-
-    policy = DecodePolicy(max_pixels=cfg.decode.max_pixels, formats=tuple(cfg.decode.formats))
-    min_size, gray = decode_plan(cfg.decode.draft, True, int(embedder.input_size) if embedder else None)
+    plan = SignalPlan.build(cfg.decode.draft, cfg.decode.max_pixels, cfg.decode.formats, want_hash=True,
+                            embed_size=int(embedder.input_size) if embedder else None)
+    policy, gray = plan.policy, plan.gray
     images: list[Image.Image] = []
     rows, thumbs, blobs = [], {}, []
     for qid, path, data, group, err in iter_queries(inputs, cfg, group_by):
@@ -152,9 +150,9 @@ def _query_features(inputs, cfg: Config, embedder, group_by):
             row["error"] = err or "no image member"
             rows.append(row)
             continue
-        row["sha"] = hashlib.sha256(data).digest()
-        d = decode_image(data, policy, min_size=min_size, gray=gray)
-        if d.status != Status.OK:
+        read = plan.read(data)
+        row["sha"], d = read.sha256, read.decoded
+        if not read.ok:
             row["status"], row["error"] = d.status.value, d.error
             rows.append(row)
             continue
@@ -167,7 +165,7 @@ def _query_features(inputs, cfg: Config, embedder, group_by):
         raise ConfigError(f"no query images found in {', '.join(map(str, inputs))} (image files {', '.join(IMAGE_SUFFIXES)}, or shards)")
     _unique_ids(rows)
     missing_group = _check_group_field(rows, group_by)  # before the costly part
-    ph, dh = content_hashes(images)[:2] if images else (np.empty(0, np.uint64), np.empty(0, np.uint64))  # as the run hashes
+    ph, dh, _ = hash_batch(images)  # as the run hashes
     emb = embedder.embed(images) if (embedder is not None and images) else None
     for k, im in enumerate(images):
         if im.mode == "L" and gray:  # hashes wanted luma only; the page shows colour
@@ -352,7 +350,7 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
     fs = None
     if not within:  # the references first: a run with nothing to compare against fails before any work
         fs = run_features(run, info, with_embeddings="embedding" in cfg.methods)
-        ok = np.array([s == "ok" for s in fs.table["status"].to_pylist()], bool)
+        ok = np.array([s == Status.OK.value for s in fs.table["status"].to_pylist()], bool)
         if not ok.any():
             raise ConfigError(
                 f"{run_dir} has no ok samples to compare against ({fs.n} sample(s) with features, none of them ok); "
@@ -381,7 +379,7 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
         for k, s in zip(ref_idx.tolist(), t["sha256"].take(pa.array(ref_idx)).to_pylist()):
             sha_map.setdefault(s, ids[k])
         for r in rows:
-            r["exact_match"] = sha_map.get(r["sha"]) if r["sha"] is not None and r["status"] == "ok" else None
+            r["exact_match"] = sha_map.get(r["sha"]) if r["sha"] is not None and r["status"] == Status.OK.value else None
         refs = {name: t[name].fill_null(0).to_numpy().astype(np.uint64)[ref_idx] for name in ("phash", "dhash")}
         qhs = {"phash": ph, "dhash": dh}
         for name in ("phash", "dhash"):
