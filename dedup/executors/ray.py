@@ -52,6 +52,7 @@ from dedup import interrupt
 from dedup.config import Config
 from dedup.errors import ConfigError
 from dedup.executors import ShardResult
+from dedup.faults import crash_point
 from dedup.records import ModelInfo, ShardRef
 
 if TYPE_CHECKING:
@@ -432,19 +433,16 @@ class RayExecutor:
 
     def _map_units(self, fn: Callable, items: Iterable, *, num_cpus: float | None, num_gpus: float, shared: Any) -> Iterator:
         self.connect()
-        if shared is not None:
-            shared_ref = shared if isinstance(shared, ray.ObjectRef) else self.put(shared)
-            task = ray.remote(fn).options(
-                num_cpus=self.cfg.ray.cpus_per_task if num_cpus is None else num_cpus, num_gpus=num_gpus,
-                max_retries=self._retries(), retry_exceptions=True,
-            )
-            yield from self._drain(task, items, lambda item: task.remote(shared_ref, item))
-            return
-        task = ray.remote(fn).options(
+        task = ray.remote(_unit).options(
             num_cpus=self.cfg.ray.cpus_per_task if num_cpus is None else num_cpus, num_gpus=num_gpus,
             max_retries=self._retries(), retry_exceptions=True,
+            name=getattr(fn, "__name__", "unit"),  # the dashboard shows fn's name, not the wrapper's
         )
-        yield from self._drain(task, items, lambda item: task.remote(item))
+        if shared is not None:
+            shared_ref = shared if isinstance(shared, ray.ObjectRef) else self.put(shared)
+            yield from self._drain(task, items, lambda item: task.remote(fn, item, shared_ref))
+            return
+        yield from self._drain(task, items, lambda item: task.remote(fn, item))
 
     def put(self, obj: Any) -> Any:
         """Put ``obj`` in the object store once (numpy arrays contiguous, read zero-copy)."""
@@ -478,6 +476,12 @@ class RayExecutor:
                 for r in pending:
                     _cancel_ref(r)
                 raise
+
+
+def _unit(fn: Callable, item: Any, *shared: Any) -> Any:
+    """One ``map_units`` task on a worker: ``fn(item)``, or ``fn(shared, item)``."""
+    crash_point("ray:unit")  # fault-injection tests hold or kill a unit here (dedup.faults)
+    return fn(*shared, item)
 
 
 def _interruptible(gen: Iterator) -> Iterator:
