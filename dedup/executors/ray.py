@@ -177,6 +177,9 @@ class RayExecutor:
         if address is None and not os.environ.get("RAY_ADDRESS"):
             # A local Ray for this process: no dashboard; it stops when this process exits.
             kwargs.update(include_dashboard=False, num_cpus=self.cfg.run.workers or None)
+            # "local": always a fresh Ray of our own. With None, ray.init joins whatever cluster
+            # an earlier `ray start` on this machine left in /tmp/ray (and then fails on num_cpus).
+            address = "local"
             self._started = True
         ray.init(address=address, **kwargs)
         interrupt.reinstall()  # ray.init's SIGTERM handler would exit without stopping anything
