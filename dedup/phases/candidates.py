@@ -30,6 +30,7 @@ from dedup.schema import FEATURES_VERSION, PAIRS_SCHEMA, check_version
 if TYPE_CHECKING:
     from dedup.compute.search.driver import TaskMap
     from dedup.compute.search.ivf import NearestLists
+    from dedup.phases.lists import ShardRows
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,22 @@ class FeatureSet:
     embeddings: np.ndarray | None  # (n, d) float16, row-aligned with table (memmap)
     model_tag: str | None
     features_hash: str | None
+    # where the rows came from (the out-of-core embedding search reads the features files):
+    run: RunDir | None = None
+    shard_ids: tuple[str, ...] = ()
+    shard_offsets: np.ndarray | None = None  # (shards + 1,) rows of each file, concatenated
+    position: np.ndarray | None = None  # (n,) int64: the table row of each file row (files concatenated)
+
+    def shard_rows(self, valid: np.ndarray) -> list[ShardRows]:
+        """Each features file with the table row of each of its rows (-1 where not ``valid``)."""
+        from dedup.phases.lists import ShardRows
+
+        assert self.position is not None and self.shard_offsets is not None
+        out = []
+        for k, sid in enumerate(self.shard_ids):
+            pos = self.position[self.shard_offsets[k] : self.shard_offsets[k + 1]]
+            out.append(ShardRows(sid, np.where(valid[pos], pos, -1).astype(np.int64)))
+        return out
 
     @property
     def n(self) -> int:
@@ -55,7 +72,7 @@ class FeatureSet:
 
 
 def load_features(run: RunDir, shard_ids: list[str], with_embeddings: bool) -> FeatureSet:
-    tables, metas = [], []
+    tables, metas, with_emb = [], [], []
     for sid in shard_ids:
         path = run.features(sid)
         with run.fs.open(path, "rb") as f:
@@ -66,8 +83,10 @@ def load_features(run: RunDir, shard_ids: list[str], with_embeddings: bool) -> F
             check_version(schema, FEATURES_VERSION, f"features file {path}")
             md = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
             metas.append((sid, md))
-            cols = _SCALAR_COLS + (["embedding"] if with_embeddings and "embedding" in schema.names else [])
-            tables.append(pf.read(columns=cols))
+            with_emb.append(with_embeddings and "embedding" in schema.names)
+            if with_emb[-1]:
+                d = schema.field("embedding").type.list_size
+            tables.append(pf.read(columns=_SCALAR_COLS))
     if metas:
         first_sid, first = metas[0]
         for sid, md in metas[1:]:
@@ -84,20 +103,27 @@ def load_features(run: RunDir, shard_ids: list[str], with_embeddings: bool) -> F
 
         empty = features_schema(None).empty_table().select(_SCALAR_COLS)
         return FeatureSet(empty, None, None, None)
+    offsets = np.zeros(len(tables) + 1, np.int64)
+    np.cumsum([t.num_rows for t in tables], out=offsets[1:])
     table = pa.concat_tables(tables, promote_options="permissive")
-    order = pc.sort_indices(table, sort_keys=[("sample_id", "ascending")])
+    del tables
+    order = pc.sort_indices(table, sort_keys=[("sample_id", "ascending")]).to_numpy()
+    # position of each file row in the sorted table
+    inv = np.empty(len(order), np.int64)
+    inv[order] = np.arange(len(order))
     emb = None
-    if "embedding" in table.column_names:
-        emb = _stage_embeddings(run, table["embedding"], order)
-        table = table.drop(["embedding"])
-    table = table.take(order)
-    return FeatureSet(table, emb, model_tag, fhash)
+    if any(with_emb):
+        # staged one file at a time, never all embeddings in memory at once (files without
+        # embeddings leave zero rows)
+        emb = _stage_embeddings(run, [s if w else None for s, w in zip(shard_ids, with_emb)], offsets, inv, d)
+    table = table.take(pa.array(order))
+    return FeatureSet(table, emb, model_tag, fhash, run, tuple(shard_ids), offsets, inv)
 
 
-def _stage_embeddings(run: RunDir, col: pa.ChunkedArray, order: pa.Array) -> np.ndarray:
-    """Write embeddings (in sample_id order) to a float16 memmap; nulls become zero rows."""
-    d = col.type.list_size
-    n = len(col)
+def _stage_embeddings(run: RunDir, shard_ids: list[str | None], offsets: np.ndarray, inv: np.ndarray, d: int) -> np.ndarray:
+    """Write embeddings (in sample_id order) to a float16 memmap, one features file at a time;
+    nulls become zero rows."""
+    n = len(inv)
     scratch = not run.local
     if run.local:
         base = run.p("index")
@@ -125,21 +151,11 @@ def _stage_embeddings(run: RunDir, col: pa.ChunkedArray, order: pa.Array) -> np.
         )
     path = os.path.join(base, "embeddings.f16")
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, d))
-    # Position of each original row in the sorted order.
-    inv = np.empty(n, np.int64)
-    inv[order.to_numpy()] = np.arange(n)
-    start = 0
-    for chunk in col.chunks:
-        m = len(chunk)
-        vals = chunk.flatten().to_numpy(zero_copy_only=False)
-        block = np.zeros((m, d), np.float16)
-        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
-        if valid.all():
-            block[:] = vals.reshape(m, d)
-        elif valid.any():
-            block[valid] = vals.reshape(-1, d)
-        mm[inv[start : start + m]] = block
-        start += m
+    from dedup.phases.lists import read_embeddings
+
+    for k, sid in enumerate(shard_ids):
+        if sid is not None:
+            mm[inv[offsets[k] : offsets[k + 1]]] = read_embeddings(run, sid)
     mm.flush()
     del mm
     out = np.load(path, mmap_mode="r")
@@ -233,9 +249,21 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
             cb = (lambda done, total: progress("embedding", done, total)) if progress else None
             # the coarse stage (k-means, then row blocks assigned to lists) as its own bar
             pcb = (lambda done, total: progress("embedding-assign", done, total)) if progress else None
+            gpu = bool(params.use_gpu) if params.use_gpu is not None else cand.gpu_available()
             try:
-                res = search_embeddings(fs.embeddings, th, params, valid=ok, executor=executor, keep_nearest=keep_lists,
-                                        progress=cb, plan_progress=pcb)
+                if fs.run is not None and fs.position is not None and not gpu and n_valid >= max(2, params.exact_below) \
+                        and min(params.nlist, n_valid) > 1:
+                    # out of core: tasks read the features files and shuffle rows by list (index/lists/)
+                    from dedup.compute.search.driver import ThreadMap
+                    from dedup.phases.lists import search_run_lists
+
+                    res = search_run_lists(fs.run, fs.shard_rows(ok), fs.n, n_valid, th, params,
+                                           executor if executor is not None else ThreadMap(params.threads),
+                                           features_hash=fs.features_hash, keep_nearest=keep_lists, staged=fs.embeddings, progress=cb,
+                                           plan_progress=pcb)
+                else:
+                    res = search_embeddings(fs.embeddings, th, params, valid=ok, executor=executor,
+                                            keep_nearest=keep_lists, progress=cb, plan_progress=pcb)
             except SearchTaskError as e:  # a task failed after the executor's retries
                 raise DedupError(str(e)) from None
             add(method, res.pairs)
