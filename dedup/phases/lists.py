@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from dedup.compute.search.coarse import (
+    ASSIGN_BLOCK,
     IVFCoarse,
     assign_coordinates,
     sample_rows,
@@ -56,7 +57,7 @@ __all__ = ["LISTS_DIR", "ShardRows", "assign_task", "read_embeddings", "search_r
 
 LISTS_DIR = "index/lists"
 PAIRS_DIR = "pairs/embedding"
-TASK_ROWS = 1 << 17  # rows per assignment task (whole shards: at least one shard a task)
+TASK_ROWS = 1 << 16  # rows per assignment task (whole shards: at least one shard a task)
 
 _I64 = np.int64
 
@@ -125,10 +126,18 @@ def assign_task(shared: ListsInput, item: tuple[int, list[ShardRows]]) -> dict:
         order = np.argsort(rid, kind="stable")  # rows increasing, as in the in-memory driver
         rid, x = rid[order], x[order]
         near = np.empty((len(rid), shared.keep), np.int32) if shared.keep else None
+        prim = np.empty(len(rid), np.int32)
+        vrs, vls = [], []
         with single_threaded_libs():
-            pz, _ = coarse.coordinates(rows_f32(x, slice(0, len(x))))
-            prim, vr, vl = assign_coordinates(coarse, pz, np.arange(len(rid), dtype=_I64), near)
-        del pz
+            for s in range(0, len(rid), ASSIGN_BLOCK):  # float32 rows one block at a time
+                e = min(len(rid), s + ASSIGN_BLOCK)
+                pz, _ = coarse.coordinates(rows_f32(x, slice(s, e)))
+                prim[s:e], vr_b, vl_b = assign_coordinates(coarse, pz, np.arange(s, e, dtype=_I64),
+                                                           None if near is None else near[s:e])
+                vrs.append(vr_b)
+                vls.append(vl_b)
+        vr, vl = np.concatenate(vrs), np.concatenate(vls)
+        del pz, vrs, vls
         members += np.bincount(prim, minlength=nlist)
         visitors += np.bincount(vl, minlength=nlist)
         # every (row, list) entry: members first, then visits
