@@ -307,6 +307,11 @@ def search_run_lists(
     if progress and done < nlist:
         progress(nlist, nlist)
     out = merge_pairs(parts)
+    # every unit is done (its pairs are in pairs/embedding/): the partitions are not needed
+    # again, and they hold (1 + visits per row) copies of the vectors
+    for b in range(nbuckets):
+        if tasks_of[b] and run.exists(run.p(LISTS_DIR, f"b{b:05d}")):
+            run.fs.rm(run.p(LISTS_DIR, f"b{b:05d}"), recursive=True)
     lists = _nearest_lists(run, coarse, n, len(groups), keep) if keep else None
     t3 = time.perf_counter()
     sizes = members
