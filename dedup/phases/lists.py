@@ -7,7 +7,7 @@ hands the executor (:class:`dedup.compute.search.driver.TaskMap`) two kinds of t
    embeddings from ``features/<shard>.parquet``, assigns each valid row to its list and the
    lists it visits, and writes one partition per bucket of consecutive lists,
    ``index/lists/b<bucket>/t<task>.parquet`` (row id, list, member or visitor, the float16
-   vector), plus ``index/lists/t<task>.parquet`` (each row's list and nearest lists, for the
+   vector as 2·d raw bytes), plus ``index/lists/t<task>.parquet`` (each row's list and nearest lists, for the
    outlier score) and its marker ``index/lists/done/t<task>.json`` last;
 2. *unit* (:func:`unit_task`), one per bucket: reads only that bucket's partitions, finds its
    pairs (:func:`dedup.compute.search.cosine.unit_pairs`) and writes them to
@@ -97,6 +97,31 @@ def read_embeddings(run: RunDir, sid: str) -> np.ndarray:
     return out
 
 
+def _vectors_to_arrow(x: np.ndarray) -> pa.Array:
+    """float16 rows as fixed-size binary values: Parquet reads and writes those ~20× faster
+    than a fixed-size list of float16 (measured: 0.06 vs 1.2 s per 10 000 × 512 read)."""
+    x = np.ascontiguousarray(x, np.float16)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * x.shape[1]), len(x), [None, pa.py_buffer(x.tobytes())])
+
+
+def _vectors_from_arrow(col: pa.ChunkedArray) -> np.ndarray:
+    arr = col.combine_chunks()
+    width = arr.type.byte_width
+    raw = np.frombuffer(arr.buffers()[1], np.uint8, count=len(arr) * width, offset=arr.offset * width)
+    return raw.view(np.float16).reshape(len(arr), width // 2)
+
+
+def _write_uncompressed(run: RunDir, path: str, table: pa.Table) -> None:
+    """Partitions are transient and float16 barely compresses: no codec (half the write time)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="none")
+    run.write_bytes(path, buf.getvalue())
+
+
 def _bucket_path(run: RunDir, bucket: int, task: int) -> str:
     return run.p(LISTS_DIR, f"b{bucket:05d}", f"t{task:06d}.parquet")
 
@@ -147,16 +172,14 @@ def assign_task(shared: ListsInput, item: tuple[int, list[ShardRows]]) -> dict:
         bkt = lst // lpb
         by = np.argsort(bkt, kind="stable")
         cuts = np.flatnonzero(np.diff(bkt[by])) + 1
-        d = x.shape[1]
         for part in np.split(by, cuts):
             if len(part) == 0:
                 continue
             b = int(bkt[part[0]])
             p = pos[part]
-            vec = pa.FixedSizeListArray.from_arrays(pa.array(x[p].reshape(-1)), d)
             table = pa.table({"row": pa.array(rid[p]), "list": pa.array(lst[part]), "member": pa.array(mem[part]),
-                              "vector": vec})
-            run.write_parquet(_bucket_path(run, b, task), table)
+                              "vector": _vectors_to_arrow(x[p])})
+            _write_uncompressed(run, _bucket_path(run, b, task), table)
             buckets.append(b)
         cols = {"row": pa.array(rid), "list": pa.array(prim.astype(np.int32))}
         if near is not None:
@@ -182,9 +205,7 @@ def unit_task(shared: ListsInput, item: tuple[int, list[int]]) -> Pairs:
         row = t["row"].to_numpy()
         lst = t["list"].to_numpy()
         mem = t["member"].to_numpy(zero_copy_only=False)
-        vec_col = t["vector"].combine_chunks()
-        d = vec_col.type.list_size
-        vec = vec_col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+        vec = _vectors_from_arrow(t["vector"])
         uniq, first = np.unique(row, return_index=True)  # a row may be in several of its lists
         x = vec[first]
         local = np.searchsorted(uniq, row)
