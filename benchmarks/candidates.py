@@ -79,7 +79,7 @@ def synth_embeddings(
     if n == 0:
         return x, {}
     spec = _spectrum(d)
-    mu = _unit_rows((rng.standard_normal((1, d), dtype=np.float32) * spec))[0]
+    mu = _unit_rows(rng.standard_normal((1, d), dtype=np.float32) * spec)[0]
     n_topics = max(4, n // 250)
     w = rng.lognormal(0.0, 1.0, n_topics)
     p = w / w.sum()

@@ -388,8 +388,8 @@ def calibrate(
     t.add_column("edit")
     for m in signals:
         t.add_column(m, justify="right")
-    for e, row in res["recall"].items():
-        t.add_row(e, *[f"{row[m]:.2f}" for m in signals])
+    for edit, row in res["recall"].items():
+        t.add_row(edit, *[f"{row[m]:.2f}" for m in signals])
     t.add_row(f"[bold]false-positive rate[/] ({res['unrelated_pairs']} pairs)", *[f"{res['false_positive_rate'][m]:.4f}" for m in signals])
     at = res["at_corpus_size"]
     size = f"{at['corpus_size']:,}" + (" (assumed; --corpus-size)" if at["assumed"] else "")

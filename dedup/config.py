@@ -282,8 +282,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             continue
         node = data
         parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
         node[parts[-1]] = value
     try:
         return Config.model_validate(data)

@@ -11,6 +11,7 @@ import base64
 import io
 import json
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -150,8 +151,10 @@ def _thumbs(run: RunDir, wanted: set[str], image_exts: tuple[str, ...], size: in
             if sid not in ids or sid in out:
                 continue
             _, data = image_member(sample, image_exts)
+            if data is None:
+                continue  # no image member: no thumbnail
             try:
-                im = Image.open(io.BytesIO(data))
+                im: Image.Image = Image.open(io.BytesIO(data))
                 im.draft("RGB", (size * 2, size * 2))
                 im = ImageOps.exif_transpose(im).convert("RGB")
                 im.thumbnail((size, size))
@@ -179,7 +182,7 @@ def build_report(run_dir: str, max_clusters: int = 12, max_members: int = 8, max
     for r in multi.to_pylist():
         rows_by_cluster[r["cluster_id"]].append(r)
     ordered = sorted(rows_by_cluster.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:max_clusters]
-    clusters = []
+    clusters: list[dict[str, Any]] = []
     for keeper, members in ordered:
         members.sort(key=lambda r: (r["sample_id"] != keeper, not r["is_keeper"], r["sample_id"]))
         shown = members[:max_members]
@@ -197,13 +200,13 @@ def build_report(run_dir: str, max_clusters: int = 12, max_members: int = 8, max
         if sub.num_rows:
             scores = sub["score"].to_numpy()
             if method == "embedding":
-                edges = np.linspace(max(-1.0, float(scores.min()) - 1e-6), 1.0, 21)
+                edges: np.ndarray = np.linspace(max(-1.0, float(scores.min()) - 1e-6), 1.0, 21)
                 labels = [f"{e:.2f}" for e in edges[:-1]]
             else:
                 edges = np.arange(0, int(scores.max()) + 2)
                 labels = [str(int(e)) for e in edges[:-1]]
-            hist, _ = np.histogram(scores, bins=edges)
-            score_svgs[method] = _bar_svg(labels, hist.tolist())
+            counts, _ = np.histogram(scores, bins=edges)
+            score_svgs[method] = _bar_svg(labels, counts.tolist())
             # Just above the threshold = the weakest accepted pairs.
             order = np.argsort(-scores if method != "embedding" else scores, kind="stable")[:max_pairs]
             borderline[method] = [{"a": sub["a"][int(k)].as_py(), "b": sub["b"][int(k)].as_py(), "score": round(float(scores[k]), 4), "side": "above"} for k in order]

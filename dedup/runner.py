@@ -321,6 +321,7 @@ def run_pipeline(
         if against:
             from dedup.phases.incremental import incremental_finish
 
+            assert prev_info is not None  # checked when `against` was given
             stats = incremental_finish(run, RunDir(against), cfg, done_ids, prev_info, merge=merge, failed_shards=bool(failures))
             stats["timings"].update(timings)
         else:

@@ -28,7 +28,7 @@ def encode(im: Image.Image, fmt: str, **kw) -> bytes:
     return b.getvalue()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _astronaut() -> Image.Image:
     import skimage.data
 
@@ -436,7 +436,7 @@ def test_gray_leaves_other_images_in_colour():
 def test_gray_hashes_stay_close_to_colour_draft_hashes():
     rng = np.random.default_rng(3)
     blobs = []
-    for k in range(12):
+    for _ in range(12):
         w, h = int(rng.integers(400, 1400)), int(rng.integers(300, 1000))
         im = _astronaut().resize((w, h), Image.Resampling.LANCZOS)
         blobs.append(encode(im.rotate(int(rng.integers(0, 360))), "JPEG", quality=int(rng.integers(60, 96))))

@@ -96,6 +96,7 @@ def shards(synth_shards, tmp_path_factory) -> Path:
     # and re-encoded copies among them.
     rng = np.random.default_rng(0)
     members = []
+    prev = None  # the last photo drawn (k = 0 draws the first)
     for k in range(300):
         if k % 10 == 9:
             data = members[-2][1] if k % 20 == 9 else _jpeg_array(prev, 60)

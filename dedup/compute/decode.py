@@ -130,7 +130,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def _decode(data: bytes, policy: DecodePolicy, min_size: int | None, gray: bool = False) -> Decoded:
-    im = Image.open(io.BytesIO(data))  # formats=None: identify anything Pillow knows
+    im: Image.Image = Image.open(io.BytesIO(data))  # formats=None: identify anything Pillow knows
     fmt, mode = im.format, im.mode
     w, h = im.size
     if fmt not in policy.formats and str(fmt).upper() not in {f.upper() for f in policy.formats}:

@@ -237,13 +237,13 @@ def l2_normalize(vecs: np.ndarray, images: Sequence[Image.Image] | None = None) 
     images one cluster)."""
     v = np.asarray(vecs, np.float64)
     v = v.reshape(len(v), -1)
-    finite = np.isfinite(v).all(axis=1)
+    finite = np.all(np.isfinite(v), axis=1)
     norms = np.linalg.norm(np.where(finite[:, None], v, 0.0), axis=1)
     zero = finite & (norms < 1e-12)
     out = np.full(v.shape, np.nan, np.float32)
     good = finite & ~zero
     out[good] = (v[good] / norms[good, None]).astype(np.float32)
-    for i in np.flatnonzero(zero):
+    for i in np.flatnonzero(zero).tolist():
         out[i] = _fallback_vector(images[i] if images is not None else None, v.shape[1], i)
     if zero.any():
         log.info("embedder produced %d zero vector(s) (e.g. uniform images); replaced by content-seeded unit vectors",
@@ -418,7 +418,7 @@ class OnnxEmbedder(_ShapeBucketed):
         opts = dict(opts or {})
         want = (device or "auto").lower()
         available = ort.get_available_providers()
-        providers = ["CPUExecutionProvider"]
+        providers: list[str | tuple[str, dict[str, int]]] = ["CPUExecutionProvider"]
         if want == "auto" or want.startswith("cuda"):
             if "CUDAExecutionProvider" in available:
                 dev_id = int(want.split(":", 1)[1]) if ":" in want else 0
@@ -437,7 +437,7 @@ class OnnxEmbedder(_ShapeBucketed):
         so.log_severity_level = 3
         try:
             self.sess = ort.InferenceSession(path, sess_options=so, providers=providers)
-        except Exception as e:  # noqa: BLE001 - a broken or non-ONNX file: a config problem
+        except Exception as e:  # a broken or non-ONNX file: a config problem
             raise ConfigError(f"cannot load ONNX model {path}: {type(e).__name__}: {e}") from e
         self.device = "cuda" if "CUDAExecutionProvider" in self.sess.get_providers() else "cpu"
         inp = self.sess.get_inputs()[0]
@@ -504,7 +504,7 @@ class TorchScriptEmbedder(_ShapeBucketed):
         self.device = _torch_device(device)
         try:
             self.model = torch.jit.load(path, map_location=self.device).eval()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise ConfigError(f"cannot load TorchScript module {path}: {type(e).__name__}: {e}") from e
         self.size = int(opts.get("size", 224))
         self.fit = opts.get("fit", DEFAULT_FIT)
@@ -544,7 +544,7 @@ class OpenClipEmbedder(Embedder):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 model, _, preprocess = open_clip.create_model_and_transforms(arch, device="cpu", **kwargs)
-        except Exception as e:  # noqa: BLE001 - unknown tag, unreachable hub, bad checkpoint: say what to do
+        except Exception as e:  # unknown tag, unreachable hub, bad checkpoint: say what to do
             offline = os.path.isfile(pretrained) or pretrained == "none"
             raise ConfigError(
                 f"cannot load open_clip {arch} with pretrained={pretrained!r}: {type(e).__name__}: {e}"

@@ -42,7 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -51,6 +51,9 @@ from dedup import interrupt
 from dedup.config import Config
 from dedup.errors import ConfigError
 from dedup.records import ShardRef
+
+if TYPE_CHECKING:
+    from ray.util.placement_group import PlacementGroup
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +175,7 @@ class RayExecutor:
         self.cfg = cfg
         self._started = False
         self._actors: list = []
-        self._pg = None
+        self._pg: PlacementGroup | None = None
         self._remote: dict[str, Any] = {}
 
     # -- connection -------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import fsspec
 from braceexpand import braceexpand
 from fsspec.core import url_to_fs
 
@@ -145,7 +144,7 @@ def shard_fingerprint(url: str) -> dict:
     """Cheap identity of a shard's content for resume checks: size plus mtime/etag if known."""
     fs, path = url_to_fs(url)
     info = fs.info(path)
-    fp = {"size": int(info.get("size") or 0)}
+    fp: dict[str, int | str] = {"size": int(info.get("size") or 0)}
     for k in ("mtime", "ETag", "etag", "LastModified", "last_modified"):
         if k in info and info[k] is not None:
             fp["version"] = str(info[k])
@@ -231,7 +230,7 @@ def tar_stream(f) -> tuple[object, bool]:
     head = f.read(2)
     src = _Prefixed(head, f)
     if head == _GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=src, mode="rb"), True
+        return gzip.GzipFile(fileobj=src, mode="rb"), True  # type: ignore[call-overload]  # reads only: no seek needed
     return src, False
 
 
@@ -286,7 +285,7 @@ def iter_samples(ref: ShardRef, result: ShardReadResult, image_exts: tuple[str, 
         try:
             stream, gzipped = tar_stream(raw)
             reader = _CountingReader(stream)  # bytes of the tar (decompressed), where offsets live
-            tf = tarfile.open(fileobj=reader, mode="r|")
+            tf = tarfile.open(fileobj=reader, mode="r|")  # type: ignore[call-overload]  # "r|" only reads
         except STREAM_ERRORS as e:
             _drain_quietly(raw)
             result.bytes_read = raw.pos
@@ -332,6 +331,7 @@ def iter_samples(ref: ShardRef, result: ShardReadResult, image_exts: tuple[str, 
                     current = None
                 if current is None:
                     current = Sample(key)
+                assert ext is not None  # a key comes with an extension
                 ext = ext.lower()
                 try:
                     data = tf.extractfile(m).read()

@@ -151,7 +151,7 @@ def _filter_shard(url: str, keep: set[str], out: IO[bytes]) -> tuple[int, int]:
     with fs.open(path, "rb") as f:
         reader = _CountingReader(tar_stream(f)[0])  # tar bytes (decompressed), where offsets live
         try:
-            src = tarfile.open(fileobj=reader, mode="r|")
+            src = tarfile.open(fileobj=reader, mode="r|")  # type: ignore[call-overload]  # "r|" only reads
             while (m := src.next()) is not None:
                 # Between two members tarfile consumes only global PAX headers: copy them.
                 if m.offset > end:

@@ -295,6 +295,7 @@ def embedding_threshold(cfg: Config, fs: FeatureSet, ok: np.ndarray):
         def copies(i: np.ndarray, j: np.ndarray) -> np.ndarray:
             return (popcount64(ph[i] ^ ph[j]) <= rp) & (popcount64(dh[i] ^ dh[j]) <= rd)
 
+    assert fs.embeddings is not None  # an embedding run
     choice = T.choose(fs.embeddings, ok, cfg.embedding.resolved_threshold(), rate=cfg.embedding.false_pair_rate,
                       sha=fs.table["sha256"].to_pylist(), copies=copies)
     log.info("embedding threshold auto: %.4f (family %.2f; %s; expected false pairs %s, budget %.1f) in %.1f s",

@@ -15,19 +15,23 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from dedup.compute.clusters import Edges, keeper_clusters
-from dedup.compute.crossmatch import HashTable, VectorIndex, nearest_hash
-from dedup.compute.regions import DEFAULT_GRIDS, RegionSpec
+from dedup.compute.crossmatch import VectorIndex, nearest_hash
+from dedup.compute.regions import DEFAULT_GRIDS, Box, RegionSpec
 from dedup.compute.search.hamming import popcount64
 from dedup.config import Config
 from dedup.errors import ConfigError, SchemaMismatchError
 from dedup.io.rundir import RunDir
 from dedup.phases.manifest import hash_rule
 from dedup.records import Status
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +143,10 @@ def _query_features(inputs, cfg: Config, embedder, group_by):
 
     policy = DecodePolicy(max_pixels=cfg.decode.max_pixels, formats=tuple(cfg.decode.formats))
     min_size, gray = decode_plan(cfg.decode.draft, True, int(embedder.input_size) if embedder else None)
-    rows, images, thumbs, blobs = [], [], {}, []
+    images: list[Image.Image] = []
+    rows, thumbs, blobs = [], {}, []
     for qid, path, data, group, err in iter_queries(inputs, cfg, group_by):
-        row = {"query_id": qid, "path": path, "group": group, "status": Status.OK.value, "error": err, "sha": None}
+        row: dict[str, Any] = {"query_id": qid, "path": path, "group": group, "status": Status.OK.value, "error": err, "sha": None}
         if err or data is None:
             row["status"] = Status.READ_ERROR.value if err else Status.NO_IMAGE.value
             row["error"] = err or "no image member"
@@ -154,6 +159,7 @@ def _query_features(inputs, cfg: Config, embedder, group_by):
             rows.append(row)
             continue
         row["img_index"] = len(images)
+        assert d.image is not None  # status OK
         images.append(d.image)
         blobs.append(data)
         rows.append(row)
@@ -196,9 +202,11 @@ def _region_matches(index: VectorIndex, embedder, blobs: list[bytes], policy, sp
 
     min_size = int(int(embedder.input_size) * spec.finest)  # a finest cell still has the model's input size
     hits: dict[int, dict[int, tuple[float, list[int]]]] = defaultdict(dict)
-    nearest: dict[int, tuple[int, float, list[int]]] = {}
+    nearest: dict[int, tuple[int, float, list[int], Box]] = {}  # + the box in decoded pixels
     counts = np.ones(len(blobs), np.int64)
-    crops, owner, boxes = [], [], []
+    crops: list[Image.Image] = []
+    owner: list[int] = []
+    boxes: list[list[int]] = []
 
     def flush():
         if not crops:
@@ -215,7 +223,8 @@ def _region_matches(index: VectorIndex, embedder, blobs: list[bytes], policy, sp
             k = int(o[j])
             if r not in hits[k] or c > hits[k][r][0]:
                 hits[k][r] = (float(c), boxes[j])
-        crops.clear(), owner.clear(), boxes.clear(), raw.clear()
+        for acc in (crops, owner, boxes, raw):
+            acc.clear()
 
     def load(data):
         d = decode_image(data, policy, min_size=min_size)
@@ -275,9 +284,9 @@ def _refine_box(im, box, target: np.ndarray, embedder, *, steps=(0.2, 0.1, 0.05)
             cands = []
             for side, d in ((0, dx), (1, dy), (2, dx), (3, dy)):
                 for sgn in (-1, 1):
-                    b = list(best)
-                    b[side] += sgn * d
-                    b = (max(0, b[0]), max(0, b[1]), min(W, b[2]), min(H, b[3]))
+                    moved = list(best)
+                    moved[side] += sgn * d
+                    b = (max(0, moved[0]), max(0, moved[1]), min(W, moved[2]), min(H, moved[3]))
                     if b != best and b[2] - b[0] >= min_side and b[3] - b[1] >= min_side and b not in cands:
                         cands.append(b)
             if not cands:
@@ -364,11 +373,12 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
     result["ok"] = len(ok_rows)
     out = RunDir(out_dir)
     if not within:
+        assert fs is not None  # read above when not within
         t = fs.table
         ids = np.array(t["sample_id"].to_pylist(), dtype=object)
         ref_idx = np.flatnonzero(ok)
-        sha_map = {}
-        for k, s in zip(ref_idx, t["sha256"].take(pa.array(ref_idx)).to_pylist()):
+        sha_map: dict[bytes | None, str] = {}
+        for k, s in zip(ref_idx.tolist(), t["sha256"].take(pa.array(ref_idx)).to_pylist()):
             sha_map.setdefault(s, ids[k])
         for r in rows:
             r["exact_match"] = sha_map.get(r["sha"]) if r["sha"] is not None and r["status"] == "ok" else None
@@ -490,7 +500,7 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
 
 
 def _full_box(data: bytes) -> list[int]:
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as f:
@@ -507,8 +517,8 @@ def _box_pct(box, data: bytes) -> dict | None:
     _, _, w, h = _full_box(data)
     if not w or not h:
         return None
-    l, t, r, b = box
-    return {"left": 100 * l / w, "top": 100 * t / h, "width": 100 * (r - l) / w, "height": 100 * (b - t) / h}
+    x0, y0, x1, y1 = box
+    return {"left": 100 * x0 / w, "top": 100 * y0 / h, "width": 100 * (x1 - x0) / w, "height": 100 * (y1 - y0) / h}
 
 
 def _nearest_covers_matches(ti: np.ndarray, td: np.ndarray, m) -> tuple[np.ndarray, np.ndarray]:
@@ -534,7 +544,7 @@ def _within(cfg, rows, ok_rows, qi, ph, dh, emb, out: RunDir, min_copies: int, r
     groups: dict[str, list[int]] = defaultdict(list)
     for k, r in enumerate(ok_rows):
         groups[r["group"] or ""].append(k)
-    report = []
+    report: list[dict[str, Any]] = []
     th = run_th
     for g, members in sorted(groups.items()):
         m = np.array(members)

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +22,9 @@ from dedup.io.rundir import RunDir
 from dedup.io.shards import ShardReadResult, caption_length, iter_samples, pick_image, shard_fingerprint
 from dedup.records import ShardRef, Status, sample_id
 from dedup.schema import FEATURES_VERSION, features_schema
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +150,7 @@ class FeatureExtractor:
 
         result = ShardReadResult()
         rows: dict[str, _Row] = {}
-        pending: list[tuple[_Row, object]] = []
+        pending: list[tuple[_Row, Image.Image]] = []
         timings = {"decode": 0.0, "hash": 0.0}
 
         def flush() -> EmbedChunk | None:
@@ -197,6 +201,7 @@ class FeatureExtractor:
                 row.status = Status.NO_IMAGE
                 row.error = f"no member with an image extension or image content (members: {sorted(sample.members) or 'none'})"
                 continue
+            assert data is not None  # comes with ext
             row.image_member, row.image_name, row.file_size = ext, sample.name(ext), len(data)
             if data:
                 row.sha256 = hashlib.sha256(data).digest()
@@ -208,6 +213,7 @@ class FeatureExtractor:
                 row.status, row.error = dec.status, dec.error
                 continue
             if self.want_hash or self.want_emb:
+                assert dec.image is not None  # status OK
                 pending.append((row, dec.image))
                 if len(pending) >= self.batch:
                     chunk = flush()

@@ -155,7 +155,7 @@ def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[s
 
     qidx = np.flatnonzero(ok)
     if "exact" in cfg.methods and len(pid):
-        lookup = {}
+        lookup: dict[bytes | None, int] = {}
         for k, s in enumerate(prev_tbl["sha256"].to_pylist()):
             lookup.setdefault(s, k)
         shas = new.table["sha256"].to_pylist()
@@ -191,11 +191,11 @@ def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[s
     prev_sizes = dict(zip(prev_manifest["sample_id"].to_pylist(), prev_manifest["cluster_size"].to_pylist()))
     delta = manifest.filter(pa.array(~is_prev))
     cids = delta["cluster_id"].to_pylist()
-    extra = {}
+    extra: dict[str, int] = {}
     for c in cids:
         if c is not None:
             extra[c] = extra.get(c, 0) + 1
-    sizes = []
+    sizes: list[int | None] = []
     for c, s in zip(cids, delta["cluster_size"].to_pylist()):
         if c is None:
             sizes.append(None)

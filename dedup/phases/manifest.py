@@ -157,6 +157,7 @@ def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, thres
     i_emb, i_p, i_x = METHOD_PRIORITY.index("embedding"), METHOD_PRIORITY.index("phash"), METHOD_PRIORITY.index("exact")
 
     def vectors(members: np.ndarray) -> np.ndarray:
+        assert emb is not None  # called only when use_emb
         x = np.asarray(emb[members], np.float32)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -166,7 +167,9 @@ def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, thres
             mean = x.mean(axis=0)
             return x @ (mean / max(float(np.linalg.norm(mean)), 1e-12))
         if use_p or use_d:
-            h = ph[members] if use_p else dh[members]
+            hashes = ph if use_p else dh
+            assert hashes is not None  # use_p / use_d say which is there
+            h = hashes[members]
             bits = ((h[:, None] >> np.arange(64, dtype=np.uint64)) & np.uint64(1)).astype(np.int8)
             majority = (bits.mean(axis=0) >= 0.5).astype(np.int8)
             return 1.0 - np.abs(bits - majority).mean(axis=1)
@@ -177,10 +180,12 @@ def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, thres
         method = np.where(ok, i_x, -1).astype(np.int8)
         score = np.where(ok, 1.0, np.nan).astype(np.float32)
         if use_emb:
+            assert threshold is not None  # part of use_emb
             cos = vectors(members) @ vectors(np.array([k]))[0]
             near = ~ok & (cos >= threshold - cfg.clusters.join_margin)
             ok, method[near], score[near] = ok | near, i_emb, cos[near]
         if use_p and use_d:
+            assert ph is not None and dh is not None  # part of use_p / use_d
             dp = popcount64(ph[members] ^ ph[k]).astype(np.int64)
             dd = popcount64(dh[members] ^ dh[k]).astype(np.int64)
             near = ~ok & (dp <= 2 * cfg.hashes.phash_radius) & (dd <= 2 * cfg.hashes.dhash_radius)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 
@@ -174,7 +174,7 @@ def kth_neighbour_similarity(
             progress(0, plan.nlist)
         if map_units is not None:
             results = map_units(units, k, block)
-            ctx = nullcontext()
+            ctx: AbstractContextManager[None] = nullcontext()
         else:
             results = pmap(lambda u: outlier_unit(x, u, k, block), units, n_threads(threads))
             ctx = single_threaded_libs()
