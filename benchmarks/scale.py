@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.candidates import CACHE, THRESHOLD, D, _ensure_data, synth_hashes
+from benchmarks.candidates import CACHE, THRESHOLD, D, _ensure_data, synth_hashes  # noqa: E402
 
 SHARD_ROWS = 10_000
 MODEL_TAG = "synthetic-clip-like"

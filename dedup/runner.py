@@ -377,7 +377,7 @@ def finish_run(
         t0 = time.perf_counter()
         outlier = None
         outlier_search = None
-        if want_outlier:
+        if want_outlier and fs.embeddings is not None:
             from dedup.phases.manifest import outlier_scores
 
             log.info("outlier scores: k-th nearest neighbour of %d embeddings", int(fs.ok().sum()))

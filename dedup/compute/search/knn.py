@@ -48,8 +48,10 @@ def _plan_from_lists(lists: NearestLists | dict | None, idx: np.ndarray, n: int,
     earlier search kept (a dict with the same keys is accepted too); None if there are none or
     they do not cover these rows and probes."""
     if isinstance(lists, dict):
-        lists = NearestLists(lists.get("coarse"), lists.get("assign"), lists.get("nearest")) if lists else None
-    if lists is None or lists.nearest is None or lists.coarse is None or lists.assign is None:
+        if lists.get("assign") is None:
+            return None
+        lists = NearestLists(lists.get("coarse"), lists["assign"], lists.get("nearest"))
+    if lists is None or lists.nearest is None or lists.coarse is None:
         return None
     nearest, assign, coarse = lists.nearest, lists.assign, lists.coarse
     if len(assign) != n or nearest.shape[1] < nprobe or (assign[idx] < 0).any():
