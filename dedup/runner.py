@@ -32,8 +32,11 @@ log = logging.getLogger("dedup")
 EXIT_OK, EXIT_USAGE, EXIT_PARTIAL = 0, 2, 3
 
 
-@dataclass
+@dataclass(frozen=True)
 class Outcome:
+    """What a run ended with: its exit code (``EXIT_OK`` / ``EXIT_PARTIAL``), the stats it wrote
+    to stats.json, and the run directory's URL."""
+
     exit_code: int
     stats: dict
     run_dir: str
@@ -50,7 +53,7 @@ class RunLock:
 
     def __init__(self, run: RunDir):
         self.run = run
-        self.path = run.p(".lock")
+        self.path = run.lock
         self.held = False
         self.info: dict = {}
 
@@ -164,7 +167,7 @@ def _model_tag(cfg: Config) -> str | None:
 
 
 def _check_run_json(run: RunDir, cfg: Config, force: bool, shard_urls: dict[str, str]) -> None:
-    path = run.p("run.json")
+    path = run.run_json
     if not run.exists(path):
         return
     try:
@@ -220,7 +223,7 @@ def _guard_locations(inputs: list[str], out: str, refs: list[ShardRef], against:
         )
     if against:
         prev = RunDir(against)
-        if not prev.exists(prev.p("run.json")):
+        if not prev.exists(prev.run_json):
             raise ConfigError(f"--against {against}: not a dedup run directory (no run.json)")
     return [(f"{r.proto}://{r.path.lstrip('/')}" if r.proto else r.path) for r in reads]
 
@@ -264,7 +267,7 @@ def run_pipeline(
 
             prev_info = check_previous(RunDir(against), fhash, model_tag)  # fail fast, before any work
         run.write_json(
-            run.p("run.json"),
+            run.run_json,
             {
                 "config": cfg.to_dict(),
                 "config_hash": cfg.config_hash(),
@@ -303,14 +306,15 @@ def run_pipeline(
                 factory = lambda: FeatureExtractor(cfg)  # noqa: E731
                 # closed on any exit (an interrupt too): the executor stops its workers before the lock is released
                 results = stack.enter_context(closing(executor.map_features(cfg.to_dict(), run.url, todo, factory)))
-                for ref, marker, err in results:
+                for res in results:
+                    sid, marker = res.ref.shard_id, res.marker
                     if marker is None:
-                        failures[ref.shard_id] = err or "unknown error"
+                        failures[sid] = res.error or "unknown error"
                     elif marker["condition"] == "missing":
-                        failures[ref.shard_id] = f"missing: {marker['error']}"
+                        failures[sid] = f"missing: {marker['error']}"
                     else:
-                        markers[ref.shard_id] = marker
-                    task.advance(note=ref.shard_id)
+                        markers[sid] = marker
+                    task.advance(note=sid)
                     crash_point("features:shard_done")
         timings["features"] = round(time.perf_counter() - t0, 3)
         for sid, m in markers.items():
@@ -338,7 +342,7 @@ def run_pipeline(
         stats["timings"]["total"] = round(time.perf_counter() - t_start, 3)
         stats["model_tag"] = model_tag
         stats["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        run.write_json(run.p("stats.json"), stats, sort_keys=False)  # histogram buckets in numeric order
+        run.write_json(run.stats, stats, sort_keys=False)  # histogram buckets in numeric order
         code = EXIT_PARTIAL if stats["partial"] else EXIT_OK
         return Outcome(code, stats, run.url)
 
@@ -349,7 +353,7 @@ def finish_run(
 ) -> dict:
     """Candidates then manifest from the run's features files. Returns stats (not yet written)."""
     from dedup.phases.candidates import find_pairs, load_features
-    from dedup.phases.manifest import build_manifest
+    from dedup.phases.manifest import build_manifest, write_manifest
 
     timings = dict(timings or {})
     t0 = time.perf_counter()
@@ -372,7 +376,7 @@ def finish_run(
             found = find_pairs(cfg, fs, progress=cb, executor=executor, keep_lists=want_outlier)
         pairs, info = found.table, found.info
         crash_point("candidates:before_write")
-        run.write_parquet(run.p("pairs", "pairs.parquet"), pairs)
+        run.write_parquet(run.pairs, pairs)
         timings["candidates"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
         outlier = None
@@ -393,20 +397,12 @@ def finish_run(
     th_choice = info.get("embedding_threshold")
     th_value = th_choice["value"] if th_choice else None
     manifest, mstats = build_manifest(cfg, fs.table, pairs, outlier=outlier, embeddings=fs.embeddings, threshold=th_value)
-    total = manifest.num_rows
-    frac = (total - mstats["ok"]) / total if total else 0.0
-    partial = failed_shards or frac > cfg.run.max_error_fraction
-    manifest = manifest.replace_schema_metadata(
-        {**(manifest.schema.metadata or {}), b"config_hash": cfg.config_hash().encode(), b"partial": str(partial).lower().encode()}
-    )
-    run.write_parquet(run.p("manifest.parquet"), manifest)
+    written = write_manifest(run, cfg, manifest, failed_shards=failed_shards)
     timings["manifest"] = round(time.perf_counter() - t0, 3)
     status_counts = _count(fs.table["status"].to_pylist())
     return {
         **mstats,
-        "partial": partial,
-        "error_fraction": round(frac, 6),
-        "error_budget": cfg.run.max_error_fraction,
+        **written.stats(),
         "status_counts": status_counts,
         "pairs": info["pairs"],
         "uninformative_hashes": info.get("uninformative_hashes", {}),
@@ -435,7 +431,7 @@ def _count(values) -> dict[str, int]:
 
 def _executor(cfg: Config):
     if cfg.run.executor == "ray":
-        from dedup.executors.ray import RayExecutor  # the only module that imports ray
+        from dedup.executors.ray import RayExecutor  # imports ray: only when asked for
 
         return RayExecutor(cfg)
     from dedup.executors.local import LocalExecutor
@@ -446,4 +442,4 @@ def _executor(cfg: Config):
 
 def manifest_table(run_dir: str) -> pa.Table:
     run = RunDir(run_dir)
-    return run.read_parquet(run.p("manifest.parquet"))
+    return run.read_parquet(run.manifest)

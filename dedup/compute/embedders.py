@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from dedup.compute.hub import offline_hint, open_clip_weights, preflight  # noqa: F401 - public here too
+from dedup.compute.threads import cpu_threads
 from dedup.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -431,9 +432,7 @@ class OnnxEmbedder(_ShapeBucketed):
         elif want != "cpu":
             raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
         so = ort.SessionOptions()
-        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-        if threads > 0:
-            so.intra_op_num_threads = threads
+        so.intra_op_num_threads = cpu_threads()
         so.log_severity_level = 3
         try:
             self.sess = ort.InferenceSession(path, sess_options=so, providers=providers)

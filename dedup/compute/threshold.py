@@ -207,7 +207,7 @@ def recorded(run, cfg) -> float:
     and incremental runs against it decide as the run did; the configured value if the run
     recorded none (runs before ``auto``)."""
     try:
-        value = run.read_json(run.p("stats.json")).get("thresholds", {}).get("embedding_cosine")
+        value = run.read_json(run.stats).get("thresholds", {}).get("embedding_cosine")
     except (OSError, ValueError, FileNotFoundError):
         value = None
     return float(value) if value is not None else cfg.embedding.resolved_threshold()

@@ -44,7 +44,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _TEXT_EXTS = frozenset({"txt", "text", "json", "jsonl", "cls", "cls2", "caption", "csv", "tsv", "xml", "html", "yaml", "yml", "md"})
 
 
-def _split_key(name: str) -> tuple[str | None, str | None]:
+def split_key(name: str) -> tuple[str | None, str | None]:
     """WebDataset convention: ``dir/a.v2.jpg`` -> (``dir/a``, ``v2.jpg``)."""
     d, base = posixpath.split(name)
     if "." not in base or base.startswith("."):
@@ -176,7 +176,7 @@ class ShardReadResult:
     ignored: list[dict] = field(default_factory=list)
 
 
-class _CountingReader:
+class CountingReader:
     """Wraps a binary file: counts bytes and keeps the last ``keep`` bytes read."""
 
     def __init__(self, f, keep: int = 1 << 20):
@@ -281,10 +281,10 @@ def iter_samples(ref: ShardRef, result: ShardReadResult, image_exts: tuple[str, 
         result.condition, result.error = "unreadable", f"cannot open shard: {type(e).__name__}: {e}"
         return
     with f:
-        raw = _CountingReader(f, keep=0)  # bytes of the file
+        raw = CountingReader(f, keep=0)  # bytes of the file
         try:
             stream, gzipped = tar_stream(raw)
-            reader = _CountingReader(stream)  # bytes of the tar (decompressed), where offsets live
+            reader = CountingReader(stream)  # bytes of the tar (decompressed), where offsets live
             tf = tarfile.open(fileobj=reader, mode="r|")  # type: ignore[call-overload]  # "r|" only reads
         except STREAM_ERRORS as e:
             _drain_quietly(raw)
@@ -308,7 +308,7 @@ def iter_samples(ref: ShardRef, result: ShardReadResult, image_exts: tuple[str, 
                 if m is None:
                     break
                 result.members += 1
-                key, ext = _split_key(m.name)
+                key, ext = split_key(m.name)
                 if not m.isfile():
                     kind = _member_type(m)
                     why = _why_not_followed(m, kind)
@@ -376,7 +376,7 @@ def _err(e: BaseException) -> str:
     return str(e) if isinstance(e, tarfile.TarError) else f"{type(e).__name__}: {e}"
 
 
-def _drain_quietly(r: _CountingReader) -> None:
+def _drain_quietly(r: CountingReader) -> None:
     """Read to the end (for ``bytes_read``); an I/O error there only leaves the count short."""
     try:
         r.drain()

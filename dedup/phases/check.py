@@ -135,14 +135,12 @@ def _group_from(js: bytes | None, field: str | None) -> str | None:
 
 
 def _query_features(inputs, cfg: Config, embedder, group_by):
-    import hashlib
+    from dedup.compute.decode import decode_image
+    from dedup.compute.signals import SignalPlan, hash_batch
 
-    from dedup.compute.decode import DecodePolicy, decode_image
-    from dedup.compute.hashes import content_hashes
-    from dedup.phases.features import decode_plan
-
-    policy = DecodePolicy(max_pixels=cfg.decode.max_pixels, formats=tuple(cfg.decode.formats))
-    min_size, gray = decode_plan(cfg.decode.draft, True, int(embedder.input_size) if embedder else None)
+    plan = SignalPlan.build(cfg.decode.draft, cfg.decode.max_pixels, cfg.decode.formats, want_hash=True,
+                            embed_size=int(embedder.input_size) if embedder else None)
+    policy, gray = plan.policy, plan.gray
     images: list[Image.Image] = []
     rows, thumbs, blobs = [], {}, []
     for qid, path, data, group, err in iter_queries(inputs, cfg, group_by):
@@ -152,9 +150,9 @@ def _query_features(inputs, cfg: Config, embedder, group_by):
             row["error"] = err or "no image member"
             rows.append(row)
             continue
-        row["sha"] = hashlib.sha256(data).digest()
-        d = decode_image(data, policy, min_size=min_size, gray=gray)
-        if d.status != Status.OK:
+        read = plan.read(data)
+        row["sha"], d = read.sha256, read.decoded
+        if not read.ok:
             row["status"], row["error"] = d.status.value, d.error
             rows.append(row)
             continue
@@ -167,7 +165,7 @@ def _query_features(inputs, cfg: Config, embedder, group_by):
         raise ConfigError(f"no query images found in {', '.join(map(str, inputs))} (image files {', '.join(IMAGE_SUFFIXES)}, or shards)")
     _unique_ids(rows)
     missing_group = _check_group_field(rows, group_by)  # before the costly part
-    ph, dh = content_hashes(images)[:2] if images else (np.empty(0, np.uint64), np.empty(0, np.uint64))  # as the run hashes
+    ph, dh, _ = hash_batch(images)  # as the run hashes
     emb = embedder.embed(images) if (embedder is not None and images) else None
     for k, im in enumerate(images):
         if im.mode == "L" and gray:  # hashes wanted luma only; the page shows colour
@@ -307,8 +305,8 @@ def _record_check(run: RunDir, out: RunDir, result: dict, flagged: list[dict]) -
 
     entry = {
         "out": out.path if not out.local else os.path.abspath(out.path),
-        "html": out.p("check.html") if not out.local else os.path.abspath(out.p("check.html")),
-        "parquet": out.p("check.parquet") if not out.local else os.path.abspath(out.p("check.parquet")),
+        "html": out.check_html if not out.local else os.path.abspath(out.check_html),
+        "parquet": out.check_parquet if not out.local else os.path.abspath(out.check_parquet),
         "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "queries": result["queries"], "flagged": result["flagged"],
         "regions": result.get("regions", False), "region_threshold": (result.get("region_threshold") or {}).get("value"),
@@ -316,7 +314,7 @@ def _record_check(run: RunDir, out: RunDir, result: dict, flagged: list[dict]) -
                  "cosine": r.get("region_cosine"), "box": r.get("region_box"), "whole": r.get("region_whole"),
                  "flagged_by": r["flagged_by"]} for r in flagged[:10]],
     }
-    path = run.p("checks.json")
+    path = run.checks
     try:
         checks = run.read_json(path) if run.exists(path) else []
         if not isinstance(checks, list):
@@ -352,7 +350,7 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
     fs = None
     if not within:  # the references first: a run with nothing to compare against fails before any work
         fs = run_features(run, info, with_embeddings="embedding" in cfg.methods)
-        ok = np.array([s == "ok" for s in fs.table["status"].to_pylist()], bool)
+        ok = np.array([s == Status.OK.value for s in fs.table["status"].to_pylist()], bool)
         if not ok.any():
             raise ConfigError(
                 f"{run_dir} has no ok samples to compare against ({fs.n} sample(s) with features, none of them ok); "
@@ -381,7 +379,7 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
         for k, s in zip(ref_idx.tolist(), t["sha256"].take(pa.array(ref_idx)).to_pylist()):
             sha_map.setdefault(s, ids[k])
         for r in rows:
-            r["exact_match"] = sha_map.get(r["sha"]) if r["sha"] is not None and r["status"] == "ok" else None
+            r["exact_match"] = sha_map.get(r["sha"]) if r["sha"] is not None and r["status"] == Status.OK.value else None
         refs = {name: t[name].fill_null(0).to_numpy().astype(np.uint64)[ref_idx] for name in ("phash", "dhash")}
         qhs = {"phash": ph, "dhash": dh}
         for name in ("phash", "dhash"):
@@ -417,7 +415,7 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
                 # matched at the run's threshold, then kept at the region threshold, which
                 # depends on how many regions the queries had
                 try:
-                    choice = run.read_json(run.p("stats.json")).get("embedding_threshold")
+                    choice = run.read_json(run.stats).get("embedding_threshold")
                 except (OSError, ValueError):
                     choice = None
                 kw = {} if region_margin is None else {"margin": float(region_margin)}
@@ -484,14 +482,14 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
         meta[b"region_threshold"] = json.dumps(result.get("region_threshold")).encode()
         schema = CHECK_SCHEMA.with_metadata(meta)
         table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
-        out.write_parquet(out.p("check.parquet"), table)
+        out.write_parquet(out.check_parquet, table)
         result["flagged"] = int(sum(r["flagged"] for r in rows))
         flagged = [r for r in rows if r["flagged"]]
         train_thumbs = _train_thumbs(run, info, {r["_top"] for r in flagged[:50]})
         for r in flagged[:50]:
             r["_box_pct"] = _box_pct(r.get("region_box"), blobs[r["img_index"]]) if r.get("region_box") and not r.get("region_whole") else None
         html = _CHECK_HTML.render(title=f"dedup check against {run_dir}", rows=flagged[:50], thumbs=thumbs, train=train_thumbs, result=result)
-        out.write_bytes(out.p("check.html"), html.encode())
+        out.write_bytes(out.check_html, html.encode())
         if record:
             _record_check(run, out, result, flagged)
     else:
@@ -564,15 +562,15 @@ def _within(cfg, rows, ok_rows, qi, ph, dh, emb, out: RunDir, min_copies: int, r
         })
     report.sort(key=lambda x: (-x["largest_cluster"], x["group"]))
     tbl = pa.Table.from_pylist(report, schema=pa.schema([("group", pa.string()), ("samples", pa.int32()), ("largest_cluster", pa.int32()), ("flagged", pa.bool_()), ("members", pa.list_(pa.string()))]))
-    out.write_parquet(out.p("within.parquet"), tbl)
+    out.write_parquet(out.within_parquet, tbl)
     return report
 
 
 def _train_thumbs(run: RunDir, info: dict, ids: set) -> dict:
-    from dedup.report import _thumbs
+    from dedup.report import thumbnails
 
     ids = {i for i in ids if i}
-    return _thumbs(run, ids, tuple(info["config"]["input"]["image_exts"]), size=128) if ids else {}
+    return thumbnails(run, ids, tuple(info["config"]["input"]["image_exts"]), size=128) if ids else {}
 
 
 from jinja2 import Environment, select_autoescape  # noqa: E402

@@ -6,21 +6,23 @@ written last, after the features file, so a killed run resumes at shard granular
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 
+from dedup.compute.signals import SignalPlan, decode_plan, hash_batch  # noqa: F401 - decode_plan re-exported (its old home)
 from dedup.config import Config
 from dedup.faults import crash_point
 from dedup.io.rundir import RunDir
 from dedup.io.shards import ShardReadResult, caption_length, iter_samples, pick_image, shard_fingerprint
-from dedup.records import ShardRef, Status, sample_id
+from dedup.records import ModelInfo, ShardRef, Status, sample_id
 from dedup.schema import FEATURES_VERSION, features_schema
 
 if TYPE_CHECKING:
@@ -69,51 +71,80 @@ class ShardScan:
     timings: dict
 
 
-def decode_plan(draft: bool, want_hash: bool, embed_size: int | None) -> tuple[int | None, bool]:
-    """How to decode for the signals a run computes: ``(min_size, gray)`` for
-    :func:`dedup.compute.decode.decode_image`. Every caller that must reproduce a run's hashes
-    (features, ``dedup check``, calibration) decodes through this, so their bits agree.
+PREFETCH = 2  # chunks decoded ahead of the embedder: bounded memory (≤ 2 × batch images)
 
-    * ``min_size``: the smallest decoded short side that serves every signal (JPEG draft
-      decoding): the embedder's input size, ``HASH_MIN_SIZE`` for hashes, 1 for exact-only
-      runs (decode only to validate the image); None when ``decode.draft`` is off.
-    * ``gray``: no embedder, so only grey pixels are needed: draft-decoded JPEGs come back as
-      their luma channel (docs/hashing.md measures what that changes).
-    """
-    if not draft:
-        return None, False
-    sizes = []
-    if embed_size is not None:
-        sizes.append(int(embed_size))
-    if want_hash:
-        from dedup.compute.hashes import HASH_MIN_SIZE
+_T = TypeVar("_T")
 
-        sizes.append(int(HASH_MIN_SIZE))
-    return (max(sizes) if sizes else 1), embed_size is None
+
+def prefetch(items: Iterator[_T], depth: int) -> Iterator[_T]:
+    """``items``, produced by a worker thread at most ``depth`` items ahead of the consumer.
+
+    In :meth:`FeatureExtractor.extract` this overlaps reading, decoding and hashing the next
+    chunks with the embedding of the current one: libjpeg-turbo/Pillow decoding, numpy and
+    onnxruntime/torch inference all release the GIL. An exception in the producer is raised in
+    the consumer; a consumer that stops (an error, an interrupt) stops the producer at its next
+    item."""
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(msg: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(msg, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("done", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(("error", e))
+
+    worker = threading.Thread(target=produce, name="dedup-decode", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        worker.join(timeout=10)
 
 
 class FeatureExtractor:
     """Holds what is expensive to set up (the embedder) for many shards in one process."""
 
-    def __init__(self, cfg: Config, embedder=None):
+    def __init__(self, cfg: Config, embedder=None, model: ModelInfo | None = None):
+        """``model`` instead of an embedder: what the model is, for stages that never embed
+        (the Ray executor's CPU tasks); :meth:`embed_images` then has no model to run."""
         self.cfg = cfg
         self.want_hash = bool({"phash", "dhash"} & set(cfg.methods))
         self.want_emb = "embedding" in cfg.methods
         self.embedder = embedder
-        if self.want_emb and self.embedder is None:
+        if self.want_emb and self.embedder is None and model is None:
             from dedup.compute.embedders import make_embedder
 
             self.embedder = make_embedder(cfg.embedding.spec, device=cfg.embedding.device, batch_size=cfg.embedding.batch_size)
-        from dedup.compute.decode import DecodePolicy
-
-        self.policy = DecodePolicy(max_pixels=cfg.decode.max_pixels, formats=tuple(cfg.decode.formats))
-        self.model_tag = self.embedder.tag if self.want_emb else None
-        self.dim = self.embedder.dim if self.want_emb else None
+        known = model if model is not None else self.embedder  # the model's tag, dim and input size
+        self.model_tag = known.tag if self.want_emb else None
+        self.dim = known.dim if self.want_emb else None
         self.features_hash = cfg.features_hash(self.model_tag)
-        self.min_size, self.gray = decode_plan(
-            cfg.decode.draft, self.want_hash, int(self.embedder.input_size) if self.want_emb else None)
+        self.plan = SignalPlan.build(
+            cfg.decode.draft, cfg.decode.max_pixels, cfg.decode.formats, want_hash=self.want_hash,
+            embed_size=int(known.input_size) if self.want_emb else None)
         # Images per group handed to hashing/embedding (one model batch, or several).
         self.batch = max(BATCH, cfg.embedding.batch_size) if self.want_emb else BATCH
+        # Decode + hash the next chunks in a thread while this one is embedded (extract only).
+        self.overlap = True
 
     # ---------------------------------------------------------------------------------------
     # The features of a shard come from three stages, which the local executor runs in one
@@ -127,7 +158,8 @@ class FeatureExtractor:
         scan: ShardScan | None = None
         embedded: list[tuple[list[str], np.ndarray | None, str | None]] = []
         t_embed = 0.0
-        for item in self.scan(ref):
+        items = self.scan(ref)
+        for item in (prefetch(items, PREFETCH) if self.want_emb and self.overlap else items):
             if isinstance(item, EmbedChunk):
                 t = time.perf_counter()
                 vecs, err = self.embed_images(item.images)
@@ -146,8 +178,6 @@ class FeatureExtractor:
         embeddings are wanted), in shard order, then the :class:`ShardScan` as the last item.
         Chunks hold the decoded images; consume them as they come to keep memory bounded.
         """
-        from dedup.compute.decode import decode_image
-
         result = ShardReadResult()
         rows: dict[str, _Row] = {}
         pending: list[tuple[_Row, Image.Image]] = []
@@ -158,10 +188,8 @@ class FeatureExtractor:
                 return None
             images = [im for _, im in pending]
             if self.want_hash:
-                from dedup.compute.hashes import content_hashes
-
                 t = time.perf_counter()
-                ph, dh, kept = content_hashes(images)
+                ph, dh, kept = hash_batch(images)
                 timings["hash"] += time.perf_counter() - t
                 for (row, _), p, d, k in zip(pending, ph, dh, kept):
                     row.phash, row.dhash, row.content_fraction = int(p), int(d), float(k)
@@ -203,11 +231,10 @@ class FeatureExtractor:
                 continue
             assert data is not None  # comes with ext
             row.image_member, row.image_name, row.file_size = ext, sample.name(ext), len(data)
-            if data:
-                row.sha256 = hashlib.sha256(data).digest()
             t = time.perf_counter()
-            dec = decode_image(data, self.policy, min_size=self.min_size, gray=self.gray)
+            read = self.plan.read(data)
             timings["decode"] += time.perf_counter() - t
+            row.sha256, dec = read.sha256, read.decoded
             row.width, row.height, row.orig_mode, row.format = dec.width, dec.height, dec.orig_mode, dec.format
             if dec.status != Status.OK:
                 row.status, row.error = dec.status, dec.error

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dedup.compute.clusters import (
-    METHOD_PRIORITY,
-    Edges,
-    group_clusters,
-    keeper_clusters,
-    rank_order,
-)
+from dedup.compute.clusters import Edges, group_clusters, keeper_clusters, rank_order
 from dedup.compute.search.hamming import popcount64
 from dedup.config import Config
+from dedup.io.rundir import RunDir
+from dedup.records import METHODS, Status
 from dedup.schema import MANIFEST_SCHEMA
 
 if TYPE_CHECKING:
@@ -62,7 +59,7 @@ def _edges(cfg: Config, table: pa.Table, pairs: pa.Table) -> Edges:
     ids = table["sample_id"]
     i = pc.index_in(pairs["a"], value_set=ids).to_numpy(zero_copy_only=False).astype(np.int64)
     j = pc.index_in(pairs["b"], value_set=ids).to_numpy(zero_copy_only=False).astype(np.int64)
-    lookup = {m: k for k, m in enumerate(METHOD_PRIORITY)}
+    lookup = {m: k for k, m in enumerate(METHODS)}
     methods = pairs["method"].to_pylist()
     m = np.array([lookup[x] for x in methods], np.int8)
     score = pairs["score"].to_numpy().astype(np.float32)
@@ -90,14 +87,16 @@ def _verified(edges: Edges, large: np.ndarray) -> Edges:
     first[1:] = (k[1:] != k[:-1]) | (m[1:] != m[:-1])
     uk, counts = np.unique(k[first], return_counts=True)
     n_methods = counts[np.searchsorted(uk, key)]
-    exact = METHOD_PRIORITY.index("exact")
+    exact = METHODS.index("exact")
     has_exact = np.isin(key, k[m == exact])
     strong = (n_methods >= 2) | has_exact
     keep = strong | ~(large[edges.i] | large[edges.j])
     return Edges(edges.i[keep], edges.j[keep], edges.method[keep], edges.score[keep])
 
 
-def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
+def keeper_rank(cfg: Config, table: pa.Table) -> np.ndarray:
+    """Each row's place in the keeper policy's order (``clusters.keeper_policy``; 0 = the best
+    keeper), ties broken by sample_id. ``table`` is sorted by sample_id."""
     cols = []
     for spec in cfg.clusters.keeper_policy:
         desc = spec.startswith("-")
@@ -138,7 +137,7 @@ def _copies(table: pa.Table) -> np.ndarray:
     if "sha256" not in table.column_names:
         return np.ones(table.num_rows, np.float64)
     sha = table["sha256"].to_pylist()
-    ok = [st == "ok" for st in table["status"].to_pylist()]
+    ok = [st == Status.OK for st in table["status"].to_pylist()]
     count: dict[bytes, int] = {}
     for h, good in zip(sha, ok):
         if good and h is not None:
@@ -154,7 +153,7 @@ def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, thres
     sha = np.array(table["sha256"].to_pylist() if "sha256" in table.column_names else [None] * table.num_rows, dtype=object)
     use_emb = emb is not None and threshold is not None and "embedding" in cfg.methods
     use_p, use_d = "phash" in cfg.methods and ph is not None, "dhash" in cfg.methods and dh is not None
-    i_emb, i_p, i_x = METHOD_PRIORITY.index("embedding"), METHOD_PRIORITY.index("phash"), METHOD_PRIORITY.index("exact")
+    i_emb, i_p, i_x = METHODS.index("embedding"), METHODS.index("phash"), METHODS.index("exact")
 
     def vectors(members: np.ndarray) -> np.ndarray:
         assert emb is not None  # called only when use_emb
@@ -254,8 +253,8 @@ def build_manifest(
     clusters measure centrality and closeness to the keeper by cosine (else by the hashes)."""
     n = table.num_rows
     status = table["status"].to_numpy(zero_copy_only=False)
-    ok = status == "ok"
-    rank = _rank(cfg, table) if rank is None else rank
+    ok = status == Status.OK.value
+    rank = keeper_rank(cfg, table) if rank is None else rank
     edges = _edges(cfg, table, pairs)
 
     def clusters(edges: Edges):
@@ -274,7 +273,7 @@ def build_manifest(
     has = cl.keeper >= 0
     cluster_id = np.where(has, ids[np.maximum(cl.keeper, 0)], None)
     primary = has & (cl.keeper == np.arange(n))
-    dup_method = np.array([METHOD_PRIORITY[m] if m >= 0 else None for m in cl.method], dtype=object)
+    dup_method = np.array([METHODS[m] if m >= 0 else None for m in cl.method], dtype=object)
 
     reasons = np.empty(n, dtype=object)
     for k in range(n):
@@ -336,6 +335,36 @@ def build_manifest(
         ],
     }
     return manifest, stats
+
+
+@dataclass(frozen=True)
+class WrittenManifest:
+    """A manifest as written (with its metadata), and where it stands against the error budget."""
+
+    table: pa.Table
+    partial: bool
+    error_fraction: float  # share of rows whose status is not ok
+    error_budget: float  # run.max_error_fraction
+
+    def stats(self) -> dict:
+        """The part of stats.json this decides."""
+        return {"partial": self.partial, "error_fraction": round(self.error_fraction, 6), "error_budget": self.error_budget}
+
+
+def write_manifest(run: RunDir, cfg: Config, manifest: pa.Table, *, failed_shards: bool,
+                   metadata: dict[bytes, bytes] | None = None) -> WrittenManifest:
+    """The tail of every run (full or incremental): the error budget (partial when shards
+    failed or more than ``run.max_error_fraction`` of the rows are not ok), the manifest's
+    schema metadata (``config_hash``, ``partial``, then ``metadata``), and the write."""
+    total = manifest.num_rows
+    ok = int(pc.sum(pc.equal(manifest["status"], Status.OK.value)).as_py() or 0)
+    frac = (total - ok) / total if total else 0.0
+    partial = failed_shards or frac > cfg.run.max_error_fraction
+    md = {**(manifest.schema.metadata or {}), b"config_hash": cfg.config_hash().encode(),
+          b"partial": str(partial).lower().encode(), **(metadata or {})}
+    manifest = manifest.replace_schema_metadata(md)
+    run.write_parquet(run.manifest, manifest)
+    return WrittenManifest(manifest, partial, frac, cfg.run.max_error_fraction)
 
 
 def _bucket(s: int) -> str:
