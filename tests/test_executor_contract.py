@@ -111,7 +111,6 @@ def test_list_partitioned_search_equals_the_in_memory_driver_and_resumes(tmp_pat
     matrix; a run killed during the pair stage resumes from its finished partitions."""
     from dedup.config import Config
     from dedup.phases.candidates import find_pairs, load_features
-    from dedup.phases.lists import LISTS_DIR, PAIRS_DIR
 
     run, ids = _run_with_features(tmp_path)
     cfg = Config.model_validate({"methods": ["embedding"], "embedding": {"threshold": 0.9}})
@@ -131,11 +130,11 @@ def test_list_partitioned_search_equals_the_in_memory_driver_and_resumes(tmp_pat
 
     with pytest.raises(KeyboardInterrupt):
         find_pairs(cfg, fs, executor=_DiesInPairStage(1), keep_lists=True)
-    root = Path(run.p(LISTS_DIR))
+    root = Path(run.lists_dir)
     markers = sorted((root / "done").glob("*.json"))
     assert markers and (root / "key.json").exists()
     stamps = {p: p.stat().st_mtime_ns for p in markers}
-    finished_units = sorted(Path(run.p(PAIRS_DIR)).glob("*.done"))
+    finished_units = sorted(Path(run.embedding_pairs_dir).glob("*.done"))
     assert len(finished_units) == 1
 
     got = find_pairs(cfg, fs, keep_lists=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,10 +54,8 @@ from dedup.compute.search.pairs import Pairs, merge_pairs
 from dedup.compute.search.threads import single_threaded_libs
 from dedup.io.rundir import RunDir
 
-__all__ = ["LISTS_DIR", "ShardRows", "assign_task", "read_embeddings", "search_run_lists", "unit_task"]
+__all__ = ["ShardRows", "assign_task", "read_embeddings", "search_run_lists", "unit_task"]
 
-LISTS_DIR = "index/lists"
-PAIRS_DIR = "pairs/embedding"
 TASK_ROWS = 1 << 16  # rows per assignment task (whole shards: at least one shard a task)
 
 _I64 = np.int64
@@ -123,7 +122,7 @@ def _write_uncompressed(run: RunDir, path: str, table: pa.Table) -> None:
 
 
 def _bucket_path(run: RunDir, bucket: int, task: int) -> str:
-    return run.p(LISTS_DIR, f"b{bucket:05d}", f"t{task:06d}.parquet")
+    return posixpath.join(run.lists_dir, f"b{bucket:05d}", f"t{task:06d}.parquet")
 
 
 def assign_task(shared: ListsInput, item: tuple[int, list[ShardRows]]) -> dict:
@@ -131,7 +130,7 @@ def assign_task(shared: ListsInput, item: tuple[int, list[ShardRows]]) -> dict:
     rows' lists, and the marker last. Returns the marker (buckets written, per-list counts)."""
     task, shards = item
     run = RunDir(shared.run_url)
-    marker_path = run.p(LISTS_DIR, "done", f"t{task:06d}.json")
+    marker_path = posixpath.join(run.lists_dir, "done", f"t{task:06d}.json")
     if run.exists(marker_path):
         return dict(run.read_json(marker_path))
     coarse, lpb = shared.coarse, shared.lists_per_bucket
@@ -184,7 +183,7 @@ def assign_task(shared: ListsInput, item: tuple[int, list[ShardRows]]) -> dict:
         cols = {"row": pa.array(rid), "list": pa.array(prim.astype(np.int32))}
         if near is not None:
             cols["nearest"] = pa.FixedSizeListArray.from_arrays(pa.array(near.reshape(-1)), shared.keep)
-        run.write_parquet(run.p(LISTS_DIR, f"t{task:06d}.parquet"), pa.table(cols))
+        run.write_parquet(posixpath.join(run.lists_dir, f"t{task:06d}.parquet"), pa.table(cols))
     marker = {"task": task, "buckets": sorted(buckets), "members": members.tolist(), "visitors": visitors.tolist()}
     run.write_json(marker_path, marker)
     return marker
@@ -194,7 +193,7 @@ def unit_task(shared: ListsInput, item: tuple[int, list[int]]) -> Pairs:
     """One bucket's pairs from its partitions only (written to ``pairs/embedding/``)."""
     bucket, tasks = item
     run = RunDir(shared.run_url)
-    out_path = run.p(PAIRS_DIR, f"b{bucket:05d}.parquet")
+    out_path = posixpath.join(run.embedding_pairs_dir, f"b{bucket:05d}.parquet")
     if run.exists(out_path + ".done"):
         t = run.read_parquet(out_path)
         return Pairs(t["i"].to_numpy(), t["j"].to_numpy(), t["score"].to_numpy())
@@ -266,11 +265,11 @@ def search_run_lists(
     sample is then read from there instead of from every features file."""
     t0 = time.perf_counter()
     key = _key(shards, params, threshold, features_hash, m)
-    key_path = run.p(LISTS_DIR, "key.json")
+    key_path = posixpath.join(run.lists_dir, "key.json")
     if not (run.exists(key_path) and run.read_json(key_path).get("key") == key):
-        for sub in (LISTS_DIR, PAIRS_DIR):  # another search's partitions: start over
-            if run.exists(run.p(sub)):
-                run.fs.rm(run.p(sub), recursive=True)
+        for sub in (run.lists_dir, run.embedding_pairs_dir):  # another search's partitions: start over
+            if run.exists(sub):
+                run.fs.rm(sub, recursive=True)
         run.write_json(key_path, {"key": key})
     # the quantizer, on the same sample of valid rows as the in-memory driver
     idx = np.concatenate([s.rows[s.rows >= 0] for s in shards])
@@ -331,8 +330,8 @@ def search_run_lists(
     # every unit is done (its pairs are in pairs/embedding/): the partitions are not needed
     # again, and they hold (1 + visits per row) copies of the vectors
     for b in range(nbuckets):
-        if tasks_of[b] and run.exists(run.p(LISTS_DIR, f"b{b:05d}")):
-            run.fs.rm(run.p(LISTS_DIR, f"b{b:05d}"), recursive=True)
+        if tasks_of[b] and run.exists(posixpath.join(run.lists_dir, f"b{b:05d}")):
+            run.fs.rm(posixpath.join(run.lists_dir, f"b{b:05d}"), recursive=True)
     lists = _nearest_lists(run, coarse, n, len(groups), keep) if keep else None
     t3 = time.perf_counter()
     sizes = members
@@ -356,7 +355,7 @@ def _nearest_lists(run: RunDir, coarse: IVFCoarse, n: int, tasks: int, keep: int
     assign = np.full(n, -1, np.int32)
     nearest = np.full((n, keep), -1, np.int32)
     for k in range(tasks):
-        path = run.p(LISTS_DIR, f"t{k:06d}.parquet")
+        path = posixpath.join(run.lists_dir, f"t{k:06d}.parquet")
         if not run.exists(path):
             continue  # a task without valid rows
         t = run.read_parquet(path)
