@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -363,37 +363,40 @@ def finish_run(
     fs = load_features(run, sorted(shard_ids), with_embeddings="embedding" in cfg.methods)
     timings["load"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
-    with Progress(progress) as prog:
-        bars: dict = {}
-
-        def cb(name: str, done: int, total: int) -> None:
-            if name not in bars:
-                bars[name] = prog.updater(f"candidates/{name}")
-            bars[name](done, total)
-
-        # the embedding search keeps its rows' nearest lists for the outlier score's search
-        lists: dict | None = {} if fs.embeddings is not None and cfg.clusters.outlier_k > 0 else None
-        pairs, info = find_pairs(cfg, fs, progress=cb, lists_out=lists)
-    crash_point("candidates:before_write")
-    run.write_parquet(run.pairs, pairs)
-    timings["candidates"] = round(time.perf_counter() - t0, 3)
-    t0 = time.perf_counter()
-    outlier = None
-    outlier_search = None
-    if fs.embeddings is not None and cfg.clusters.outlier_k > 0:
-        from dedup.phases.manifest import outlier_scores
-
-        log.info("outlier scores: k-th nearest neighbour of %d embeddings", int(fs.ok().sum()))
-        ost: dict = {}
+    want_outlier = fs.embeddings is not None and cfg.clusters.outlier_k > 0
+    # the searches' tasks: on Ray, one executor (one connection) for the candidate search and
+    # the outlier score; locally, worker threads here
+    with (_executor(cfg) if cfg.run.executor == "ray" else nullcontext()) as executor:
         with Progress(progress) as prog:
-            outlier = outlier_scores(fs.embeddings, fs.ok(), cfg.clusters.outlier_k, stats=ost,
-                                     progress=prog.updater("outlier scores"), lists=lists,
-                                     ray_cfg=cfg if cfg.run.executor == "ray" else None)
-        del lists
-        timings["outlier"] = round(ost.get("seconds", 0.0), 3)
-        spread = cfg.run.executor == "ray" and "units" in ost  # IVF units ran as Ray tasks
-        outlier_search = {"method": ost.get("method"), "units": ost.get("units"),
-                          "executor": "ray" if spread else "local", "seconds": timings["outlier"]}
+            bars: dict = {}
+
+            def cb(name: str, done: int, total: int) -> None:
+                if name not in bars:
+                    bars[name] = prog.updater(f"candidates/{name}")
+                bars[name](done, total)
+
+            # the embedding search keeps its rows' nearest lists for the outlier score's search
+            found = find_pairs(cfg, fs, progress=cb, executor=executor, keep_lists=want_outlier)
+        pairs, info = found.table, found.info
+        crash_point("candidates:before_write")
+        run.write_parquet(run.pairs, pairs)
+        timings["candidates"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        outlier = None
+        outlier_search = None
+        if want_outlier and fs.embeddings is not None:
+            from dedup.phases.manifest import outlier_scores
+
+            log.info("outlier scores: k-th nearest neighbour of %d embeddings", int(fs.ok().sum()))
+            ost: dict = {}
+            with Progress(progress) as prog:
+                outlier = outlier_scores(fs.embeddings, fs.ok(), cfg.clusters.outlier_k, stats=ost,
+                                         progress=prog.updater("outlier scores"), lists=found.lists, executor=executor)
+            del found
+            timings["outlier"] = round(ost.get("seconds", 0.0), 3)
+            spread = executor is not None and "units" in ost  # IVF units ran as the executor's tasks
+            outlier_search = {"method": ost.get("method"), "units": ost.get("units"),
+                              "executor": "ray" if spread else "local", "seconds": timings["outlier"]}
     th_choice = info.get("embedding_threshold")
     th_value = th_choice["value"] if th_choice else None
     manifest, mstats = build_manifest(cfg, fs.table, pairs, outlier=outlier, embeddings=fs.embeddings, threshold=th_value)

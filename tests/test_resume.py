@@ -178,14 +178,13 @@ def test_staging_embeddings_without_disk_space_is_a_clear_error(tmp_path, monkey
     from dedup.io.rundir import RunDir
     from dedup.phases import candidates as P
 
-    col = pa.chunked_array([pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(8 * 4, np.float16)), 4)])
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(P.shutil, "disk_usage", lambda path: usage(100, 100, 0))
     with pytest.raises(DedupError, match=r"not enough disk space .* GiB needed in .*index.*rerun"):
-        P._stage_embeddings(RunDir(str(tmp_path)), col, pa.array(np.arange(8)))
+        P._stage_embeddings(RunDir(str(tmp_path)), [], np.zeros(1, np.int64), np.arange(8), 4)
     assert not (tmp_path / "index" / "embeddings.f16").exists()
     monkeypatch.undo()
-    staged = P._stage_embeddings(RunDir(str(tmp_path)), col, pa.array(np.arange(8)))
+    staged = P._stage_embeddings(RunDir(str(tmp_path)), [], np.zeros(1, np.int64), np.arange(8), 4)
     assert staged.shape == (8, 4)
 
 

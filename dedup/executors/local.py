@@ -18,9 +18,10 @@ import logging
 import multiprocessing as mp
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 from dedup import interrupt
 from dedup.executors import ShardResult
@@ -67,8 +68,10 @@ def _task(ref: ShardRef) -> dict:
 
 
 class LocalExecutor:
-    def __init__(self, workers: int, retries: int = 2, on_workers: Callable[[list[int]], None] | None = None):
+    def __init__(self, workers: int, retries: int = 2, on_workers: Callable[[list[int]], None] | None = None,
+                 threads: int = 0):
         self.workers = max(1, workers)
+        self.threads = threads  # worker threads of map_units (0: one per core)
         self.retries = retries
         self.on_workers = on_workers  # told the pids of each pool's workers (the run lock records them)
 
@@ -79,6 +82,20 @@ class LocalExecutor:
             yield from self._serial(run_url, refs, extractor_factory)
         else:
             yield from self._pool(cfg_dict, run_url, refs)
+
+    # -- generic per-item work (the candidate search's tasks, the outlier score's units) ----------
+    def map_units(self, fn: Callable, items: Iterable, *, shared: Any = None) -> Iterator[tuple[Any, Any, str | None]]:
+        """The executor contract of :class:`dedup.compute.search.driver.TaskMap`: ``fn(item)``
+        (``fn(shared, item)`` with ``shared``) on worker threads of this process (the search
+        kernels release the GIL in BLAS and faiss), yielding ``(item, result, error)`` as each
+        finishes; ``run.workers`` threads (0: one per core)."""
+        from dedup.compute.search.driver import ThreadMap
+
+        return ThreadMap(self.threads).map_units(fn, items, shared=shared)
+
+    def put(self, obj: Any) -> Any:
+        """Nothing to hand over: the threads read the caller's objects."""
+        return obj
 
     def _serial(self, run_url: str, refs: list[ShardRef], extractor_factory: Callable) -> Iterator[ShardResult]:
         from dedup.io.rundir import RunDir

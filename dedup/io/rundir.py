@@ -90,6 +90,16 @@ class RunDir:
         return self.p("index", "embeddings.f16")
 
     @property
+    def lists_dir(self) -> str:
+        """``index/lists``: the embedding search's list-bucket partitions and markers (while it runs)."""
+        return self.p("index", "lists")
+
+    @property
+    def embedding_pairs_dir(self) -> str:
+        """``pairs/embedding``: the embedding search's pairs per list bucket, and markers."""
+        return self.p("pairs", "embedding")
+
+    @property
     def report(self) -> str:
         """``report.html``: the default ``dedup report`` output."""
         return self.p("report.html")

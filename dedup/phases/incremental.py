@@ -133,7 +133,8 @@ def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[s
     overlap = set(info["shards"]) & set(shard_ids)
     if overlap:
         raise ConfigError(f"shard(s) {sorted(overlap)[:3]} are already in {prev.url}; an incremental run takes new shards only")
-    pairs_new, pinfo = find_pairs(cfg, new)
+    found = find_pairs(cfg, new)
+    pairs_new, pinfo = found.table, found.info
     from dedup.compute.threshold import recorded
 
     # the new shards meet the previous keepers at the previous run's threshold (or the new

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +16,10 @@ from dedup.config import Config
 from dedup.io.rundir import RunDir
 from dedup.records import METHODS, Status
 from dedup.schema import MANIFEST_SCHEMA
+
+if TYPE_CHECKING:
+    from dedup.compute.search.driver import TaskMap
+    from dedup.compute.search.ivf import NearestLists
 
 
 def hash_rule(cfg: Config, dp: np.ndarray, dd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -190,8 +195,8 @@ def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, thres
 
 
 def outlier_scores(emb: np.ndarray, ok: np.ndarray, k: int, stats: dict | None = None,
-                   progress: Callable[[int, int], None] | None = None, lists: dict | None = None,
-                   ray_cfg: Config | None = None) -> np.ndarray:
+                   progress: Callable[[int, int], None] | None = None, lists: NearestLists | dict | None = None,
+                   executor: TaskMap | None = None) -> np.ndarray:
     """1 - cosine to the k-th nearest other ok sample (NaN where not computable).
 
     Exact below 10 000 ok samples; above, approximate over IVF lists with one matrix product
@@ -199,18 +204,18 @@ def outlier_scores(emb: np.ndarray, ok: np.ndarray, k: int, stats: dict | None =
     duplicate search's nearest lists, reused): measured at 10⁶ on the candidate benchmark's
     data, 48 s on its own, ~950 s for the faiss IVF index this used before, with outlier ranks
     correlating 0.96 with exact ones (benchmarks/outlier.py; docs/manifest.md).
-    ``ray_cfg``: the lists' work units run as Ray tasks (:func:`outlier_units_on_ray`), same
-    scores."""
+    ``executor``: the lists' work units run as its tasks (e.g. the Ray executor: same scores);
+    by default on worker threads here."""
     from dedup.compute.search.knn import kth_neighbour_similarity
 
-    spread = outlier_units_on_ray(ray_cfg, emb) if ray_cfg is not None else None
+    spread = outlier_units(executor, emb) if executor is not None else None
     sim = kth_neighbour_similarity(emb, int(k), valid=np.asarray(ok, bool), stats=stats, progress=progress, lists=lists,
                                    map_units=spread)
     return (1.0 - sim).astype(np.float32)
 
 
 def _outlier_task(x: np.ndarray, item) -> tuple[np.ndarray, np.ndarray]:
-    """One work unit of the outlier search on a Ray worker (``x`` from the object store)."""
+    """One work unit of the outlier search on an executor's worker (``x``: what ``put`` gave)."""
     from dedup.compute.search.knn import outlier_unit
     from dedup.compute.search.threads import single_threaded_libs
 
@@ -219,21 +224,20 @@ def _outlier_task(x: np.ndarray, item) -> tuple[np.ndarray, np.ndarray]:
         return outlier_unit(x, unit, k, block)
 
 
-def outlier_units_on_ray(cfg: Config, emb: np.ndarray) -> Callable:
+def outlier_units(executor: TaskMap, emb: np.ndarray) -> Callable:
     """``map_units`` for :func:`~dedup.compute.search.knn.kth_neighbour_similarity`: each work
-    unit a Ray task, the embeddings put in the object store once (only if the search runs on
-    IVF lists; below its exact threshold it stays in this process)."""
+    unit a task of ``executor`` (the embeddings handed over once with ``put``, and only if the
+    search runs on IVF lists; below its exact threshold it stays in this process)."""
 
     def run(units: list, k: int, block: int):
         from dedup.errors import DedupError
-        from dedup.executors.ray import RayExecutor
 
-        with RayExecutor(cfg) as ex:
-            items = [(pos, u, k, block) for pos, u in enumerate(units)]
-            for item, res, err in ex.map_units(_outlier_task, items, shared=np.asarray(emb)):
-                if err:
-                    raise DedupError(f"outlier score unit failed after retries: {err}")
-                yield item[0], res
+        shared = executor.put(np.asarray(emb))
+        items = [(pos, u, k, block) for pos, u in enumerate(units)]
+        for item, res, err in executor.map_units(_outlier_task, items, shared=shared):
+            if err:
+                raise DedupError(f"outlier score unit failed after retries: {err}")
+            yield item[0], res
 
     return run
 
