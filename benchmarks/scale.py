@@ -115,7 +115,11 @@ def features_dir(n: int, seed: int = 0) -> Path:
 # the measured child
 
 
-def _child(run_dir: str, n: int, executor: str) -> None:
+def _child(run_dir: str, n: int, executor: str, search: str = "auto") -> None:
+    from dedup.phases import lists
+
+    if search != "auto":  # the in-memory driver or the list-partitioned one, whatever n
+        lists.PARTITION_ROWS = 0 if search == "partitioned" else 1 << 62
     from dedup.io.rundir import RunDir
     from dedup.runner import finish_run
 
@@ -189,14 +193,16 @@ def _found(run_dir: Path, queries: np.ndarray) -> set[tuple[int, int]]:
     return {(int(min(i, j)), int(max(i, j))) for i, j in zip(a[hit], b[hit])}
 
 
-def measure(n: int, seed: int = 0, queries: int = 1000, executor: str = "local", keep: bool = False) -> dict:
+def measure(n: int, seed: int = 0, queries: int = 1000, executor: str = "local", keep: bool = False,
+            search: str = "auto") -> dict:
     feats = features_dir(n, seed)
     work = Path(tempfile.mkdtemp(prefix=f"scale-n{n}-", dir=CACHE))
     run_dir = work / "run"
     run_dir.mkdir()
     os.symlink(feats, run_dir / "features")
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, __file__, "--child", str(run_dir), "--n", str(n), "--executor", executor],
+    proc = subprocess.Popen([sys.executable, __file__, "--child", str(run_dir), "--n", str(n), "--executor", executor,
+                             "--search", search],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     sampler = _RSSSampler(proc.pid)
     sampler.start()
@@ -215,7 +221,7 @@ def measure(n: int, seed: int = 0, queries: int = 1000, executor: str = "local",
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
     return {
-        "n": n, "executor": executor, "seconds": round(res["seconds"], 2), "cpu_seconds": round(res["cpu_seconds"], 1),
+        "n": n, "executor": executor, "search": search, "seconds": round(res["seconds"], 2), "cpu_seconds": round(res["cpu_seconds"], 1),
         "driver_peak_rss_mb": round(sampler.driver / 2**20, 1), "worker_peak_rss_mb": round(sampler.worker / 2**20, 1),
         "pairs": int(sum(res["pairs"].values())), "pairs_by_method": res["pairs"], "recall": round(recall, 4),
         "recall_exact_pairs": len(truth), "queries": len(q), "timings": res["timings"],
@@ -245,15 +251,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--executor", choices=["local", "ray"], default="local")
     ap.add_argument("--json", action="store_true", help="one JSON line per n, no table")
     ap.add_argument("--keep", action="store_true", help="keep the run directory (path printed)")
+    ap.add_argument("--search", choices=["auto", "memory", "partitioned"], default="auto",
+                    help="local runs: the embedding search in memory or list-partitioned (auto: partitioned "
+                    "from dedup.phases.lists.PARTITION_ROWS rows; Ray runs always partition)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     ns = a.n or [100_000]
     if a.child:
-        _child(a.child, ns[0], a.executor)
+        _child(a.child, ns[0], a.executor, a.search)
         return
     rows = []
     for n in ns:
-        r = measure(n, a.seed, a.queries, a.executor, a.keep)
+        r = measure(n, a.seed, a.queries, a.executor, a.keep, a.search)
         rows.append(r)
         if a.json:
             print(json.dumps(r), flush=True)

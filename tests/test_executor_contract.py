@@ -129,7 +129,7 @@ def test_list_partitioned_search_equals_the_in_memory_driver_and_resumes(tmp_pat
             yield from super().map_units(fn, items, shared=shared)
 
     with pytest.raises(KeyboardInterrupt):
-        find_pairs(cfg, fs, executor=_DiesInPairStage(1), keep_lists=True)
+        find_pairs(cfg, fs, executor=_DiesInPairStage(1), keep_lists=True, partitioned=True)
     root = Path(run.lists_dir)
     markers = sorted((root / "done").glob("*.json"))
     assert markers and (root / "key.json").exists()
@@ -137,7 +137,7 @@ def test_list_partitioned_search_equals_the_in_memory_driver_and_resumes(tmp_pat
     finished_units = sorted(Path(run.embedding_pairs_dir).glob("*.done"))
     assert len(finished_units) == 1
 
-    got = find_pairs(cfg, fs, keep_lists=True)
+    got = find_pairs(cfg, fs, keep_lists=True, partitioned=True)
     assert {p: p.stat().st_mtime_ns for p in markers} == stamps  # assignment not redone
     assert got.info["ivf_search"]["method"] == "ivf" and got.info["ivf_search"]["units"] >= 1
     sid = fs.table["sample_id"].to_numpy(zero_copy_only=False)
@@ -145,3 +145,23 @@ def test_list_partitioned_search_equals_the_in_memory_driver_and_resumes(tmp_pat
     assert set(zip(emb["a"], emb["b"])) == set(zip(sid[ref.pairs.i], sid[ref.pairs.j])) and len(ref.pairs) > 20
     assert got.lists is not None and ref.lists is not None
     assert np.array_equal(got.lists.assign, ref.lists.assign) and np.array_equal(got.lists.nearest, ref.lists.nearest)
+
+
+def test_small_local_runs_search_in_memory_and_ray_or_large_ones_partition(tmp_path):
+    """The gate between the two drivers: a local run below PARTITION_ROWS writes no list
+    partitions (and finds the same pairs); a cluster executor or a large run partitions."""
+    from dedup.config import Config
+    from dedup.phases import lists
+    from dedup.phases.candidates import find_pairs, load_features
+
+    run, ids = _run_with_features(tmp_path)
+    cfg = Config.model_validate({"methods": ["embedding"], "embedding": {"threshold": 0.9}})
+    fs = load_features(run, ids, True)
+    n_valid = int(fs.ok().sum())
+    assert not lists.use_partitions(n_valid, on_cluster=False) and lists.use_partitions(n_valid, on_cluster=True)
+    assert lists.use_partitions(lists.PARTITION_ROWS, on_cluster=False)
+    mem = find_pairs(cfg, fs)
+    assert not Path(run.lists_dir).exists() and not Path(run.embedding_pairs_dir).exists()
+    part = find_pairs(cfg, fs, partitioned=True)
+    assert Path(run.embedding_pairs_dir).exists()
+    assert mem.table.equals(part.table) and mem.table.num_rows > 20

@@ -183,11 +183,14 @@ class CandidateResult:
 
 
 def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], None] | None = None, *,
-               executor: TaskMap | None = None, keep_lists: bool = False) -> CandidateResult:
+               executor: TaskMap | None = None, keep_lists: bool = False,
+               partitioned: bool | None = None) -> CandidateResult:
     """Candidate pairs of every method in ``cfg.methods`` (+ how the searches went). The
     embedding search runs its tasks on ``executor`` (a :class:`TaskMap`: the Ray executor, or
     by default worker threads here); ``keep_lists``: keep its rows' nearest lists for the
-    outlier score (:func:`dedup.compute.search.driver.search_embeddings`)."""
+    outlier score (:func:`dedup.compute.search.driver.search_embeddings`). ``partitioned``:
+    shuffle the rows by list through ``index/lists/`` (None: on a cluster executor or from
+    :data:`dedup.phases.lists.PARTITION_ROWS` rows)."""
     from dedup.compute import search as cand
     from dedup.compute.search.driver import SearchTaskError, search_embeddings
     from dedup.compute.search.hamming import popcount64
@@ -251,8 +254,11 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
             pcb = (lambda done, total: progress("embedding-assign", done, total)) if progress else None
             gpu = bool(params.use_gpu) if params.use_gpu is not None else cand.gpu_available()
             try:
-                if fs.run is not None and fs.position is not None and not gpu and n_valid >= max(2, params.exact_below) \
-                        and min(params.nlist, n_valid) > 1:
+                from dedup.phases.lists import use_partitions
+
+                shuffle = use_partitions(n_valid, executor is not None) if partitioned is None else partitioned
+                if shuffle and fs.run is not None and fs.position is not None and not gpu \
+                        and n_valid >= max(2, params.exact_below) and min(params.nlist, n_valid) > 1:
                     # out of core: tasks read the features files and shuffle rows by list (index/lists/)
                     from dedup.compute.search.driver import ThreadMap
                     from dedup.phases.lists import search_run_lists

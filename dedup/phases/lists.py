@@ -54,9 +54,19 @@ from dedup.compute.search.pairs import Pairs, merge_pairs
 from dedup.compute.search.threads import single_threaded_libs
 from dedup.io.rundir import RunDir
 
-__all__ = ["ShardRows", "assign_task", "read_embeddings", "search_run_lists", "unit_task"]
+__all__ = ["PARTITION_ROWS", "ShardRows", "assign_task", "read_embeddings", "search_run_lists", "unit_task", "use_partitions"]
 
 TASK_ROWS = 1 << 16  # rows per assignment task (whole shards: at least one shard a task)
+# Rows from which a local run shuffles by list too (a Ray run always does: its tasks then read
+# the features files instead of a matrix in the object store). Below, the staged float16 matrix
+# fits a machine and the in-memory driver skips writing ~nprobe vector copies per row
+# (docs/scale.md). benchmarks/scale.py --search sets it to compare both.
+PARTITION_ROWS = 2_000_000
+
+
+def use_partitions(n_valid: int, on_cluster: bool) -> bool:
+    """Whether the embedding search shuffles rows through ``index/lists/`` (see PARTITION_ROWS)."""
+    return on_cluster or n_valid >= PARTITION_ROWS
 
 _I64 = np.int64
 
