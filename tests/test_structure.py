@@ -31,14 +31,3 @@ def test_no_module_over_the_size_limit():
     long = {str(p.relative_to(PKG.parent)): n for p in _modules() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
 
-
-def test_ray_is_imported_only_under_executors():
-    bad = []
-    for path in _modules():
-        if "executors" in path.parts:
-            continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            bad += [f"{path.relative_to(PKG.parent)}:{node.lineno}: {n}" for n in names if n == "ray" or n.startswith("ray.")]
-    assert not bad, "ray imported outside dedup/executors/:\n" + "\n".join(bad)
