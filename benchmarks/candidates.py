@@ -79,7 +79,7 @@ def synth_embeddings(
     if n == 0:
         return x, {}
     spec = _spectrum(d)
-    mu = _unit_rows((rng.standard_normal((1, d), dtype=np.float32) * spec))[0]
+    mu = _unit_rows(rng.standard_normal((1, d), dtype=np.float32) * spec)[0]
     n_topics = max(4, n // 250)
     w = rng.lognormal(0.0, 1.0, n_topics)
     p = w / w.sum()
@@ -269,16 +269,18 @@ def run_ray(n: int, seed: int = 0, threshold: float = THRESHOLD, params: dict | 
     """The Ray path (local Ray, this machine's cores) next to the serial driver, in one
     process: stage times, and whether both find the same pairs (they must)."""
     from dedup.compute import candidates as cand
+    from dedup.compute.search.driver import search_embeddings
     from dedup.config import load_config
-    from dedup.phases.candidates import _embedding_pairs_on_ray
+    from dedup.executors.ray import RayExecutor
 
     x = np.load(_ensure_data(n, seed, threshold), mmap_mode="r")
     p = cand.IVFParams.auto(n, x.shape[1], threshold, **(params or {}))
     serial_stats: dict = {}
     serial = cand.embedding_pairs(x, threshold, p, stats=serial_stats)
     cfg = load_config(None, None, **{"run.executor": "ray"})
-    st: dict = {}
-    spread = _embedding_pairs_on_ray(cfg, cand, x, np.ones(n, bool), threshold, p, None, stats=st)
+    with RayExecutor(cfg) as ex:
+        res = search_embeddings(x, threshold, p, executor=ex)
+    spread, st = res.pairs, res.stats.to_dict()
     r = {"kind": "ray", "n": n, "pairs": len(spread), "same_pairs_as_serial": bool(spread == serial),
          "serial_seconds": round(serial_stats["seconds"], 2)}
     r.update({k: (round(v, 2) if isinstance(v, float) else v) for k, v in st.items()

@@ -34,10 +34,10 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._table import machine_description, markdown_table, write_section  # noqa: E402
-from dedup.testing.synth import real_photos  # noqa: E402
-from dedup.testing import variants  # noqa: E402
-from dedup.testing.variants import jpeg_bytes  # noqa: E402
+from benchmarks._table import machine_description, markdown_table, write_section
+from dedup.testing.synth import real_photos
+from dedup.testing import variants
+from dedup.testing.variants import jpeg_bytes
 
 QUALITY = Path(__file__).resolve().parent.parent / "docs" / "quality.md"
 BEGIN, END = "<!-- check:begin -->", "<!-- check:end -->"

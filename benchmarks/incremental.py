@@ -75,7 +75,7 @@ def main() -> None:
             t = time.perf_counter()
             assert run_pipeline([str(tmp / "day1"), str(d2)], str(tmp / f"full-{n2}"), cfg, progress=False).exit_code == 0
             t_full = time.perf_counter() - t
-            rows.append([f"day 2 against previous", n2, out.stats["duplicates_of_previous"], f"{t_inc:.1f}", f"{t_full:.1f}"])
+            rows.append(["day 2 against previous", n2, out.stats["duplicates_of_previous"], f"{t_inc:.1f}", f"{t_full:.1f}"])
     table = markdown_table(["run", "new samples", "found as copies of previous", "incremental s", "full re-run s"], rows)
     body = (
         "### Incremental runs: cost vs new data (`benchmarks/incremental.py`)\n\n"

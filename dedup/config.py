@@ -16,8 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dedup.errors import ConfigError
-
-METHODS = ("exact", "phash", "dhash", "embedding")
+from dedup.records import METHODS
 
 # Recommended cosine thresholds per embedder family, measured in docs/quality.md.
 # Copy-detection descriptors put unrelated photos near 0 and edited copies above ~0.8;
@@ -180,7 +179,7 @@ class RayConfig(_Section):
 
 
 class Config(_Section):
-    methods: tuple[str, ...] = Field(METHODS, description="signals used: exact, phash, dhash, embedding; same as --methods")
+    methods: tuple[str, ...] = Field(METHODS, description=f"signals used: {', '.join(METHODS)}; same as --methods")
     input: InputConfig = InputConfig()
     decode: DecodeConfig = DecodeConfig()
     hashes: HashConfig = HashConfig()
@@ -223,10 +222,17 @@ class Config(_Section):
             # 2: hash-only runs draft-decode JPEG luma only (decode_plan); features computed
             # before that are not mixed with newer ones.
             "decode_version": 2,
+            "jpeg_scales": _jpeg_scales(),  # 3/8 drafts with libjpeg-turbo (dedup.compute.decode)
             # 3: hashes of the content box (uniform borders trimmed), content_fraction column
             "hash_version": 3,
         }
         return _hash(part)
+
+
+def _jpeg_scales() -> str:
+    from dedup.compute.decode import JPEG_SCALES
+
+    return JPEG_SCALES
 
 
 def _hash(obj: Any) -> str:
@@ -282,8 +288,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             continue
         node = data
         parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
         node[parts[-1]] = value
     try:
         return Config.model_validate(data)

@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from dedup.compute.search.hamming import popcount64
 from dedup.config import Config
 from dedup.errors import ConfigError
+from dedup.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -87,23 +88,21 @@ class Signals:
 
 def compute_signals(blobs: list[bytes], cfg: Config, embedder=None) -> Signals:
     """Every signal for encoded images, decoded exactly as the pipeline decodes them."""
-    import hashlib
+    from dedup.compute.signals import SignalPlan, hash_batch
 
-    from dedup.compute.decode import DecodePolicy, decode_image
-    from dedup.compute.hashes import content_hashes
-    from dedup.phases.features import decode_plan
-
-    policy = DecodePolicy(max_pixels=cfg.decode.max_pixels, formats=tuple(cfg.decode.formats))
-    min_size, gray = decode_plan(cfg.decode.draft, True, int(embedder.input_size) if embedder is not None else None)
-    images = []
+    plan = SignalPlan.build(cfg.decode.draft, cfg.decode.max_pixels, cfg.decode.formats, want_hash=True,
+                            embed_size=int(embedder.input_size) if embedder is not None else None)
+    images, shas = [], []
     for b in blobs:
-        d = decode_image(b, policy, min_size=min_size, gray=gray)
-        if d.image is None:
-            raise ConfigError(f"calibration image could not be decoded: {d.error}")
-        images.append(d.image)
-    ph, dh, _ = content_hashes(images)  # as the run hashes: the content box
+        read = plan.read(b)
+        if read.decoded.image is None:
+            raise ConfigError(f"calibration image could not be decoded: {read.decoded.error}")
+        assert read.sha256 is not None  # decoded, so not zero bytes
+        images.append(read.decoded.image)
+        shas.append(read.sha256)
+    ph, dh, _ = hash_batch(images)  # as the run hashes: the content box
     emb = embedder.embed(images) if embedder is not None else None
-    return Signals([hashlib.sha256(b).digest() for b in blobs], ph, dh, emb)
+    return Signals(shas, ph, dh, emb)
 
 
 def pair_scores(s: Signals, i: np.ndarray, j: np.ndarray) -> dict[str, np.ndarray]:
@@ -332,7 +331,7 @@ def finished_run(run_dir: str) -> tuple:
 
     run = rundir.finished_run(run_dir)
     try:
-        info = run.read_json(run.p("run.json"))
+        info = run.read_json(run.run_json)
         Config.model_validate(info["config"])
     except Exception as e:  # noqa: BLE001 - unreadable or foreign run.json: a usage problem
         raise ConfigError(f"{run_dir}/run.json is not a dedup run description: {type(e).__name__}: {str(e).splitlines()[0]}") from None
@@ -390,7 +389,7 @@ def eval_run(run_dir: str, pairs_csv: str, cfg: Config | None = None, target_pre
     result["at_corpus_size"] = _at_corpus_size(result, int(sum(st == "ok" for st in status)), run)
     for w in result["warnings"]:
         log.warning("%s", w)
-    prefix = out_prefix or run.p("eval")
+    prefix = out_prefix or run.eval_prefix
     try:
         write_eval_outputs(result, prefix)
     except OSError as e:
@@ -421,7 +420,7 @@ def _at_corpus_size(result: dict, n: int, run) -> dict:
         if fp is not None and nneg:
             out["expected_false_pairs"][m] = fp / nneg * total
     try:
-        out["run_estimate"] = run.read_json(run.p("stats.json")).get("embedding_threshold")
+        out["run_estimate"] = run.read_json(run.stats).get("embedding_threshold")
     except (OSError, ValueError):
         out["run_estimate"] = None
     return out
@@ -436,8 +435,7 @@ def write_eval_outputs(result: dict, prefix: str) -> list[str]:
         json.dump(summary, f, indent=1, allow_nan=False)
     rows = [{"signal": m, **r} for m, rs in result["curves"].items() for r in rs]
     pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("signal", pa.string()), ("threshold", pa.float64()), ("precision", pa.float64()), ("recall", pa.float64()), ("f1", pa.float64())])), prefix + ".parquet")
-    import matplotlib
-
+    matplotlib = require("the precision-recall plot", "matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -4,7 +4,10 @@ Set ``DEDUP_CRASH_AT=<point>[#<n>]`` and the process SIGKILLs itself the n-th ti
 first) it passes ``<point>``. Points: ``features:shard_done`` (parent, after a shard's marker),
 ``features:before_marker`` (worker, features file written, marker not yet),
 ``candidates:before_write``, ``write:<file name>`` (temp file written, not yet renamed into
-place; e.g. ``write:manifest.parquet``). Unset in normal use: one dict lookup per call.
+place; e.g. ``write:manifest.parquet``), ``ray:unit`` (a Ray worker, at the start of each
+``RayExecutor.map_units`` task: the candidate search's and the outlier score's work units; a
+Ray worker sees the environment of the node it runs on, not the driver's). Unset in normal
+use: one dict lookup per call.
 
 ``DEDUP_DELAY_AT=<point>[#<n>]=<seconds>[,...]`` sleeps at ``<point>`` instead (every pass, or
 only the n-th), to hold a run there while a test signals it; with ``DEDUP_DELAY_FLAG=<file>``

@@ -23,6 +23,7 @@ class _Task:
     def update(self, done: int, note: str | None = None) -> None:
         self.done = done
         if self._id is not None:
+            assert self.r._bar is not None  # a task id comes from the bar
             self.r._bar.update(self._id, completed=done, description=f"{self.name} {note or ''}".strip())
         elif self.r.enabled:
             now = time.monotonic()

@@ -9,6 +9,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+# The signals a run can use (``methods`` / ``--methods``), in their canonical order, which is
+# also their priority: when several methods find one pair, the manifest reports the first.
+METHODS = ("exact", "phash", "dhash", "embedding")
+
 
 class Status(str, enum.Enum):
     """Per-sample status. Documented for users in docs/manifest.md."""
@@ -32,6 +36,16 @@ class ShardRef:
 
     url: str
     shard_id: str  # path relative to the input root, without the .tar extension
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the features phase needs to know of the embedding model without loading it: its
+    identity (``tag``, part of the features hash), vector size and input size (decoding)."""
+
+    tag: str
+    dim: int
+    input_size: int
 
 
 def sample_id(shard_id: str, key: str) -> str:

@@ -11,6 +11,7 @@ import base64
 import io
 import json
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -18,7 +19,7 @@ from jinja2 import Environment, select_autoescape
 
 from dedup.io.rundir import RunDir
 from dedup.io.shards import ShardReadResult, image_member, iter_samples
-from dedup.records import ShardRef
+from dedup.records import METHODS, ShardRef, Status
 
 _ENV = Environment(autoescape=select_autoescape(default=True), trim_blocks=True, lstrip_blocks=True)
 
@@ -131,7 +132,7 @@ def _bar_svg(labels: list[str], values: list[int], width: int = 640, height: int
     return "".join(parts)
 
 
-def _thumbs(run: RunDir, wanted: set[str], image_exts: tuple[str, ...], size: int = 136) -> dict[str, str]:
+def thumbnails(run: RunDir, wanted: set[str], image_exts: tuple[str, ...], size: int = 136) -> dict[str, str]:
     """Data-URI JPEG thumbnails for the wanted sample ids, read from their shards."""
     from PIL import Image, ImageOps
 
@@ -150,8 +151,10 @@ def _thumbs(run: RunDir, wanted: set[str], image_exts: tuple[str, ...], size: in
             if sid not in ids or sid in out:
                 continue
             _, data = image_member(sample, image_exts)
+            if data is None:
+                continue  # no image member: no thumbnail
             try:
-                im = Image.open(io.BytesIO(data))
+                im: Image.Image = Image.open(io.BytesIO(data))
                 im.draft("RGB", (size * 2, size * 2))
                 im = ImageOps.exif_transpose(im).convert("RGB")
                 im.thumbnail((size, size))
@@ -167,11 +170,11 @@ def _thumbs(run: RunDir, wanted: set[str], image_exts: tuple[str, ...], size: in
 
 def build_report(run_dir: str, max_clusters: int = 12, max_members: int = 8, max_pairs: int = 6) -> str:
     run = RunDir(run_dir)
-    stats = run.read_json(run.p("stats.json"))
-    cfg = run.read_json(run.p("run.json"))
+    stats = run.read_json(run.stats)
+    cfg = run.read_json(run.run_json)
     image_exts = tuple(cfg["config"]["input"]["image_exts"])
-    m = run.read_parquet(run.p("manifest.parquet"), columns=["sample_id", "cluster_id", "cluster_size", "is_keeper", "dup_method", "score_to_keeper", "phash", "dhash", "status"])
-    pairs = run.read_parquet(run.p("pairs", "pairs.parquet"))
+    m = run.read_parquet(run.manifest, columns=["sample_id", "cluster_id", "cluster_size", "is_keeper", "dup_method", "score_to_keeper", "phash", "dhash", "status"])
+    pairs = run.read_parquet(run.pairs)
 
     # Largest clusters (by size, then keeper id for determinism).
     multi = m.filter(pc.greater(m["cluster_size"], 1))
@@ -179,7 +182,7 @@ def build_report(run_dir: str, max_clusters: int = 12, max_members: int = 8, max
     for r in multi.to_pylist():
         rows_by_cluster[r["cluster_id"]].append(r)
     ordered = sorted(rows_by_cluster.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:max_clusters]
-    clusters = []
+    clusters: list[dict[str, Any]] = []
     for keeper, members in ordered:
         members.sort(key=lambda r: (r["sample_id"] != keeper, not r["is_keeper"], r["sample_id"]))
         shown = members[:max_members]
@@ -192,18 +195,18 @@ def build_report(run_dir: str, max_clusters: int = 12, max_members: int = 8, max
     th = {"phash": thresholds.get("phash_radius"), "dhash": thresholds.get("dhash_radius"), "embedding": thresholds.get("embedding_cosine"), "exact": "identical bytes"}
     borderline: dict[str, list[dict]] = {}
     score_svgs: dict[str, str] = {}
-    for method in ("phash", "dhash", "embedding"):
+    for method in (m for m in METHODS if m != "exact"):  # the methods with a score scale
         sub = pairs.filter(pc.equal(pairs["method"], method))
         if sub.num_rows:
             scores = sub["score"].to_numpy()
             if method == "embedding":
-                edges = np.linspace(max(-1.0, float(scores.min()) - 1e-6), 1.0, 21)
+                edges: np.ndarray = np.linspace(max(-1.0, float(scores.min()) - 1e-6), 1.0, 21)
                 labels = [f"{e:.2f}" for e in edges[:-1]]
             else:
                 edges = np.arange(0, int(scores.max()) + 2)
                 labels = [str(int(e)) for e in edges[:-1]]
-            hist, _ = np.histogram(scores, bins=edges)
-            score_svgs[method] = _bar_svg(labels, hist.tolist())
+            counts, _ = np.histogram(scores, bins=edges)
+            score_svgs[method] = _bar_svg(labels, counts.tolist())
             # Just above the threshold = the weakest accepted pairs.
             order = np.argsort(-scores if method != "embedding" else scores, kind="stable")[:max_pairs]
             borderline[method] = [{"a": sub["a"][int(k)].as_py(), "b": sub["b"][int(k)].as_py(), "score": round(float(scores[k]), 4), "side": "above"} for k in order]
@@ -221,7 +224,7 @@ def build_report(run_dir: str, max_clusters: int = 12, max_members: int = 8, max
 
     wanted = {mm["sample_id"] for c in clusters for mm in c["members"]}
     wanted |= {p[x] for rows in borderline.values() for p in rows for x in ("a", "b")}
-    thumbs = _thumbs(run, wanted, image_exts)
+    thumbs = thumbnails(run, wanted, image_exts)
     for c in clusters:
         for mm in c["members"]:
             mm["thumb"] = thumbs.get(mm["sample_id"])
@@ -230,7 +233,7 @@ def build_report(run_dir: str, max_clusters: int = 12, max_members: int = 8, max
             p["a_thumb"], p["b_thumb"] = thumbs.get(p["a"]), thumbs.get(p["b"])
 
     checks = _checks(run)
-    thumbs_checks = _thumbs(run, {t["match"] for c in checks for t in c.get("top", [])[:5] if t.get("match")}, image_exts, size=64) if checks else {}
+    thumbs_checks = thumbnails(run, {t["match"] for c in checks for t in c.get("top", [])[:5] if t.get("match")}, image_exts, size=64) if checks else {}
     stats.setdefault("duplicates_by_method", {})
     stats.setdefault("pairs", {})
     stats.setdefault("status_counts", {})
@@ -247,7 +250,7 @@ def _checks(run: RunDir) -> list[dict]:
     import os
 
     try:
-        checks = run.read_json(run.p("checks.json")) if run.exists(run.p("checks.json")) else []
+        checks = run.read_json(run.checks) if run.exists(run.checks) else []
     except (OSError, ValueError):
         return []
     out = []
@@ -265,7 +268,7 @@ def _below_hash(m, method: str, radius: int, limit: int, sample: int = 50_000) -
     search at radius+4 is often exhaustive: 50 000 rows take ~1 s, 200 000 took ~12 s)."""
     from dedup.compute.search.hamming import hash_pairs
 
-    ok = m.filter(pc.and_(pc.equal(m["status"], "ok"), pc.is_valid(m[method])))
+    ok = m.filter(pc.and_(pc.equal(m["status"], Status.OK.value), pc.is_valid(m[method])))
     if ok.num_rows > sample:
         ok = ok.slice(0, sample)
     if ok.num_rows < 2:
@@ -285,13 +288,13 @@ def _below_embedding(run: RunDir, m, threshold: float, limit: int, sample: int =
 
     from dedup.compute.crossmatch import VectorIndex
 
-    path = run.p("index", "embeddings.f16")
+    path = run.embeddings
     if not run.local or not os.path.exists(path):
         return []
     emb = np.load(path, mmap_mode="r")
     if len(emb) != m.num_rows:
         return []
-    ok = np.flatnonzero(pc.equal(m["status"], "ok").to_numpy(zero_copy_only=False))[:sample]
+    ok = np.flatnonzero(pc.equal(m["status"], Status.OK.value).to_numpy(zero_copy_only=False))[:sample]
     if len(ok) < 2:
         return []
     x = np.asarray(emb[ok], np.float32)
@@ -313,7 +316,7 @@ def write_report(run_dir: str, path: str | None = None, overwrite: bool = False)
     if path is not None:  # never replace an input, a run file or a file that is not a report
         guard_file_output(path, reads=run_reads(run), runs=[run_dir], ours=_is_report(path), overwrite=overwrite)
     html = build_report(run_dir)
-    target = path or run.p("report.html")
+    target = path or run.report
     run.write_bytes(target, html.encode())
     return target
 

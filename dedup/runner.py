@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -21,6 +21,7 @@ import pyarrow as pa
 from dedup import __version__, interrupt
 from dedup.config import Config
 from dedup.errors import ConfigError
+from dedup.extras import need
 from dedup.faults import crash_point
 from dedup.io.rundir import RunDir
 from dedup.io.shards import list_shards
@@ -32,8 +33,11 @@ log = logging.getLogger("dedup")
 EXIT_OK, EXIT_USAGE, EXIT_PARTIAL = 0, 2, 3
 
 
-@dataclass
+@dataclass(frozen=True)
 class Outcome:
+    """What a run ended with: its exit code (``EXIT_OK`` / ``EXIT_PARTIAL``), the stats it wrote
+    to stats.json, and the run directory's URL."""
+
     exit_code: int
     stats: dict
     run_dir: str
@@ -50,7 +54,7 @@ class RunLock:
 
     def __init__(self, run: RunDir):
         self.run = run
-        self.path = run.p(".lock")
+        self.path = run.lock
         self.held = False
         self.info: dict = {}
 
@@ -164,7 +168,7 @@ def _model_tag(cfg: Config) -> str | None:
 
 
 def _check_run_json(run: RunDir, cfg: Config, force: bool, shard_urls: dict[str, str]) -> None:
-    path = run.p("run.json")
+    path = run.run_json
     if not run.exists(path):
         return
     try:
@@ -220,7 +224,7 @@ def _guard_locations(inputs: list[str], out: str, refs: list[ShardRef], against:
         )
     if against:
         prev = RunDir(against)
-        if not prev.exists(prev.p("run.json")):
+        if not prev.exists(prev.run_json):
             raise ConfigError(f"--against {against}: not a dedup run directory (no run.json)")
     return [(f"{r.proto}://{r.path.lstrip('/')}" if r.proto else r.path) for r in reads]
 
@@ -238,6 +242,8 @@ def run_pipeline(
     from dedup.phases.features import FeatureExtractor, marker_is_current
 
     t_start = time.perf_counter()
+    if cfg.run.executor == "ray":
+        need("--executor ray", "ray", hint="or --executor local")
     refs, missing = list_shards(inputs)
     if not refs:
         if missing:
@@ -264,7 +270,7 @@ def run_pipeline(
 
             prev_info = check_previous(RunDir(against), fhash, model_tag)  # fail fast, before any work
         run.write_json(
-            run.p("run.json"),
+            run.run_json,
             {
                 "config": cfg.to_dict(),
                 "config_hash": cfg.config_hash(),
@@ -303,14 +309,15 @@ def run_pipeline(
                 factory = lambda: FeatureExtractor(cfg)  # noqa: E731
                 # closed on any exit (an interrupt too): the executor stops its workers before the lock is released
                 results = stack.enter_context(closing(executor.map_features(cfg.to_dict(), run.url, todo, factory)))
-                for ref, marker, err in results:
+                for res in results:
+                    sid, marker = res.ref.shard_id, res.marker
                     if marker is None:
-                        failures[ref.shard_id] = err or "unknown error"
+                        failures[sid] = res.error or "unknown error"
                     elif marker["condition"] == "missing":
-                        failures[ref.shard_id] = f"missing: {marker['error']}"
+                        failures[sid] = f"missing: {marker['error']}"
                     else:
-                        markers[ref.shard_id] = marker
-                    task.advance(note=ref.shard_id)
+                        markers[sid] = marker
+                    task.advance(note=sid)
                     crash_point("features:shard_done")
         timings["features"] = round(time.perf_counter() - t0, 3)
         for sid, m in markers.items():
@@ -321,6 +328,7 @@ def run_pipeline(
         if against:
             from dedup.phases.incremental import incremental_finish
 
+            assert prev_info is not None  # checked when `against` was given
             stats = incremental_finish(run, RunDir(against), cfg, done_ids, prev_info, merge=merge, failed_shards=bool(failures))
             stats["timings"].update(timings)
         else:
@@ -337,7 +345,7 @@ def run_pipeline(
         stats["timings"]["total"] = round(time.perf_counter() - t_start, 3)
         stats["model_tag"] = model_tag
         stats["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        run.write_json(run.p("stats.json"), stats, sort_keys=False)  # histogram buckets in numeric order
+        run.write_json(run.stats, stats, sort_keys=False)  # histogram buckets in numeric order
         code = EXIT_PARTIAL if stats["partial"] else EXIT_OK
         return Outcome(code, stats, run.url)
 
@@ -348,7 +356,7 @@ def finish_run(
 ) -> dict:
     """Candidates then manifest from the run's features files. Returns stats (not yet written)."""
     from dedup.phases.candidates import find_pairs, load_features
-    from dedup.phases.manifest import build_manifest
+    from dedup.phases.manifest import build_manifest, write_manifest
 
     timings = dict(timings or {})
     t0, c0 = time.perf_counter(), time.process_time()
@@ -356,56 +364,51 @@ def finish_run(
     timings["load"] = round(time.perf_counter() - t0, 3)
     timings["cpu_load"] = round(time.process_time() - c0, 3)  # cpu_*: this process's CPU seconds, all threads
     t0, c0 = time.perf_counter(), time.process_time()
-    with Progress(progress) as prog:
-        bars: dict = {}
-
-        def cb(name: str, done: int, total: int) -> None:
-            if name not in bars:
-                bars[name] = prog.updater(f"candidates/{name}")
-            bars[name](done, total)
-
-        # the embedding search keeps its rows' nearest lists for the outlier score's search
-        lists: dict | None = {} if fs.embeddings is not None and cfg.clusters.outlier_k > 0 else None
-        pairs, info = find_pairs(cfg, fs, progress=cb, lists_out=lists)
-    crash_point("candidates:before_write")
-    run.write_parquet(run.p("pairs", "pairs.parquet"), pairs)
-    timings["candidates"] = round(time.perf_counter() - t0, 3)
-    timings["cpu_candidates"] = round(time.process_time() - c0, 3)
-    t0, c0 = time.perf_counter(), time.process_time()
-    outlier = None
-    outlier_search = None
-    if fs.embeddings is not None and cfg.clusters.outlier_k > 0:
-        from dedup.phases.manifest import outlier_scores
-
-        log.info("outlier scores: k-th nearest neighbour of %d embeddings", int(fs.ok().sum()))
-        ost: dict = {}
+    want_outlier = fs.embeddings is not None and cfg.clusters.outlier_k > 0
+    # the searches' tasks: on Ray, one executor (one connection) for the candidate search and
+    # the outlier score; locally, worker threads here
+    with (_executor(cfg) if cfg.run.executor == "ray" else nullcontext()) as executor:
         with Progress(progress) as prog:
-            outlier = outlier_scores(fs.embeddings, fs.ok(), cfg.clusters.outlier_k, stats=ost,
-                                     progress=prog.updater("outlier scores"), lists=lists,
-                                     ray_cfg=cfg if cfg.run.executor == "ray" else None)
-        del lists
-        timings["outlier"] = round(ost.get("seconds", 0.0), 3)
-        spread = cfg.run.executor == "ray" and "units" in ost  # IVF units ran as Ray tasks
-        outlier_search = {"method": ost.get("method"), "units": ost.get("units"),
-                          "executor": "ray" if spread else "local", "seconds": timings["outlier"]}
+            bars: dict = {}
+
+            def cb(name: str, done: int, total: int) -> None:
+                if name not in bars:
+                    bars[name] = prog.updater(f"candidates/{name}")
+                bars[name](done, total)
+
+            # the embedding search keeps its rows' nearest lists for the outlier score's search
+            found = find_pairs(cfg, fs, progress=cb, executor=executor, keep_lists=want_outlier)
+        pairs, info = found.table, found.info
+        crash_point("candidates:before_write")
+        run.write_parquet(run.pairs, pairs)
+        timings["candidates"] = round(time.perf_counter() - t0, 3)
+        timings["cpu_candidates"] = round(time.process_time() - c0, 3)
+        t0, c0 = time.perf_counter(), time.process_time()
+        outlier = None
+        outlier_search = None
+        if want_outlier and fs.embeddings is not None:
+            from dedup.phases.manifest import outlier_scores
+
+            log.info("outlier scores: k-th nearest neighbour of %d embeddings", int(fs.ok().sum()))
+            ost: dict = {}
+            with Progress(progress) as prog:
+                outlier = outlier_scores(fs.embeddings, fs.ok(), cfg.clusters.outlier_k, stats=ost,
+                                         progress=prog.updater("outlier scores"), lists=found.lists, executor=executor)
+            del found
+            timings["outlier"] = round(ost.get("seconds", 0.0), 3)
+            spread = executor is not None and "units" in ost  # IVF units ran as the executor's tasks
+            outlier_search = {"method": ost.get("method"), "units": ost.get("units"),
+                              "executor": "ray" if spread else "local", "seconds": timings["outlier"]}
     th_choice = info.get("embedding_threshold")
     th_value = th_choice["value"] if th_choice else None
     manifest, mstats = build_manifest(cfg, fs.table, pairs, outlier=outlier, embeddings=fs.embeddings, threshold=th_value)
-    total = manifest.num_rows
-    frac = (total - mstats["ok"]) / total if total else 0.0
-    partial = failed_shards or frac > cfg.run.max_error_fraction
-    manifest = manifest.replace_schema_metadata(
-        {**(manifest.schema.metadata or {}), b"config_hash": cfg.config_hash().encode(), b"partial": str(partial).lower().encode()}
-    )
-    run.write_parquet(run.p("manifest.parquet"), manifest)
+    written = write_manifest(run, cfg, manifest, failed_shards=failed_shards)
     timings["manifest"] = round(time.perf_counter() - t0, 3)
     timings["cpu_manifest"] = round(time.process_time() - c0, 3)
     status_counts = _count(fs.table["status"].to_pylist())
     return {
         **mstats,
-        "partial": partial,
-        "error_fraction": round(frac, 6),
-        "error_budget": cfg.run.max_error_fraction,
+        **written.stats(),
         "status_counts": status_counts,
         "pairs": info["pairs"],
         "uninformative_hashes": info.get("uninformative_hashes", {}),
@@ -434,7 +437,7 @@ def _count(values) -> dict[str, int]:
 
 def _executor(cfg: Config):
     if cfg.run.executor == "ray":
-        from dedup.executors.ray import RayExecutor  # the only module that imports ray
+        from dedup.executors.ray import RayExecutor  # imports ray: only when asked for
 
         return RayExecutor(cfg)
     from dedup.executors.local import LocalExecutor
@@ -445,4 +448,4 @@ def _executor(cfg: Config):
 
 def manifest_table(run_dir: str) -> pa.Table:
     run = RunDir(run_dir)
-    return run.read_parquet(run.p("manifest.parquet"))
+    return run.read_parquet(run.manifest)

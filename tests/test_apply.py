@@ -85,7 +85,7 @@ def test_changed_input_shard_leaves_no_partial_output(finished_run, tmp_path):
     first = sorted(src.glob("*.tar"))[0]
     for done in (run2 / "done").glob("*.json"):  # point the run at the copies
         done.write_text(done.read_text().replace(str(shards), str(src)))
-    with tarfile.open(first, "w") as tf:  # the shard is now empty
+    with tarfile.open(first, "w"):  # the shard is now empty
         pass
     clean = tmp_path / "clean"
     with pytest.raises(DedupError, match="changed since the run"):

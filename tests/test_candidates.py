@@ -538,7 +538,7 @@ def test_progress_covers_the_coarse_stage_and_the_outlier_score(emb):
     assert list_ticks[-1][0] == list_ticks[-1][1] == C.plan_ivf(emb, params).nlist
     for kw in ({"exact_below": 10**9, "block": 1000}, {"exact_below": 0}):
         ticks = []
-        C.kth_neighbour_similarity(emb, 3, progress=lambda a, b: ticks.append((a, b)), **kw)
+        C.kth_neighbour_similarity(emb, 3, progress=lambda a, b, ticks=ticks: ticks.append((a, b)), **kw)
         assert len(ticks) >= 2 and ticks[-1][0] == ticks[-1][1], (kw, ticks[-3:])
 
 

@@ -4,7 +4,6 @@ import io
 import json
 import tarfile
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
@@ -27,8 +26,8 @@ def test_region_boxes_whole_first_content_box_and_no_duplicates():
     padded = paste_on_canvas(im, (400, 400))  # a photo on a white canvas: its content box is a region
     boxes = region_boxes(padded)
     assert boxes[0] == (0, 0, 400, 400) and len(boxes) == len(set(boxes))
-    l, t, r, b = boxes[1]
-    assert abs((r - l) - im.width) <= 2 and abs((b - t) - im.height) <= 2
+    x0, y0, x1, y1 = boxes[1]
+    assert abs((x1 - x0) - im.width) <= 2 and abs((y1 - y0) - im.height) <= 2
     assert len(region_boxes(padded, RegionSpec(grids=(), content=False))) == 1
     assert len(region_boxes(padded, RegionSpec(max_regions=5))) == 5
 
@@ -98,8 +97,8 @@ def test_collage_query_is_flagged_with_the_right_sample_and_box(region_run, tmp_
     hit = rows["memorized.jpg"]
     assert hit["flagged"] and "region" in hit["flagged_by"], hit
     assert hit["matched"] == [f"t-000/{target_name}"] and hit["region_nearest"] == f"t-000/{target_name}"
-    l, tp, r, b = hit["region_box"]
-    inter = max(0, min(r, 480) - max(l, 240)) * max(0, min(b, 360) - max(tp, 180))
+    x0, y0, x1, y1 = hit["region_box"]
+    inter = max(0, min(x1, 480) - max(x0, 240)) * max(0, min(y1, 360) - max(y0, 180))
     assert inter / (240 * 180) > 0.5 and not hit["region_whole"], hit["region_box"]
     miss = rows["unrelated.jpg"]
     assert not miss["flagged"] and not miss["matched"], miss

@@ -208,11 +208,11 @@ def test_no_member_is_far_from_its_keeper_random_graphs():
         e = Edges(i, j, np.full(m, 3, np.int8), np.ones(m, np.float32))
         adj = {(min(a, b), max(a, b)) for a, b in zip(i.tolist(), j.tolist())}
 
-        def joins(mm, k):
+        def joins(mm, k, x=x):
             c = x[mm] @ x[k]
             return c >= 0.5, np.full(len(mm), 3), c
 
-        cl = group_clusters(n, e, rng.permutation(n), centrality=lambda mm: x[mm] @ x[mm].mean(0), joins=joins)
+        cl = group_clusters(n, e, rng.permutation(n), centrality=lambda mm, x=x: x[mm] @ x[mm].mean(0), joins=joins)
         for s in range(n):
             k = cl.keeper[s]
             assert cl.keeper[k] == k

@@ -28,7 +28,7 @@ def encode(im: Image.Image, fmt: str, **kw) -> bytes:
     return b.getvalue()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _astronaut() -> Image.Image:
     import skimage.data
 
@@ -357,9 +357,14 @@ def test_draft_keeps_short_side_at_least_min_size(size):
         d = decode_image(data, min_size=min_size)
         im = ok(d)
         assert min(im.size) >= min(min_size, min(size))
-        factor = round(size[0] / im.size[0])
-        assert factor in (1, 2, 4, 8)
-        assert factor == 8 or min(size) // min_size < 2 * factor  # the largest allowed reduction
+        scales = [(n, den) for n, den in ((1, 1), (1, 2), (3, 8), (1, 4), (1, 8))
+                  if im.size == (-(-size[0] * n // den), -(-size[1] * n // den))]
+        assert scales, im.size  # a DCT scale: 1/2, 1/4, 1/8 (Pillow) or 3/8 (libjpeg-turbo, colour)
+        n, den = scales[-1]
+        if n == 3:
+            assert -(-min(size) * 3 // 8) >= min_size and min(size) // min_size < 4  # 1/4 would be too small
+        else:
+            assert den == 8 or min(size) // min_size < 2 * den  # the largest allowed reduction
         assert (d.width, d.height) == size
 
 
@@ -436,7 +441,7 @@ def test_gray_leaves_other_images_in_colour():
 def test_gray_hashes_stay_close_to_colour_draft_hashes():
     rng = np.random.default_rng(3)
     blobs = []
-    for k in range(12):
+    for _ in range(12):
         w, h = int(rng.integers(400, 1400)), int(rng.integers(300, 1000))
         im = _astronaut().resize((w, h), Image.Resampling.LANCZOS)
         blobs.append(encode(im.rotate(int(rng.integers(0, 360))), "JPEG", quality=int(rng.integers(60, 96))))
@@ -456,3 +461,81 @@ def test_decode_plan():
     assert decode_plan(True, True, 224) == (224, False)  # an embedder needs colour
     assert decode_plan(True, True, 64) == (HASH_MIN_SIZE, False)
     assert decode_plan(True, False, None) == (1, True)  # exact-only: validate at the smallest size
+
+
+# ---------------------------------------------------------------- libjpeg-turbo fast path
+def _jpeg_variants() -> list[bytes]:
+    src = _astronaut()
+    out = []
+    for size in ((700, 520), (300, 200), (97, 61)):
+        im = src.resize(size)
+        for kw in ({"quality": 90}, {"quality": 75, "subsampling": 0}, {"quality": 85, "progressive": True},
+                   {"quality": 80, "subsampling": 1}):
+            b = io.BytesIO()
+            im.save(b, "JPEG", **kw)
+            out.append(b.getvalue())
+        for mode, orientation in (("L", 1), ("RGB", 6), ("L", 3), ("RGB", 8)):
+            ex = Image.Exif()
+            ex[0x0112] = orientation
+            b = io.BytesIO()
+            im.convert(mode).save(b, "JPEG", exif=ex.tobytes())
+            out.append(b.getvalue())
+    return out
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("simplejpeg") is None, reason="simplejpeg not installed")
+def test_turbo_path_equals_pillow_path(monkeypatch):
+    """JPEGs decoded by libjpeg-turbo (simplejpeg) give Pillow's pixels, mode and sizes, bit for
+    bit, at every draft size and in luma mode (these sizes never call for the 3/8 scale) — so
+    hashes do not depend on whether simplejpeg is installed."""
+    import dedup.compute.decode as dec
+
+    cases = _jpeg_variants()
+    fast = [[dec.decode_image(b, min_size=m, gray=g) for m in (None, 1, 96, 288) for g in (False, True)] for b in cases]
+    monkeypatch.setattr(dec, "_turbo", None)
+    slow = [[dec.decode_image(b, min_size=m, gray=g) for m in (None, 1, 96, 288) for g in (False, True)] for b in cases]
+    n = 0
+    for fs, ss in zip(fast, slow):
+        for f, s in zip(fs, ss):
+            assert (f.status, f.width, f.height, f.orig_mode, f.format) == (s.status, s.width, s.height, s.orig_mode, s.format)
+            assert f.image is not None and s.image is not None
+            assert f.image.mode == s.image.mode and f.image.size == s.image.size
+            assert np.array_equal(np.asarray(f.image), np.asarray(s.image))
+            n += 1
+    assert n == len(cases) * 8
+
+
+def test_truncated_jpeg_same_status_without_turbo(monkeypatch):
+    """A truncated JPEG: the fast path gives way to Pillow, whose status and message stand."""
+    import dedup.compute.decode as dec
+
+    b = io.BytesIO()
+    _astronaut().save(b, "JPEG", quality=90)
+    cut = b.getvalue()[: len(b.getvalue()) // 2]
+    with_turbo = dec.decode_image(cut, min_size=96, gray=True)
+    monkeypatch.setattr(dec, "_turbo", None)
+    without = dec.decode_image(cut, min_size=96, gray=True)
+    assert with_turbo.status == without.status == Status.DECODE_ERROR
+    assert with_turbo.error == without.error
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("simplejpeg") is None, reason="simplejpeg not installed")
+def test_colour_draft_uses_three_eighths(monkeypatch):
+    """A colour draft (an embedder's input size) uses libjpeg-turbo's 3/8 scale where Pillow's
+    1/2 would be the next: fewer pixels, the short side still ≥ min_size, the original size
+    reported; luma drafts (hashes) keep Pillow's 1/2."""
+    import dedup.compute.decode as dec
+
+    data = encode(_astronaut().resize((1200, 900)), "JPEG", quality=90)
+    assert dec.JPEG_SCALES == "1/2,3/8,1/4,1/8"
+    d = dec.decode_image(data, min_size=288)
+    assert d.status == Status.OK and d.image is not None
+    assert d.image.size == (450, 338) and (d.width, d.height) == (1200, 900)  # ceil(3/8 of each side)
+    assert dec.decode_image(data, min_size=288, gray=True).image.size == (600, 450)  # luma: Pillow's 1/2
+    assert dec.decode_image(data, min_size=338).image.size == (450, 338)  # 3/8 of 900 = 337.5 → 338: 3/8 still
+    assert dec.decode_image(data, min_size=339).image.size == (600, 450)  # 3/8 too small: 1/2
+    # Against the full decode resized to the same size: the same picture.
+    full = np.asarray(dec.decode_image(data).image.resize((450, 338), Image.Resampling.BILINEAR, reducing_gap=3.0), np.float64)
+    assert np.abs(full - np.asarray(d.image, np.float64)).mean() < 3.0
+    monkeypatch.setattr(dec, "_turbo", None)
+    assert dec.decode_image(data, min_size=288).image.size == (600, 450)  # Pillow alone: 1/2

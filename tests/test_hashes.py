@@ -25,7 +25,7 @@ def ih(im: Image.Image) -> tuple[int, int]:
     return int(str(imagehash.phash(im)), 16), int(str(imagehash.dhash(im)), 16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def real_photos() -> tuple[Image.Image, ...]:
     import skimage.data as d
 
@@ -36,7 +36,7 @@ def real_photos() -> tuple[Image.Image, ...]:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def varied_images() -> tuple[Image.Image, ...]:
     """>= 200 images: photos, random crops and resizes, noise, flat, tiny, patterns, modes."""
     rng = np.random.default_rng(2024)

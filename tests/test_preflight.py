@@ -83,7 +83,7 @@ _SCENARIOS = textwrap.dedent(
 
 
 class _Hub(http.server.BaseHTTPRequestHandler):
-    def do_HEAD(self):  # noqa: N802 - http.server's name
+    def do_HEAD(self):  # http.server's name
         self.send_response(200)
         self.end_headers()
 

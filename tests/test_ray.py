@@ -96,6 +96,7 @@ def shards(synth_shards, tmp_path_factory) -> Path:
     # and re-encoded copies among them.
     rng = np.random.default_rng(0)
     members = []
+    prev = None  # the last photo drawn (k = 0 draws the first)
     for k in range(300):
         if k % 10 == 9:
             data = members[-2][1] if k % 20 == 9 else _jpeg_array(prev, 60)
@@ -169,8 +170,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
             s["ivf_search"].pop(k)
         for k in ("seconds", "executor"):  # where the outlier units ran differs, not what they found
             (s.get("outlier_search") or {}).pop(k, None)
-        if (s.get("ivf_search") or {}).get("method") == "ivf-ray":  # the same IVF search, spread
-            s["ivf_search"]["method"] = "ivf"
+        (s.get("ivf_search") or {}).pop("executor", None)  # where the search's tasks ran
     assert sa == sb
 
 
@@ -366,8 +366,9 @@ def test_candidate_search_spread_over_ray_equals_serial(ray_cluster, monkeypatch
     """The coarse stage's row blocks and the IVF work units as Ray tasks (embeddings shared via
     the object store) give the serial pairs."""
     from dedup.compute import candidates as cand
+    from dedup.compute.search.driver import search_embeddings
     from dedup.config import load_config
-    from dedup.phases.candidates import _embedding_pairs_on_ray
+    from dedup.executors.ray import RayExecutor
 
     rng = np.random.default_rng(0)
     n, d = 6000, 32
@@ -382,12 +383,13 @@ def test_candidate_search_spread_over_ray_equals_serial(ray_cluster, monkeypatch
     cfg = load_config(None, None, **{"run.executor": "ray"})
     # small row blocks, two per task: the coarse stage runs as 3 tasks, reassembled in order
     monkeypatch.setattr("dedup.compute.search.coarse.ASSIGN_BLOCK", 1000)
-    monkeypatch.setattr("dedup.phases.candidates._ASSIGN_BLOCKS_PER_TASK", 2)
+    monkeypatch.setattr("dedup.compute.search.driver.ASSIGN_BLOCKS_PER_TASK", 2)
     ticks = []
-    st: dict = {}
-    spread = _embedding_pairs_on_ray(cfg, cand, x, ok, 0.9, params, None, lambda a, b: ticks.append((a, b)), stats=st)
+    with RayExecutor(cfg) as ex:
+        res = search_embeddings(x, 0.9, params, valid=ok, executor=ex, plan_progress=lambda a, b: ticks.append((a, b)))
+    spread, st = res.pairs, res.stats
     assert ticks[0] == (0, 6) and ticks[-1] == (6, 6) and len(ticks) == 4
-    assert st["method"] == "ivf-ray" and st["valid"] == n - 1 and st["mean_probes"] >= 1.0
+    assert st.method == "ivf" and st.valid == n - 1 and st.mean_probes >= 1.0
     assert len(serial.i) > 50
     assert np.array_equal(serial.i, spread.i) and np.array_equal(serial.j, spread.j)
     assert np.array_equal(serial.score, spread.score)
@@ -398,8 +400,9 @@ def test_ray_candidate_search_equals_serial_with_the_bound_prefilter(ray_cluster
     quantizer's Bound and project the rows of their lists themselves (lists of ~600 here, above
     _PROJECT_MIN_MEMBERS). Both give the same pairs and scores."""
     from dedup.compute import candidates as cand
+    from dedup.compute.search.driver import search_embeddings
     from dedup.config import load_config
-    from dedup.phases.candidates import _embedding_pairs_on_ray
+    from dedup.executors.ray import RayExecutor
 
     rng = np.random.default_rng(3)
     n, d = 6000, 128
@@ -415,10 +418,10 @@ def test_ray_candidate_search_equals_serial_with_the_bound_prefilter(ray_cluster
     assert st["bound_width"] == 34 and len(serial.i) > 50
     assert st["list_size_mean"] >= 2 * cand.PROJECT_MIN_MEMBERS
     cfg = load_config(None, None, **{"run.executor": "ray"})
-    st_ray: dict = {}
-    spread = _embedding_pairs_on_ray(cfg, cand, x, ok, 0.9, params, None, stats=st_ray)
-    assert serial == spread
-    assert st_ray["bound_width"] == 34  # the units were handed the bound
+    with RayExecutor(cfg) as ex:
+        res = search_embeddings(x, 0.9, params, valid=ok, executor=ex)
+    assert serial == res.pairs
+    assert res.stats.bound_width == 34  # the units were handed the bound
 
 
 def test_outlier_score_on_ray_reuses_the_ray_search_lists(ray_cluster, monkeypatch):
@@ -426,8 +429,9 @@ def test_outlier_score_on_ray_reuses_the_ray_search_lists(ray_cluster, monkeypat
     driver keeps them), and the outlier score's work units run as Ray tasks: the same lists
     and the same scores as in one process."""
     from dedup.compute import candidates as cand
+    from dedup.compute.search.driver import search_embeddings
     from dedup.config import load_config
-    from dedup.phases.candidates import _embedding_pairs_on_ray
+    from dedup.executors.ray import RayExecutor
     from dedup.phases.manifest import outlier_scores
 
     rng = np.random.default_rng(6)
@@ -443,18 +447,20 @@ def test_outlier_score_on_ray_reuses_the_ray_search_lists(ray_cluster, monkeypat
     serial = cand.embedding_pairs(x, 0.9, params=params, valid=ok, lists_out=serial_lists)
     cfg = load_config(None, None, **{"run.executor": "ray"})
     monkeypatch.setattr("dedup.compute.search.coarse.ASSIGN_BLOCK", 2000)  # several assignment tasks
-    ray_lists: dict = {}
-    spread = _embedding_pairs_on_ray(cfg, cand, x, ok, 0.9, params, None, lists_out=ray_lists)
-    assert serial == spread
-    assert ray_lists["nearest"].shape == (n, 5) and (ray_lists["nearest"][~ok] == -1).all()
+    with RayExecutor(cfg) as ex:
+        res = search_embeddings(x, 0.9, params, valid=ok, executor=ex, keep_nearest=True)
+    ray_lists = res.lists
+    assert serial == res.pairs and ray_lists is not None
+    assert ray_lists.nearest.shape == (n, 5) and (ray_lists.nearest[~ok] == -1).all()
     for key in ("assign", "nearest"):
-        assert np.array_equal(serial_lists[key], ray_lists[key]), key
+        assert np.array_equal(serial_lists[key], getattr(ray_lists, key)), key
     make = cand.make_units
     monkeypatch.setattr("dedup.compute.search.knn.make_units", lambda plan, unit_rows=None: make(plan, 2000))  # several units
     st_serial: dict = {}
     st_ray: dict = {}
     local = outlier_scores(x, ok, 5, stats=st_serial, lists=serial_lists)
-    on_ray = outlier_scores(x, ok, 5, stats=st_ray, lists=ray_lists, ray_cfg=cfg)
+    with RayExecutor(cfg) as ex:
+        on_ray = outlier_scores(x, ok, 5, stats=st_ray, lists=ray_lists, executor=ex)
     assert st_ray["method"] == "ivf (the duplicate search's lists)" and st_ray["units"] >= 4
     assert np.array_equal(local, on_ray, equal_nan=True)
     assert np.isnan(on_ray[~ok]).all() and np.isfinite(on_ray[ok]).all()
@@ -483,7 +489,8 @@ def test_ray_run_equals_local_run_on_ivf_lists(ray_cluster, tmp_path):
     local, _ = _run(shard_dir, tmp_path / "local", "local")
     remote, _ = _run(shard_dir, tmp_path / "ray", "ray")
     assert local.exit_code == remote.exit_code == 0
-    assert local.stats["ivf_search"]["method"] == "ivf" and remote.stats["ivf_search"]["method"] == "ivf-ray"
+    assert local.stats["ivf_search"]["method"] == remote.stats["ivf_search"]["method"] == "ivf"
+    assert local.stats["ivf_search"]["executor"] == "local" and remote.stats["ivf_search"]["executor"] == "ray"
     for st, where in ((local.stats, "local"), (remote.stats, "ray")):
         assert st["outlier_search"]["method"] == "ivf (the duplicate search's lists)", st["outlier_search"]
         assert st["outlier_search"]["executor"] == where

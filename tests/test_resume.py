@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pyarrow as pa
@@ -176,12 +178,47 @@ def test_staging_embeddings_without_disk_space_is_a_clear_error(tmp_path, monkey
     from dedup.io.rundir import RunDir
     from dedup.phases import candidates as P
 
-    col = pa.chunked_array([pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(8 * 4, np.float16)), 4)])
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(P.shutil, "disk_usage", lambda path: usage(100, 100, 0))
     with pytest.raises(DedupError, match=r"not enough disk space .* GiB needed in .*index.*rerun"):
-        P._stage_embeddings(RunDir(str(tmp_path)), col, pa.array(np.arange(8)))
+        P._stage_embeddings(RunDir(str(tmp_path)), [], np.zeros(1, np.int64), np.arange(8), 4)
     assert not (tmp_path / "index" / "embeddings.f16").exists()
     monkeypatch.undo()
-    staged = P._stage_embeddings(RunDir(str(tmp_path)), col, pa.array(np.arange(8)))
+    staged = P._stage_embeddings(RunDir(str(tmp_path)), [], np.zeros(1, np.int64), np.arange(8), 4)
     assert staged.shape == (8, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_run_with_s3_run_dir_equals_local_run(synth_shards, reference, s3_server, tmp_path):
+    """Issue #18, must-show 3: the Ray executor's run with its run directory on s3:// (moto on
+    loopback; every Ray worker writes its features and markers there) gives the manifest of
+    the local executor's local run, row by row."""
+    pytest.importorskip("ray")
+    import s3fs
+    from sameruns import assert_same_manifest
+
+    shards, _ = synth_shards
+    ref_dir, _ = reference
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_server["FSSPEC_S3_ENDPOINT_URL"])
+    fs.mkdir("ray-bucket")  # moto keeps buckets for the whole process: one of its own
+    # A Ray of its own (its address file in its own temp dir: no other Ray on this machine joins it
+    # or is joined), whose workers inherit the s3 settings from the driver's environment.
+    ray_tmp = tempfile.mkdtemp(prefix="dedup-s3ray-")
+    env = {**os.environ, **s3_server, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        r = subprocess.run(
+            EXE + ["run", str(shards), "--out", "s3://ray-bucket/run", *ARGS, "--executor", "ray",
+                   "--set", "ray.cpus_per_actor=0.5", "--set", "ray.cpus_per_task=0.5"],
+            capture_output=True, text=True, env=env, timeout=600, check=False,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with fs.open("ray-bucket/run/run.json") as f:
+        assert json.load(f)["config"]["run"]["executor"] == "ray"
+    assert len(fs.ls("ray-bucket/run/done")) == len(list(shards.glob("*.tar")))
+    with fs.open("ray-bucket/run/manifest.parquet", "rb") as f:
+        got = pq.read_table(pa.BufferReader(f.read()))
+    assert_same_manifest(got, pq.read_table(ref_dir / "manifest.parquet"))

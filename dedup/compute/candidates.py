@@ -7,6 +7,6 @@ package's modules.
 from __future__ import annotations
 
 from dedup.compute import search as _search
-from dedup.compute.search import *
+from dedup.compute.search import *  # noqa: F403 - the re-export this module exists for
 
 __all__ = list(_search.__all__)

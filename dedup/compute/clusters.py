@@ -15,9 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# When one pair is found by several methods, the manifest reports the first of these.
-METHOD_PRIORITY = ("exact", "phash", "dhash", "embedding")
-
 
 @dataclass(frozen=True)
 class Edges:
@@ -25,7 +22,7 @@ class Edges:
 
     i: np.ndarray  # int64
     j: np.ndarray  # int64
-    method: np.ndarray  # int8 index into METHOD_PRIORITY
+    method: np.ndarray  # int8 index into dedup.records.METHODS
     score: np.ndarray  # float32
 
     @classmethod
@@ -44,7 +41,7 @@ class Edges:
 class Clusters:
     keeper: np.ndarray  # int64: index of the cluster's primary keeper; -1 for excluded samples
     is_keeper: np.ndarray  # bool: kept (primary keeper or one of keep_per_cluster-1 extra copies)
-    method: np.ndarray  # int8: METHOD_PRIORITY index of the edge to the keeper; -1 if none
+    method: np.ndarray  # int8: METHODS index of the edge to the keeper; -1 if none
     score: np.ndarray  # float32: score of that edge; NaN if none
     size: np.ndarray  # int32: size of the sample's cluster; 0 for excluded samples
 
@@ -143,7 +140,7 @@ def group_clusters(
     ``centrality(members) -> float array``: how well each member represents the component's
     most linked members (e.g. cosine to their mean embedding); members within ``tolerance`` of
     the best are tied and the rank decides between them. ``joins(members, keeper) -> (ok, method,
-    score)``: the relaxed check of each member against the keeper, with the METHOD_PRIORITY
+    score)``: the relaxed check of each member against the keeper, with the METHODS
     index and score to report (None: direct links only)."""
     valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
     lab = components(n, edges, valid)

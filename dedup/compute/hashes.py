@@ -146,8 +146,13 @@ def _weights32(in_size: int, out_size: int) -> np.ndarray:
     return m
 
 
+@functools.lru_cache(maxsize=256)
 def _weights(in_size: int, out_size: int) -> np.ndarray:
-    return _weights32(in_size, out_size).astype(np.float64)  # integers ≤ 2²²: exact either way
+    """float64 copy of :func:`_weights32` (integers ≤ 2²²: exact either way), cached for the
+    sizes seen most recently (≤ 128 KB each)."""
+    m = _weights32(in_size, out_size).astype(np.float64)
+    m.flags.writeable = False
+    return m
 
 
 def _fix(acc: np.ndarray) -> np.ndarray:
@@ -163,18 +168,30 @@ def _vertical_first(h: int, w: int, oh: int, ow: int, rule: str) -> bool:
 
 def _resize_np(a: np.ndarray, ow: int, oh: int, rule: str) -> np.ndarray:
     """float64 (h, w) grey pixels → float64 (oh, ow), Pillow's arithmetic and pass order."""
-    h, w = a.shape
-    x = a
+    return _resize_stack(a[None], ow, oh, rule)[0]
+
+
+def _resize_stack(a: np.ndarray, ow: int, oh: int, rule: str) -> np.ndarray:
+    """float64 (n, h, w) images of one shape → float64 (n, oh, ow): each pass is one matrix
+    product for the whole stack (the same weights for every image of a shape)."""
+    n, h, w = a.shape
 
     def horizontal(x: np.ndarray) -> np.ndarray:
-        return x if ow == x.shape[1] else _fix(x @ _weights(x.shape[1], ow).T)
+        k, rows, cols = x.shape
+        if ow == cols:
+            return x
+        return _fix(x.reshape(k * rows, cols) @ _weights(cols, ow).T).reshape(k, rows, ow)
 
     def vertical(x: np.ndarray) -> np.ndarray:
-        return x if oh == x.shape[0] else _fix(_weights(x.shape[0], oh) @ x)
+        k, rows, cols = x.shape
+        if oh == rows:
+            return x
+        y = _weights(rows, oh) @ x.transpose(1, 0, 2).reshape(rows, k * cols)  # (oh, k * cols)
+        return _fix(y).reshape(oh, k, cols).transpose(1, 0, 2)
 
     if _vertical_first(h, w, oh, ow, rule):
-        return horizontal(vertical(x))
-    return vertical(horizontal(x))
+        return horizontal(vertical(a))
+    return vertical(horizontal(a))
 
 
 @functools.lru_cache(maxsize=1)
@@ -208,21 +225,27 @@ def resize_l(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _reduce(images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 32, 32) and (n, 8, 9) uint8: imagehash's resized grayscale pixels for each hash."""
+    """(n, 32, 32) and (n, 8, 9) uint8: imagehash's resized grayscale pixels for each hash.
+    Images of one decoded size are resized together (one matrix product per pass)."""
     n = len(images)
     ph = np.empty((n, _PSIZE, _PSIZE), np.uint8)
     dh = np.empty((n, HASH_SIZE, HASH_SIZE + 1), np.uint8)
     rule = _resize_rule()
     pillow = rule == "pillow"
+    by_shape: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
     for k, im in enumerate(images):
         gray = im if im.mode == "L" else im.convert("L")  # once per image, shared by both hashes
         if pillow or max(gray.size) > _NP_MAX_SIDE:
             ph[k] = np.asarray(gray.resize((_PSIZE, _PSIZE), _LANCZOS))
             dh[k] = np.asarray(gray.resize((HASH_SIZE + 1, HASH_SIZE), _LANCZOS))
             continue
-        g = np.asarray(gray, dtype=np.float64)
-        ph[k] = _resize_np(g, _PSIZE, _PSIZE, rule)  # a pass is skipped where the size is kept
-        dh[k] = _resize_np(g, HASH_SIZE + 1, HASH_SIZE, rule)
+        a = np.asarray(gray)
+        by_shape.setdefault(a.shape, []).append((k, a))
+    for members in by_shape.values():
+        idx = [k for k, _ in members]
+        g = np.stack([a for _, a in members]).astype(np.float64)
+        ph[idx] = _resize_stack(g, _PSIZE, _PSIZE, rule)  # a pass is skipped where the size is kept
+        dh[idx] = _resize_stack(g, HASH_SIZE + 1, HASH_SIZE, rule)
     return ph, dh
 
 

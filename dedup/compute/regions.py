@@ -40,7 +40,7 @@ class RegionSpec:
     refine: bool = True  # refine the best box of a query that came close (dedup.phases.check)
 
     @property
-    def finest(self) -> int:
+    def finest(self) -> float:
         return max(self.grids, default=1)
 
 

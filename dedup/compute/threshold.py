@@ -108,6 +108,7 @@ def _mixture_fit(x: np.ndarray, width: float) -> tuple[float, float]:
                      options={"xatol": 1e-4, "fatol": 1e-6, "maxiter": 2000})
         if best is None or r.fun < best.fun:
             best = r
+    assert best is not None
     return 1.0 / (1.0 + math.exp(-best.x[0])), LAMBDA_MIN + math.exp(best.x[1])
 
 
@@ -206,7 +207,7 @@ def recorded(run, cfg) -> float:
     and incremental runs against it decide as the run did; the configured value if the run
     recorded none (runs before ``auto``)."""
     try:
-        value = run.read_json(run.p("stats.json")).get("thresholds", {}).get("embedding_cosine")
+        value = run.read_json(run.stats).get("thresholds", {}).get("embedding_cosine")
     except (OSError, ValueError, FileNotFoundError):
         value = None
     return float(value) if value is not None else cfg.embedding.resolved_threshold()
@@ -238,7 +239,7 @@ def region_threshold(choice: dict | None, base: float, *, regions_per_query: flo
     The tail is fitted on whole-image pairs; regions are smaller and blurrier, so treat the
     estimate as a guide, not a guarantee (the margin path was measured on regions).
     """
-    out = {"base": float(base), "budget_per_query": float(budget), "regions_per_query": float(regions_per_query),
+    out: dict[str, float | str | None] = {"base": float(base), "budget_per_query": float(budget), "regions_per_query": float(regions_per_query),
            "n_ref": int(n_ref), "expected_false_flags_per_query": None}
     c = choice or {}
     u, p, lam = c.get("tail_start"), c.get("tail_share"), c.get("tail_rate")

@@ -18,11 +18,13 @@ import logging
 import multiprocessing as mp
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 from dedup import interrupt
+from dedup.executors import ShardResult
 from dedup.records import ShardRef
 
 log = logging.getLogger(__name__)
@@ -65,16 +67,15 @@ def _task(ref: ShardRef) -> dict:
     return run_shard(extractor, run, ref)
 
 
-Result = tuple[ShardRef, dict | None, str | None]  # (shard, marker, error)
-
-
 class LocalExecutor:
-    def __init__(self, workers: int, retries: int = 2, on_workers: Callable[[list[int]], None] | None = None):
+    def __init__(self, workers: int, retries: int = 2, on_workers: Callable[[list[int]], None] | None = None,
+                 threads: int = 0):
         self.workers = max(1, workers)
+        self.threads = threads  # worker threads of map_units (0: one per core)
         self.retries = retries
         self.on_workers = on_workers  # told the pids of each pool's workers (the run lock records them)
 
-    def map_features(self, cfg_dict: dict, run_url: str, refs: list[ShardRef], extractor_factory: Callable) -> Iterator[Result]:
+    def map_features(self, cfg_dict: dict, run_url: str, refs: list[ShardRef], extractor_factory: Callable) -> Iterator[ShardResult]:
         if not refs:
             return
         if self.workers == 1 or len(refs) == 1:
@@ -82,7 +83,21 @@ class LocalExecutor:
         else:
             yield from self._pool(cfg_dict, run_url, refs)
 
-    def _serial(self, run_url: str, refs: list[ShardRef], extractor_factory: Callable) -> Iterator[Result]:
+    # -- generic per-item work (the candidate search's tasks, the outlier score's units) ----------
+    def map_units(self, fn: Callable, items: Iterable, *, shared: Any = None) -> Iterator[tuple[Any, Any, str | None]]:
+        """The executor contract of :class:`dedup.compute.search.driver.TaskMap`: ``fn(item)``
+        (``fn(shared, item)`` with ``shared``) on worker threads of this process (the search
+        kernels release the GIL in BLAS and faiss), yielding ``(item, result, error)`` as each
+        finishes; ``run.workers`` threads (0: one per core)."""
+        from dedup.compute.search.driver import ThreadMap
+
+        return ThreadMap(self.threads).map_units(fn, items, shared=shared)
+
+    def put(self, obj: Any) -> Any:
+        """Nothing to hand over: the threads read the caller's objects."""
+        return obj
+
+    def _serial(self, run_url: str, refs: list[ShardRef], extractor_factory: Callable) -> Iterator[ShardResult]:
         from dedup.io.rundir import RunDir
         from dedup.phases.features import run_shard
 
@@ -92,15 +107,15 @@ class LocalExecutor:
             err = None
             for attempt in range(self.retries + 1):
                 try:
-                    yield ref, run_shard(extractor, run, ref), None
+                    yield ShardResult(ref, run_shard(extractor, run, ref))
                     break
                 except Exception as e:  # noqa: BLE001 - recorded as a shard failure
                     err = f"{type(e).__name__}: {e}"
                     log.warning("shard %s failed (attempt %d): %s", ref.shard_id, attempt + 1, err)
             else:
-                yield ref, None, err
+                yield ShardResult(ref, None, err)
 
-    def _pool(self, cfg_dict: dict, run_url: str, refs: list[ShardRef]) -> Iterator[Result]:
+    def _pool(self, cfg_dict: dict, run_url: str, refs: list[ShardRef]) -> Iterator[ShardResult]:
         cores = os.cpu_count() or 1
         threads = max(1, cores // self.workers)
         attempts = {r: 0 for r in refs}
@@ -121,18 +136,18 @@ class LocalExecutor:
                     for fut in done:
                         ref = futures.pop(fut)
                         try:
-                            yield ref, fut.result(), None
+                            yield ShardResult(ref, fut.result())
                         except BrokenProcessPool as e:
                             broken = True
                             attempts[ref] += 1
                             if attempts[ref] > self.retries:
-                                yield ref, None, f"worker process died: {e}"
+                                yield ShardResult(ref, None, f"worker process died: {e}")
                             else:
                                 todo.append(ref)
                         except Exception as e:  # noqa: BLE001
                             attempts[ref] += 1
                             if attempts[ref] > self.retries:
-                                yield ref, None, f"{type(e).__name__}: {e}"
+                                yield ShardResult(ref, None, f"{type(e).__name__}: {e}")
                             else:
                                 todo.append(ref)
                     if broken:

@@ -1,4 +1,5 @@
-"""Ray executor: the features phase spread over a Ray cluster (the only module that imports ray).
+"""Ray executor: the features phase spread over a Ray cluster, and per-item tasks (``map_units``)
+for the search and the outlier score.
 
 Per shard, three stages (the same three methods the local executor runs in one process, see
 :class:`dedup.phases.features.FeatureExtractor`, so the features files are identical):
@@ -42,7 +43,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -50,11 +51,14 @@ import ray
 from dedup import interrupt
 from dedup.config import Config
 from dedup.errors import ConfigError
-from dedup.records import ShardRef
+from dedup.executors import ShardResult
+from dedup.faults import crash_point
+from dedup.records import ModelInfo, ShardRef
+
+if TYPE_CHECKING:
+    from ray.util.placement_group import PlacementGroup
 
 log = logging.getLogger(__name__)
-
-Result = tuple[ShardRef, dict | None, str | None]  # (shard, marker, error)
 
 _BACKPRESSURE = 4  # unconsumed chunks a scan generator may run ahead by
 _QUEUE_PER_ACTOR = 4  # chunks queued at one embedding actor
@@ -69,34 +73,23 @@ _PG_TIMEOUT_S = 1800.0  # ... and when to give up (an autoscaler may take minute
 # worker side
 
 
-@dataclass(frozen=True)
-class EmbedderInfo:
-    """What the CPU stages need to know of the model, without loading it."""
-
-    tag: str
-    dim: int
-    input_size: int
-
-    def embed(self, images):  # pragma: no cover - never called: CPU tasks do not embed
-        raise RuntimeError("the model runs in the embedding actors, not in CPU tasks")
-
-
 _CACHE: dict = {}
 
 
-def _extractor(cfg_dict: dict, info: EmbedderInfo | None):
-    """One FeatureExtractor per worker process and configuration (no model: ``info`` stands in)."""
+def _extractor(cfg_dict: dict, info: ModelInfo | None):
+    """One FeatureExtractor per worker process and configuration; it loads no model (``info``
+    says what the actors' model is: the CPU stages never embed)."""
     from dedup.phases.features import FeatureExtractor
 
     key = (repr(sorted(cfg_dict.items())), info)
     ex = _CACHE.get(key)
     if ex is None:
         _CACHE.clear()
-        ex = _CACHE[key] = FeatureExtractor(Config.model_validate(cfg_dict), embedder=info)
+        ex = _CACHE[key] = FeatureExtractor(Config.model_validate(cfg_dict), model=info)
     return ex
 
 
-def _scan_shard(cfg_dict: dict, info: EmbedderInfo | None, ref: ShardRef):
+def _scan_shard(cfg_dict: dict, info: ModelInfo | None, ref: ShardRef):
     """Yields ``("chunk", keys, uint8 arrays)`` per chunk, then ``("scan", fingerprint, ShardScan, seconds)``."""
     import numpy as np
 
@@ -122,9 +115,9 @@ class _EmbedActor:
 
         self.ex = FeatureExtractor(Config.model_validate(cfg_dict))
 
-    def info(self) -> EmbedderInfo:
+    def info(self) -> ModelInfo:
         e = self.ex.embedder
-        return EmbedderInfo(str(e.tag), int(e.dim), int(e.input_size))
+        return ModelInfo(str(e.tag), int(e.dim), int(e.input_size))
 
     def embed(self, chunk) -> tuple[list[str], Any, str | None, float]:
         from PIL import Image
@@ -135,7 +128,7 @@ class _EmbedActor:
         return keys, vecs, err, time.perf_counter() - t
 
 
-def _write_shard(cfg_dict: dict, info: EmbedderInfo | None, run_url: str, ref: ShardRef, scanned, *embedded) -> dict:
+def _write_shard(cfg_dict: dict, info: ModelInfo | None, run_url: str, ref: ShardRef, scanned, *embedded) -> dict:
     from dedup.io.rundir import RunDir
     from dedup.phases.features import write_shard
 
@@ -172,7 +165,7 @@ class RayExecutor:
         self.cfg = cfg
         self._started = False
         self._actors: list = []
-        self._pg = None
+        self._pg: PlacementGroup | None = None
         self._remote: dict[str, Any] = {}
 
     # -- connection -------------------------------------------------------------------------
@@ -184,6 +177,9 @@ class RayExecutor:
         if address is None and not os.environ.get("RAY_ADDRESS"):
             # A local Ray for this process: no dashboard; it stops when this process exits.
             kwargs.update(include_dashboard=False, num_cpus=self.cfg.run.workers or None)
+            # "local": always a fresh Ray of our own. With None, ray.init joins whatever cluster
+            # an earlier `ray start` on this machine left in /tmp/ray (and then fails on num_cpus).
+            address = "local"
             self._started = True
         ray.init(address=address, **kwargs)
         interrupt.reinstall()  # ray.init's SIGTERM handler would exit without stopping anything
@@ -294,12 +290,12 @@ class RayExecutor:
             self._pg = None
 
     # -- features phase ---------------------------------------------------------------------
-    def map_features(self, cfg_dict: dict, run_url: str, refs: list[ShardRef], extractor_factory: Callable | None = None) -> Iterator[Result]:
-        """Same contract as ``LocalExecutor.map_features``: yields ``(shard, marker, None)`` or
-        ``(shard, None, error)`` per shard as each finishes; workers write the files."""
+    def map_features(self, cfg_dict: dict, run_url: str, refs: list[ShardRef], extractor_factory: Callable | None = None) -> Iterator[ShardResult]:
+        """Same contract as ``LocalExecutor.map_features``: yields a :class:`ShardResult` per
+        shard as each finishes; workers write the files."""
         return _interruptible(self._map_features(cfg_dict, run_url, refs))
 
-    def _map_features(self, cfg_dict: dict, run_url: str, refs: list[ShardRef]) -> Iterator[Result]:
+    def _map_features(self, cfg_dict: dict, run_url: str, refs: list[ShardRef]) -> Iterator[ShardResult]:
         if not refs:
             return
         self.connect()
@@ -307,7 +303,7 @@ class RayExecutor:
         try:
             cfg = Config.model_validate(cfg_dict)
             want_emb = "embedding" in cfg.methods
-            info: EmbedderInfo | None = None
+            info: ModelInfo | None = None
             actors: list = []
             if want_emb:
                 actors = self._embed_actors(cfg_dict, cfg)
@@ -377,13 +373,13 @@ class RayExecutor:
                             job.attempt += 1
                             err = _short(e)
                             if job.attempt > retries:
-                                yield job.ref, None, err
+                                yield ShardResult(job.ref, None, err)
                             else:
                                 log.warning("shard %s failed (attempt %d), restarting it: %s", job.ref.shard_id, job.attempt, err)
                                 todo.append(job)
                             continue
                         log.debug("shard %s done", job.ref.shard_id)
-                        yield job.ref, marker, None
+                        yield ShardResult(job.ref, marker)
         except BaseException as e:
             self._cancel(active)  # nothing of this call runs on after it
             if not isinstance(e, Exception):  # interrupted (dedup.interrupt), or the consumer stopped
@@ -440,19 +436,16 @@ class RayExecutor:
 
     def _map_units(self, fn: Callable, items: Iterable, *, num_cpus: float | None, num_gpus: float, shared: Any) -> Iterator:
         self.connect()
-        if shared is not None:
-            shared_ref = shared if isinstance(shared, ray.ObjectRef) else self.put(shared)
-            task = ray.remote(fn).options(
-                num_cpus=self.cfg.ray.cpus_per_task if num_cpus is None else num_cpus, num_gpus=num_gpus,
-                max_retries=self._retries(), retry_exceptions=True,
-            )
-            yield from self._drain(task, items, lambda item: task.remote(shared_ref, item))
-            return
-        task = ray.remote(fn).options(
+        task = ray.remote(_unit).options(
             num_cpus=self.cfg.ray.cpus_per_task if num_cpus is None else num_cpus, num_gpus=num_gpus,
             max_retries=self._retries(), retry_exceptions=True,
+            name=getattr(fn, "__name__", "unit"),  # the dashboard shows fn's name, not the wrapper's
         )
-        yield from self._drain(task, items, lambda item: task.remote(item))
+        if shared is not None:
+            shared_ref = shared if isinstance(shared, ray.ObjectRef) else self.put(shared)
+            yield from self._drain(task, items, lambda item: task.remote(fn, item, shared_ref))
+            return
+        yield from self._drain(task, items, lambda item: task.remote(fn, item))
 
     def put(self, obj: Any) -> Any:
         """Put ``obj`` in the object store once (numpy arrays contiguous, read zero-copy)."""
@@ -486,6 +479,12 @@ class RayExecutor:
                 for r in pending:
                     _cancel_ref(r)
                 raise
+
+
+def _unit(fn: Callable, item: Any, *shared: Any) -> Any:
+    """One ``map_units`` task on a worker: ``fn(item)``, or ``fn(shared, item)``."""
+    crash_point("ray:unit")  # fault-injection tests hold or kill a unit here (dedup.faults)
+    return fn(*shared, item)
 
 
 def _interruptible(gen: Iterator) -> Iterator:

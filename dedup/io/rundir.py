@@ -19,18 +19,20 @@ from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
+from dedup import extras
 from dedup.errors import ConfigError
 from dedup.faults import crash_point
 
 TMP_MARK = ".tmp-"
+CHECK_PARQUET = "check.parquet"  # written by `dedup check`
+WITHIN_PARQUET = "within.parquet"  # written by `dedup check --within`
 
 
 class RunDir:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
-        self.fs, self.path = url_to_fs(self.url)
+        self.fs, self.path = extras.url_to_fs(self.url)  # a missing s3fs: one line naming [s3]
         self.local = self.fs.protocol in ("file", ("file", "local")) or "file" in (
             self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         )
@@ -44,6 +46,91 @@ class RunDir:
 
     def done(self, shard_id: str) -> str:
         return self.p("done", shard_id + ".json")
+
+    # Every file of the layout (docs/manifest.md, "Manifest and run-directory files"), named
+    # here once: callers use these, never the names spelled out.
+    @property
+    def done_dir(self) -> str:
+        """``done/``: one marker per finished shard."""
+        return self.p("done")
+
+    @property
+    def run_json(self) -> str:
+        """``run.json``: resolved config, hashes, model tag, inputs (written before any work)."""
+        return self.p("run.json")
+
+    @property
+    def stats(self) -> str:
+        """``stats.json``: counts, histograms, failed shards, timings (written last)."""
+        return self.p("stats.json")
+
+    @property
+    def manifest(self) -> str:
+        """``manifest.parquet``: one row per input sample (a delta for an incremental run)."""
+        return self.p("manifest.parquet")
+
+    @property
+    def merged_manifest(self) -> str:
+        """``merged_manifest.parquet``: previous manifest + delta (``--against ... --merge``)."""
+        return self.p("merged_manifest.parquet")
+
+    @property
+    def pairs(self) -> str:
+        """``pairs/pairs.parquet``: candidate pairs found by each method."""
+        return self.p("pairs", "pairs.parquet")
+
+    @property
+    def index_dir(self) -> str:
+        """``index/``: the staged embeddings and the cached index of the keepers."""
+        return self.p("index")
+
+    @property
+    def embeddings(self) -> str:
+        """``index/embeddings.f16``: every sample's embedding, float16, sample_id order."""
+        return self.p("index", "embeddings.f16")
+
+    @property
+    def lists_dir(self) -> str:
+        """``index/lists``: the embedding search's list-bucket partitions and markers (while it runs)."""
+        return self.p("index", "lists")
+
+    @property
+    def embedding_pairs_dir(self) -> str:
+        """``pairs/embedding``: the embedding search's pairs per list bucket, and markers."""
+        return self.p("pairs", "embedding")
+
+    @property
+    def report(self) -> str:
+        """``report.html``: the default ``dedup report`` output."""
+        return self.p("report.html")
+
+    @property
+    def checks(self) -> str:
+        """``checks.json``: the ``dedup check`` runs made against this run."""
+        return self.p("checks.json")
+
+    @property
+    def eval_prefix(self) -> str:
+        """``eval``: default prefix of ``dedup eval``'s .json/.parquet/.png."""
+        return self.p("eval")
+
+    @property
+    def lock(self) -> str:
+        """``.lock``: the running writer (local run directories)."""
+        return self.p(".lock")
+
+    # A `dedup check --out` directory holds these.
+    @property
+    def check_parquet(self) -> str:
+        return self.p(CHECK_PARQUET)
+
+    @property
+    def check_html(self) -> str:
+        return self.p("check.html")
+
+    @property
+    def within_parquet(self) -> str:
+        return self.p(WITHIN_PARQUET)
 
     # -- io ---------------------------------------------------------------------------------
     def exists(self, path: str) -> bool:
@@ -141,9 +228,9 @@ def finished_run(run_dir: str) -> RunDir:
         raise ConfigError(f"cannot open run directory {run_dir}: {type(e).__name__}: {e}") from None
     if not exists:
         raise ConfigError(f"run directory {run_dir} does not exist")
-    if not run.exists(run.p("run.json")):
+    if not run.exists(run.run_json):
         raise ConfigError(f"run directory {run_dir} is not a finished dedup run (no run.json)")
-    if not run.exists(run.p("manifest.parquet")):
+    if not run.exists(run.manifest):
         raise ConfigError(f"run directory {run_dir} is not a finished dedup run (no manifest.parquet yet: "
                           "finish it with `dedup run` first)")
     return run

@@ -167,12 +167,14 @@ def is_run_dir(loc: Location) -> bool:
     """A local directory that holds a dedup run (or one interrupted before run.json)."""
     if not loc.local or not os.path.isdir(loc.path):
         return False
-    names = set(os.listdir(loc.path))
-    if "run.json" in names:
-        return True
-    from dedup.io.rundir import TMP_MARK
+    from dedup.io.rundir import TMP_MARK, RunDir
 
-    return bool(names) and all(n == ".lock" or n.startswith(TMP_MARK) for n in names)
+    run = RunDir(loc.path)
+    if os.path.exists(run.run_json):
+        return True
+    names = os.listdir(loc.path)
+    lock = posixpath.basename(run.lock)
+    return bool(names) and all(n == lock or n.startswith(TMP_MARK) for n in names)
 
 
 def dir_is_empty(loc: Location) -> bool:
@@ -182,10 +184,10 @@ def dir_is_empty(loc: Location) -> bool:
 def run_reads(run) -> list[Location]:
     """Every location a run read (its inputs and shards, normalised), from run.json (older
     runs: the done markers), so an output can be checked against them."""
-    info = run.read_json(run.p("run.json"))
+    info = run.read_json(run.run_json)
     inputs = list(info.get("input_locations") or info.get("inputs") or [])
     urls = list((info.get("shard_urls") or {}).values())
-    done_dir = run.p("done")
+    done_dir = run.done_dir
     if not urls and run.exists(done_dir):  # runs written before run.json listed the shards' urls
         for path in run.fs.ls(done_dir, detail=False):
             if path.endswith(".json"):

@@ -31,10 +31,10 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import fsspec
 from braceexpand import braceexpand
 from fsspec.core import url_to_fs
 
+from dedup import extras
 from dedup.errors import ConfigError
 from dedup.records import ShardRef
 
@@ -45,7 +45,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _TEXT_EXTS = frozenset({"txt", "text", "json", "jsonl", "cls", "cls2", "caption", "csv", "tsv", "xml", "html", "yaml", "yml", "md"})
 
 
-def _split_key(name: str) -> tuple[str | None, str | None]:
+def split_key(name: str) -> tuple[str | None, str | None]:
     """WebDataset convention: ``dir/a.v2.jpg`` -> (``dir/a``, ``v2.jpg``)."""
     d, base = posixpath.split(name)
     if "." not in base or base.startswith("."):
@@ -101,7 +101,7 @@ def list_shards(inputs: list[str]) -> tuple[list[ShardRef], list[ShardRef]]:
     for raw in inputs:
         brace_root = _brace_root(raw) if "{" in raw else None
         for item in braceexpand(raw) if "{" in raw else [raw]:
-            fs, path = url_to_fs(item)
+            fs, path = extras.url_to_fs(item)  # a missing s3fs: one line naming [s3]
             path = _norm(fs, path)
             proto = item.split("://", 1)[0] + "://" if "://" in item else ""
 
@@ -145,7 +145,7 @@ def shard_fingerprint(url: str) -> dict:
     """Cheap identity of a shard's content for resume checks: size plus mtime/etag if known."""
     fs, path = url_to_fs(url)
     info = fs.info(path)
-    fp = {"size": int(info.get("size") or 0)}
+    fp: dict[str, int | str] = {"size": int(info.get("size") or 0)}
     for k in ("mtime", "ETag", "etag", "LastModified", "last_modified"):
         if k in info and info[k] is not None:
             fp["version"] = str(info[k])
@@ -177,7 +177,7 @@ class ShardReadResult:
     ignored: list[dict] = field(default_factory=list)
 
 
-class _CountingReader:
+class CountingReader:
     """Wraps a binary file: counts bytes and keeps the last ``keep`` bytes read."""
 
     def __init__(self, f, keep: int = 1 << 20):
@@ -231,7 +231,7 @@ def tar_stream(f) -> tuple[object, bool]:
     head = f.read(2)
     src = _Prefixed(head, f)
     if head == _GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=src, mode="rb"), True
+        return gzip.GzipFile(fileobj=src, mode="rb"), True  # type: ignore[call-overload]  # reads only: no seek needed
     return src, False
 
 
@@ -282,11 +282,11 @@ def iter_samples(ref: ShardRef, result: ShardReadResult, image_exts: tuple[str, 
         result.condition, result.error = "unreadable", f"cannot open shard: {type(e).__name__}: {e}"
         return
     with f:
-        raw = _CountingReader(f, keep=0)  # bytes of the file
+        raw = CountingReader(f, keep=0)  # bytes of the file
         try:
             stream, gzipped = tar_stream(raw)
-            reader = _CountingReader(stream)  # bytes of the tar (decompressed), where offsets live
-            tf = tarfile.open(fileobj=reader, mode="r|")
+            reader = CountingReader(stream)  # bytes of the tar (decompressed), where offsets live
+            tf = tarfile.open(fileobj=reader, mode="r|")  # type: ignore[call-overload]  # "r|" only reads
         except STREAM_ERRORS as e:
             _drain_quietly(raw)
             result.bytes_read = raw.pos
@@ -309,7 +309,7 @@ def iter_samples(ref: ShardRef, result: ShardReadResult, image_exts: tuple[str, 
                 if m is None:
                     break
                 result.members += 1
-                key, ext = _split_key(m.name)
+                key, ext = split_key(m.name)
                 if not m.isfile():
                     kind = _member_type(m)
                     why = _why_not_followed(m, kind)
@@ -332,6 +332,7 @@ def iter_samples(ref: ShardRef, result: ShardReadResult, image_exts: tuple[str, 
                     current = None
                 if current is None:
                     current = Sample(key)
+                assert ext is not None  # a key comes with an extension
                 ext = ext.lower()
                 try:
                     data = tf.extractfile(m).read()
@@ -376,7 +377,7 @@ def _err(e: BaseException) -> str:
     return str(e) if isinstance(e, tarfile.TarError) else f"{type(e).__name__}: {e}"
 
 
-def _drain_quietly(r: _CountingReader) -> None:
+def _drain_quietly(r: CountingReader) -> None:
     """Read to the end (for ``bytes_read``); an I/O error there only leaves the count short."""
     try:
         r.drain()

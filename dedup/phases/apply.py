@@ -24,16 +24,16 @@ import pyarrow.compute as pc
 
 from dedup.errors import ConfigError, DedupError
 from dedup.io.rundir import RunDir, finished_run
-from dedup.io.shards import _split_key
-from dedup.records import sample_id
+from dedup.io.shards import split_key
+from dedup.records import Status, sample_id
 
 
 def keep_set(run: RunDir, include_failed: bool = False) -> tuple[dict[str, set[str]], dict[str, int]]:
     """(shard_id -> kept keys, shard_id -> rows in manifest) from the manifest."""
-    m = run.read_parquet(run.p("manifest.parquet"), columns=["shard_id", "key", "status", "is_keeper"])
+    m = run.read_parquet(run.manifest, columns=["shard_id", "key", "status", "is_keeper"])
     mask = m["is_keeper"]
     if include_failed:
-        mask = pc.or_(mask, pc.not_equal(m["status"], "ok"))
+        mask = pc.or_(mask, pc.not_equal(m["status"], Status.OK.value))
     kept = m.filter(mask)
     keys: dict[str, set[str]] = defaultdict(set)
     for sid, key in zip(kept["shard_id"].to_pylist(), kept["key"].to_pylist()):
@@ -137,7 +137,7 @@ def _filter_shard(url: str, keep: set[str], out: IO[bytes]) -> tuple[int, int]:
     """
     from fsspec.core import url_to_fs
 
-    from dedup.io.shards import STREAM_ERRORS, _CountingReader, tar_stream
+    from dedup.io.shards import STREAM_ERRORS, CountingReader, tar_stream
 
     fs, path = url_to_fs(url)
     seen: set[str] = set()
@@ -149,16 +149,16 @@ def _filter_shard(url: str, keep: set[str], out: IO[bytes]) -> tuple[int, int]:
         written += len(b)
 
     with fs.open(path, "rb") as f:
-        reader = _CountingReader(tar_stream(f)[0])  # tar bytes (decompressed), where offsets live
+        reader = CountingReader(tar_stream(f)[0])  # tar bytes (decompressed), where offsets live
         try:
-            src = tarfile.open(fileobj=reader, mode="r|")
+            src = tarfile.open(fileobj=reader, mode="r|")  # type: ignore[call-overload]  # "r|" only reads
             while (m := src.next()) is not None:
                 # Between two members tarfile consumes only global PAX headers: copy them.
                 if m.offset > end:
                     put(reader.bytes_at(end, m.offset - end) or b"")
                 end = src.offset
                 header = reader.bytes_at(m.offset, m.offset_data - m.offset)
-                key, _ = _split_key(m.name)
+                key, _ = split_key(m.name)
                 if not (m.isfile() and key is not None and key in keep):
                     continue
                 data = src.extractfile(m).read()

@@ -1,8 +1,9 @@
 """Phase 2: candidate duplicate pairs from all shards' features, one method at a time.
 
-Reads ``features/*.parquet`` of the run's shards, writes ``pairs/pairs.parquet`` (PAIRS_V1)
-and ``pairs/done.json`` last. Embeddings are staged into a float16 memory-mapped file under
-``index/`` so the search never holds more than the index's working set in RAM.
+Reads ``features/*.parquet`` of the run's shards; the runner writes ``pairs/pairs.parquet``
+(PAIRS_V1). Embeddings are staged into a float16 memory-mapped file under ``index/`` so the
+search never holds more than the index's working set in RAM; the embedding search is the one
+driver :func:`dedup.compute.search.driver.search_embeddings`, its tasks on the run's executor.
 """
 
 from __future__ import annotations
@@ -14,16 +15,22 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from dedup.config import Config
-from dedup.errors import SchemaMismatchError
+from dedup.errors import DedupError, SchemaMismatchError
 from dedup.io.rundir import RunDir
 from dedup.schema import FEATURES_VERSION, PAIRS_SCHEMA, check_version
+
+if TYPE_CHECKING:
+    from dedup.compute.search.driver import TaskMap
+    from dedup.compute.search.ivf import NearestLists
+    from dedup.phases.lists import ShardRows
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,22 @@ class FeatureSet:
     embeddings: np.ndarray | None  # (n, d) float16, row-aligned with table (memmap)
     model_tag: str | None
     features_hash: str | None
+    # where the rows came from (the out-of-core embedding search reads the features files):
+    run: RunDir | None = None
+    shard_ids: tuple[str, ...] = ()
+    shard_offsets: np.ndarray | None = None  # (shards + 1,) rows of each file, concatenated
+    position: np.ndarray | None = None  # (n,) int64: the table row of each file row (files concatenated)
+
+    def shard_rows(self, valid: np.ndarray) -> list[ShardRows]:
+        """Each features file with the table row of each of its rows (-1 where not ``valid``)."""
+        from dedup.phases.lists import ShardRows
+
+        assert self.position is not None and self.shard_offsets is not None
+        out = []
+        for k, sid in enumerate(self.shard_ids):
+            pos = self.position[self.shard_offsets[k] : self.shard_offsets[k + 1]]
+            out.append(ShardRows(sid, np.where(valid[pos], pos, -1).astype(np.int64)))
+        return out
 
     @property
     def n(self) -> int:
@@ -49,7 +72,7 @@ class FeatureSet:
 
 
 def load_features(run: RunDir, shard_ids: list[str], with_embeddings: bool) -> FeatureSet:
-    tables, metas = [], []
+    tables, metas, with_emb = [], [], []
     for sid in shard_ids:
         path = run.features(sid)
         with run.fs.open(path, "rb") as f:
@@ -60,8 +83,10 @@ def load_features(run: RunDir, shard_ids: list[str], with_embeddings: bool) -> F
             check_version(schema, FEATURES_VERSION, f"features file {path}")
             md = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
             metas.append((sid, md))
-            cols = _SCALAR_COLS + (["embedding"] if with_embeddings and "embedding" in schema.names else [])
-            tables.append(pf.read(columns=cols))
+            with_emb.append(with_embeddings and "embedding" in schema.names)
+            if with_emb[-1]:
+                d = schema.field("embedding").type.list_size
+            tables.append(pf.read(columns=_SCALAR_COLS))
     if metas:
         first_sid, first = metas[0]
         for sid, md in metas[1:]:
@@ -78,20 +103,27 @@ def load_features(run: RunDir, shard_ids: list[str], with_embeddings: bool) -> F
 
         empty = features_schema(None).empty_table().select(_SCALAR_COLS)
         return FeatureSet(empty, None, None, None)
+    offsets = np.zeros(len(tables) + 1, np.int64)
+    np.cumsum([t.num_rows for t in tables], out=offsets[1:])
     table = pa.concat_tables(tables, promote_options="permissive")
-    order = pc.sort_indices(table, sort_keys=[("sample_id", "ascending")])
+    del tables
+    order = pc.sort_indices(table, sort_keys=[("sample_id", "ascending")]).to_numpy()
+    # position of each file row in the sorted table
+    inv = np.empty(len(order), np.int64)
+    inv[order] = np.arange(len(order))
     emb = None
-    if "embedding" in table.column_names:
-        emb = _stage_embeddings(run, table["embedding"], order)
-        table = table.drop(["embedding"])
-    table = table.take(order)
-    return FeatureSet(table, emb, model_tag, fhash)
+    if any(with_emb):
+        # staged one file at a time, never all embeddings in memory at once (files without
+        # embeddings leave zero rows)
+        emb = _stage_embeddings(run, [s if w else None for s, w in zip(shard_ids, with_emb)], offsets, inv, d)
+    table = table.take(pa.array(order))
+    return FeatureSet(table, emb, model_tag, fhash, run, tuple(shard_ids), offsets, inv)
 
 
-def _stage_embeddings(run: RunDir, col: pa.ChunkedArray, order: pa.Array) -> np.ndarray:
-    """Write embeddings (in sample_id order) to a float16 memmap; nulls become zero rows."""
-    d = col.type.list_size
-    n = len(col)
+def _stage_embeddings(run: RunDir, shard_ids: list[str | None], offsets: np.ndarray, inv: np.ndarray, d: int) -> np.ndarray:
+    """Write embeddings (in sample_id order) to a float16 memmap, one features file at a time;
+    nulls become zero rows."""
+    n = len(inv)
     scratch = not run.local
     if run.local:
         base = run.p("index")
@@ -110,8 +142,6 @@ def _stage_embeddings(run: RunDir, col: pa.ChunkedArray, order: pa.Array) -> np.
         # say so before writing, instead of a "No space left on device" half-way through
         if scratch:
             shutil.rmtree(base, ignore_errors=True)
-        from dedup.errors import DedupError
-
         hint = ("set TMPDIR to a disk with room (the embeddings are staged in the temp dir: the run "
                 "directory is remote or not writable)") if scratch else "free space there or use another --out"
         raise DedupError(
@@ -121,21 +151,11 @@ def _stage_embeddings(run: RunDir, col: pa.ChunkedArray, order: pa.Array) -> np.
         )
     path = os.path.join(base, "embeddings.f16")
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, d))
-    # Position of each original row in the sorted order.
-    inv = np.empty(n, np.int64)
-    inv[order.to_numpy()] = np.arange(n)
-    start = 0
-    for chunk in col.chunks:
-        m = len(chunk)
-        vals = chunk.flatten().to_numpy(zero_copy_only=False)
-        block = np.zeros((m, d), np.float16)
-        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
-        if valid.all():
-            block[:] = vals.reshape(m, d)
-        elif valid.any():
-            block[valid] = vals.reshape(-1, d)
-        mm[inv[start : start + m]] = block
-        start += m
+    from dedup.phases.lists import read_embeddings
+
+    for k, sid in enumerate(shard_ids):
+        if sid is not None:
+            mm[inv[offsets[k] : offsets[k + 1]]] = read_embeddings(run, sid)
     mm.flush()
     del mm
     out = np.load(path, mmap_mode="r")
@@ -151,18 +171,35 @@ def _stage_embeddings(run: RunDir, col: pa.ChunkedArray, order: pa.Array) -> np.
     return out
 
 
-def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], None] | None = None,
-               lists_out: dict | None = None) -> tuple[pa.Table, dict]:
-    """Candidate pairs of every method in ``cfg.methods`` (+ how the searches went). With
-    ``lists_out``, an embedding search on IVF lists (serial driver or Ray) leaves its rows'
-    nearest lists there for the outlier score (:func:`dedup.compute.search.cosine.embedding_pairs`)."""
+@dataclass(frozen=True)
+class CandidateResult:
+    """What :func:`find_pairs` found: the pairs (PAIRS_SCHEMA, sorted), how each search went,
+    and the embedding search's nearest lists (for the outlier score; None unless asked for and
+    the search ran on IVF lists)."""
+
+    table: pa.Table
+    info: dict
+    lists: NearestLists | None = None
+
+
+def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], None] | None = None, *,
+               executor: TaskMap | None = None, keep_lists: bool = False,
+               partitioned: bool | None = None) -> CandidateResult:
+    """Candidate pairs of every method in ``cfg.methods`` (+ how the searches went). The
+    embedding search runs its tasks on ``executor`` (a :class:`TaskMap`: the Ray executor, or
+    by default worker threads here); ``keep_lists``: keep its rows' nearest lists for the
+    outlier score (:func:`dedup.compute.search.driver.search_embeddings`). ``partitioned``:
+    shuffle the rows by list through ``index/lists/`` (None: on a cluster executor or from
+    :data:`dedup.phases.lists.PARTITION_ROWS` rows)."""
     from dedup.compute import search as cand
+    from dedup.compute.search.driver import SearchTaskError, search_embeddings
     from dedup.compute.search.hamming import popcount64
 
     ok = fs.ok()
     ids = fs.table["sample_id"].to_numpy(zero_copy_only=False)
     parts: list[pa.Table] = []
     info: dict = {"timings": {}, "pairs": {}}
+    lists: NearestLists | None = None
 
     def add(method: str, p) -> None:
         t = pa.table(
@@ -215,20 +252,34 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
             cb = (lambda done, total: progress("embedding", done, total)) if progress else None
             # the coarse stage (k-means, then row blocks assigned to lists) as its own bar
             pcb = (lambda done, total: progress("embedding-assign", done, total)) if progress else None
-            st: dict = {}
-            if cfg.run.executor == "ray" and n_valid >= params.exact_below:
-                add(method, _embedding_pairs_on_ray(cfg, cand, fs.embeddings, ok, th, params, cb, pcb, stats=st,
-                                                    lists_out=lists_out))
-            else:
-                add(method, cand.embedding_pairs(fs.embeddings, th, params=params, valid=ok, progress=cb,
-                                                 plan_progress=pcb, stats=st, lists_out=lists_out))
+            gpu = bool(params.use_gpu) if params.use_gpu is not None else cand.gpu_available()
+            try:
+                from dedup.phases.lists import use_partitions
+
+                shuffle = use_partitions(n_valid, executor is not None) if partitioned is None else partitioned
+                if shuffle and fs.run is not None and fs.position is not None and not gpu \
+                        and n_valid >= max(2, params.exact_below) and min(params.nlist, n_valid) > 1:
+                    # out of core: tasks read the features files and shuffle rows by list (index/lists/)
+                    from dedup.compute.search.driver import ThreadMap
+                    from dedup.phases.lists import search_run_lists
+
+                    res = search_run_lists(fs.run, fs.shard_rows(ok), fs.n, n_valid, th, params,
+                                           executor if executor is not None else ThreadMap(params.threads),
+                                           features_hash=fs.features_hash, keep_nearest=keep_lists, staged=fs.embeddings, progress=cb,
+                                           plan_progress=pcb)
+                else:
+                    res = search_embeddings(fs.embeddings, th, params, valid=ok, executor=executor,
+                                            keep_nearest=keep_lists, progress=cb, plan_progress=pcb)
+            except SearchTaskError as e:  # a task failed after the executor's retries
+                raise DedupError(str(e)) from None
+            add(method, res.pairs)
+            lists = res.lists
             # how the search went (for tuning nlist/nprobe): where the time went, visits per row
-            info["ivf_search"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()
-                                  if k in _SEARCH_STATS}
+            info["ivf_search"] = {**res.stats.to_dict(), "executor": "local" if executor is None else cfg.run.executor}
         info["timings"][method] = round(time.perf_counter() - t0, 3)
     table = pa.concat_tables(parts) if parts else PAIRS_SCHEMA.empty_table()
     table = table.sort_by([("a", "ascending"), ("b", "ascending"), ("method", "ascending")])
-    return table, info
+    return CandidateResult(table, info, lists)
 
 
 def embedding_threshold(cfg: Config, fs: FeatureSet, ok: np.ndarray):
@@ -250,6 +301,7 @@ def embedding_threshold(cfg: Config, fs: FeatureSet, ok: np.ndarray):
         def copies(i: np.ndarray, j: np.ndarray) -> np.ndarray:
             return (popcount64(ph[i] ^ ph[j]) <= rp) & (popcount64(dh[i] ^ dh[j]) <= rd)
 
+    assert fs.embeddings is not None  # an embedding run
     choice = T.choose(fs.embeddings, ok, cfg.embedding.resolved_threshold(), rate=cfg.embedding.false_pair_rate,
                       sha=fs.table["sha256"].to_pylist(), copies=copies)
     log.info("embedding threshold auto: %.4f (family %.2f; %s; expected false pairs %s, budget %.1f) in %.1f s",
@@ -257,108 +309,3 @@ def embedding_threshold(cfg: Config, fs: FeatureSet, ok: np.ndarray):
              "-" if choice.expected_false_pairs is None else f"{choice.expected_false_pairs:.2f}", choice.budget,
              time.perf_counter() - t0)
     return choice
-
-
-_SEARCH_STATS = ("method", "valid", "nlist", "nprobe", "mean_probes", "list_size_max", "list_size_mean",
-                 "dot_products", "bound_width", "train_seconds", "assign_seconds", "pairs_seconds", "seconds")
-
-
-def _unit_task(x: np.ndarray, item) -> object:
-    """One IVF work unit (a group of lists) on a Ray worker; ``x`` arrives from the object store.
-    With the quantizer's :class:`Bound` (~0.3 MB), the unit projects its own rows for the
-    prefilter: the n × 130 bound rows of the serial driver never travel."""
-    from dedup.compute.search.cosine import unit_pairs
-
-    unit, threshold, params, bound = item
-    return unit_pairs(x, unit, threshold, params, bound=bound)
-
-
-def _assign_task(x: np.ndarray, item) -> object:
-    """Rows of the coarse stage on a Ray worker: their lists, one block at a time."""
-    import ray
-
-    from dedup.compute.search.coarse import assign_rows
-    from dedup.compute.search.threads import single_threaded_libs
-
-    _, coarse_ref, spans, keep = item
-    coarse = ray.get(coarse_ref) if isinstance(coarse_ref, ray.ObjectRef) else coarse_ref
-    out = []
-    with single_threaded_libs():
-        for rows in spans:
-            near = np.empty((len(rows), keep), np.int32) if keep else None
-            out.append((*assign_rows(x, coarse, rows, near), near))
-    return out
-
-
-# Row blocks per coarse-stage task: ~0.5M rows, seconds to minutes of work each.
-_ASSIGN_BLOCKS_PER_TASK = 64
-
-
-def _embedding_pairs_on_ray(cfg: Config, cand, x: np.ndarray, ok: np.ndarray, threshold: float, params, progress,
-                            plan_progress=None, stats: dict | None = None, lists_out: dict | None = None):
-    """Both halves spread as Ray tasks, the embeddings put in the object store once: the
-    coarse quantizer is trained in the driver (a sample), the rows are assigned to lists by
-    tasks of row blocks, then each work unit is a task. Same pairs as the serial driver: row
-    blocks and units are independent, and their merges are order-free. ``lists_out``: as in
-    :func:`dedup.compute.search.cosine.embedding_pairs` (the assignment tasks also return each
-    row's nearest lists, 20 bytes a row)."""
-    from dedup.errors import DedupError
-    from dedup.executors.ray import RayExecutor
-
-    t0 = time.perf_counter()
-    n = x.shape[0]
-    idx = np.flatnonzero(ok).astype(np.int64)
-    blocks = cand.assign_blocks(len(idx))
-    if plan_progress:
-        plan_progress(0, len(blocks))
-    coarse = cand.train_ivf(x, params, valid=ok, threshold=threshold)
-    t1 = time.perf_counter()
-    with RayExecutor(cfg) as ex:
-        x_ref = ex.put(np.asarray(x))
-        coarse_ref = ex.put(coarse)
-        # a task gets the row indices of its blocks (never the whole index array)
-        groups = [list(range(k, min(len(blocks), k + _ASSIGN_BLOCKS_PER_TASK)))
-                  for k in range(0, len(blocks), _ASSIGN_BLOCKS_PER_TASK)]
-        keep = min(cand.OUTLIER_NPROBE, coarse.params.nprobe) if lists_out is not None else 0
-        items = [(k, coarse_ref, [idx[blocks[b][0] : blocks[b][1]] for b in g], keep) for k, g in enumerate(groups)]
-        results: list = [None] * len(groups)
-        done = 0
-        for item, res, err in ex.map_units(_assign_task, items, shared=x_ref):
-            if err:
-                raise DedupError(f"candidate search coarse stage failed after retries: {err}")
-            k = item[0]
-            results[k] = res
-            done += len(groups[k])
-            if plan_progress:
-                plan_progress(done, len(blocks))
-        prim = np.empty(len(idx), np.int32)
-        near = np.empty((len(idx), keep), np.int32) if keep else None
-        visits = []
-        for g, res in zip(groups, results):
-            for b, (p, vr, vl, nb) in zip(g, res):
-                prim[blocks[b][0] : blocks[b][1]] = p
-                if near is not None:
-                    near[blocks[b][0] : blocks[b][1]] = nb
-                visits.append((vr, vl))
-        del results
-        plan = cand.build_plan(n, coarse, idx, prim, visits)
-        if near is not None:
-            plan = cand.with_nearest(plan, idx, near)
-            lists_out.update(cand.outlier_lists(plan))
-            del near
-        t2 = time.perf_counter()
-        units = cand.make_units(plan)
-        parts = []
-        for k, (_unit, res, err) in enumerate(ex.map_units(_unit_task, [(u, threshold, params, coarse.bound) for u in units],
-                                                          shared=x_ref)):
-            if err:
-                raise DedupError(f"candidate search unit failed after retries: {err}")
-            parts.append(res)
-            if progress:
-                progress(k + 1, len(units))
-    out = cand.merge_pairs(parts)
-    if stats is not None:
-        stats.update(method="ivf-ray", valid=len(idx), train_seconds=t1 - t0, assign_seconds=t2 - t1,
-                     pairs_seconds=time.perf_counter() - t2, seconds=time.perf_counter() - t0,
-                     **cand.plan_figures(plan, units, 0 if coarse.bound is None else coarse.bound.width))
-    return out

@@ -15,19 +15,23 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from dedup.compute.clusters import Edges, keeper_clusters
-from dedup.compute.crossmatch import HashTable, VectorIndex, nearest_hash
-from dedup.compute.regions import DEFAULT_GRIDS, RegionSpec
+from dedup.compute.crossmatch import VectorIndex, nearest_hash
+from dedup.compute.regions import DEFAULT_GRIDS, Box, RegionSpec
 from dedup.compute.search.hamming import popcount64
 from dedup.config import Config
 from dedup.errors import ConfigError, SchemaMismatchError
 from dedup.io.rundir import RunDir
 from dedup.phases.manifest import hash_rule
 from dedup.records import Status
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -131,29 +135,29 @@ def _group_from(js: bytes | None, field: str | None) -> str | None:
 
 
 def _query_features(inputs, cfg: Config, embedder, group_by):
-    import hashlib
+    from dedup.compute.decode import decode_image
+    from dedup.compute.signals import SignalPlan, hash_batch
 
-    from dedup.compute.decode import DecodePolicy, decode_image
-    from dedup.compute.hashes import content_hashes
-    from dedup.phases.features import decode_plan
-
-    policy = DecodePolicy(max_pixels=cfg.decode.max_pixels, formats=tuple(cfg.decode.formats))
-    min_size, gray = decode_plan(cfg.decode.draft, True, int(embedder.input_size) if embedder else None)
-    rows, images, thumbs, blobs = [], [], {}, []
+    plan = SignalPlan.build(cfg.decode.draft, cfg.decode.max_pixels, cfg.decode.formats, want_hash=True,
+                            embed_size=int(embedder.input_size) if embedder else None)
+    policy, gray = plan.policy, plan.gray
+    images: list[Image.Image] = []
+    rows, thumbs, blobs = [], {}, []
     for qid, path, data, group, err in iter_queries(inputs, cfg, group_by):
-        row = {"query_id": qid, "path": path, "group": group, "status": Status.OK.value, "error": err, "sha": None}
+        row: dict[str, Any] = {"query_id": qid, "path": path, "group": group, "status": Status.OK.value, "error": err, "sha": None}
         if err or data is None:
             row["status"] = Status.READ_ERROR.value if err else Status.NO_IMAGE.value
             row["error"] = err or "no image member"
             rows.append(row)
             continue
-        row["sha"] = hashlib.sha256(data).digest()
-        d = decode_image(data, policy, min_size=min_size, gray=gray)
-        if d.status != Status.OK:
+        read = plan.read(data)
+        row["sha"], d = read.sha256, read.decoded
+        if not read.ok:
             row["status"], row["error"] = d.status.value, d.error
             rows.append(row)
             continue
         row["img_index"] = len(images)
+        assert d.image is not None  # status OK
         images.append(d.image)
         blobs.append(data)
         rows.append(row)
@@ -161,7 +165,7 @@ def _query_features(inputs, cfg: Config, embedder, group_by):
         raise ConfigError(f"no query images found in {', '.join(map(str, inputs))} (image files {', '.join(IMAGE_SUFFIXES)}, or shards)")
     _unique_ids(rows)
     missing_group = _check_group_field(rows, group_by)  # before the costly part
-    ph, dh = content_hashes(images)[:2] if images else (np.empty(0, np.uint64), np.empty(0, np.uint64))  # as the run hashes
+    ph, dh, _ = hash_batch(images)  # as the run hashes
     emb = embedder.embed(images) if (embedder is not None and images) else None
     for k, im in enumerate(images):
         if im.mode == "L" and gray:  # hashes wanted luma only; the page shows colour
@@ -196,9 +200,11 @@ def _region_matches(index: VectorIndex, embedder, blobs: list[bytes], policy, sp
 
     min_size = int(int(embedder.input_size) * spec.finest)  # a finest cell still has the model's input size
     hits: dict[int, dict[int, tuple[float, list[int]]]] = defaultdict(dict)
-    nearest: dict[int, tuple[int, float, list[int]]] = {}
+    nearest: dict[int, tuple[int, float, list[int], Box]] = {}  # + the box in decoded pixels
     counts = np.ones(len(blobs), np.int64)
-    crops, owner, boxes = [], [], []
+    crops: list[Image.Image] = []
+    owner: list[int] = []
+    boxes: list[list[int]] = []
 
     def flush():
         if not crops:
@@ -215,7 +221,8 @@ def _region_matches(index: VectorIndex, embedder, blobs: list[bytes], policy, sp
             k = int(o[j])
             if r not in hits[k] or c > hits[k][r][0]:
                 hits[k][r] = (float(c), boxes[j])
-        crops.clear(), owner.clear(), boxes.clear(), raw.clear()
+        for acc in (crops, owner, boxes, raw):
+            acc.clear()
 
     def load(data):
         d = decode_image(data, policy, min_size=min_size)
@@ -275,9 +282,9 @@ def _refine_box(im, box, target: np.ndarray, embedder, *, steps=(0.2, 0.1, 0.05)
             cands = []
             for side, d in ((0, dx), (1, dy), (2, dx), (3, dy)):
                 for sgn in (-1, 1):
-                    b = list(best)
-                    b[side] += sgn * d
-                    b = (max(0, b[0]), max(0, b[1]), min(W, b[2]), min(H, b[3]))
+                    moved = list(best)
+                    moved[side] += sgn * d
+                    b = (max(0, moved[0]), max(0, moved[1]), min(W, moved[2]), min(H, moved[3]))
                     if b != best and b[2] - b[0] >= min_side and b[3] - b[1] >= min_side and b not in cands:
                         cands.append(b)
             if not cands:
@@ -298,8 +305,8 @@ def _record_check(run: RunDir, out: RunDir, result: dict, flagged: list[dict]) -
 
     entry = {
         "out": out.path if not out.local else os.path.abspath(out.path),
-        "html": out.p("check.html") if not out.local else os.path.abspath(out.p("check.html")),
-        "parquet": out.p("check.parquet") if not out.local else os.path.abspath(out.p("check.parquet")),
+        "html": out.check_html if not out.local else os.path.abspath(out.check_html),
+        "parquet": out.check_parquet if not out.local else os.path.abspath(out.check_parquet),
         "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "queries": result["queries"], "flagged": result["flagged"],
         "regions": result.get("regions", False), "region_threshold": (result.get("region_threshold") or {}).get("value"),
@@ -307,7 +314,7 @@ def _record_check(run: RunDir, out: RunDir, result: dict, flagged: list[dict]) -
                  "cosine": r.get("region_cosine"), "box": r.get("region_box"), "whole": r.get("region_whole"),
                  "flagged_by": r["flagged_by"]} for r in flagged[:10]],
     }
-    path = run.p("checks.json")
+    path = run.checks
     try:
         checks = run.read_json(path) if run.exists(path) else []
         if not isinstance(checks, list):
@@ -343,7 +350,7 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
     fs = None
     if not within:  # the references first: a run with nothing to compare against fails before any work
         fs = run_features(run, info, with_embeddings="embedding" in cfg.methods)
-        ok = np.array([s == "ok" for s in fs.table["status"].to_pylist()], bool)
+        ok = np.array([s == Status.OK.value for s in fs.table["status"].to_pylist()], bool)
         if not ok.any():
             raise ConfigError(
                 f"{run_dir} has no ok samples to compare against ({fs.n} sample(s) with features, none of them ok); "
@@ -364,14 +371,15 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
     result["ok"] = len(ok_rows)
     out = RunDir(out_dir)
     if not within:
+        assert fs is not None  # read above when not within
         t = fs.table
         ids = np.array(t["sample_id"].to_pylist(), dtype=object)
         ref_idx = np.flatnonzero(ok)
-        sha_map = {}
-        for k, s in zip(ref_idx, t["sha256"].take(pa.array(ref_idx)).to_pylist()):
+        sha_map: dict[bytes | None, str] = {}
+        for k, s in zip(ref_idx.tolist(), t["sha256"].take(pa.array(ref_idx)).to_pylist()):
             sha_map.setdefault(s, ids[k])
         for r in rows:
-            r["exact_match"] = sha_map.get(r["sha"]) if r["sha"] is not None and r["status"] == "ok" else None
+            r["exact_match"] = sha_map.get(r["sha"]) if r["sha"] is not None and r["status"] == Status.OK.value else None
         refs = {name: t[name].fill_null(0).to_numpy().astype(np.uint64)[ref_idx] for name in ("phash", "dhash")}
         qhs = {"phash": ph, "dhash": dh}
         for name in ("phash", "dhash"):
@@ -407,7 +415,7 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
                 # matched at the run's threshold, then kept at the region threshold, which
                 # depends on how many regions the queries had
                 try:
-                    choice = run.read_json(run.p("stats.json")).get("embedding_threshold")
+                    choice = run.read_json(run.stats).get("embedding_threshold")
                 except (OSError, ValueError):
                     choice = None
                 kw = {} if region_margin is None else {"margin": float(region_margin)}
@@ -474,14 +482,14 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
         meta[b"region_threshold"] = json.dumps(result.get("region_threshold")).encode()
         schema = CHECK_SCHEMA.with_metadata(meta)
         table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
-        out.write_parquet(out.p("check.parquet"), table)
+        out.write_parquet(out.check_parquet, table)
         result["flagged"] = int(sum(r["flagged"] for r in rows))
         flagged = [r for r in rows if r["flagged"]]
         train_thumbs = _train_thumbs(run, info, {r["_top"] for r in flagged[:50]})
         for r in flagged[:50]:
             r["_box_pct"] = _box_pct(r.get("region_box"), blobs[r["img_index"]]) if r.get("region_box") and not r.get("region_whole") else None
         html = _CHECK_HTML.render(title=f"dedup check against {run_dir}", rows=flagged[:50], thumbs=thumbs, train=train_thumbs, result=result)
-        out.write_bytes(out.p("check.html"), html.encode())
+        out.write_bytes(out.check_html, html.encode())
         if record:
             _record_check(run, out, result, flagged)
     else:
@@ -490,7 +498,7 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
 
 
 def _full_box(data: bytes) -> list[int]:
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as f:
@@ -507,8 +515,8 @@ def _box_pct(box, data: bytes) -> dict | None:
     _, _, w, h = _full_box(data)
     if not w or not h:
         return None
-    l, t, r, b = box
-    return {"left": 100 * l / w, "top": 100 * t / h, "width": 100 * (r - l) / w, "height": 100 * (b - t) / h}
+    x0, y0, x1, y1 = box
+    return {"left": 100 * x0 / w, "top": 100 * y0 / h, "width": 100 * (x1 - x0) / w, "height": 100 * (y1 - y0) / h}
 
 
 def _nearest_covers_matches(ti: np.ndarray, td: np.ndarray, m) -> tuple[np.ndarray, np.ndarray]:
@@ -534,7 +542,7 @@ def _within(cfg, rows, ok_rows, qi, ph, dh, emb, out: RunDir, min_copies: int, r
     groups: dict[str, list[int]] = defaultdict(list)
     for k, r in enumerate(ok_rows):
         groups[r["group"] or ""].append(k)
-    report = []
+    report: list[dict[str, Any]] = []
     th = run_th
     for g, members in sorted(groups.items()):
         m = np.array(members)
@@ -554,15 +562,15 @@ def _within(cfg, rows, ok_rows, qi, ph, dh, emb, out: RunDir, min_copies: int, r
         })
     report.sort(key=lambda x: (-x["largest_cluster"], x["group"]))
     tbl = pa.Table.from_pylist(report, schema=pa.schema([("group", pa.string()), ("samples", pa.int32()), ("largest_cluster", pa.int32()), ("flagged", pa.bool_()), ("members", pa.list_(pa.string()))]))
-    out.write_parquet(out.p("within.parquet"), tbl)
+    out.write_parquet(out.within_parquet, tbl)
     return report
 
 
 def _train_thumbs(run: RunDir, info: dict, ids: set) -> dict:
-    from dedup.report import _thumbs
+    from dedup.report import thumbnails
 
     ids = {i for i in ids if i}
-    return _thumbs(run, ids, tuple(info["config"]["input"]["image_exts"]), size=128) if ids else {}
+    return thumbnails(run, ids, tuple(info["config"]["input"]["image_exts"]), size=128) if ids else {}
 
 
 from jinja2 import Environment, select_autoescape  # noqa: E402

@@ -6,21 +6,27 @@ written last, after the features file, so a killed run resumes at shard granular
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 
+from dedup.compute.signals import SignalPlan, decode_plan, hash_batch  # noqa: F401 - decode_plan re-exported (its old home)
 from dedup.config import Config
 from dedup.faults import crash_point
 from dedup.io.rundir import RunDir
 from dedup.io.shards import ShardReadResult, caption_length, iter_samples, pick_image, shard_fingerprint
-from dedup.records import ShardRef, Status, sample_id
+from dedup.records import ModelInfo, ShardRef, Status, sample_id
 from dedup.schema import FEATURES_VERSION, features_schema
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -65,51 +71,80 @@ class ShardScan:
     timings: dict
 
 
-def decode_plan(draft: bool, want_hash: bool, embed_size: int | None) -> tuple[int | None, bool]:
-    """How to decode for the signals a run computes: ``(min_size, gray)`` for
-    :func:`dedup.compute.decode.decode_image`. Every caller that must reproduce a run's hashes
-    (features, ``dedup check``, calibration) decodes through this, so their bits agree.
+PREFETCH = 2  # chunks decoded ahead of the embedder: bounded memory (≤ 2 × batch images)
 
-    * ``min_size``: the smallest decoded short side that serves every signal (JPEG draft
-      decoding): the embedder's input size, ``HASH_MIN_SIZE`` for hashes, 1 for exact-only
-      runs (decode only to validate the image); None when ``decode.draft`` is off.
-    * ``gray``: no embedder, so only grey pixels are needed: draft-decoded JPEGs come back as
-      their luma channel (docs/hashing.md measures what that changes).
-    """
-    if not draft:
-        return None, False
-    sizes = []
-    if embed_size is not None:
-        sizes.append(int(embed_size))
-    if want_hash:
-        from dedup.compute.hashes import HASH_MIN_SIZE
+_T = TypeVar("_T")
 
-        sizes.append(int(HASH_MIN_SIZE))
-    return (max(sizes) if sizes else 1), embed_size is None
+
+def prefetch(items: Iterator[_T], depth: int) -> Iterator[_T]:
+    """``items``, produced by a worker thread at most ``depth`` items ahead of the consumer.
+
+    In :meth:`FeatureExtractor.extract` this overlaps reading, decoding and hashing the next
+    chunks with the embedding of the current one: libjpeg-turbo/Pillow decoding, numpy and
+    onnxruntime/torch inference all release the GIL. An exception in the producer is raised in
+    the consumer; a consumer that stops (an error, an interrupt) stops the producer at its next
+    item."""
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(msg: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(msg, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("done", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(("error", e))
+
+    worker = threading.Thread(target=produce, name="dedup-decode", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        worker.join(timeout=10)
 
 
 class FeatureExtractor:
     """Holds what is expensive to set up (the embedder) for many shards in one process."""
 
-    def __init__(self, cfg: Config, embedder=None):
+    def __init__(self, cfg: Config, embedder=None, model: ModelInfo | None = None):
+        """``model`` instead of an embedder: what the model is, for stages that never embed
+        (the Ray executor's CPU tasks); :meth:`embed_images` then has no model to run."""
         self.cfg = cfg
         self.want_hash = bool({"phash", "dhash"} & set(cfg.methods))
         self.want_emb = "embedding" in cfg.methods
         self.embedder = embedder
-        if self.want_emb and self.embedder is None:
+        if self.want_emb and self.embedder is None and model is None:
             from dedup.compute.embedders import make_embedder
 
             self.embedder = make_embedder(cfg.embedding.spec, device=cfg.embedding.device, batch_size=cfg.embedding.batch_size)
-        from dedup.compute.decode import DecodePolicy
-
-        self.policy = DecodePolicy(max_pixels=cfg.decode.max_pixels, formats=tuple(cfg.decode.formats))
-        self.model_tag = self.embedder.tag if self.want_emb else None
-        self.dim = self.embedder.dim if self.want_emb else None
+        known = model if model is not None else self.embedder  # the model's tag, dim and input size
+        self.model_tag = known.tag if self.want_emb else None
+        self.dim = known.dim if self.want_emb else None
         self.features_hash = cfg.features_hash(self.model_tag)
-        self.min_size, self.gray = decode_plan(
-            cfg.decode.draft, self.want_hash, int(self.embedder.input_size) if self.want_emb else None)
+        self.plan = SignalPlan.build(
+            cfg.decode.draft, cfg.decode.max_pixels, cfg.decode.formats, want_hash=self.want_hash,
+            embed_size=int(known.input_size) if self.want_emb else None)
         # Images per group handed to hashing/embedding (one model batch, or several).
         self.batch = max(BATCH, cfg.embedding.batch_size) if self.want_emb else BATCH
+        # Decode + hash the next chunks in a thread while this one is embedded (extract only).
+        self.overlap = True
 
     # ---------------------------------------------------------------------------------------
     # The features of a shard come from three stages, which the local executor runs in one
@@ -122,19 +157,22 @@ class FeatureExtractor:
         t0, c0 = time.perf_counter(), time.process_time()
         scan: ShardScan | None = None
         embedded: list[tuple[list[str], np.ndarray | None, str | None]] = []
-        t_embed = c_embed = 0.0
-        for item in self.scan(ref):
+        t_embed = 0.0
+        items = self.scan(ref)
+        for item in (prefetch(items, PREFETCH) if self.want_emb and self.overlap else items):
             if isinstance(item, EmbedChunk):
-                t, c = time.perf_counter(), time.process_time()
+                t = time.perf_counter()
                 vecs, err = self.embed_images(item.images)
                 t_embed += time.perf_counter() - t
-                c_embed += time.process_time() - c
                 embedded.append((item.keys, vecs, err))
             else:
                 scan = item
         assert scan is not None
+        # CPU seconds: the whole process (all threads), and what the scan's own thread did;
+        # the rest is the embedding (the model on all its threads) and the hand-over between them
+        cpu_total = time.process_time() - c0
         timings = {**scan.timings, "embed": t_embed, "total": time.perf_counter() - t0,
-                   "cpu_embed": c_embed, "cpu_total": time.process_time() - c0}
+                   "cpu_total": cpu_total, "cpu_embed": max(0.0, cpu_total - scan.timings["cpu_scan"])}
         return self.assemble(ref, scan, embedded, timings)
 
     def scan(self, ref: ShardRef) -> Iterator[EmbedChunk | ShardScan]:
@@ -144,25 +182,23 @@ class FeatureExtractor:
         embeddings are wanted), in shard order, then the :class:`ShardScan` as the last item.
         Chunks hold the decoded images; consume them as they come to keep memory bounded.
         """
-        from dedup.compute.decode import decode_image
-
         result = ShardReadResult()
         rows: dict[str, _Row] = {}
-        pending: list[tuple[_Row, object]] = []
-        # wall seconds, and process CPU seconds (cpu_*: all of this process's threads)
-        timings = {"decode": 0.0, "hash": 0.0, "cpu_decode": 0.0, "cpu_hash": 0.0}
+        pending: list[tuple[_Row, Image.Image]] = []
+        # wall seconds; cpu_*: CPU seconds of the thread running this generator (read, decode,
+        # hash are single-threaded), counted only while it runs, not while it waits at a yield
+        timings = {"decode": 0.0, "hash": 0.0, "cpu_decode": 0.0, "cpu_hash": 0.0, "cpu_scan": 0.0}
+        seg = time.thread_time()
 
         def flush() -> EmbedChunk | None:
             if not pending:
                 return None
             images = [im for _, im in pending]
             if self.want_hash:
-                from dedup.compute.hashes import content_hashes
-
-                t, c = time.perf_counter(), time.process_time()
-                ph, dh, kept = content_hashes(images)
+                t, c = time.perf_counter(), time.thread_time()
+                ph, dh, kept = hash_batch(images)
                 timings["hash"] += time.perf_counter() - t
-                timings["cpu_hash"] += time.process_time() - c
+                timings["cpu_hash"] += time.thread_time() - c
                 for (row, _), p, d, k in zip(pending, ph, dh, kept):
                     row.phash, row.dhash, row.content_fraction = int(p), int(d), float(k)
             # Rows in a chunk are decoded (status ok), so never replaced later: keys are stable.
@@ -201,26 +237,32 @@ class FeatureExtractor:
                 row.status = Status.NO_IMAGE
                 row.error = f"no member with an image extension or image content (members: {sorted(sample.members) or 'none'})"
                 continue
+            assert data is not None  # comes with ext
             row.image_member, row.image_name, row.file_size = ext, sample.name(ext), len(data)
-            if data:
-                row.sha256 = hashlib.sha256(data).digest()
-            t, c = time.perf_counter(), time.process_time()
-            dec = decode_image(data, self.policy, min_size=self.min_size, gray=self.gray)
+            t, c = time.perf_counter(), time.thread_time()
+            read = self.plan.read(data)
             timings["decode"] += time.perf_counter() - t
-            timings["cpu_decode"] += time.process_time() - c
+            timings["cpu_decode"] += time.thread_time() - c
+            row.sha256, dec = read.sha256, read.decoded
             row.width, row.height, row.orig_mode, row.format = dec.width, dec.height, dec.orig_mode, dec.format
             if dec.status != Status.OK:
                 row.status, row.error = dec.status, dec.error
                 continue
             if self.want_hash or self.want_emb:
+                assert dec.image is not None  # status OK
                 pending.append((row, dec.image))
                 if len(pending) >= self.batch:
                     chunk = flush()
                     if chunk is not None:
+                        timings["cpu_scan"] += time.thread_time() - seg
                         yield chunk
+                        seg = time.thread_time()
         chunk = flush()
         if chunk is not None:
+            timings["cpu_scan"] += time.thread_time() - seg
             yield chunk
+            seg = time.thread_time()
+        timings["cpu_scan"] += time.thread_time() - seg
         yield ShardScan(rows, result, timings)
 
     def embed_images(self, images: list) -> tuple[np.ndarray | None, str | None]:
@@ -262,8 +304,9 @@ class FeatureExtractor:
         counts: dict[str, int] = {}
         for r in rows.values():
             counts[r.status.value] = counts.get(r.status.value, 0) + 1
-        cpu = {k: timings[k] for k in ("cpu_decode", "cpu_hash", "cpu_embed", "cpu_total") if k in timings}
-        timings = {**{k: timings.get(k, 0.0) for k in ("decode", "hash", "embed", "total")}, **cpu}
+        cpu = ("cpu_decode", "cpu_hash", "cpu_scan", "cpu_embed", "cpu_total")  # absent from the Ray executor's
+        timings = {**{k: timings.get(k, 0.0) for k in ("decode", "hash", "embed", "total")},
+                   **{k: timings[k] for k in cpu if k in timings}}
         return table, scan.result, {"counts": counts, "timings": {k: round(v, 3) for k, v in timings.items()}}
 
     def _table(self, ref: ShardRef, rows: dict[str, _Row], embeddings: list[np.ndarray]) -> pa.Table:

@@ -32,6 +32,7 @@ from dedup.compute.crossmatch import HashTable, VectorIndex
 from dedup.config import Config
 from dedup.errors import ConfigError, SchemaMismatchError
 from dedup.io.rundir import RunDir
+from dedup.records import Status
 from dedup.schema import PAIRS_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,9 @@ _PREV_COLS = ["sample_id", "shard_id", "key", "status", "error", "file_size", "c
 
 
 def check_previous(prev: RunDir, features_hash: str, model_tag: str | None) -> dict:
-    if not prev.exists(prev.p("run.json")) or not prev.exists(prev.p("manifest.parquet")):
+    if not prev.exists(prev.run_json) or not prev.exists(prev.manifest):
         raise ConfigError(f"--against {prev.url}: not a finished dedup run (no run.json / manifest.parquet)")
-    info = prev.read_json(prev.p("run.json"))
+    info = prev.read_json(prev.run_json)
     if info.get("features_hash") != features_hash:
         raise SchemaMismatchError(
             f"--against {prev.url} was made with model {info.get('model_tag') or 'none'!r} / features "
@@ -56,8 +57,8 @@ def _keepers(prev: RunDir, info: dict, with_embeddings: bool, threshold: float =
     """Previous keepers' scalar columns (sorted by sample_id) and, if asked, their embeddings."""
     from dedup.phases.candidates import load_features
 
-    m = prev.read_parquet(prev.p("manifest.parquet"), columns=["sample_id", "is_keeper", "status", "cluster_id", "cluster_size"])
-    keep = pc.and_(m["is_keeper"], pc.equal(m["status"], "ok"))
+    m = prev.read_parquet(prev.manifest, columns=["sample_id", "is_keeper", "status", "cluster_id", "cluster_size"])
+    keep = pc.and_(m["is_keeper"], pc.equal(m["status"], Status.OK.value))
     keep_ids = m.filter(keep)["sample_id"]
     fs = load_features(prev, info["shards"], with_embeddings=False)
     mask = pc.is_in(fs.table["sample_id"], value_set=keep_ids)
@@ -71,7 +72,7 @@ def _keepers(prev: RunDir, info: dict, with_embeddings: bool, threshold: float =
 def _keeper_vectors(prev: RunDir, info: dict, ids: pa.ChunkedArray, threshold: float) -> VectorIndex:
     """The index over previous keepers' embeddings, cached in PREV/index/keepers/ (built once):
     the vectors (float16 .npy, mapped, not loaded) and the IVF lists as arrays + JSON."""
-    cache_dir = prev.p("index")
+    cache_dir = prev.index_dir
     kdir = os.path.join(cache_dir, "keepers")
     meta_path = os.path.join(cache_dir, "keepers.json")
     vec_path = os.path.join(kdir, "vectors.f16.npy")
@@ -125,14 +126,15 @@ _CACHE_FORMAT = 2
 def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[str], info: dict, *, merge: bool = False, failed_shards: bool = False) -> dict:
     """Candidates + delta manifest for the new shards against the previous run's keepers."""
     from dedup.phases.candidates import find_pairs, load_features
-    from dedup.phases.manifest import build_manifest
+    from dedup.phases.manifest import build_manifest, write_manifest
 
     t0 = time.perf_counter()
     new = load_features(run, sorted(shard_ids), with_embeddings="embedding" in cfg.methods)
     overlap = set(info["shards"]) & set(shard_ids)
     if overlap:
         raise ConfigError(f"shard(s) {sorted(overlap)[:3]} are already in {prev.url}; an incremental run takes new shards only")
-    pairs_new, pinfo = find_pairs(cfg, new)
+    found = find_pairs(cfg, new)
+    pairs_new, pinfo = found.table, found.info
     from dedup.compute.threshold import recorded
 
     # the new shards meet the previous keepers at the previous run's threshold (or the new
@@ -154,7 +156,7 @@ def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[s
 
     qidx = np.flatnonzero(ok)
     if "exact" in cfg.methods and len(pid):
-        lookup = {}
+        lookup: dict[bytes | None, int] = {}
         for k, s in enumerate(prev_tbl["sha256"].to_pylist()):
             lookup.setdefault(s, k)
         shas = new.table["sha256"].to_pylist()
@@ -170,7 +172,7 @@ def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[s
         m = prev_vi.range(np.asarray(new.embeddings)[qidx], th)
         add("embedding", qidx[m.q], m.r, m.score)
     pairs = pa.concat_tables([pairs_new, *cross]).sort_by([("a", "ascending"), ("b", "ascending"), ("method", "ascending")])
-    run.write_parquet(run.p("pairs", "pairs.parquet"), pairs)
+    run.write_parquet(run.pairs, pairs)
 
     # Cluster old keepers + new samples together; old keepers rank first and stay keepers.
     combined = pa.concat_tables([prev_tbl.cast(new.table.select(_PREV_COLS).schema), new.table.select(_PREV_COLS)])
@@ -179,9 +181,9 @@ def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[s
     is_prev = np.zeros(combined.num_rows, bool)
     is_prev[: prev_tbl.num_rows] = True
     is_prev = is_prev[order.to_numpy()]
-    from dedup.phases.manifest import _rank
+    from dedup.phases.manifest import keeper_rank
 
-    base = _rank(cfg, combined)
+    base = keeper_rank(cfg, combined)
     rank = np.lexsort((base, ~is_prev))  # previous keepers first, then the policy
     r = np.empty(len(rank), np.int64)
     r[rank] = np.arange(len(rank))
@@ -190,11 +192,11 @@ def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[s
     prev_sizes = dict(zip(prev_manifest["sample_id"].to_pylist(), prev_manifest["cluster_size"].to_pylist()))
     delta = manifest.filter(pa.array(~is_prev))
     cids = delta["cluster_id"].to_pylist()
-    extra = {}
+    extra: dict[str, int] = {}
     for c in cids:
         if c is not None:
             extra[c] = extra.get(c, 0) + 1
-    sizes = []
+    sizes: list[int | None] = []
     for c, s in zip(cids, delta["cluster_size"].to_pylist()):
         if c is None:
             sizes.append(None)
@@ -203,15 +205,11 @@ def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[s
         else:
             sizes.append(s)
     delta = delta.set_column(delta.schema.get_field_index("cluster_size"), "cluster_size", pa.array(sizes, pa.int32()))
+    written = write_manifest(run, cfg, delta, failed_shards=failed_shards, metadata={b"against": prev.url.encode()})
+    delta = written.table
     total = delta.num_rows
-    bad = total - int(pc.sum(pc.equal(delta["status"], "ok")).as_py() or 0)
-    frac = bad / total if total else 0.0
-    partial = failed_shards or frac > cfg.run.max_error_fraction
-    md = {**(manifest.schema.metadata or {}), b"config_hash": cfg.config_hash().encode(), b"partial": str(partial).lower().encode(), b"against": prev.url.encode()}
-    delta = delta.replace_schema_metadata(md)
-    run.write_parquet(run.p("manifest.parquet"), delta)
     if merge:
-        full_prev = prev.read_parquet(prev.p("manifest.parquet"))
+        full_prev = prev.read_parquet(prev.manifest)
         merged = pa.concat_tables([full_prev.cast(delta.schema), delta.cast(delta.schema)])
         merged = merged.take(pc.sort_indices(merged, sort_keys=[("sample_id", "ascending")]))
         counts: dict = {}
@@ -220,22 +218,21 @@ def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[s
                 counts[c] = counts.get(c, 0) + 1
         merged = merged.set_column(merged.schema.get_field_index("cluster_size"), "cluster_size",
                                    pa.array([counts.get(c) if c is not None else None for c in merged["cluster_id"].to_pylist()], pa.int32()))
-        run.write_parquet(run.p("merged_manifest.parquet"), merged.replace_schema_metadata(md))
+        run.write_parquet(run.merged_manifest, merged.replace_schema_metadata(delta.schema.metadata))
     keep = delta["is_keeper"].to_numpy(zero_copy_only=False)
     st = delta["status"].to_numpy(zero_copy_only=False)
+    ok = st == Status.OK.value
     return {
         "samples": total,
-        "ok": total - bad,
+        "ok": int(ok.sum()),
         "kept": int(keep.sum()),
-        "duplicates": int(((st == "ok") & ~keep).sum()),
+        "duplicates": int((ok & ~keep).sum()),
         "duplicates_of_previous": int(sum(1 for c, k in zip(cids, keep) if c in prev_sizes and not k)),
         "status_counts": dict(sorted((x["values"], x["counts"]) for x in pc.value_counts(delta["status"]).to_pylist())),
         "pairs": {**pinfo["pairs"], "against_previous": int(sum(t.num_rows for t in cross))},
         "against": prev.url,
         "previous_keepers": prev_tbl.num_rows,
-        "partial": partial,
-        "error_fraction": round(frac, 6),
-        "error_budget": cfg.run.max_error_fraction,
+        **written.stats(),
         "methods": list(cfg.methods),
         "timings": {"incremental": round(time.perf_counter() - t0, 3)},
         "merged": merge,

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dedup.compute.clusters import METHOD_PRIORITY, Edges, group_clusters, keeper_clusters, rank_order
+from dedup.compute.clusters import Edges, group_clusters, keeper_clusters, rank_order
 from dedup.compute.search.hamming import popcount64
 from dedup.config import Config
+from dedup.io.rundir import RunDir
+from dedup.records import METHODS, Status
 from dedup.schema import MANIFEST_SCHEMA
+
+if TYPE_CHECKING:
+    from dedup.compute.search.driver import TaskMap
+    from dedup.compute.search.ivf import NearestLists
 
 
 def hash_rule(cfg: Config, dp: np.ndarray, dd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +59,7 @@ def _edges(cfg: Config, table: pa.Table, pairs: pa.Table) -> Edges:
     ids = table["sample_id"]
     i = pc.index_in(pairs["a"], value_set=ids).to_numpy(zero_copy_only=False).astype(np.int64)
     j = pc.index_in(pairs["b"], value_set=ids).to_numpy(zero_copy_only=False).astype(np.int64)
-    lookup = {m: k for k, m in enumerate(METHOD_PRIORITY)}
+    lookup = {m: k for k, m in enumerate(METHODS)}
     methods = pairs["method"].to_pylist()
     m = np.array([lookup[x] for x in methods], np.int8)
     score = pairs["score"].to_numpy().astype(np.float32)
@@ -79,14 +87,16 @@ def _verified(edges: Edges, large: np.ndarray) -> Edges:
     first[1:] = (k[1:] != k[:-1]) | (m[1:] != m[:-1])
     uk, counts = np.unique(k[first], return_counts=True)
     n_methods = counts[np.searchsorted(uk, key)]
-    exact = METHOD_PRIORITY.index("exact")
+    exact = METHODS.index("exact")
     has_exact = np.isin(key, k[m == exact])
     strong = (n_methods >= 2) | has_exact
     keep = strong | ~(large[edges.i] | large[edges.j])
     return Edges(edges.i[keep], edges.j[keep], edges.method[keep], edges.score[keep])
 
 
-def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
+def keeper_rank(cfg: Config, table: pa.Table) -> np.ndarray:
+    """Each row's place in the keeper policy's order (``clusters.keeper_policy``; 0 = the best
+    keeper), ties broken by sample_id. ``table`` is sorted by sample_id."""
     cols = []
     for spec in cfg.clusters.keeper_policy:
         desc = spec.startswith("-")
@@ -127,7 +137,7 @@ def _copies(table: pa.Table) -> np.ndarray:
     if "sha256" not in table.column_names:
         return np.ones(table.num_rows, np.float64)
     sha = table["sha256"].to_pylist()
-    ok = [st == "ok" for st in table["status"].to_pylist()]
+    ok = [st == Status.OK for st in table["status"].to_pylist()]
     count: dict[bytes, int] = {}
     for h, good in zip(sha, ok):
         if good and h is not None:
@@ -143,9 +153,10 @@ def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, thres
     sha = np.array(table["sha256"].to_pylist() if "sha256" in table.column_names else [None] * table.num_rows, dtype=object)
     use_emb = emb is not None and threshold is not None and "embedding" in cfg.methods
     use_p, use_d = "phash" in cfg.methods and ph is not None, "dhash" in cfg.methods and dh is not None
-    i_emb, i_p, i_x = METHOD_PRIORITY.index("embedding"), METHOD_PRIORITY.index("phash"), METHOD_PRIORITY.index("exact")
+    i_emb, i_p, i_x = METHODS.index("embedding"), METHODS.index("phash"), METHODS.index("exact")
 
     def vectors(members: np.ndarray) -> np.ndarray:
+        assert emb is not None  # called only when use_emb
         x = np.asarray(emb[members], np.float32)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -155,7 +166,9 @@ def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, thres
             mean = x.mean(axis=0)
             return x @ (mean / max(float(np.linalg.norm(mean)), 1e-12))
         if use_p or use_d:
-            h = ph[members] if use_p else dh[members]
+            hashes = ph if use_p else dh
+            assert hashes is not None  # use_p / use_d say which is there
+            h = hashes[members]
             bits = ((h[:, None] >> np.arange(64, dtype=np.uint64)) & np.uint64(1)).astype(np.int8)
             majority = (bits.mean(axis=0) >= 0.5).astype(np.int8)
             return 1.0 - np.abs(bits - majority).mean(axis=1)
@@ -166,10 +179,12 @@ def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, thres
         method = np.where(ok, i_x, -1).astype(np.int8)
         score = np.where(ok, 1.0, np.nan).astype(np.float32)
         if use_emb:
+            assert threshold is not None  # part of use_emb
             cos = vectors(members) @ vectors(np.array([k]))[0]
             near = ~ok & (cos >= threshold - cfg.clusters.join_margin)
             ok, method[near], score[near] = ok | near, i_emb, cos[near]
         if use_p and use_d:
+            assert ph is not None and dh is not None  # part of use_p / use_d
             dp = popcount64(ph[members] ^ ph[k]).astype(np.int64)
             dd = popcount64(dh[members] ^ dh[k]).astype(np.int64)
             near = ~ok & (dp <= 2 * cfg.hashes.phash_radius) & (dd <= 2 * cfg.hashes.dhash_radius)
@@ -180,8 +195,8 @@ def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, thres
 
 
 def outlier_scores(emb: np.ndarray, ok: np.ndarray, k: int, stats: dict | None = None,
-                   progress: Callable[[int, int], None] | None = None, lists: dict | None = None,
-                   ray_cfg: Config | None = None) -> np.ndarray:
+                   progress: Callable[[int, int], None] | None = None, lists: NearestLists | dict | None = None,
+                   executor: TaskMap | None = None) -> np.ndarray:
     """1 - cosine to the k-th nearest other ok sample (NaN where not computable).
 
     Exact below 10 000 ok samples; above, approximate over IVF lists with one matrix product
@@ -189,18 +204,18 @@ def outlier_scores(emb: np.ndarray, ok: np.ndarray, k: int, stats: dict | None =
     duplicate search's nearest lists, reused): measured at 10⁶ on the candidate benchmark's
     data, 48 s on its own, ~950 s for the faiss IVF index this used before, with outlier ranks
     correlating 0.96 with exact ones (benchmarks/outlier.py; docs/manifest.md).
-    ``ray_cfg``: the lists' work units run as Ray tasks (:func:`outlier_units_on_ray`), same
-    scores."""
+    ``executor``: the lists' work units run as its tasks (e.g. the Ray executor: same scores);
+    by default on worker threads here."""
     from dedup.compute.search.knn import kth_neighbour_similarity
 
-    spread = outlier_units_on_ray(ray_cfg, emb) if ray_cfg is not None else None
+    spread = outlier_units(executor, emb) if executor is not None else None
     sim = kth_neighbour_similarity(emb, int(k), valid=np.asarray(ok, bool), stats=stats, progress=progress, lists=lists,
                                    map_units=spread)
     return (1.0 - sim).astype(np.float32)
 
 
 def _outlier_task(x: np.ndarray, item) -> tuple[np.ndarray, np.ndarray]:
-    """One work unit of the outlier search on a Ray worker (``x`` from the object store)."""
+    """One work unit of the outlier search on an executor's worker (``x``: what ``put`` gave)."""
     from dedup.compute.search.knn import outlier_unit
     from dedup.compute.search.threads import single_threaded_libs
 
@@ -209,21 +224,20 @@ def _outlier_task(x: np.ndarray, item) -> tuple[np.ndarray, np.ndarray]:
         return outlier_unit(x, unit, k, block)
 
 
-def outlier_units_on_ray(cfg: Config, emb: np.ndarray) -> Callable:
+def outlier_units(executor: TaskMap, emb: np.ndarray) -> Callable:
     """``map_units`` for :func:`~dedup.compute.search.knn.kth_neighbour_similarity`: each work
-    unit a Ray task, the embeddings put in the object store once (only if the search runs on
-    IVF lists; below its exact threshold it stays in this process)."""
+    unit a task of ``executor`` (the embeddings handed over once with ``put``, and only if the
+    search runs on IVF lists; below its exact threshold it stays in this process)."""
 
     def run(units: list, k: int, block: int):
         from dedup.errors import DedupError
-        from dedup.executors.ray import RayExecutor
 
-        with RayExecutor(cfg) as ex:
-            items = [(pos, u, k, block) for pos, u in enumerate(units)]
-            for item, res, err in ex.map_units(_outlier_task, items, shared=np.asarray(emb)):
-                if err:
-                    raise DedupError(f"outlier score unit failed after retries: {err}")
-                yield item[0], res
+        shared = executor.put(np.asarray(emb))
+        items = [(pos, u, k, block) for pos, u in enumerate(units)]
+        for item, res, err in executor.map_units(_outlier_task, items, shared=shared):
+            if err:
+                raise DedupError(f"outlier score unit failed after retries: {err}")
+            yield item[0], res
 
     return run
 
@@ -239,8 +253,8 @@ def build_manifest(
     clusters measure centrality and closeness to the keeper by cosine (else by the hashes)."""
     n = table.num_rows
     status = table["status"].to_numpy(zero_copy_only=False)
-    ok = status == "ok"
-    rank = _rank(cfg, table) if rank is None else rank
+    ok = status == Status.OK.value
+    rank = keeper_rank(cfg, table) if rank is None else rank
     edges = _edges(cfg, table, pairs)
 
     def clusters(edges: Edges):
@@ -259,7 +273,7 @@ def build_manifest(
     has = cl.keeper >= 0
     cluster_id = np.where(has, ids[np.maximum(cl.keeper, 0)], None)
     primary = has & (cl.keeper == np.arange(n))
-    dup_method = np.array([METHOD_PRIORITY[m] if m >= 0 else None for m in cl.method], dtype=object)
+    dup_method = np.array([METHODS[m] if m >= 0 else None for m in cl.method], dtype=object)
 
     reasons = np.empty(n, dtype=object)
     for k in range(n):
@@ -321,6 +335,36 @@ def build_manifest(
         ],
     }
     return manifest, stats
+
+
+@dataclass(frozen=True)
+class WrittenManifest:
+    """A manifest as written (with its metadata), and where it stands against the error budget."""
+
+    table: pa.Table
+    partial: bool
+    error_fraction: float  # share of rows whose status is not ok
+    error_budget: float  # run.max_error_fraction
+
+    def stats(self) -> dict:
+        """The part of stats.json this decides."""
+        return {"partial": self.partial, "error_fraction": round(self.error_fraction, 6), "error_budget": self.error_budget}
+
+
+def write_manifest(run: RunDir, cfg: Config, manifest: pa.Table, *, failed_shards: bool,
+                   metadata: dict[bytes, bytes] | None = None) -> WrittenManifest:
+    """The tail of every run (full or incremental): the error budget (partial when shards
+    failed or more than ``run.max_error_fraction`` of the rows are not ok), the manifest's
+    schema metadata (``config_hash``, ``partial``, then ``metadata``), and the write."""
+    total = manifest.num_rows
+    ok = int(pc.sum(pc.equal(manifest["status"], Status.OK.value)).as_py() or 0)
+    frac = (total - ok) / total if total else 0.0
+    partial = failed_shards or frac > cfg.run.max_error_fraction
+    md = {**(manifest.schema.metadata or {}), b"config_hash": cfg.config_hash().encode(),
+          b"partial": str(partial).lower().encode(), **(metadata or {})}
+    manifest = manifest.replace_schema_metadata(md)
+    run.write_parquet(run.manifest, manifest)
+    return WrittenManifest(manifest, partial, frac, cfg.run.max_error_fraction)
 
 
 def _bucket(s: int) -> str:

@@ -77,6 +77,7 @@ def _load_photos(max_side: int) -> tuple[tuple[str, Image.Image], ...]:
     from skimage import data
 
     raw: list[tuple[str, Image.Image]] = []
+    im: Image.Image
     for name in _SKIMAGE:
         try:
             a = getattr(data, name)()
@@ -236,6 +237,7 @@ def make_shards(
     if n_originals is None and n_unrelated is None:
         n_originals = n // 2
     if n_originals is None:
+        assert n_unrelated is not None  # both None is handled above
         n_originals = n - n_unrelated
     if n_unrelated is None:
         n_unrelated = n - n_originals

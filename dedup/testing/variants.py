@@ -272,7 +272,7 @@ def score_clusters(members: list[Member], sample_ids, cluster_ids, is_keeper) ->
     cluster_members: dict[object, list[str]] = defaultdict(list)
     for sid, c in cid.items():
         cluster_members[c].append(sid)
-    for g, ms in groups.items():
+    for ms in groups.values():
         if len(ms) < 2:
             continue
         n_multi += 1

@@ -147,6 +147,7 @@ class IVFCoarse:
 
 
 def _from_bound(projection: Projection, zb: np.ndarray) -> np.ndarray:
+    assert projection.axes is not None  # bound rows come with a PCA projection
     dp = projection.axes.shape[1]
     return np.ascontiguousarray(zb[:, :dp] - projection.shift, dtype=_F32)
 
@@ -330,6 +331,7 @@ def plan_ivf(x: np.ndarray, params: IVFParams, valid: np.ndarray | None = None, 
                 if k < 0:
                     found.append(fitted.kmeans())
                 else:
+                    assert bound_rows is not None
                     bound_rows[sel(k)] = bound(rows_f32(x, sel(k)))
 
             for k, _ in pmap(project, [-1, *range(len(blocks))], workers):

@@ -1,22 +1,14 @@
 """Cosine pairs on embeddings: exact brute force (the reference), one IVF work unit
-(:func:`unit_pairs`) and the serial driver :func:`embedding_pairs`."""
+(:func:`unit_pairs`) and :func:`embedding_pairs` (the driver, on worker threads)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import numpy as np
 
 from dedup.compute.search.bound import Bound, tile_pairs_bounded
-from dedup.compute.search.coarse import plan_ivf
-from dedup.compute.search.ivf import (
-    IVFParams,
-    WorkUnit,
-    make_units,
-    outlier_lists,
-    plan_figures,
-)
+from dedup.compute.search.ivf import IVFParams, WorkUnit
 from dedup.compute.search.kernels import (
     Matmul,
     gpu_available,
@@ -24,8 +16,7 @@ from dedup.compute.search.kernels import (
     tile_pairs,
     want_fast_f16,
 )
-from dedup.compute.search.knn import OUTLIER_NPROBE
-from dedup.compute.search.pairs import Pairs, collect_tiles, merge_pairs, valid_rows
+from dedup.compute.search.pairs import Pairs, collect_tiles, valid_rows
 from dedup.compute.search.threads import n_threads, pmap, single_threaded_libs
 
 __all__ = [
@@ -183,59 +174,17 @@ def embedding_pairs(
     plan_progress: Callable[[int, int], None] | None = None,
     lists_out: dict | None = None,
 ) -> Pairs:
-    """Pairs of rows with cosine ≥ ``threshold``; rows L2-normalised, float16 or float32, may
-    be a memmap. Serial driver: :func:`plan_ivf` → :func:`make_units` → :func:`unit_pairs`
-    (in worker threads) → :func:`merge_pairs`. Below ``params.exact_below`` valid rows it is
-    exact brute force. ``progress(done, total)`` counts lists (brute force: tiles),
-    ``plan_progress`` the coarse stage (see :func:`plan_ivf`); ``stats``, if given, receives
-    timings and plan figures. ``lists_out``, if given (a dict) and the search ran on IVF lists,
-    receives each row's nearest lists for :func:`kth_neighbour_similarity` (``lists=``), so
-    the outlier score's search reuses this coarse stage instead of running its own."""
-    t0 = time.perf_counter()
-    if x.ndim != 2:
-        raise ValueError(f"x must be (n, d), got shape {x.shape}")
-    n, d = x.shape
-    rows = valid_rows(n, valid)
-    m = n if rows is None else len(rows)
-    if params is None:
-        params = IVFParams.auto(m, d, threshold)
-    gpu = bool(params.use_gpu) if params.use_gpu is not None else gpu_available()
-    st = stats if stats is not None else {}
-    st.update(n=n, valid=m, gpu=gpu)
-    if m < 2:
-        st.update(method="none", seconds=0.0)
-        return Pairs.empty()
-    if m < params.exact_below or min(params.nlist, m) <= 1:
-        p = brute_force_pairs(x, threshold, block=params.block_size, valid=valid, use_gpu=gpu,
-                              progress=progress, threads=params.threads)
-        st.update(method="brute_force", seconds=time.perf_counter() - t0, pairs=len(p))
-        return p
-    # rows are converted once for the assignment, then ≥ 2 more times without a bound (own
-    # list, visits) but only as candidates with one
-    want_fast_f16(x, (1.2 if params.bound_dim else 3.0) * m * d)
-    plan = plan_ivf(x, params, valid, threshold=threshold, stats=st, progress=plan_progress,
-                    keep_nearest=OUTLIER_NPROBE if lists_out is not None else 0)
-    if lists_out is not None:
-        lists_out.update(outlier_lists(plan))
-    t1 = time.perf_counter()
-    units = make_units(plan)
-    st.update(method="ivf", plan_seconds=t1 - t0, **plan_figures(plan, units, 0 if gpu else None))
-    workers = 1 if gpu else n_threads(params.threads)
-    done = 0
-    parts: list = [None] * len(units)
-    order = sorted(range(len(units)), key=lambda k: -units[k].cost)  # big units first
-    with single_threaded_libs():
-        for k, p in pmap(lambda k: unit_pairs(x, units[k], threshold, plan.params, use_gpu=gpu,
-                                                bound=plan.bound_rows),
-                          order, workers):
-            parts[order[k]] = p
-            done += len(units[order[k]].lists)
-            if progress:
-                progress(done, plan.nlist)
-    if progress and done < plan.nlist:
-        progress(plan.nlist, plan.nlist)
-    t2 = time.perf_counter()
-    out = merge_pairs(parts)
-    st.update(pairs_seconds=t2 - t1, merge_seconds=time.perf_counter() - t2,
-              seconds=time.perf_counter() - t0, pairs=len(out))
-    return out
+    """Pairs of rows with cosine ≥ ``threshold``, on this process's worker threads: the one
+    search driver :func:`dedup.compute.search.driver.search_embeddings`, which returns typed
+    results; this keeps the older signature for callers that only want the pairs (``stats``
+    and ``lists_out``, if given, receive ``SearchStats.to_dict()`` and the fields of the
+    :class:`NearestLists`)."""
+    from dedup.compute.search.driver import search_embeddings
+
+    res = search_embeddings(x, threshold, params, valid, keep_nearest=lists_out is not None, progress=progress,
+                            plan_progress=plan_progress)
+    if stats is not None:
+        stats.update(res.stats.to_dict())
+    if lists_out is not None and res.lists is not None:
+        lists_out.update(coarse=res.lists.coarse, assign=res.lists.assign, nearest=res.lists.nearest)
+    return res.pairs

@@ -213,7 +213,7 @@ def hash_brute(h: np.ndarray, radius: int, block: int = 4096, threads: int = 0,
         index = faiss.IndexBinaryFlat(64)
         index.add(codes[r0:])
         lims, dist, lab = index.range_search(codes[r0:r1], int(radius) + 1)  # strict "<"
-        qi = np.repeat(np.arange(r1 - r0, dtype=_I64), np.diff(lims.astype(_I64)))
+        qi = np.repeat(np.arange(r1 - r0, dtype=_I64), np.diff(lims).astype(_I64))
         lab = lab.astype(_I64)
         keep = lab > qi  # upper triangle within the block; later rows entirely
         return qi[keep] + r0, lab[keep] + r0, dist[keep].astype(_F32)
@@ -264,7 +264,7 @@ def hash_mih(h: np.ndarray, radius: int, plan: MIHPlan, threads: int = 0,
         hb = _high_bit(masks.astype(np.uint64)).astype(vals.dtype)
         qblock = max(256, (1 << 20) // (len(masks) + 1))
 
-        def block(q0: int, k=k, vals=vals, bk=bk, rank=rank, own_end=own_end, masks=masks, hb=hb):
+        def block(q0: int, k=k, vals=vals, bk=bk, rank=rank, own_end=own_end, masks=masks, hb=hb, qblock=qblock):
             q1 = min(n, q0 + qblock)
             q = np.arange(q0, q1, dtype=_I64)
             v = vals[q0:q1]

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 __all__ = [
     "IVFParams",
     "IVFPlan",
+    "NearestLists",
     "WorkUnit",
     "build_plan",
     "make_units",
@@ -203,9 +204,19 @@ def with_nearest(plan: IVFPlan, idx: np.ndarray, near: np.ndarray) -> IVFPlan:
     return replace(plan, nearest=nearest)
 
 
-def outlier_lists(plan: IVFPlan) -> dict:
+@dataclass(frozen=True)
+class NearestLists:
+    """What :func:`kth_neighbour_similarity` (``lists=``) reuses of a search's plan: the
+    quantizer, each row's own list and its nearest lists (own first; -1: invalid row)."""
+
+    coarse: IVFCoarse | None
+    assign: np.ndarray  # (n,) int32
+    nearest: np.ndarray | None  # (n, k) int32
+
+
+def outlier_lists(plan: IVFPlan) -> NearestLists:
     """What :func:`kth_neighbour_similarity` (``lists=``) reuses of a search's plan."""
-    return {"coarse": plan.coarse, "assign": plan.assign, "nearest": plan.nearest}
+    return NearestLists(plan.coarse, plan.assign, plan.nearest)
 
 
 def plan_figures(plan: IVFPlan, units: list[WorkUnit], bound_width: int | None = None) -> dict:

@@ -29,15 +29,16 @@ def gpu_available() -> bool:
         import faiss
 
         return faiss.get_num_gpus() > 0
-    except Exception:  # pragma: no cover - faiss missing or broken CUDA
+    except Exception:  # noqa: BLE001  # pragma: no cover - faiss missing or broken CUDA
         return False
 
 
 
 # numpy converts float16 one value at a time (≈2.5 ns per value on the benchmark machine: a
-# quarter of the pair stage); torch uses the CPU's F16C instructions (≈0.15 ns). torch is a
-# dependency (open_clip), but importing it costs ~2 s, so a search imports it only when its
-# conversions would cost more than that (want_fast_f16); once loaded it is always used.
+# quarter of the pair stage); torch uses the CPU's F16C instructions (≈0.15 ns). torch comes
+# with the [embed] extra (without it numpy converts), and importing it costs ~2 s, so a search
+# imports it only when its conversions would cost more than that (want_fast_f16); once loaded
+# it is always used.
 _FAST_F16_MIN_VALUES = 1 << 30
 
 
@@ -47,7 +48,7 @@ def want_fast_f16(x: np.ndarray, values: float) -> None:
         return
     try:
         import torch  # noqa: F401
-    except Exception:  # pragma: no cover - torch missing or broken: numpy conversion
+    except Exception:  # noqa: BLE001  # pragma: no cover - torch missing or broken: numpy conversion
         pass
 
 
@@ -112,12 +113,13 @@ def exact_scores(a: np.ndarray, b: np.ndarray, r: np.ndarray, c: np.ndarray) -> 
     return out
 
 
-def tile_candidates(s: np.ndarray, lo: float, diag: tuple[int, int] | None):
+def tile_candidates(s: np.ndarray, lo: float | np.float32, diag: tuple[int, int] | None):
     """Positions (r, c) of tile ``s`` holding a value ≥ lo, each symmetric pair once (see
     :func:`tile_pairs` for ``diag``); None when there are none. ``s`` is overwritten."""
     lo = np.float32(lo)
     sym = diag is not None and diag[0] > 0
     if sym:
+        assert diag is not None
         n_sym, offset = diag
         r = np.arange(max(0, -offset), min(n_sym, s.shape[1] - offset))
         s[r, r + offset] = -np.inf  # a row and itself (else every such row would be a hit)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 
@@ -13,6 +13,7 @@ from dedup.compute.search.coarse import plan_ivf
 from dedup.compute.search.ivf import (
     IVFParams,
     IVFPlan,
+    NearestLists,
     WorkUnit,
     build_plan,
     make_units,
@@ -42,18 +43,23 @@ def _merge_topk(best: np.ndarray, rows: np.ndarray, sims: np.ndarray, k: int) ->
 OUTLIER_NPROBE = 5  # lists the outlier score's search looks into: the row's own + 4 nearest
 
 
-def _plan_from_lists(lists: dict | None, idx: np.ndarray, n: int, nprobe: int) -> IVFPlan | None:
+def _plan_from_lists(lists: NearestLists | dict | None, idx: np.ndarray, n: int, nprobe: int) -> IVFPlan | None:
     """An IVF plan whose rows visit their ``nprobe - 1`` next-nearest lists, from the lists an
-    earlier search kept; None if there are none or they do not cover these rows and probes."""
-    if not lists or lists.get("nearest") is None or lists.get("coarse") is None:
+    earlier search kept (a dict with the same keys is accepted too); None if there are none or
+    they do not cover these rows and probes."""
+    if isinstance(lists, dict):
+        if lists.get("assign") is None:
+            return None
+        lists = NearestLists(lists.get("coarse"), lists["assign"], lists.get("nearest"))
+    if lists is None or lists.nearest is None or lists.coarse is None:
         return None
-    nearest, assign = lists["nearest"], lists["assign"]
+    nearest, assign, coarse = lists.nearest, lists.assign, lists.coarse
     if len(assign) != n or nearest.shape[1] < nprobe or (assign[idx] < 0).any():
         return None
     others = nearest[idx, 1:nprobe]
     keep = others >= 0
     vr = np.repeat(idx, others.shape[1]).reshape(others.shape)[keep]  # rows increasing
-    return build_plan(n, lists["coarse"], idx, assign[idx], [(vr, others[keep])])
+    return build_plan(n, coarse, idx, assign[idx], [(vr, others[keep])])
 
 
 def outlier_unit(x: np.ndarray, unit: WorkUnit, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +111,7 @@ def kth_neighbour_similarity(
     stats: dict | None = None,
     progress: Callable[[int, int], None] | None = None,
     threads: int = 0,
-    lists: dict | None = None,
+    lists: NearestLists | dict | None = None,
     map_units: Callable[[list[WorkUnit], int, int], Iterable[tuple[int, tuple[np.ndarray, np.ndarray]]]] | None = None,
 ) -> np.ndarray:
     """Cosine of each valid row to its k-th most similar other valid row (float32; NaN for
@@ -170,7 +176,7 @@ def kth_neighbour_similarity(
             progress(0, plan.nlist)
         if map_units is not None:
             results = map_units(units, k, block)
-            ctx = nullcontext()
+            ctx: AbstractContextManager[None] = nullcontext()
         else:
             results = pmap(lambda u: outlier_unit(x, u, k, block), units, n_threads(threads))
             ctx = single_threaded_libs()

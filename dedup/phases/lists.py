@@ -1,0 +1,375 @@
+"""The embedding search out of core: a shuffle by IVF list through the run directory.
+
+The driver trains the coarse quantizer on a sample of rows read from the features files, then
+hands the executor (:class:`dedup.compute.search.driver.TaskMap`) two kinds of tasks:
+
+1. *assignment* (:func:`assign_task`), one per group of feature shards: reads the shards'
+   embeddings from ``features/<shard>.parquet``, assigns each valid row to its list and the
+   lists it visits, and writes one partition per bucket of consecutive lists,
+   ``index/lists/b<bucket>/t<task>.parquet`` (row id, list, member or visitor, the float16
+   vector as 2·d raw bytes), plus ``index/lists/t<task>.parquet`` (each row's list and nearest lists, for the
+   outlier score) and its marker ``index/lists/done/t<task>.json`` last;
+2. *unit* (:func:`unit_task`), one per bucket: reads only that bucket's partitions, finds its
+   pairs (:func:`dedup.compute.search.cosine.unit_pairs`) and writes them to
+   ``pairs/embedding/b<bucket>.parquet`` (i, j, score), then its marker.
+
+Nothing the driver holds grows with n except what must: the quantizer, per-list counts, each
+row's list and nearest lists (24 bytes a row, for the outlier score) and the pairs. A rerun with
+the same search (``index/lists/key.json``) skips finished tasks and units: a killed run resumes
+from its finished partitions. Same pairs as :func:`dedup.compute.search.driver.search_embeddings`
+on the staged matrix: the same quantizer (same sample), the same assignment of every row, and
+units whose pairs do not depend on how the lists are grouped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from dedup.compute.search.coarse import (
+    ASSIGN_BLOCK,
+    IVFCoarse,
+    assign_coordinates,
+    sample_rows,
+    train_ivf,
+)
+from dedup.compute.search.cosine import unit_pairs
+from dedup.compute.search.driver import (
+    SearchResult,
+    SearchStats,
+    SearchTaskError,
+    TaskMap,
+)
+from dedup.compute.search.ivf import IVFParams, NearestLists, WorkUnit
+from dedup.compute.search.kernels import rows_f32
+from dedup.compute.search.knn import OUTLIER_NPROBE
+from dedup.compute.search.pairs import Pairs, merge_pairs
+from dedup.compute.search.threads import single_threaded_libs
+from dedup.io.rundir import RunDir
+
+__all__ = ["PARTITION_ROWS", "ShardRows", "assign_task", "read_embeddings", "search_run_lists", "unit_task", "use_partitions"]
+
+TASK_ROWS = 1 << 16  # rows per assignment task (whole shards: at least one shard a task)
+# Rows from which a local run shuffles by list too (a Ray run always does: its tasks then read
+# the features files instead of a matrix in the object store). Below, the staged float16 matrix
+# fits a machine and the in-memory driver skips writing ~nprobe vector copies per row
+# (docs/scale.md). benchmarks/scale.py --search sets it to compare both.
+PARTITION_ROWS = 2_000_000
+
+
+def use_partitions(n_valid: int, on_cluster: bool) -> bool:
+    """Whether the embedding search shuffles rows through ``index/lists/`` (see PARTITION_ROWS)."""
+    return on_cluster or n_valid >= PARTITION_ROWS
+
+_I64 = np.int64
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """One features file and the search's row id of each of its rows (file order; -1: a row
+    the search skips)."""
+
+    shard_id: str
+    rows: np.ndarray  # int64
+
+
+@dataclass(frozen=True)
+class ListsInput:
+    """What every task of one search shares (small: the quantizer, ~20 MB at most)."""
+
+    run_url: str
+    coarse: IVFCoarse
+    lists_per_bucket: int
+    keep: int  # nearest lists kept per row (0: none)
+    threshold: float
+    params: IVFParams
+
+
+def read_embeddings(run: RunDir, sid: str) -> np.ndarray:
+    """A shard's embeddings, (rows, d) float16, nulls as zero rows (as the staging does)."""
+    col = run.read_parquet(run.features(sid), columns=["embedding"])["embedding"].combine_chunks()
+    d = col.type.list_size
+    out = np.zeros((len(col), d), np.float16)
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
+    vals = col.flatten().to_numpy(zero_copy_only=False)
+    if valid.all():
+        out[:] = vals.reshape(-1, d)
+    elif valid.any():
+        out[valid] = vals.reshape(-1, d)
+    return out
+
+
+def _vectors_to_arrow(x: np.ndarray) -> pa.Array:
+    """float16 rows as fixed-size binary values: Parquet reads and writes those ~20× faster
+    than a fixed-size list of float16 (measured: 0.06 vs 1.2 s per 10 000 × 512 read)."""
+    x = np.ascontiguousarray(x, np.float16)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * x.shape[1]), len(x), [None, pa.py_buffer(x.tobytes())])
+
+
+def _vectors_from_arrow(col: pa.ChunkedArray) -> np.ndarray:
+    arr = col.combine_chunks()
+    width = arr.type.byte_width
+    raw = np.frombuffer(arr.buffers()[1], np.uint8, count=len(arr) * width, offset=arr.offset * width)
+    return raw.view(np.float16).reshape(len(arr), width // 2)
+
+
+def _write_uncompressed(run: RunDir, path: str, table: pa.Table) -> None:
+    """Partitions are transient and float16 barely compresses: no codec (half the write time)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="none")
+    run.write_bytes(path, buf.getvalue())
+
+
+def _bucket_path(run: RunDir, bucket: int, task: int) -> str:
+    return posixpath.join(run.lists_dir, f"b{bucket:05d}", f"t{task:06d}.parquet")
+
+
+def assign_task(shared: ListsInput, item: tuple[int, list[ShardRows]]) -> dict:
+    """Assign the rows of a group of shards to lists; write their bucket partitions, their
+    rows' lists, and the marker last. Returns the marker (buckets written, per-list counts)."""
+    task, shards = item
+    run = RunDir(shared.run_url)
+    marker_path = posixpath.join(run.lists_dir, "done", f"t{task:06d}.json")
+    if run.exists(marker_path):
+        return dict(run.read_json(marker_path))
+    coarse, lpb = shared.coarse, shared.lists_per_bucket
+    rid_parts, x_parts = [], []
+    for sr in shards:
+        keep_rows = sr.rows >= 0
+        if keep_rows.any():
+            rid_parts.append(sr.rows[keep_rows])
+            x_parts.append(read_embeddings(run, sr.shard_id)[keep_rows])
+    nlist = coarse.params.nlist
+    members = np.zeros(nlist, _I64)
+    visitors = np.zeros(nlist, _I64)
+    buckets: list[int] = []
+    if rid_parts:
+        rid = np.concatenate(rid_parts)
+        x = np.concatenate(x_parts)
+        order = np.argsort(rid, kind="stable")  # rows increasing, as in the in-memory driver
+        rid, x = rid[order], x[order]
+        near = np.empty((len(rid), shared.keep), np.int32) if shared.keep else None
+        prim = np.empty(len(rid), np.int32)
+        vrs, vls = [], []
+        with single_threaded_libs():
+            for s in range(0, len(rid), ASSIGN_BLOCK):  # float32 rows one block at a time
+                e = min(len(rid), s + ASSIGN_BLOCK)
+                pz, _ = coarse.coordinates(rows_f32(x, slice(s, e)))
+                prim[s:e], vr_b, vl_b = assign_coordinates(coarse, pz, np.arange(s, e, dtype=_I64),
+                                                           None if near is None else near[s:e])
+                vrs.append(vr_b)
+                vls.append(vl_b)
+        vr, vl = np.concatenate(vrs), np.concatenate(vls)
+        del pz, vrs, vls
+        members += np.bincount(prim, minlength=nlist)
+        visitors += np.bincount(vl, minlength=nlist)
+        # every (row, list) entry: members first, then visits
+        pos = np.concatenate([np.arange(len(rid), dtype=_I64), vr])
+        lst = np.concatenate([prim, vl]).astype(np.int32)
+        mem = np.concatenate([np.ones(len(rid), bool), np.zeros(len(vr), bool)])
+        bkt = lst // lpb
+        by = np.argsort(bkt, kind="stable")
+        cuts = np.flatnonzero(np.diff(bkt[by])) + 1
+        for part in np.split(by, cuts):
+            if len(part) == 0:
+                continue
+            b = int(bkt[part[0]])
+            p = pos[part]
+            table = pa.table({"row": pa.array(rid[p]), "list": pa.array(lst[part]), "member": pa.array(mem[part]),
+                              "vector": _vectors_to_arrow(x[p])})
+            _write_uncompressed(run, _bucket_path(run, b, task), table)
+            buckets.append(b)
+        cols = {"row": pa.array(rid), "list": pa.array(prim.astype(np.int32))}
+        if near is not None:
+            cols["nearest"] = pa.FixedSizeListArray.from_arrays(pa.array(near.reshape(-1)), shared.keep)
+        run.write_parquet(posixpath.join(run.lists_dir, f"t{task:06d}.parquet"), pa.table(cols))
+    marker = {"task": task, "buckets": sorted(buckets), "members": members.tolist(), "visitors": visitors.tolist()}
+    run.write_json(marker_path, marker)
+    return marker
+
+
+def unit_task(shared: ListsInput, item: tuple[int, list[int]]) -> Pairs:
+    """One bucket's pairs from its partitions only (written to ``pairs/embedding/``)."""
+    bucket, tasks = item
+    run = RunDir(shared.run_url)
+    out_path = posixpath.join(run.embedding_pairs_dir, f"b{bucket:05d}.parquet")
+    if run.exists(out_path + ".done"):
+        t = run.read_parquet(out_path)
+        return Pairs(t["i"].to_numpy(), t["j"].to_numpy(), t["score"].to_numpy())
+    parts = [run.read_parquet(_bucket_path(run, bucket, k)) for k in tasks]
+    pairs = Pairs.empty()
+    if parts:
+        t = pa.concat_tables(parts)
+        row = t["row"].to_numpy()
+        lst = t["list"].to_numpy()
+        mem = t["member"].to_numpy(zero_copy_only=False)
+        vec = _vectors_from_arrow(t["vector"])
+        uniq, first = np.unique(row, return_index=True)  # a row may be in several of its lists
+        x = vec[first]
+        local = np.searchsorted(uniq, row)
+        lo = bucket * shared.lists_per_bucket
+        lists = np.arange(lo, min(lo + shared.lists_per_bucket, shared.coarse.params.nlist), dtype=_I64)
+        rel = lst.astype(_I64) - lo
+
+        def grouped(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            o = np.lexsort((local[sel], rel[sel]))  # by list, rows increasing
+            offsets = np.zeros(len(lists) + 1, _I64)
+            np.cumsum(np.bincount(rel[sel], minlength=len(lists)), out=offsets[1:])
+            return local[sel][o], offsets
+
+        mr, mo = grouped(np.flatnonzero(mem))
+        vr, vo = grouped(np.flatnonzero(~mem))
+        unit = WorkUnit(lists=lists, member_rows=mr, member_offsets=mo, visitor_rows=vr, visitor_offsets=vo)
+        with single_threaded_libs():
+            p = unit_pairs(x, unit, shared.threshold, shared.params, use_gpu=False, bound=shared.coarse.bound)
+        pairs = Pairs(uniq[p.i], uniq[p.j], p.score)  # uniq increases: order and i < j kept
+    run.write_parquet(out_path, pa.table({"i": pa.array(pairs.i, pa.int64()), "j": pa.array(pairs.j, pa.int64()),
+                                          "score": pa.array(pairs.score, pa.float32())}))
+    run.write_bytes(out_path + ".done", b"")
+    return pairs
+
+
+def _key(shards: list[ShardRows], params: IVFParams, threshold: float, features_hash: str | None,
+         m: int) -> str:
+    h = hashlib.sha256(json.dumps({"params": vars(params), "threshold": threshold,
+                                   "features": features_hash, "shards": [s.shard_id for s in shards], "valid": m},
+                                  sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _read_sample(run: RunDir, shards: list[ShardRows], want: np.ndarray) -> np.ndarray:
+    """The float16 vectors of the search rows ``want`` (increasing), read shard by shard."""
+    out: np.ndarray | None = None
+    for sr in shards:
+        hit = np.isin(sr.rows, want)
+        if not hit.any():
+            continue
+        x = read_embeddings(run, sr.shard_id)
+        if out is None:
+            out = np.zeros((len(want), x.shape[1]), np.float16)
+        out[np.searchsorted(want, sr.rows[hit])] = x[hit]
+    assert out is not None
+    return out
+
+
+def search_run_lists(
+    run: RunDir, shards: list[ShardRows], n: int, m: int, threshold: float, params: IVFParams, executor: TaskMap,
+    *, features_hash: str | None = None, keep_nearest: bool = False, staged: np.ndarray | None = None,
+    progress: Callable[[int, int], None] | None = None, plan_progress: Callable[[int, int], None] | None = None,
+) -> SearchResult:
+    """The IVF search over a run's features files, shuffled by list through ``index/lists/``
+    (see the module's docstring). ``shards``: every features file with its rows' search row
+    ids (increasing ids over ``m`` valid rows of ``n``); ``m ≥ params.exact_below``.
+    ``staged``: the (n, d) embeddings if the driver has them anyway (a memmap): the training
+    sample is then read from there instead of from every features file."""
+    t0 = time.perf_counter()
+    key = _key(shards, params, threshold, features_hash, m)
+    key_path = posixpath.join(run.lists_dir, "key.json")
+    if not (run.exists(key_path) and run.read_json(key_path).get("key") == key):
+        for sub in (run.lists_dir, run.embedding_pairs_dir):  # another search's partitions: start over
+            if run.exists(sub):
+                run.fs.rm(sub, recursive=True)
+        run.write_json(key_path, {"key": key})
+    # the quantizer, on the same sample of valid rows as the in-memory driver
+    idx = np.concatenate([s.rows[s.rows >= 0] for s in shards])
+    idx.sort()
+    k = max(int(params.train_size), min(int(params.nlist), m))
+    want = sample_rows(idx, k, params.seed)
+    del idx
+    sample = np.asarray(staged[want]) if staged is not None else _read_sample(run, shards, want)
+    coarse = train_ivf(sample, params, threshold=threshold)
+    del sample
+    coarse = _clamped(coarse, params, m)
+    t1 = time.perf_counter()
+    nlist = coarse.params.nlist
+    per_list = max(1.0, 2.0 * m / nlist)  # members + visitors per list, roughly
+    lpb = max(1, min(nlist, int(params.unit_rows // per_list)))
+    keep = min(OUTLIER_NPROBE, coarse.params.nprobe) if keep_nearest else 0
+    shared = executor.put(ListsInput(run.url, coarse, lpb, keep, threshold, params))
+    groups: list[list[ShardRows]] = [[]]
+    rows_in = 0
+    for s in shards:
+        if groups[-1] and rows_in >= TASK_ROWS:
+            groups.append([])
+            rows_in = 0
+        groups[-1].append(s)
+        rows_in += len(s.rows)
+    markers: list[dict] = []
+    if plan_progress:
+        plan_progress(0, len(groups))
+    for _item, res, err in executor.map_units(assign_task, list(enumerate(groups)), shared=shared):
+        if err:
+            raise SearchTaskError(f"candidate search coarse stage failed after retries: {err}")
+        markers.append(res)
+        if plan_progress:
+            plan_progress(len(markers), len(groups))
+    members = np.sum([mk["members"] for mk in markers], axis=0)
+    visitors = np.sum([mk["visitors"] for mk in markers], axis=0)
+    nbuckets = -(-nlist // lpb)
+    tasks_of: list[list[int]] = [[] for _ in range(nbuckets)]
+    for mk in markers:
+        for b in mk["buckets"]:
+            tasks_of[b].append(int(mk["task"]))
+    t2 = time.perf_counter()
+    cost = [float((members[b * lpb:(b + 1) * lpb] * (members[b * lpb:(b + 1) * lpb]
+                                                     + visitors[b * lpb:(b + 1) * lpb])).sum()) for b in range(nbuckets)]
+    items = sorted([(b, sorted(tasks_of[b])) for b in range(nbuckets) if tasks_of[b]], key=lambda it: -cost[it[0]])
+    parts = []
+    done = 0
+    for item, res, err in executor.map_units(unit_task, items, shared=shared):
+        if err:
+            raise SearchTaskError(f"candidate search unit failed after retries: {err}")
+        parts.append(res)
+        done += min(lpb, nlist - item[0] * lpb)
+        if progress:
+            progress(done, nlist)
+    if progress and done < nlist:
+        progress(nlist, nlist)
+    out = merge_pairs(parts)
+    # every unit is done (its pairs are in pairs/embedding/): the partitions are not needed
+    # again, and they hold (1 + visits per row) copies of the vectors
+    for b in range(nbuckets):
+        if tasks_of[b] and run.exists(posixpath.join(run.lists_dir, f"b{b:05d}")):
+            run.fs.rm(posixpath.join(run.lists_dir, f"b{b:05d}"), recursive=True)
+    lists = _nearest_lists(run, coarse, n, len(groups), keep) if keep else None
+    t3 = time.perf_counter()
+    sizes = members
+    stats = SearchStats(
+        "ivf", n, m, False, nlist=nlist, nprobe=coarse.params.nprobe, units=len(items),
+        bound_width=0 if coarse.bound is None else coarse.bound.width,
+        mean_probes=1.0 + float(visitors.sum()) / max(1, m), list_size_max=int(sizes.max()),
+        list_size_mean=float(sizes.mean()), dot_products=int(sum(cost)), train_seconds=t1 - t0,
+        assign_seconds=t2 - t1, pairs_seconds=t3 - t2, seconds=t3 - t0, pairs=len(out))
+    return SearchResult(out, stats, lists)
+
+
+def _clamped(coarse: IVFCoarse, params: IVFParams, m: int) -> IVFCoarse:
+    """The quantizer trained on the sample has nlist / nprobe clamped to the sample; they are
+    the same as clamped to all m rows because the sample holds at least nlist rows."""
+    assert coarse.params.nlist == max(1, min(int(params.nlist), m)), (coarse.params.nlist, params.nlist, m)
+    return coarse
+
+
+def _nearest_lists(run: RunDir, coarse: IVFCoarse, n: int, tasks: int, keep: int) -> NearestLists:
+    assign = np.full(n, -1, np.int32)
+    nearest = np.full((n, keep), -1, np.int32)
+    for k in range(tasks):
+        path = posixpath.join(run.lists_dir, f"t{k:06d}.parquet")
+        if not run.exists(path):
+            continue  # a task without valid rows
+        t = run.read_parquet(path)
+        r = t["row"].to_numpy()
+        assign[r] = t["list"].to_numpy()
+        nearest[r] = t["nearest"].combine_chunks().flatten().to_numpy().reshape(-1, keep)
+    return NearestLists(coarse, assign, nearest)
