@@ -16,8 +16,10 @@ Each file is decoded these ways and embedded with the same model (ONNX, one thre
 - Pillow draft: ``decode_image(bytes, min_size=input_size)`` with the JPEG decode left to Pillow
                 — the largest of 1/2, 1/4, 1/8 keeping both sides ≥ the model's input (the
                 pipeline before simplejpeg, and its fallback without it);
-- pipeline:     the same call with libjpeg-turbo (simplejpeg): 3/8 too (``JPEG_SCALES``), what
-                features, check and calibration do (``decode_plan``);
+- pipeline:     the same call with libjpeg-turbo (simplejpeg), Pillow's scales: what features,
+                check and calibration do (``decode_plan``);
+- 3/8:          the same with ``dedup.compute.decode.THREE_EIGHTHS`` on (off in the pipeline: the
+                decode also feeds the hashes, and 3/8 changes their bits);
 - any M/8:      libjpeg-turbo's smallest M/8 scale (7/8, 3/4, 5/8 too) keeping both sides ≥ the
                 input (simplejpeg ``min_height``/``min_width``), for comparison.
 
@@ -87,6 +89,17 @@ def way_pipeline(b: bytes, size: int) -> Image.Image:
     return d.image
 
 
+def way_three_eighths(b: bytes, size: int) -> Image.Image:
+    import dedup.compute.decode as dec
+
+    saved = dec.THREE_EIGHTHS
+    dec.THREE_EIGHTHS = True  # the switch the pipeline leaves off (it would change hash bits)
+    try:
+        return way_pipeline(b, size)
+    finally:
+        dec.THREE_EIGHTHS = saved
+
+
 def way_pipeline_pillow(b: bytes, size: int) -> Image.Image:
     import dedup.compute.decode as dec
 
@@ -121,7 +134,8 @@ def run(embedder_spec: str, crops: int) -> str:
         import simplejpeg  # noqa: F401
 
         ways["Pillow draft 1/2, 1/4, 1/8 (the pipeline before, and without simplejpeg)"] = way_pipeline_pillow
-        ways["pipeline: libjpeg-turbo 1/2, 3/8, 1/4, 1/8"] = way_pipeline
+        ways["pipeline: libjpeg-turbo 1/2, 1/4, 1/8"] = way_pipeline
+        ways["libjpeg-turbo 1/2, 3/8, 1/4, 1/8 (THREE_EIGHTHS, off: changes hash bits)"] = way_three_eighths
         ways["libjpeg-turbo, any M/8 scale (7/8 … 1/8)"] = way_m8
     except ImportError:
         ways["pipeline: Pillow draft 1/2, 1/4, 1/8 (simplejpeg not installed)"] = way_pipeline

@@ -43,7 +43,7 @@ from benchmarks._table import machine_description, markdown_table, write_section
 
 WORKTREE = "WORKTREE"
 # stats.json keys (at any depth) that measure time, not behaviour
-_VOLATILE = ("timing", "seconds", "finished_at")
+_VOLATILE = ("timing", "seconds", "finished_at", "cpu_")
 
 
 def export(rev: str, dest: Path) -> tuple[Path, str]:
@@ -128,6 +128,17 @@ def _scrub(obj):
     return obj
 
 
+def _diff_keys(a: object, b: object, at: str = "") -> list[str]:
+    """Where two scrubbed stats differ: key paths added (+), removed (-) or changed (~)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [f"-{at}{k}" for k in a if k not in b] + [f"+{at}{k}" for k in b if k not in a]
+        for k in a:
+            if k in b:
+                out += _diff_keys(a[k], b[k], f"{at}{k}.")
+        return out
+    return [] if a == b else [f"~{at.rstrip('.')}"]
+
+
 def _same_table(a: Path, b: Path) -> tuple[bool, str]:
     if not a.exists() or not b.exists():
         return a.exists() == b.exists(), "missing" if a.exists() != b.exists() else "neither"
@@ -151,12 +162,16 @@ def compare(a: dict, b: dict) -> tuple[list[object], bool]:
     if "first" in a:  # the first run of the incremental case, too
         verdicts["day1 manifest"] = _same_table(a["first"] / "manifest.parquet", b["first"] / "manifest.parquet")
     sa, sb = (_scrub(json.loads((d / "stats.json").read_text())) for d in (da, db))
-    same_stats = sa == sb
+    diff = _diff_keys(sa, sb)
+    added = [d for d in diff if d.startswith("+")]
+    same_stats = len(diff) == len(added)  # keys only added (new diagnostics) change no decision
     same_exit = a["exit"] == b["exit"]
     ok = all(v[0] for v in verdicts.values()) and same_stats and same_exit
     rows = pq.read_metadata(da / "manifest.parquet").num_rows
     detail = "; ".join(f"{f}: {'same' if v[0] else 'DIFFERENT'} ({v[1]})" for f, v in verdicts.items())
-    return [rows, "yes" if ok else "**NO**", detail, "same" if same_stats else "**different**",
+    stats_note = ("same" if not diff else f"same values, {len(added)} keys added ({', '.join(added[:4])}…)") if same_stats \
+        else "**different** (" + ", ".join(diff[:6]) + ")"
+    return [rows, "yes" if ok else "**NO**", detail, stats_note,
             f"{a['exit']}" + ("" if same_exit else f" vs {b['exit']}"), round(a["seconds"], 1), round(b["seconds"], 1)], ok
 
 

@@ -222,17 +222,10 @@ class Config(_Section):
             # 2: hash-only runs draft-decode JPEG luma only (decode_plan); features computed
             # before that are not mixed with newer ones.
             "decode_version": 2,
-            "jpeg_scales": _jpeg_scales(),  # 3/8 drafts with libjpeg-turbo (dedup.compute.decode)
             # 3: hashes of the content box (uniform borders trimmed), content_fraction column
             "hash_version": 3,
         }
         return _hash(part)
-
-
-def _jpeg_scales() -> str:
-    from dedup.compute.decode import JPEG_SCALES
-
-    return JPEG_SCALES
 
 
 def _hash(obj: Any) -> str:

@@ -520,14 +520,17 @@ def test_truncated_jpeg_same_status_without_turbo(monkeypatch):
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("simplejpeg") is None, reason="simplejpeg not installed")
-def test_colour_draft_uses_three_eighths(monkeypatch):
-    """A colour draft (an embedder's input size) uses libjpeg-turbo's 3/8 scale where Pillow's
-    1/2 would be the next: fewer pixels, the short side still ≥ min_size, the original size
-    reported; luma drafts (hashes) keep Pillow's 1/2."""
+def test_colour_draft_three_eighths_switch(monkeypatch):
+    """Off by default (the decode also feeds the hashes: Pillow's 1/2, hash bits as before).
+    Switched on, a colour draft (an embedder's input size) uses libjpeg-turbo's 3/8 scale where
+    Pillow's 1/2 would be the next: fewer pixels, the short side still ≥ min_size, the original
+    size reported; luma drafts (hashes) keep Pillow's 1/2."""
     import dedup.compute.decode as dec
 
     data = encode(_astronaut().resize((1200, 900)), "JPEG", quality=90)
-    assert dec.JPEG_SCALES == "1/2,3/8,1/4,1/8"
+    assert dec.THREE_EIGHTHS is False
+    assert dec.decode_image(data, min_size=288).image.size == (600, 450)
+    monkeypatch.setattr(dec, "THREE_EIGHTHS", True)
     d = dec.decode_image(data, min_size=288)
     assert d.status == Status.OK and d.image is not None
     assert d.image.size == (450, 338) and (d.width, d.height) == (1200, 900)  # ceil(3/8 of each side)

@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 
 from dedup.records import Status
 
-__all__ = ["JPEG_SCALES", "DecodePolicy", "Decoded", "decode_image"]
+__all__ = ["THREE_EIGHTHS", "DecodePolicy", "Decoded", "decode_image"]
 
 _ORIENTATION_TAG = 0x0112
 _SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that exchange width and height
@@ -151,13 +151,13 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
-# The DCT scales a colour JPEG may be draft-decoded at (an embedder runs; ``decode_image`` with
-# ``min_size`` and not ``gray``): with libjpeg-turbo also 3/8 — Pillow offers 1/2, 1/4 and 1/8
-# only, so a photo whose short side is 2.67-4× the model's input decodes at 3/8 instead of 1/2,
-# 44 % fewer pixels (benchmarks/decode.py: embeddings as close to the full decode's). Luma-only
-# drafts for hashes keep Pillow's scales (bits unchanged). Part of the features hash
-# (``Config.features_hash``): runs decoded with and without simplejpeg are not mixed.
-JPEG_SCALES = "1/2,3/8,1/4,1/8" if _turbo is not None else "1/2,1/4,1/8"
+# libjpeg-turbo's 3/8 scale for a colour draft (an embedder's input size) where Pillow's draft
+# would take 1/2 — OFF. The same decode feeds the hashes, so 3/8 changed the pHash/dHash bits of
+# runs with an embedder (benchmarks/same_manifests.py: 433 vs 425 pairs on its synth corpus;
+# hash-only runs would disagree with embedder runs) for little: 0.19 vs 0.20 Mpx decoded per
+# photo, 7.8 vs 10.0 ms a file mostly from libjpeg-turbo itself (docs/benchmarks.md#decode;
+# benchmarks/decode.py measures it switched on).
+THREE_EIGHTHS = False
 
 
 def _turbo_decode(im: Image.Image, data: bytes, min_size: int, gray: bool, orientation: int) -> Image.Image | None:
@@ -165,8 +165,7 @@ def _turbo_decode(im: Image.Image, data: bytes, min_size: int, gray: bool, orien
     result Pillow's path gives, bit for bit (tests/test_decode.py): the same DCT scale as
     ``Image.draft`` (1/2, 1/4, 1/8: the output size is asked for exactly), the same IDCT
     (islow) and upsampling (fancy), luma only where Pillow would decode "L" — except that a
-    colour draft uses 3/8 where Pillow would use 1/2 and 3/8 still keeps ``min_size``
-    (:data:`JPEG_SCALES`). Skips Pillow's
+    colour draft may use 3/8 where Pillow would use 1/2 (:data:`THREE_EIGHTHS`, off). Skips Pillow's
     per-image decoder set-up and its RGB→RGBX→RGB copies (measured in docs/benchmarks.md).
     None on any error: the caller then decodes with Pillow, so statuses and messages are
     Pillow's."""
@@ -177,8 +176,8 @@ def _turbo_decode(im: Image.Image, data: bytes, min_size: int, gray: bool, orien
         scale = next(s for s in (8, 4, 2, 1) if q >= s)
     luma = im.mode == "L" or (gray and scale > 1)
     num, den = 1, scale
-    if scale == 2 and not luma and -(-min(w, h) * 3 // 8) >= min_size:
-        num, den = 3, 8  # colour for an embedder: 3/8 where it keeps the input size (JPEG_SCALES)
+    if THREE_EIGHTHS and scale == 2 and not luma and -(-min(w, h) * 3 // 8) >= min_size:
+        num, den = 3, 8  # colour for an embedder: 3/8 where it keeps the input size
     out_h, out_w = -(-h * num // den), -(-w * num // den)
     try:
         assert _turbo is not None
