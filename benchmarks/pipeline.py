@@ -14,7 +14,8 @@ process may use, in these set-ups:
   count (the machine's cores);
 - threads: onnxruntime's intra-op threads from the cores given (``embedders.cpu_threads``);
 - after: threads + decode/hash of the next chunks in a producer thread while a chunk is
-  embedded (``features.prefetch``) — the pipeline's default.
+  embedded (``features.prefetch``) — the default with a GPU model or from
+  ``features.OVERLAP_MIN_CORES`` cores (on 2 it measured slower).
 
 Reported: wall and CPU time per image (CPU of the whole process, all threads), and the share of
 the cores' time in use (CPU / (wall × cores)). Best of ``--reps``.

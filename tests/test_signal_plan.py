@@ -108,3 +108,18 @@ def test_cpu_threads(monkeypatch):
     assert cpu_threads() == len(os.sched_getaffinity(0))
     monkeypatch.setenv("OMP_NUM_THREADS", "junk")
     assert cpu_threads() == len(os.sched_getaffinity(0))
+
+
+def test_prefetch_thread_only_with_enough_cores_or_a_gpu_model(monkeypatch):
+    """The decode/hash prefetch thread competes with a CPU model's own threads on few cores
+    (measured slower on 2: benchmarks/pipeline.py), so it runs from OVERLAP_MIN_CORES cores."""
+    from dedup.config import Config
+    from dedup.phases import features
+
+    cfg = Config.model_validate({"methods": ["phash", "embedding"], "embedding": {"spec": "pixel"}})
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert features.FeatureExtractor(cfg).overlap is False
+    monkeypatch.setenv("OMP_NUM_THREADS", str(features.OVERLAP_MIN_CORES))
+    assert features.FeatureExtractor(cfg).overlap is True
+    hashes_only = Config.model_validate({"methods": ["phash"]})
+    assert features.FeatureExtractor(hashes_only).overlap is False  # nothing to overlap with

@@ -72,6 +72,11 @@ class ShardScan:
 
 
 PREFETCH = 2  # chunks decoded ahead of the embedder: bounded memory (≤ 2 × batch images)
+# Cores a CPU-embedding process needs before the prefetch thread pays: on 2 cores it competes
+# with the model's own threads (benchmarks/pipeline.py, idle machine: 12.4 vs 11.4 wall ms and
+# 23.9 vs 19.8 CPU ms an image with it). A GPU embedder leaves the cores to decoding: always on.
+# Not measured on more cores or a GPU here (docs/benchmarks.md "pipeline").
+OVERLAP_MIN_CORES = 4
 
 _T = TypeVar("_T")
 
@@ -143,8 +148,13 @@ class FeatureExtractor:
             embed_size=int(known.input_size) if self.want_emb else None)
         # Images per group handed to hashing/embedding (one model batch, or several).
         self.batch = max(BATCH, cfg.embedding.batch_size) if self.want_emb else BATCH
-        # Decode + hash the next chunks in a thread while this one is embedded (extract only).
-        self.overlap = True
+        # Decode + hash the next chunks in a thread while this one is embedded (extract only):
+        # with a GPU model, or enough cores (OVERLAP_MIN_CORES).
+        self.overlap = False
+        if self.want_emb and self.embedder is not None:
+            from dedup.compute.threads import cpu_threads
+
+            self.overlap = getattr(self.embedder, "device", "cpu") != "cpu" or cpu_threads() >= OVERLAP_MIN_CORES
 
     # ---------------------------------------------------------------------------------------
     # The features of a shard come from three stages, which the local executor runs in one
