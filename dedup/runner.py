@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dedup import __version__, interrupt
 from dedup.config import Config
@@ -356,7 +357,7 @@ def finish_run(
 ) -> dict:
     """Candidates then manifest from the run's features files. Returns stats (not yet written)."""
     from dedup.phases.candidates import find_pairs, load_features
-    from dedup.phases.manifest import build_manifest, write_manifest
+    from dedup.phases.manifest import cluster_manifest, write_manifest
 
     timings = dict(timings or {})
     t0, c0 = time.perf_counter(), time.process_time()
@@ -401,11 +402,13 @@ def finish_run(
                               "executor": "ray" if spread else "local", "seconds": timings["outlier"]}
     th_choice = info.get("embedding_threshold")
     th_value = th_choice["value"] if th_choice else None
-    manifest, mstats = build_manifest(cfg, fs.table, pairs, outlier=outlier, embeddings=fs.embeddings, threshold=th_value)
+    # the rows are formatted and written one row group at a time (no full manifest table here)
+    manifest, mstats = cluster_manifest(cfg, fs.table, pairs, outlier=outlier, embeddings=fs.embeddings, threshold=th_value)
     written = write_manifest(run, cfg, manifest, failed_shards=failed_shards)
+    del manifest
     timings["manifest"] = round(time.perf_counter() - t0, 3)
     timings["cpu_manifest"] = round(time.process_time() - c0, 3)
-    status_counts = _count(fs.table["status"].to_pylist())
+    status_counts = _value_counts(fs.table["status"])
     return {
         **mstats,
         **written.stats(),
@@ -433,6 +436,12 @@ def _count(values) -> dict[str, int]:
     for v in values:
         out[v] = out.get(v, 0) + 1
     return dict(sorted(out.items()))
+
+
+def _value_counts(col: pa.ChunkedArray) -> dict[str, int]:
+    """``_count`` of a string column without a Python string a row."""
+    vc = pc.value_counts(col).to_pylist()
+    return dict(sorted((v["values"], v["counts"]) for v in vc))
 
 
 def _executor(cfg: Config):

@@ -13,7 +13,7 @@ import os
 import posixpath
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -187,6 +187,15 @@ class RunDir:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         self.write_bytes(path, buf.getvalue())
+
+    def write_parquet_chunks(self, path: str, schema: pa.Schema, chunks: Iterable[pa.Table]) -> None:
+        """One Parquet file written a row group at a time (each chunk cast to ``schema``,
+        whose metadata the file keeps), streamed to a temp file: only one chunk is in memory.
+        It appears at ``path`` only once complete (:meth:`open_atomic`)."""
+        with self.open_atomic(path) as f:
+            with pq.ParquetWriter(f, schema, compression="zstd") as w:
+                for t in chunks:
+                    w.write_table(t if t.schema.equals(schema, check_metadata=False) else t.cast(schema))
 
     def read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
         """Read one Parquet file (local: pyarrow's own file; remote: the fsspec file).

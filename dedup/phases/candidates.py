@@ -153,9 +153,14 @@ def _stage_embeddings(run: RunDir, shard_ids: list[str | None], offsets: np.ndar
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, d))
     from dedup.phases.lists import read_embeddings
 
+    from dedup.compute.search.kernels import drop_pages
+
     for k, sid in enumerate(shard_ids):
         if sid is not None:
             mm[inv[offsets[k] : offsets[k + 1]]] = read_embeddings(run, sid)
+            if k % 8 == 7:  # written pages would stay resident (1 KB a row): hand them to the page cache
+                mm.flush()
+                drop_pages(mm)
     mm.flush()
     del mm
     out = np.load(path, mmap_mode="r")
@@ -196,7 +201,7 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
     from dedup.compute.search.hamming import popcount64
 
     ok = fs.ok()
-    ids = fs.table["sample_id"].to_numpy(zero_copy_only=False)
+    ids = fs.table["sample_id"]  # taken by row number: no Python string a row
     parts: list[pa.Table] = []
     info: dict = {"timings": {}, "pairs": {}}
     lists: NearestLists | None = None
@@ -204,8 +209,8 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
     def add(method: str, p) -> None:
         t = pa.table(
             {
-                "a": pa.array(ids[p.i], pa.string()),
-                "b": pa.array(ids[p.j], pa.string()),
+                "a": pc.take(ids, pa.array(np.asarray(p.i, np.int64))).cast(pa.string()),
+                "b": pc.take(ids, pa.array(np.asarray(p.j, np.int64))).cast(pa.string()),
                 "method": pa.array([method] * len(p.i), pa.string()),
                 "score": pa.array(np.asarray(p.score, np.float32), pa.float32()),
             },
@@ -219,7 +224,9 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
         if method == "exact":
             idx = np.flatnonzero(ok & pc.is_valid(fs.table["sha256"]).to_numpy(zero_copy_only=False))
             if len(idx):
-                digests = np.frombuffer(b"".join(fs.table["sha256"].take(pa.array(idx)).to_pylist()), np.uint8).reshape(-1, 32)
+                from dedup.phases.manifest import sha_keys
+
+                digests = sha_keys(fs.table)[0][idx].view(np.uint8).reshape(len(idx), -1)
                 p = cand.exact_pairs(digests)
                 p = cand.Pairs(idx[p.i], idx[p.j], p.score)
             else:

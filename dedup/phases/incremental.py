@@ -206,6 +206,7 @@ def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[s
             sizes.append(s)
     delta = delta.set_column(delta.schema.get_field_index("cluster_size"), "cluster_size", pa.array(sizes, pa.int32()))
     written = write_manifest(run, cfg, delta, failed_shards=failed_shards, metadata={b"against": prev.url.encode()})
+    assert written.table is not None  # written from a table
     delta = written.table
     total = delta.num_rows
     if merge:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -10,8 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dedup.compute.clusters import Edges, group_clusters, keeper_clusters, rank_order
+from dedup.compute.clusters import Clusters, Edges, group_clusters, keeper_clusters, rank_order
 from dedup.compute.search.hamming import popcount64
+from dedup.compute.search.kernels import rows_f32
 from dedup.config import Config
 from dedup.io.rundir import RunDir
 from dedup.records import METHODS, Status
@@ -136,13 +137,31 @@ def _copies(table: pa.Table) -> np.ndarray:
     """How many ok samples hold exactly the same bytes as each sample (1 = unique)."""
     if "sha256" not in table.column_names:
         return np.ones(table.num_rows, np.float64)
-    sha = table["sha256"].to_pylist()
-    ok = [st == Status.OK for st in table["status"].to_pylist()]
-    count: dict[bytes, int] = {}
-    for h, good in zip(sha, ok):
-        if good and h is not None:
-            count[h] = count.get(h, 0) + 1
-    return np.array([count.get(h, 1) if h is not None else 1 for h in sha], np.float64)
+    keys, known = sha_keys(table)
+    ok = pc.equal(table["status"], Status.OK.value).to_numpy(zero_copy_only=False)
+    out = np.ones(table.num_rows, np.float64)
+    if known.any():
+        at = np.flatnonzero(known)
+        _, inv = np.unique(keys[at], return_inverse=True)
+        count = np.bincount(inv, weights=ok[at].astype(np.float64))  # ok rows with these bytes
+        out[at] = np.where(count[inv] > 0, count[inv], 1.0)
+    return out
+
+
+def sha_keys(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The ``sha256`` column as comparable numpy values without a Python object a row (32 bytes
+    a row, ``V32``; zero rows where null) and where it is known (not null)."""
+    col = table["sha256"]
+    known = col.is_valid().to_numpy(zero_copy_only=False)
+    if pa.types.is_fixed_size_binary(col.type) and col.type.byte_width == 32:
+        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        if len(arr) == 0:
+            return np.zeros(0, "V32"), known
+        raw = np.frombuffer(arr.buffers()[1], np.uint8, count=len(arr) * 32, offset=arr.offset * 32)
+        return raw.reshape(-1, 32).copy().view("V32").reshape(-1), known
+    vals = col.to_pylist()  # another binary type (older or hand-made tables)
+    width = max((len(v) for v in vals if v is not None), default=0)
+    return np.array([(v or b"").ljust(width, b"\0") for v in vals], dtype=f"V{max(1, width)}"), known
 
 
 def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, threshold: float | None):
@@ -150,14 +169,17 @@ def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, thres
     embeddings when the run has them, else from the hashes."""
     ph = table["phash"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64) if "phash" in table.column_names else None
     dh = table["dhash"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64) if "dhash" in table.column_names else None
-    sha = np.array(table["sha256"].to_pylist() if "sha256" in table.column_names else [None] * table.num_rows, dtype=object)
+    if "sha256" in table.column_names:
+        sha, sha_known = sha_keys(table)
+    else:
+        sha, sha_known = np.zeros(table.num_rows, "V1"), np.zeros(table.num_rows, bool)
     use_emb = emb is not None and threshold is not None and "embedding" in cfg.methods
     use_p, use_d = "phash" in cfg.methods and ph is not None, "dhash" in cfg.methods and dh is not None
     i_emb, i_p, i_x = METHODS.index("embedding"), METHODS.index("phash"), METHODS.index("exact")
 
     def vectors(members: np.ndarray) -> np.ndarray:
         assert emb is not None  # called only when use_emb
-        x = np.asarray(emb[members], np.float32)
+        x = rows_f32(emb, members)  # float32 (exact); a memmap's pages are released as it reads
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
     def centrality(members: np.ndarray) -> np.ndarray:
@@ -175,7 +197,7 @@ def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, thres
         return np.zeros(len(members))
 
     def joins(members: np.ndarray, k: int):
-        ok = np.array([s is not None and s == sha[k] for s in sha[members]], bool)
+        ok = sha_known[members] & sha_known[k] & (sha[members] == sha[k])
         method = np.where(ok, i_x, -1).astype(np.int8)
         score = np.where(ok, 1.0, np.nan).astype(np.float32)
         if use_emb:
@@ -242,18 +264,102 @@ def outlier_units(executor: TaskMap, emb: np.ndarray) -> Callable:
     return run
 
 
-def build_manifest(
+# Rows of the manifest formatted (and written, as one Parquet row group) at a time: its string
+# columns (reasons, cluster ids) exist as Python objects for this many rows only.
+CHUNK_ROWS = 1 << 16
+
+
+@dataclass
+class ManifestRows:
+    """A manifest before it is written: the clusters of every row, the rows formatted
+    :data:`CHUNK_ROWS` at a time (:meth:`chunks`, in sample_id order) or all at once
+    (:meth:`to_table`)."""
+
+    cfg: Config
+    table: pa.Table  # features' scalar columns, sorted by sample_id
+    clusters: Clusters
+    ok: np.ndarray
+    outlier: np.ndarray | None
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def ok_rows(self) -> int:
+        return int(self.ok.sum())
+
+    def chunks(self, rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
+        if self.num_rows == 0:
+            yield self._rows(0, 0)
+        for s in range(0, self.num_rows, rows):
+            yield self._rows(s, min(self.num_rows, s + rows))
+
+    def to_table(self) -> pa.Table:
+        return pa.concat_tables(list(self.chunks()))
+
+    def _rows(self, s: int, e: int) -> pa.Table:
+        cl, m = self.clusters, e - s
+        t = self.table.slice(s, m)
+        keeper = cl.keeper[s:e]
+        has = keeper >= 0
+        cluster_id = pc.take(self.table["sample_id"], pa.array(np.maximum(keeper, 0), pa.int64(), mask=~has))
+        cid = cluster_id.to_pylist()
+        primary = has & (keeper == np.arange(s, e))
+        dup_method = [METHODS[x] if x >= 0 else None for x in cl.method[s:e]]
+        status = t["status"].to_pylist()
+        ok, size, is_keeper, score = self.ok[s:e], cl.size[s:e], cl.is_keeper[s:e], cl.score[s:e]
+        kpc = self.cfg.clusters.keep_per_cluster
+        reasons: list[str] = []
+        for k in range(m):
+            if not ok[k]:
+                reasons.append(f"not deduplicated: status {status[k]}")
+            elif primary[k]:
+                reasons.append("unique" if size[k] == 1 else f"keeper of a cluster of {size[k]}")
+            elif is_keeper[k]:
+                reasons.append(f"kept as an extra copy (keep_per_cluster={kpc}); duplicate of {cid[k]} by {dup_method[k]} ({score[k]:.4g})")
+            else:
+                reasons.append(f"duplicate of {cid[k]} by {dup_method[k]} ({score[k]:.4g})")
+
+        def col(name):
+            return t[name] if name in t.column_names else pa.nulls(m)
+
+        outlier = self.outlier[s:e] if self.outlier is not None else None
+        return pa.table(
+            {
+                "sample_id": t["sample_id"],
+                "shard_id": t["shard_id"],
+                "key": t["key"],
+                "status": t["status"],
+                "error": col("error"),
+                "cluster_id": cluster_id,
+                "cluster_size": pa.array(size, pa.int32(), mask=~has),
+                "is_keeper": pa.array(is_keeper, pa.bool_()),
+                "dup_method": pa.array(dup_method, pa.string()),
+                "score_to_keeper": pa.array(score, pa.float32(), mask=np.isnan(score)),
+                "reason": pa.array(reasons, pa.string()),
+                "width": col("width"),
+                "height": col("height"),
+                "file_size": col("file_size"),
+                "phash": col("phash"),
+                "dhash": col("dhash"),
+                "outlier_score": pa.nulls(m, pa.float32()) if outlier is None else pa.array(outlier, pa.float32(), mask=np.isnan(outlier)),
+            }
+        ).cast(MANIFEST_SCHEMA)
+
+
+def cluster_manifest(
     cfg: Config, table: pa.Table, pairs: pa.Table, rank: np.ndarray | None = None, outlier: np.ndarray | None = None,
     embeddings: np.ndarray | None = None, threshold: float | None = None,
-) -> tuple[pa.Table, dict]:
-    """``table``: features' scalar columns sorted by sample_id. Returns (manifest, stats part).
+) -> tuple[ManifestRows, dict]:
+    """``table``: features' scalar columns sorted by sample_id. Returns (the manifest's rows,
+    not yet formatted, and the stats part); :func:`build_manifest` formats them all.
 
     ``rank`` overrides the keeper policy's order (incremental runs rank earlier keepers first).
     ``embeddings`` (row-aligned with ``table``) and the run's embedding ``threshold`` let the
     clusters measure centrality and closeness to the keeper by cosine (else by the hashes)."""
     n = table.num_rows
-    status = table["status"].to_numpy(zero_copy_only=False)
-    ok = status == Status.OK.value
+    ok = pc.equal(table["status"], Status.OK.value).to_numpy(zero_copy_only=False).astype(bool)
     rank = keeper_rank(cfg, table) if rank is None else rank
     edges = _edges(cfg, table, pairs)
 
@@ -269,57 +375,21 @@ def build_manifest(
     if cfg.clusters.verify_min_size and (cl.size >= cfg.clusters.verify_min_size).any():
         edges = _verified(edges, cl.size >= cfg.clusters.verify_min_size)
         cl = clusters(edges)
-    ids = table["sample_id"].to_numpy(zero_copy_only=False)
+    del edges
     has = cl.keeper >= 0
-    cluster_id = np.where(has, ids[np.maximum(cl.keeper, 0)], None)
     primary = has & (cl.keeper == np.arange(n))
-    dup_method = np.array([METHODS[m] if m >= 0 else None for m in cl.method], dtype=object)
-
-    reasons = np.empty(n, dtype=object)
-    for k in range(n):
-        if not ok[k]:
-            reasons[k] = f"not deduplicated: status {status[k]}"
-        elif primary[k]:
-            reasons[k] = "unique" if cl.size[k] == 1 else f"keeper of a cluster of {cl.size[k]}"
-        elif cl.is_keeper[k]:
-            reasons[k] = f"kept as an extra copy (keep_per_cluster={cfg.clusters.keep_per_cluster}); duplicate of {cluster_id[k]} by {dup_method[k]} ({cl.score[k]:.4g})"
-        else:
-            reasons[k] = f"duplicate of {cluster_id[k]} by {dup_method[k]} ({cl.score[k]:.4g})"
-
-    def col(name):
-        return table[name] if name in table.column_names else pa.nulls(n)
-
-    manifest = pa.table(
-        {
-            "sample_id": table["sample_id"],
-            "shard_id": table["shard_id"],
-            "key": table["key"],
-            "status": table["status"],
-            "error": col("error"),
-            "cluster_id": pa.array(cluster_id, pa.string()),
-            "cluster_size": pa.array(cl.size, pa.int32(), mask=~has),
-            "is_keeper": pa.array(cl.is_keeper, pa.bool_()),
-            "dup_method": pa.array(dup_method, pa.string()),
-            "score_to_keeper": pa.array(cl.score, pa.float32(), mask=np.isnan(cl.score)),
-            "reason": pa.array(reasons, pa.string()),
-            "width": col("width"),
-            "height": col("height"),
-            "file_size": col("file_size"),
-            "phash": col("phash"),
-            "dhash": col("dhash"),
-            "outlier_score": pa.nulls(n, pa.float32()) if outlier is None else pa.array(outlier, pa.float32(), mask=np.isnan(outlier)),
-        }
-    ).cast(MANIFEST_SCHEMA)
 
     sizes = cl.size[primary]
     hist: dict[str, int] = {}
-    for s in sizes:
-        b = _bucket(int(s))
+    for sz in sizes:
+        b = _bucket(int(sz))
         hist[b] = hist.get(b, 0) + 1
-    by_method: dict[str, int] = {}
-    for m in dup_method[ok & ~primary]:
-        if m is not None:
-            by_method[m] = by_method.get(m, 0) + 1
+    dup = ok & ~primary & (cl.method >= 0)
+    per_method = np.bincount(cl.method[dup].astype(np.int64), minlength=len(METHODS))
+    by_method: dict[str, int] = {}  # methods in order of first occurrence (the rows' order)
+    firsts = np.unique(cl.method[dup], return_index=True) if dup.any() else (np.zeros(0, np.int8), np.zeros(0, np.int64))
+    for mi in firsts[0][np.argsort(firsts[1], kind="stable")]:
+        by_method[METHODS[int(mi)]] = int(per_method[int(mi)])
     largest = np.argsort(-cl.size * primary, kind="stable")[:10]
     stats = {
         "samples": n,
@@ -331,17 +401,26 @@ def build_manifest(
         "cluster_size_histogram": dict(sorted(hist.items(), key=lambda kv: size_bucket_order(kv[0]))),
         "duplicates_by_method": by_method,
         "largest_clusters": [
-            {"keeper": ids[k], "size": int(cl.size[k])} for k in largest if primary[k] and cl.size[k] > 1
+            {"keeper": table["sample_id"][int(k)].as_py(), "size": int(cl.size[k])} for k in largest if primary[k] and cl.size[k] > 1
         ],
     }
-    return manifest, stats
+    return ManifestRows(cfg, table, cl, ok, outlier), stats
+
+
+def build_manifest(
+    cfg: Config, table: pa.Table, pairs: pa.Table, rank: np.ndarray | None = None, outlier: np.ndarray | None = None,
+    embeddings: np.ndarray | None = None, threshold: float | None = None,
+) -> tuple[pa.Table, dict]:
+    """:func:`cluster_manifest`, every row formatted: (manifest, stats part)."""
+    rows, stats = cluster_manifest(cfg, table, pairs, rank, outlier, embeddings, threshold)
+    return rows.to_table(), stats
 
 
 @dataclass(frozen=True)
 class WrittenManifest:
     """A manifest as written (with its metadata), and where it stands against the error budget."""
 
-    table: pa.Table
+    table: pa.Table | None  # None when it was written chunk by chunk (from ManifestRows)
     partial: bool
     error_fraction: float  # share of rows whose status is not ok
     error_budget: float  # run.max_error_fraction
@@ -351,20 +430,30 @@ class WrittenManifest:
         return {"partial": self.partial, "error_fraction": round(self.error_fraction, 6), "error_budget": self.error_budget}
 
 
-def write_manifest(run: RunDir, cfg: Config, manifest: pa.Table, *, failed_shards: bool,
+def write_manifest(run: RunDir, cfg: Config, manifest: pa.Table | ManifestRows, *, failed_shards: bool,
                    metadata: dict[bytes, bytes] | None = None) -> WrittenManifest:
     """The tail of every run (full or incremental): the error budget (partial when shards
     failed or more than ``run.max_error_fraction`` of the rows are not ok), the manifest's
-    schema metadata (``config_hash``, ``partial``, then ``metadata``), and the write."""
+    schema metadata (``config_hash``, ``partial``, then ``metadata``), and the write.
+    :class:`ManifestRows` are formatted and written one row group at a time (the returned
+    ``table`` is then None)."""
     total = manifest.num_rows
-    ok = int(pc.sum(pc.equal(manifest["status"], Status.OK.value)).as_py() or 0)
+    if isinstance(manifest, ManifestRows):
+        ok = manifest.ok_rows
+        schema = MANIFEST_SCHEMA
+    else:
+        ok = int(pc.sum(pc.equal(manifest["status"], Status.OK.value)).as_py() or 0)
+        schema = manifest.schema
     frac = (total - ok) / total if total else 0.0
     partial = failed_shards or frac > cfg.run.max_error_fraction
-    md = {**(manifest.schema.metadata or {}), b"config_hash": cfg.config_hash().encode(),
+    md = {**(schema.metadata or {}), b"config_hash": cfg.config_hash().encode(),
           b"partial": str(partial).lower().encode(), **(metadata or {})}
-    manifest = manifest.replace_schema_metadata(md)
-    run.write_parquet(run.manifest, manifest)
-    return WrittenManifest(manifest, partial, frac, cfg.run.max_error_fraction)
+    if isinstance(manifest, ManifestRows):
+        run.write_parquet_chunks(run.manifest, schema.with_metadata(md), manifest.chunks())
+        return WrittenManifest(None, partial, frac, cfg.run.max_error_fraction)
+    table = manifest.replace_schema_metadata(md)
+    run.write_parquet(run.manifest, table)
+    return WrittenManifest(table, partial, frac, cfg.run.max_error_fraction)
 
 
 def _bucket(s: int) -> str:

@@ -4,6 +4,7 @@ kept with a rounding margin and rescored exactly in float64 (see :mod:`dedup.com
 
 from __future__ import annotations
 
+import mmap
 import sys
 import threading
 
@@ -14,6 +15,8 @@ __all__ = [
     "exact_scores",
     "f32_margin",
     "gpu_available",
+    "drop_pages",
+    "release_pages",
     "rows_f32",
     "tile_candidates",
     "tile_pairs",
@@ -58,12 +61,65 @@ def rows_f32(x: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
     a = x[rows]
     torch = sys.modules.get("torch") if a.dtype == np.float16 and a.size >= 4096 else None
     if torch is None:
-        return np.ascontiguousarray(a, dtype=_F32)
-    if not (a.flags.writeable and a.flags.c_contiguous):
-        a = np.array(a, order="C")  # torch wants a writable buffer (memmap slices are not)
-    out = np.empty(a.shape, _F32)
-    torch.from_numpy(out).copy_(torch.from_numpy(a))
+        out = np.ascontiguousarray(a, dtype=_F32)
+    else:
+        if not (a.flags.writeable and a.flags.c_contiguous):
+            a = np.array(a, order="C")  # torch wants a writable buffer (memmap slices are not)
+        out = np.empty(a.shape, _F32)
+        torch.from_numpy(out).copy_(torch.from_numpy(a))
+    if isinstance(x, np.memmap):
+        release_pages(x, len(out), contiguous=isinstance(rows, slice))
     return out
+
+
+# Pages of a file mapping (the staged float16 embeddings, ``index/embeddings.f16``) count in the
+# process's resident set once touched, until the kernel reclaims them: reading every row once
+# (the outlier score, the in-memory search) made 1 KB a row resident (1 GB at 10⁶ rows). After
+# about this many bytes read from a mapping, its pages are dropped from this process's page
+# tables (madvise MADV_DONTNEED: they stay in the page cache, a later read maps them again, the
+# data is the file's either way: the mapping is read-only).
+RELEASE_BYTES = 64 << 20
+_PAGE = mmap.PAGESIZE
+_read_since: dict[int, int] = {}
+_read_lock = threading.Lock()
+
+
+def _mapping(x: np.ndarray) -> mmap.mmap | None:
+    b: object = x
+    for _ in range(8):
+        b = getattr(b, "base", None)
+        if b is None or isinstance(b, mmap.mmap):
+            return b
+    return None
+
+
+def release_pages(x: np.ndarray, rows: int, *, contiguous: bool = False) -> None:
+    """Account ``rows`` rows read from ``x`` (a read-only np.memmap; else nothing happens) and,
+    every :data:`RELEASE_BYTES` touched, drop the mapping's resident pages (see above).
+    ``contiguous``: the rows were a slice (else each row may have touched a page of its own)."""
+    m = _mapping(x)
+    if m is None or getattr(x, "mode", "r") != "r":
+        return
+    row = x.itemsize * (int(np.prod(x.shape[1:])) if x.ndim > 1 else 1)
+    touched = rows * (row if contiguous else max(row, _PAGE))
+    with _read_lock:
+        got = _read_since.get(id(m), 0) + touched
+        _read_since[id(m)] = 0 if got >= RELEASE_BYTES else got
+    if got >= RELEASE_BYTES:
+        drop_pages(x)
+
+
+def drop_pages(x: np.ndarray) -> None:
+    """Drop the resident pages of the file mapping behind ``x`` (an np.memmap not opened
+    copy-on-write; else nothing happens) from this process: a shared mapping's pages stay in
+    the page cache (dirty ones are written back as usual) and are mapped again when read."""
+    m = _mapping(x)
+    if m is None or getattr(x, "mode", None) == "c":
+        return
+    try:
+        m.madvise(mmap.MADV_DONTNEED)
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - no madvise here, or a closed mapping
+        pass
 
 
 def f32_margin(d: int) -> float:

@@ -85,8 +85,8 @@ def outlier_unit(x: np.ndarray, unit: WorkUnit, k: int, block: int = 4096) -> tu
                 pos = np.arange(r0, r0 + len(rr))
                 own = (pos >= c0) & (pos < c0 + len(cm)) & (pos < len(mem))
                 s[np.flatnonzero(own), pos[own] - c0] = -np.inf
-                if s.shape[1] > k:
-                    s = np.partition(s, s.shape[1] - k, axis=1)[:, -k:]
+                if s.shape[1] > k:  # a copy: a view would keep the whole tile alive in ``got``
+                    s = np.partition(s, s.shape[1] - k, axis=1)[:, -k:].copy()
                 got.append((rr, s))
     if not got:
         return np.empty(0, _I64), np.empty((0, k), _F32)
