@@ -69,6 +69,9 @@ def use_partitions(n_valid: int, on_cluster: bool) -> bool:
     return on_cluster or n_valid >= PARTITION_ROWS
 
 _I64 = np.int64
+# The partitions' layout (how lists are grouped into buckets); part of the search's key, so
+# that a rerun never reads partitions another version of this module cut differently.
+LAYOUT = 2
 
 
 @dataclass(frozen=True)
@@ -157,8 +160,10 @@ def assign_task(shared: ListsInput, item: tuple[int, list[ShardRows]]) -> dict:
     if rid_parts:
         rid = np.concatenate(rid_parts)
         x = np.concatenate(x_parts)
-        order = np.argsort(rid, kind="stable")  # rows increasing, as in the in-memory driver
-        rid, x = rid[order], x[order]
+        del x_parts
+        if len(rid) > 1 and not (np.diff(rid) > 0).all():  # rows increasing, as in the in-memory driver
+            order = np.argsort(rid, kind="stable")
+            rid, x = rid[order], x[order]
         near = np.empty((len(rid), shared.keep), np.int32) if shared.keep else None
         prim = np.empty(len(rid), np.int32)
         vrs, vls = [], []
@@ -207,16 +212,32 @@ def unit_task(shared: ListsInput, item: tuple[int, list[int]]) -> Pairs:
     if run.exists(out_path + ".done"):
         t = run.read_parquet(out_path)
         return Pairs(t["i"].to_numpy(), t["j"].to_numpy(), t["score"].to_numpy())
-    parts = [run.read_parquet(_bucket_path(run, bucket, k)) for k in tasks]
     pairs = Pairs.empty()
-    if parts:
-        t = pa.concat_tables(parts)
-        row = t["row"].to_numpy()
-        lst = t["list"].to_numpy()
-        mem = t["member"].to_numpy(zero_copy_only=False)
-        vec = _vectors_from_arrow(t["vector"])
+    if tasks:
+        # the partitions' ids first, then their vectors one partition at a time into the unit's
+        # matrix (one copy of each row, never the concatenated partitions as well)
+        paths = [_bucket_path(run, bucket, k) for k in tasks]
+        cols = [run.read_parquet(path, columns=["row", "list", "member"]) for path in paths]
+        row = np.concatenate([c["row"].to_numpy() for c in cols])
+        lst = np.concatenate([c["list"].to_numpy() for c in cols])
+        mem = np.concatenate([c["member"].to_numpy(zero_copy_only=False) for c in cols])
+        sizes = np.array([c.num_rows for c in cols], _I64)
+        del cols
         uniq, first = np.unique(row, return_index=True)  # a row may be in several of its lists
-        x = vec[first]
+        x: np.ndarray | None = None
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        by_pos = np.argsort(first, kind="stable")  # unique rows in the order of their first copy
+        first_sorted = first[by_pos]
+        for path, a, b in zip(paths, starts[:-1], starts[1:]):
+            lo_f, hi_f = np.searchsorted(first_sorted, [a, b])
+            if lo_f == hi_f:
+                continue
+            vec = _vectors_from_arrow(run.read_parquet(path, columns=["vector"])["vector"])
+            if x is None:
+                x = np.empty((len(uniq), vec.shape[1]), np.float16)
+            x[by_pos[lo_f:hi_f]] = vec[first_sorted[lo_f:hi_f] - a]
+            del vec
+        assert x is not None
         local = np.searchsorted(uniq, row)
         lo = bucket * shared.lists_per_bucket
         lists = np.arange(lo, min(lo + shared.lists_per_bucket, shared.coarse.params.nlist), dtype=_I64)
@@ -242,7 +263,7 @@ def unit_task(shared: ListsInput, item: tuple[int, list[int]]) -> Pairs:
 
 def _key(shards: list[ShardRows], params: IVFParams, threshold: float, features_hash: str | None,
          m: int) -> str:
-    h = hashlib.sha256(json.dumps({"params": vars(params), "threshold": threshold,
+    h = hashlib.sha256(json.dumps({"layout": LAYOUT, "params": vars(params), "threshold": threshold,
                                    "features": features_hash, "shards": [s.shard_id for s in shards], "valid": m},
                                   sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
@@ -287,13 +308,22 @@ def search_run_lists(
     k = max(int(params.train_size), min(int(params.nlist), m))
     want = sample_rows(idx, k, params.seed)
     del idx
-    sample = np.asarray(staged[want]) if staged is not None else _read_sample(run, shards, want)
+    if staged is not None:
+        from dedup.compute.search.kernels import drop_pages
+
+        sample = np.asarray(staged[want])
+        drop_pages(staged)  # the sample's scattered rows touched a page each
+    else:
+        sample = _read_sample(run, shards, want)
     coarse = train_ivf(sample, params, threshold=threshold)
-    del sample
     coarse = _clamped(coarse, params, m)
+    visits = _sample_visits(coarse, sample)
+    del sample
     t1 = time.perf_counter()
     nlist = coarse.params.nlist
-    per_list = max(1.0, 2.0 * m / nlist)  # members + visitors per list, roughly
+    # a bucket: consecutive lists with about unit_rows members + visitors (a unit task holds
+    # them, 2·d bytes each), the visits per row estimated on the training sample
+    per_list = max(1.0, (1.0 + visits) * m / nlist)
     lpb = max(1, min(nlist, int(params.unit_rows // per_list)))
     keep = min(OUTLIER_NPROBE, coarse.params.nprobe) if keep_nearest else 0
     shared = executor.put(ListsInput(run.url, coarse, lpb, keep, threshold, params))
@@ -352,6 +382,21 @@ def search_run_lists(
         list_size_mean=float(sizes.mean()), dot_products=int(sum(cost)), train_seconds=t1 - t0,
         assign_seconds=t2 - t1, pairs_seconds=t3 - t2, seconds=t3 - t0, pairs=len(out))
     return SearchResult(out, stats, lists)
+
+
+def _sample_visits(coarse: IVFCoarse, sample: np.ndarray) -> float:
+    """Mean lists a row visits besides its own, measured on (every k-th row of, ~16 384) the
+    training sample: sizes the buckets (deterministic: same sample, same quantizer)."""
+    x = sample[:: max(1, len(sample) >> 14)]  # spread over the sample (its rows are in id order)
+    if len(x) == 0 or coarse.params.nprobe <= 1:
+        return 0.0
+    visits = 0
+    with single_threaded_libs():
+        for s in range(0, len(x), ASSIGN_BLOCK):
+            e = min(len(x), s + ASSIGN_BLOCK)
+            pz, _ = coarse.coordinates(rows_f32(x, slice(s, e)))
+            visits += len(assign_coordinates(coarse, pz, np.arange(s, e, dtype=_I64))[1])
+    return visits / len(x)
 
 
 def _clamped(coarse: IVFCoarse, params: IVFParams, m: int) -> IVFCoarse:
