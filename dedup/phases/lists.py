@@ -61,7 +61,7 @@ TASK_ROWS = 1 << 16  # rows per assignment task (whole shards: at least one shar
 # the features files instead of a matrix in the object store). Below, the staged float16 matrix
 # fits a machine and the in-memory driver skips writing ~nprobe vector copies per row
 # (docs/scale.md). benchmarks/scale.py --search sets it to compare both.
-PARTITION_ROWS = 2_000_000
+PARTITION_ROWS = 500_000
 
 
 def use_partitions(n_valid: int, on_cluster: bool) -> bool:
@@ -113,7 +113,7 @@ def _vectors_to_arrow(x: np.ndarray) -> pa.Array:
     """float16 rows as fixed-size binary values: Parquet reads and writes those ~20× faster
     than a fixed-size list of float16 (measured: 0.06 vs 1.2 s per 10 000 × 512 read)."""
     x = np.ascontiguousarray(x, np.float16)
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * x.shape[1]), len(x), [None, pa.py_buffer(x.tobytes())])
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * x.shape[1]), len(x), [None, pa.py_buffer(x.reshape(-1).view(np.uint8))])
 
 
 def _vectors_from_arrow(col: pa.ChunkedArray) -> np.ndarray:
@@ -125,13 +125,10 @@ def _vectors_from_arrow(col: pa.ChunkedArray) -> np.ndarray:
 
 def _write_uncompressed(run: RunDir, path: str, table: pa.Table) -> None:
     """Partitions are transient and float16 barely compresses: no codec (half the write time)."""
-    import io
-
     import pyarrow.parquet as pq
 
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="none")
-    run.write_bytes(path, buf.getvalue())
+    with run.open_atomic(path) as f:  # streamed: no copy of the file in memory
+        pq.write_table(table, f, compression="none")
 
 
 def _bucket_path(run: RunDir, bucket: int, task: int) -> str:
@@ -147,20 +144,25 @@ def assign_task(shared: ListsInput, item: tuple[int, list[ShardRows]]) -> dict:
     if run.exists(marker_path):
         return dict(run.read_json(marker_path))
     coarse, lpb = shared.coarse, shared.lists_per_bucket
-    rid_parts, x_parts = [], []
-    for sr in shards:
+    rid_parts = [sr.rows[sr.rows >= 0] for sr in shards]
+    total = sum(len(r) for r in rid_parts)
+    x: np.ndarray | None = None
+    at = 0
+    for sr in shards:  # each shard's rows straight into the task's matrix (no list of parts to concatenate)
         keep_rows = sr.rows >= 0
         if keep_rows.any():
-            rid_parts.append(sr.rows[keep_rows])
-            x_parts.append(read_embeddings(run, sr.shard_id)[keep_rows])
+            got = read_embeddings(run, sr.shard_id)
+            if x is None:
+                x = np.empty((total, got.shape[1]), np.float16)
+            x[at : at + int(keep_rows.sum())] = got[keep_rows]
+            at += int(keep_rows.sum())
+            del got
     nlist = coarse.params.nlist
     members = np.zeros(nlist, _I64)
     visitors = np.zeros(nlist, _I64)
     buckets: list[int] = []
-    if rid_parts:
+    if x is not None:
         rid = np.concatenate(rid_parts)
-        x = np.concatenate(x_parts)
-        del x_parts
         if len(rid) > 1 and not (np.diff(rid) > 0).all():  # rows increasing, as in the in-memory driver
             order = np.argsort(rid, kind="stable")
             rid, x = rid[order], x[order]

@@ -39,10 +39,12 @@ def gpu_available() -> bool:
 
 # numpy converts float16 one value at a time (≈2.5 ns per value on the benchmark machine: a
 # quarter of the pair stage); torch uses the CPU's F16C instructions (≈0.15 ns). torch comes
-# with the [embed] extra (without it numpy converts), and importing it costs ~2 s, so a search
-# imports it only when its conversions would cost more than that (want_fast_f16); once loaded
-# it is always used.
-_FAST_F16_MIN_VALUES = 1 << 30
+# with the [embed] extra (without it numpy converts), and importing it costs ~2 s and ~480 MB
+# resident (264 MB of heap and 214 MB of its libraries, measured here: a quarter of issue #18's
+# 2 GB driver budget at 10⁷ rows, half of 1 GB at 10⁶), so a search imports it only when its
+# conversions would cost far more than that: from 2³⁴ values (~40 s of numpy conversion; the
+# outlier score at 10⁶ rows converts 3·10⁹, ~8 s); once loaded it is always used.
+_FAST_F16_MIN_VALUES = 1 << 34
 
 
 def want_fast_f16(x: np.ndarray, values: float) -> None:
@@ -68,18 +70,21 @@ def rows_f32(x: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
         out = np.empty(a.shape, _F32)
         torch.from_numpy(out).copy_(torch.from_numpy(a))
     if isinstance(x, np.memmap):
-        release_pages(x, len(out), contiguous=isinstance(rows, slice))
+        release_pages(x, rows)
     return out
 
 
 # Pages of a file mapping (the staged float16 embeddings, ``index/embeddings.f16``) count in the
 # process's resident set once touched, until the kernel reclaims them: reading every row once
 # (the outlier score, the in-memory search) made 1 KB a row resident (1 GB at 10⁶ rows). After
-# about this many bytes read from a mapping, its pages are dropped from this process's page
+# about this many bytes touched in a mapping, its pages are dropped from this process's page
 # tables (madvise MADV_DONTNEED: they stay in the page cache, a later read maps them again, the
 # data is the file's either way: the mapping is read-only).
 RELEASE_BYTES = 64 << 20
-_PAGE = mmap.PAGESIZE
+# A read fault on a file mapping maps the cached pages around it too (Linux "fault-around",
+# 64 KiB by default): a row read alone can make that much resident. Reads are accounted in
+# windows of this size.
+FAULT_AROUND = max(mmap.PAGESIZE, 1 << 16)
 _read_since: dict[int, int] = {}
 _read_lock = threading.Lock()
 
@@ -93,15 +98,24 @@ def _mapping(x: np.ndarray) -> mmap.mmap | None:
     return None
 
 
-def release_pages(x: np.ndarray, rows: int, *, contiguous: bool = False) -> None:
-    """Account ``rows`` rows read from ``x`` (a read-only np.memmap; else nothing happens) and,
-    every :data:`RELEASE_BYTES` touched, drop the mapping's resident pages (see above).
-    ``contiguous``: the rows were a slice (else each row may have touched a page of its own)."""
+def release_pages(x: np.ndarray, rows: np.ndarray | slice) -> None:
+    """Account the ``rows`` read from ``x`` (a read-only np.memmap; else nothing happens) and,
+    every :data:`RELEASE_BYTES` touched, drop the mapping's resident pages (see above)."""
     m = _mapping(x)
     if m is None or getattr(x, "mode", "r") != "r":
         return
     row = x.itemsize * (int(np.prod(x.shape[1:])) if x.ndim > 1 else 1)
-    touched = rows * (row if contiguous else max(row, _PAGE))
+    if isinstance(rows, slice):
+        start, stop, step = rows.indices(x.shape[0])
+        touched = max(0, stop - start) * row if step == 1 else len(range(start, stop, step)) * max(row, FAULT_AROUND)
+    else:
+        r = np.asarray(rows)
+        if r.dtype == bool:
+            r = np.flatnonzero(r)
+        w = r.reshape(-1).astype(np.int64) * row // FAULT_AROUND  # the windows the rows fall in
+        if len(w) > 1 and not (w[1:] >= w[:-1]).all():
+            w = np.sort(w)
+        touched = (int((w[1:] != w[:-1]).sum()) + 1 if len(w) else 0) * FAULT_AROUND
     with _read_lock:
         got = _read_since.get(id(m), 0) + touched
         _read_since[id(m)] = 0 if got >= RELEASE_BYTES else got

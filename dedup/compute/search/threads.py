@@ -60,8 +60,11 @@ def pmap(fn: Callable, items: list, workers: int) -> Iterator:
     with ThreadPoolExecutor(max_workers=workers) as ex:
         futs = {ex.submit(fn, it): k for k, it in enumerate(items)}
         try:
-            for f in as_completed(futs):
-                yield futs[f], f.result()
+            for f in as_completed(list(futs)):
+                k = futs.pop(f)  # a finished future keeps its result: not past its turn
+                res = f.result()
+                del f
+                yield k, res
         except BaseException:  # interrupted (dedup.interrupt) or abandoned: do not run the queue first
             ex.shutdown(wait=False, cancel_futures=True)
             raise
