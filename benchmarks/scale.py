@@ -18,7 +18,9 @@ otherwise. Every 0.2 s this process samples the resident set size of the child (
 of each of its descendant processes (workers, on Ray the raylet's workers are not descendants:
 see ``--executor``): ``driver_peak_rss_mb``, ``worker_peak_rss_mb`` (the largest single
 worker; 0 when the work ran in the driver's threads). RSS counts the mapped pages of files the
-driver reads (e.g. a memmap of the embeddings).
+driver reads (e.g. a memmap of the embeddings). ``phase_peak_rss_mb``: the child's own peak per
+global phase (load, candidates, outlier, clusters, manifest write), VmRSS split into RssAnon
+(heap) and RssFile (libraries and mapped file pages), sampled every 0.1 s inside it.
 
 ``recall``: the embedding pairs found vs exact brute force for a uniform sample of query rows
 (``--queries``, default 1 000) against all n rows (float64 rescoring, as the search does).
@@ -123,12 +125,59 @@ def _child(run_dir: str, n: int, executor: str, search: str = "auto") -> None:
     from dedup.io.rundir import RunDir
     from dedup.runner import finish_run
 
+    phases = _PhaseMemory()
+    phases.start()
     shards = [_shard_id(k) for k in range((n + SHARD_ROWS - 1) // SHARD_ROWS)]
     t0 = time.perf_counter()
     stats = finish_run(RunDir(run_dir), _config(executor), shards, progress=False)
+    phases.stop.set()
+    phases.join()
     out = {"seconds": time.perf_counter() - t0, "timings": stats["timings"], "pairs": stats["pairs"],
-           "ivf_search": stats.get("ivf_search"), "cpu_seconds": time.process_time()}
+           "ivf_search": stats.get("ivf_search"), "cpu_seconds": time.process_time(), "phase_peak_rss_mb": phases.peaks}
     print("RESULT " + json.dumps(out, default=str), flush=True)
+
+
+class _PhaseMemory(threading.Thread):
+    """In the child: peak resident set per global phase (``finish_run`` logs "global phase: X"
+    at debug level), split into anonymous memory (heap) and file pages (libraries, mapped
+    files), from /proc/self/status every 0.1 s (Linux; empty elsewhere)."""
+
+    def __init__(self, every: float = 0.1):
+        super().__init__(daemon=True)
+        import logging
+
+        self.every = every
+        self.phase = "start"
+        self.peaks: dict[str, dict[str, float]] = {}
+        self.stop = threading.Event()
+        me = self
+
+        class _Listen(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                msg = record.getMessage()
+                if msg.startswith("global phase: "):
+                    me.sample()
+                    me.phase = msg[len("global phase: "):]
+
+        lg = logging.getLogger("dedup")
+        lg.setLevel(logging.DEBUG)
+        lg.addHandler(_Listen(logging.DEBUG))
+
+    def sample(self) -> None:
+        try:
+            with open("/proc/self/status") as f:
+                got = {k: int(v.split()[0]) / 1024 for k, v in (ln.split(":", 1) for ln in f)
+                       if k in ("VmRSS", "RssAnon", "RssFile")}
+        except OSError:
+            return
+        peak = self.peaks.setdefault(self.phase, {})
+        for k, v in got.items():
+            peak[k] = round(max(peak.get(k, 0.0), v), 1)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.sample()
+            self.stop.wait(self.every)
 
 
 class _RSSSampler(threading.Thread):
@@ -225,7 +274,7 @@ def measure(n: int, seed: int = 0, queries: int = 1000, executor: str = "local",
         "driver_peak_rss_mb": round(sampler.driver / 2**20, 1), "worker_peak_rss_mb": round(sampler.worker / 2**20, 1),
         "pairs": int(sum(res["pairs"].values())), "pairs_by_method": res["pairs"], "recall": round(recall, 4),
         "recall_exact_pairs": len(truth), "queries": len(q), "timings": res["timings"],
-        "run_dir_bytes": disk, "ivf_search": res.get("ivf_search"),
+        "run_dir_bytes": disk, "ivf_search": res.get("ivf_search"), "phase_peak_rss_mb": res.get("phase_peak_rss_mb"),
     }
 
 

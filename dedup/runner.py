@@ -361,10 +361,12 @@ def finish_run(
 
     timings = dict(timings or {})
     _return_freed_memory(setup=True)
+    log.debug("global phase: %s", "load")  # (benchmarks/scale.py's per-phase memory listens for these)
     t0, c0 = time.perf_counter(), time.process_time()
     fs = load_features(run, sorted(shard_ids), with_embeddings="embedding" in cfg.methods)
     timings["load"] = round(time.perf_counter() - t0, 3)
     timings["cpu_load"] = round(time.process_time() - c0, 3)  # cpu_*: this process's CPU seconds, all threads
+    log.debug("global phase: %s", "candidates")
     t0, c0 = time.perf_counter(), time.process_time()
     want_outlier = fs.embeddings is not None and cfg.clusters.outlier_k > 0
     # the searches' tasks: on Ray, one executor (one connection) for the candidate search and
@@ -393,6 +395,7 @@ def finish_run(
             from dedup.phases.manifest import outlier_scores
 
             log.info("outlier scores: k-th nearest neighbour of %d embeddings", int(fs.ok().sum()))
+            log.debug("global phase: %s", "outlier")
             ost: dict = {}
             with Progress(progress) as prog:
                 outlier = outlier_scores(fs.embeddings, fs.ok(), cfg.clusters.outlier_k, stats=ost,
@@ -406,7 +409,9 @@ def finish_run(
     th_choice = info.get("embedding_threshold")
     th_value = th_choice["value"] if th_choice else None
     # the rows are formatted and written one row group at a time (no full manifest table here)
+    log.debug("global phase: %s", "clusters")
     manifest, mstats = cluster_manifest(cfg, fs.table, pairs, outlier=outlier, embeddings=fs.embeddings, threshold=th_value)
+    log.debug("global phase: %s", "manifest write")
     written = write_manifest(run, cfg, manifest, failed_shards=failed_shards)
     del manifest
     timings["manifest"] = round(time.perf_counter() - t0, 3)

@@ -28,20 +28,29 @@ def _mapping_rss_kb(path: str) -> int:
 
 
 @pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_DONTNEED"), reason="no madvise")
-def test_rows_f32_releases_the_pages_of_a_memmap(tmp_path, monkeypatch):
+def test_rows_f32_reads_a_large_memmap_without_keeping_its_pages(tmp_path, monkeypatch):
     path = str(tmp_path / "x.npy")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4096, 512)).astype(np.float16)
     np.save(path, x)
     mm = np.load(path, mmap_mode="r")
     monkeypatch.setattr(kernels, "RELEASE_BYTES", 1 << 20)
+    monkeypatch.setattr(kernels, "MAPPED_MAX", 0)
     rows = rng.permutation(4096)
     got = np.concatenate([kernels.rows_f32(mm, np.sort(rows[s:s + 256])) for s in range(0, 4096, 256)])
     want = np.concatenate([x[np.sort(rows[s:s + 256])].astype(np.float32) for s in range(0, 4096, 256)])
-    assert np.array_equal(got, want)  # the same values: the pages are read again from the file
+    assert np.array_equal(got, want)  # the same values, read from the file
+    assert _mapping_rss_kb(path) == 0  # index arrays: nothing mapped
+    # any order, repeats, negative indices, runs of consecutive rows; a view of the memmap
+    idx = np.array([5, 6, 7, 3, 3, -1, 4095, 0, 1, 2])
+    assert np.array_equal(kernels.take_rows(mm, idx), x[idx])
+    assert np.array_equal(kernels.take_rows(mm[100:300], np.array([0, 7, 199])), x[100:300][[0, 7, 199]])
+    assert np.array_equal(kernels.take_rows(mm, np.array([], np.int64)), x[:0])
+    with pytest.raises(IndexError):
+        kernels.take_rows(mm, np.array([4096]))
     got = np.concatenate([kernels.rows_f32(mm, slice(s, s + 512)) for s in range(0, 4096, 512)])
     assert np.array_equal(got, x.astype(np.float32))
-    # 4 MB were read; at most ~RELEASE_BYTES (+ one read) stay mapped (without: all 4 MB)
+    # slices through the mapping: 4 MB were read; at most ~RELEASE_BYTES (+ one read) stay mapped
     assert _mapping_rss_kb(path) <= 2 * 1024 + 512
     kernels.drop_pages(mm)
     assert _mapping_rss_kb(path) == 0

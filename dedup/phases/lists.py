@@ -311,10 +311,9 @@ def search_run_lists(
     want = sample_rows(idx, k, params.seed)
     del idx
     if staged is not None:
-        from dedup.compute.search.kernels import drop_pages
+        from dedup.compute.search.kernels import take_rows
 
-        sample = np.asarray(staged[want])
-        drop_pages(staged)  # the sample's scattered rows touched a page each
+        sample = np.asarray(take_rows(staged, want))  # read from the file, not mapped (see take_rows)
     else:
         sample = _read_sample(run, shards, want)
     coarse = train_ivf(sample, params, threshold=threshold)
