@@ -211,6 +211,31 @@ def peer_sscd_union_find(run_dir: Path):
     return _components(ids, pixels, size, i, j)
 
 
+def alone_copies(members: list[Member], ids, cids, run_dir: Path) -> list[list]:
+    """Why each copy left alone was not linked: its best cosine (the run's embeddings) to an
+    image of its own group and to an image of any other group — when the second is as high as
+    the first, no threshold links the copy without also linking unrelated images."""
+    by_id = {m.sample_id: m for m in members}
+    cluster = dict(zip(ids, cids))
+    f = _features(run_dir)
+    ok = [k for k, s in enumerate(f["status"]) if s == "ok" and f["embedding"][k] is not None and f["sample_id"][k] in by_id]
+    sid = [f["sample_id"][k] for k in ok]
+    x = np.asarray([f["embedding"][k] for k in ok], np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    group = np.array([by_id[s].group for s in sid])
+    sizes = {g: int(n) for g, n in zip(*np.unique(group, return_counts=True))}
+    rows = []
+    for a, s in enumerate(sid):
+        m = by_id[s]
+        if sizes[m.group] < 2 or any(cluster.get(t) == cluster.get(s) for t in sid if t != s and by_id[t].group == m.group):
+            continue
+        sim = x @ x[a]
+        sim[a] = -np.inf
+        own, other = sim[group == m.group], sim[group != m.group]
+        rows.append([m.group, m.edit, _f(float(own.max())), _f(float(other.max()))])
+    return sorted(rows, key=lambda r: (r[1], r[0]))
+
+
 _FASTDUP_SCRIPT = r"""
 import json, os, sys
 os.environ.setdefault("SENTRY_OPT_OUT", "1")
@@ -317,6 +342,7 @@ def main() -> None:
     builders = {"groups": build_groups, "tiny": build_tiny, "cifar": build_cifar}
     t_all = time.time()
     sections, notes, walls = [], [], []
+    alone: list[list] = []
     if not args.no_peers and py is None:
         notes.append("fastdup skipped: not importable here and no --fastdup-python / $FASTDUP_PYTHON / /tmp/fastdup-venv.")
     for name in [s.strip() for s in args.sets.split(",") if s.strip()]:
@@ -337,6 +363,8 @@ def main() -> None:
         ids, cids, keep, stats = run_ours(d / "shards", d / "run", cfg)
         t_ours = time.time() - t0
         rows.append((f"ours ({args.embedder})", score((ids, cids, keep))))
+        if name == "groups":
+            alone = alone_copies(members, ids, cids, d / "run")
         part_walls = {"build": t_build, "ours": t_ours}
         if not args.no_peers:
             t0 = time.time()
@@ -361,14 +389,14 @@ def main() -> None:
     if not args.workdir:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    text = render(args, sections, notes, walls, time.time() - t_all)
+    text = render(args, sections, notes, walls, time.time() - t_all, alone=alone)
     print(text)
     if not args.no_write:
         write_doc(text)
         print(f"wrote {DOC} (between {BEGIN} and {END})", file=sys.stderr)
 
 
-def render(args, sections, notes, walls, total) -> str:
+def render(args, sections, notes, walls, total, alone=()) -> str:
     cmd = "python benchmarks/quality_groups.py --embedder " + args.embedder + "".join(f" --set {s}" for s in args.set) \
         + (" --quick" if args.quick else "") + (" --no-peers" if args.no_peers else "")
     out = [
@@ -386,8 +414,10 @@ def render(args, sections, notes, walls, total) -> str:
         "Columns: **P / R / F1** = pair precision, recall, F1 over all same-cluster pairs against the ground-truth "
         "groups (every pair inside a group is a duplicate; every other predicted pair is false); **light R / strong R** "
         "= share of (original, edited copy) pairs in one cluster; **keeper=orig** = share of groups whose keeper (in the "
-        "cluster holding the original) is the original or its byte-identical copy; **split** = groups spread over ≥ 2 "
-        "clusters; **canvas FP** = predicted pairs of two images pasted on a plain canvas but of different photos; "
+        "cluster holding the original) is the original or its byte-identical copy; **split** = groups cut into linked "
+        "parts (≥ 2 clusters that each hold ≥ 2 of the group's images); **alone** = copies whose cluster holds no other "
+        "image of their group (a copy no signal linked: a recall miss, in the recall columns too); **spread** = groups "
+        "over ≥ 2 clusters, either way (the **split** column of earlier versions of this table); **canvas FP** = predicted pairs of two images pasted on a plain canvas but of different photos; "
         "**pairs** = predicted pairs; **cross-class** = share of predicted pairs whose two CIFAR-10 labels differ "
         "(certainly false: a lower bound on the false-positive share).",
         "",
@@ -395,18 +425,24 @@ def render(args, sections, notes, walls, total) -> str:
     for name, desc, n, stats, rows in sections:
         out += [f"### {name}: {desc} ({n} images)", "", f"Run thresholds (stats.json): {_threshold_info(stats)}.", ""]
         if name == "groups":
-            hdr = ["method", "P", "R", "F1", "light R", "strong R", "keeper=orig", "split", "canvas FP", "pairs"]
+            hdr = ["method", "P", "R", "F1", "light R", "strong R", "keeper=orig", "split", "alone", "spread", "canvas FP", "pairs"]
             body = [[r, _f(s["precision"]), _f(s["recall"]), _f(s["f1"]), _f(s["light_recall"]), _f(s["strong_recall"]),
-                     _f(s["keeper_original"], 2), s["split_groups"], s["canvas_false_pairs"], s["predicted_pairs"]] for r, s in rows]
+                     _f(s["keeper_original"], 2), s["divided_groups"], s["alone_copies"], s["split_groups"], s["canvas_false_pairs"],
+                     s["predicted_pairs"]] for r, s in rows]
             out += [markdown_table(hdr, body), ""]
             edits = list(LIGHT_EDITS) + list(STRONG_EDITS)
             out += ["Recall per edit (original ↔ copy in one cluster):", ""]
             out += [markdown_table(["edit"] + [r for r, _ in rows],
                                    [[e + (" (strong)" if e in STRONG_EDITS else "")] + [_f(s["per_edit"].get(e), 2) for _, s in rows] for e in edits]), ""]
+            if alone:
+                out += [f"Copies left alone by ours ({len(alone)}): the best cosine of each to an image of its own group "
+                        "and to an image of any other group (the run's embeddings). Where the second is as high as the first, "
+                        "no embedding threshold links the copy without linking unrelated images as well.", "",
+                        markdown_table(["group", "edit", "best cosine, own group", "best cosine, other groups"], list(alone)), ""]
         elif name == "tiny":
-            hdr = ["method", "P", "R", "F1", "light R", "keeper=orig", "split", "pairs"]
+            hdr = ["method", "P", "R", "F1", "light R", "keeper=orig", "split", "alone", "spread", "pairs"]
             body = [[r, _f(s["precision"]), _f(s["recall"]), _f(s["f1"]), _f(s["light_recall"]), _f(s["keeper_original"], 2),
-                     s["split_groups"], s["predicted_pairs"]] for r, s in rows]
+                     s["divided_groups"], s["alone_copies"], s["split_groups"], s["predicted_pairs"]] for r, s in rows]
             out += [markdown_table(hdr, body), ""]
             out += [markdown_table(["edit"] + [r for r, _ in rows],
                                    [[e] + [_f(s["per_edit"].get(e), 2) for _, s in rows] for e in TINY_ROWS]), ""]

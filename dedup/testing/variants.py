@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
@@ -243,7 +243,10 @@ def score_clusters(members: list[Member], sample_ids, cluster_ids, is_keeper) ->
     Returns pair precision/recall/F1, light/strong recall and recall per edit over
     (original, variant) pairs, ``keeper_original`` (share of groups with ≥ 2 members whose
     keeper, in the cluster holding the original, is the original or its ``exact`` copy),
-    ``split_groups`` (groups whose members lie in ≥ 2 clusters), ``canvas_false_pairs``
+    ``split_groups`` (groups whose members lie in ≥ 2 clusters, counting a copy left alone),
+    ``divided_groups`` (groups with ≥ 2 clusters that each hold ≥ 2 of its members: the group
+    cut into linked parts), ``alone_copies`` (members of a multi-member group whose cluster holds
+    no other member of it: a copy no link reached), ``canvas_false_pairs``
     (predicted pairs of two canvas-tagged samples of different groups), ``predicted_pairs`` and
     ``cross_class_share`` (predicted pairs whose labels differ, over pairs with both labels).
     """
@@ -268,7 +271,7 @@ def score_clusters(members: list[Member], sample_ids, cluster_ids, is_keeper) ->
 
     per_edit: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     per_class: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    keeper_ok = n_multi = split = 0
+    keeper_ok = n_multi = split = divided = alone = 0
     cluster_members: dict[object, list[str]] = defaultdict(list)
     for sid, c in cid.items():
         cluster_members[c].append(sid)
@@ -276,8 +279,11 @@ def score_clusters(members: list[Member], sample_ids, cluster_ids, is_keeper) ->
         if len(ms) < 2:
             continue
         n_multi += 1
-        if len({cid[m.sample_id] for m in ms}) > 1:
+        per_cluster = Counter(cid[m.sample_id] for m in ms)
+        if len(per_cluster) > 1:
             split += 1
+        divided += sum(1 for c in per_cluster.values() if c >= 2) >= 2
+        alone += sum(1 for c in per_cluster.values() if c == 1)
         origs = [m for m in ms if m.edit == "original"]
         if not origs:
             continue
@@ -309,6 +315,8 @@ def score_clusters(members: list[Member], sample_ids, cluster_ids, is_keeper) ->
         "groups": n_multi,
         "keeper_original": keeper_ok / n_multi if n_multi else None,
         "split_groups": split,
+        "divided_groups": divided,
+        "alone_copies": alone,
         "canvas_false_pairs": canvas_fp,
         "cross_class_pairs": cross,
         "cross_class_share": cross / len(labelled) if labelled else None,
