@@ -126,6 +126,17 @@ def test_scorer_divided_group_vs_copy_left_alone():
     assert (s["split_groups"], s["divided_groups"], s["alone_copies"]) == (0, 0, 0)
 
 
+def test_scorer_judges_only_pairs_touching_judged_samples():
+    ms = [Member("p0", "P", "original"), Member("p1", "P", "jpeg_q40"),
+          Member("u1", "u1", "negative"), Member("u2", "u2", "negative"), Member("u3", "u3", "negative")]
+    # planted pair found; u1-u2 (an unlabelled pair of the corpus) and p0-u3 predicted too
+    s = score_clusters(ms, ["p0", "p1", "u1", "u2", "u3"], ["a", "a", "b", "b", "a"], [True] * 5, judged={"p0", "p1"})
+    assert s["predicted_pairs"] == 4 and s["true_positives"] == 1  # p0-p1, p0-u3, p1-u3, u1-u2
+    assert s["judged_pairs"] == 3 and s["judged_precision"] == pytest.approx(1 / 3)
+    assert s["precision"] == pytest.approx(1 / 4)
+    assert "judged_f1" not in score_clusters(ms, ["p0"], ["a"], [True])
+
+
 def test_union_find_and_largest_keepers():
     labels = union_find_components(5, np.array([0, 1]), np.array([1, 2]))
     assert labels[0] == labels[1] == labels[2] and len(set(labels.tolist())) == 3

@@ -235,7 +235,7 @@ def predicted_pairs(sample_ids, cluster_ids) -> set[tuple[str, str]]:
     return {(a, b) for ms in groups.values() if len(ms) > 1 for a, b in combinations(sorted(ms), 2)}
 
 
-def score_clusters(members: list[Member], sample_ids, cluster_ids, is_keeper) -> dict:
+def score_clusters(members: list[Member], sample_ids, cluster_ids, is_keeper, judged=None) -> dict:
     """Score a clustering against the members' groups.
 
     ``sample_ids``/``cluster_ids``/``is_keeper``: parallel sequences, one per sample (a sample
@@ -249,6 +249,11 @@ def score_clusters(members: list[Member], sample_ids, cluster_ids, is_keeper) ->
     no other member of it: a copy no link reached), ``canvas_false_pairs``
     (predicted pairs of two canvas-tagged samples of different groups), ``predicted_pairs`` and
     ``cross_class_share`` (predicted pairs whose labels differ, over pairs with both labels).
+
+    ``judged`` (sample ids): for a corpus whose own duplicates are not labelled (CIFAR-10 holds
+    near-identical photos of its own), the pairs that touch one of these samples are the ones
+    the labels decide; ``judged_precision`` / ``judged_f1`` count only those pairs as
+    predictions (a pair of two unjudged samples is neither right nor wrong).
     """
     by_id = {m.sample_id: m for m in members}
     cid: dict[str, object] = {}
@@ -302,7 +307,14 @@ def score_clusters(members: list[Member], sample_ids, cluster_ids, is_keeper) ->
     canvas_fp = sum(1 for a, b in pred if by_id[a].canvas and by_id[b].canvas and by_id[a].group != by_id[b].group)
     labelled = [(by_id[a].label, by_id[b].label) for a, b in pred if by_id[a].label is not None and by_id[b].label is not None]
     cross = sum(1 for x, y in labelled if x != y)
+    judged_stats = {}
+    if judged is not None:
+        judged = set(judged)
+        n_judged = sum(1 for a, b in pred if a in judged or b in judged)
+        jp, _, jf1 = _prf(tp, n_judged, len(truth))
+        judged_stats = {"judged_pairs": n_judged, "judged_precision": jp, "judged_f1": jf1}
     return {
+        **judged_stats,
         "predicted_pairs": len(pred),
         "true_pairs": len(truth),
         "true_positives": tp,
