@@ -46,6 +46,9 @@ def test_rows_f32_reads_a_large_memmap_without_keeping_its_pages(tmp_path, monke
     assert np.array_equal(kernels.take_rows(mm, idx), x[idx])
     assert np.array_equal(kernels.take_rows(mm[100:300], np.array([0, 7, 199])), x[100:300][[0, 7, 199]])
     assert np.array_equal(kernels.take_rows(mm, np.array([], np.int64)), x[:0])
+    # a plain ndarray on the memmap (the in-memory search gets np.asarray of it): read from the file too
+    assert np.array_equal(kernels.rows_f32(np.asarray(mm), rows[:300]), x[rows[:300]].astype(np.float32))
+    assert _mapping_rss_kb(path) == 0
     with pytest.raises(IndexError):
         kernels.take_rows(mm, np.array([4096]))
     got = np.concatenate([kernels.rows_f32(mm, slice(s, s + 512)) for s in range(0, 4096, 512)])

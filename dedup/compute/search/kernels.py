@@ -82,8 +82,6 @@ def take_rows(x: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
     are released every :data:`RELEASE_BYTES` (:func:`release_pages`). Mappings of up to
     :data:`MAPPED_MAX` bytes are read through the mapping alone (they may stay resident: fewer
     system calls, rows read again cost nothing)."""
-    if not isinstance(x, np.memmap):
-        return x[rows]
     m = _mapping(x)
     if m is None or len(m) <= MAPPED_MAX:
         return x[rows]
@@ -96,14 +94,16 @@ def take_rows(x: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
     return a
 
 
-def _pread_rows(x: np.memmap, rows: np.ndarray) -> np.ndarray | None:
-    """The rows (int indices) of a read-only, row-contiguous 2-d memmap read from its file;
-    None where that is not possible (e.g. a file removed once mapped: then the mapping)."""
+def _pread_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
+    """The rows (int indices) of a read-only, row-contiguous 2-d array on a memmap read from
+    its file; None where that is not possible (e.g. a file removed once mapped: then the
+    mapping)."""
     import os
 
     m = _mapping(x)
-    name = getattr(x, "filename", None)
-    if (m is None or name is None or x.ndim != 2 or getattr(x, "mode", None) != "r" or rows.dtype.kind not in "iu"
+    mm = _memmap_of(x)
+    name = getattr(mm, "filename", None)
+    if (m is None or mm is None or name is None or x.ndim != 2 or mm.mode != "r" or rows.dtype.kind not in "iu"
             or x.strides != (x.shape[1] * x.itemsize, x.itemsize)):
         return None
     if rows.ndim != 1:
@@ -114,7 +114,7 @@ def _pread_rows(x: np.memmap, rows: np.ndarray) -> np.ndarray | None:
         return None
     try:
         base = np.frombuffer(m, np.uint8).ctypes.data  # the mapping starts at this file offset:
-        start = x.offset - x.offset % mmap.ALLOCATIONGRANULARITY
+        start = mm.offset - mm.offset % mmap.ALLOCATIONGRANULARITY
         pos0 = x.ctypes.data - base + start
         row = x.strides[0]
         n = x.shape[0]
@@ -155,6 +155,18 @@ _read_since: dict[int, int] = {}
 _read_lock = threading.Lock()
 
 
+def _memmap_of(x: np.ndarray) -> np.memmap | None:
+    """The np.memmap ``x`` is, or is a view of (e.g. ``np.asarray`` of a memmap)."""
+    b: object = x
+    for _ in range(8):
+        if isinstance(b, np.memmap):
+            return b
+        b = getattr(b, "base", None)
+        if b is None:
+            return None
+    return None
+
+
 def _mapping(x: np.ndarray) -> mmap.mmap | None:
     b: object = x
     for _ in range(8):
@@ -168,7 +180,8 @@ def release_pages(x: np.ndarray, rows: np.ndarray | slice) -> None:
     """Account the ``rows`` read from ``x`` (a read-only np.memmap; else nothing happens) and,
     every :data:`RELEASE_BYTES` touched, drop the mapping's resident pages (see above)."""
     m = _mapping(x)
-    if m is None or getattr(x, "mode", "r") != "r":
+    mm = _memmap_of(x)
+    if m is None or mm is None or mm.mode != "r":
         return
     row = x.itemsize * (int(np.prod(x.shape[1:])) if x.ndim > 1 else 1)
     if isinstance(rows, slice):
@@ -194,7 +207,8 @@ def drop_pages(x: np.ndarray) -> None:
     copy-on-write; else nothing happens) from this process: a shared mapping's pages stay in
     the page cache (dirty ones are written back as usual) and are mapped again when read."""
     m = _mapping(x)
-    if m is None or getattr(x, "mode", None) == "c":
+    mm = _memmap_of(x)
+    if m is None or mm is None or mm.mode == "c":
         return
     try:
         m.madvise(mmap.MADV_DONTNEED)
