@@ -179,7 +179,7 @@ def _query_features(inputs, cfg: Config, embedder, group_by):
 
 
 def _region_matches(index: VectorIndex, embedder, blobs: list[bytes], policy, spec, region_th: float, chunk: int = 256,
-                    final_threshold=None, refine_below: float = 0.2):
+                    final_threshold=None, refine_below: float | None = None):
     """Every region of every query (but the whole image, matched by the caller) against the
     training index, ``chunk`` regions at a time (decoded crops never pile up).
 
@@ -190,7 +190,7 @@ def _region_matches(index: VectorIndex, embedder, blobs: list[bytes], policy, sp
 
     Refinement (``spec.refine``): a grid cell rarely frames a pasted or photographed copy
     exactly, and the extra background costs cosine. A query whose best region came within
-    ``refine_below`` of the final threshold (``final_threshold(counts)``) but not to it has that
+    ``refine_below`` (default ``spec.refine_below``) of the final threshold (``final_threshold(counts)``) but not to it has that
     box refined towards its nearest training sample: each side moved in and out by a shrinking
     step while the cosine rises (a few dozen embeddings, only for those queries)."""
     from PIL import Image
@@ -254,12 +254,13 @@ def _region_matches(index: VectorIndex, embedder, blobs: list[bytes], policy, sp
             flush()
     flush()
     if spec.refine and final_threshold is not None:
-        th = float(final_threshold(counts))
+        th, band = float(final_threshold(counts)), spec.refine_below if refine_below is None else refine_below
         for k, (r, c, _, b) in list(nearest.items()):
-            if not (th - refine_below <= c < th) or any(v[0] >= th for v in hits.get(k, {}).values()):
+            if not (th - band <= c < th) or any(v[0] >= th for v in hits.get(k, {}).values()):
                 continue
             im, size = load(blobs[k])
             rb, rc = _refine_box(im, b, np.asarray(index.ref[r], np.float32), embedder, min_side=spec.min_side)
+            log.debug("refined query %d towards %d: cosine %.4f -> %.4f", k, r, c, rc)
             if rc > c:
                 nearest[k] = (r, rc, scale_box(rb, im.size, size), rb)
                 if rc >= region_th and (r not in hits[k] or rc > hits[k][r][0]):
