@@ -74,6 +74,8 @@ def pasted(im: Image.Image, bg: Image.Image, rng, size=(640, 480)) -> Image.Imag
     w = int(round(h * a))
     if w > size[0]:
         w, h = size[0], int(round(size[0] / a))
+    if h > size[1]:  # a tall photo: as high as the scene
+        w, h = int(round(size[1] * a)), size[1]
     x, y = int(rng.integers(0, size[0] - w + 1)), int(rng.integers(0, size[1] - h + 1))
     out.paste(im.convert("RGB").resize((w, h), Image.Resampling.LANCZOS), (x, y))
     return out, (x, y, x + w, y + h)
@@ -386,7 +388,10 @@ def main() -> None:
     )
     print()
     print(cost_table)
-    print(f"(training run and queries ready in {t_run:.1f} s)")
+    import os
+
+    load = os.getloadavg()[0]
+    print(f"(training run and queries ready in {t_run:.1f} s; load average {load:.1f})")
     if args.no_write or modes != ["regions", "global"]:
         return
     cmd = "python benchmarks/check_quality.py" + ("" if args.embedder == "sscd-distilled" else f" --embedder {args.embedder}")
@@ -406,7 +411,8 @@ def main() -> None:
         text = text.rstrip() + f"\n\n{BEGIN}\n{body}{END}\n"
     QUALITY.write_text(text)
     write_section("check_regions", f"## check: query cost with and without regions\n\n`{cmd}` ({machine_description()}), "
-                  f"{len(queries)} queries against a {len(train)}-sample run, `{args.embedder}` on CPU.\n\n{cost_table}\n")
+                  f"{len(queries)} queries against a {len(train)}-sample run, `{args.embedder}` on CPU; 1-minute load "
+                  f"average {load:.1f} when it finished (a shared machine: compare the rows, not runs).\n\n{cost_table}\n")
 
 
 if __name__ == "__main__":
