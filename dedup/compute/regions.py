@@ -20,7 +20,7 @@ matched against the training index like the whole image:
 
 Boxes are ``(left, top, right, bottom)`` in the pixels of the image given; cells smaller than
 ``min_side`` pixels are skipped, duplicates removed, the whole image is always first.
-Defaults: grids (1.5, 2, 3) with half steps, content boxes on, squares at 1.5 and 2: about 66
+Defaults: grids (1.5, 2, 3) with half steps, content boxes on, squares at 1.5 and 2: about 64
 regions for a 4:3 photo (45 for a square one), whole image included. Costs scale with the
 count: the embedder runs once per region.
 """

@@ -584,7 +584,7 @@ img{max-width:128px;max-height:128px;border:2px solid #bbb;display:block} td,th{
 <h1>{{ title }}</h1>
 <h2 id="check">Memorization check</h2>
 <p>{{ result.queries }} queries, {{ result.flagged }} flagged as near-copies of training samples{% if rows|length < result.flagged %} (showing {{ rows|length }}){% endif %}.</p>
-{% if result.region_threshold %}<p>Regions: {{ '%.1f'|format(result.regions_per_query) }} per query (whole image, content box, grid cells), matched at cosine &ge; {{ result.region_threshold.value }}
+{% if result.region_threshold %}<p>Regions: {{ '%.1f'|format(result.regions_per_query) }} per query (whole image, content box, grid and square windows), matched at cosine &ge; {{ result.region_threshold.value }}
 ({{ result.region_threshold.method }}); whole images at &ge; {{ result.region_threshold.base }}. The red outline is the region that matched.</p>{% endif %}
 {% for r in rows %}<div class="row flagged"><div><div class="q">{% if r.img_index is defined and thumbs.get(r.img_index) %}<img src="{{ thumbs[r.img_index] }}" alt="{{ r.query_id }}">{% if r._box_pct %}<div class="box" style="left:{{ '%.1f'|format(r._box_pct.left) }}%;top:{{ '%.1f'|format(r._box_pct.top) }}%;width:{{ '%.1f'|format(r._box_pct.width) }}%;height:{{ '%.1f'|format(r._box_pct.height) }}%"></div>{% endif %}{% endif %}</div><br><span title="{{ r.path }}">{{ r.query_id }}</span></div>
 {% set t = r._top %}<div>{% if train.get(t) %}<img src="{{ train[t] }}" alt="{{ t }}">{% endif %}<br>{{ t }}</div>
