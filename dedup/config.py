@@ -225,6 +225,9 @@ class Config(_Section):
             # 3: hashes of the content box (uniform borders trimmed), content_fraction column
             "hash_version": 3,
         }
+        if wants_embedding:
+            # 2: images enlarged ≥ 3× to the model's input are low-passed first (embedders.DEBLOCK_*)
+            part["embed_prep_version"] = 2
         return _hash(part)
 
 

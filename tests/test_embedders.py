@@ -467,3 +467,47 @@ def test_open_clip_cuda_fp16_matches_cpu(clip_none, photos):
     a, b = g.embed(photos), clip_none.embed(photos)
     _assert_unit(a)
     assert (np.sum(a * b, axis=1) > 0.99).all()
+
+
+def test_prepare_low_passes_only_images_enlarged_three_times(monkeypatch):
+    rng = np.random.default_rng(0)
+    noise = lambda s: Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8))  # noqa: E731
+    tiny, big = noise(32), noise(200)
+    with_lp = prepare(tiny, 288, "squash"), prepare(big, 288, "squash")
+    monkeypatch.setattr(E, "DEBLOCK_RADIUS", 0.0)
+    without = prepare(tiny, 288, "squash"), prepare(big, 288, "squash")
+    assert not np.array_equal(with_lp[0], without[0])  # 32 → 288: 9×, low-passed
+    assert with_lp[0].std() < without[0].std()
+    assert np.array_equal(with_lp[1], without[1])  # 200 → 288: 1.44×, untouched
+
+
+@needs_sscd
+@pytest.mark.slow
+def test_tiny_jpeg_copies_embed_closer_to_their_originals_after_the_low_pass(monkeypatch):
+    """32-px JPEG q40 copies of real 64-px photos: the low pass (embedders.DEBLOCK_*) brings each
+    copy closer to its original on average and does not bring unrelated photos closer."""
+    from dedup.testing.synth import real_photos
+
+    origs, copies = [], []
+    for _, im in real_photos(512)[:16]:
+        im64 = im.copy()
+        im64.thumbnail((64, 64), Image.Resampling.LANCZOS)
+        im32 = im.copy()
+        im32.thumbnail((32, 32), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im32.save(buf, "JPEG", quality=40)
+        origs.append(im64)
+        copies.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    e = make_embedder("sscd-distilled", device="cpu", batch_size=16)
+
+    def cosines():
+        a, b = e.embed(origs), e.embed(copies)
+        s = b @ a.T
+        other = s - np.eye(len(s)) * 10
+        return float(np.diag(s).mean()), float(other.max(axis=1).mean())
+
+    same_lp, other_lp = cosines()
+    monkeypatch.setattr(E, "DEBLOCK_RADIUS", 0.0)
+    same, other = cosines()
+    assert same_lp > same + 0.01, (same_lp, same)
+    assert other_lp <= other + 0.01, (other_lp, other)

@@ -94,6 +94,7 @@ def test_scorer_split_group_wrong_keeper_and_canvas_pairs():
     assert (s["predicted_pairs"], s["true_pairs"], s["true_positives"]) == (7, 7, 4)
     assert s["precision"] == pytest.approx(4 / 7) and s["recall"] == pytest.approx(4 / 7)
     assert s["split_groups"] == 1  # A over c1 and c2
+    assert s["divided_groups"] == 0 and s["alone_copies"] == 1  # a3 has no other A in c2
     assert s["canvas_false_pairs"] == 3  # a3-n1, a3-n2, n1-n2
     assert s["keeper_original"] == 0.5  # A's keeper is the JPEG q40 copy (wrong), B's is the original
     assert s["light_recall"] == 1.0  # a1, a2 with a0
@@ -110,6 +111,30 @@ def test_scorer_exact_copy_counts_as_original_and_cross_class():
     # a sample missing from the clustering is a singleton keeper
     s2 = score_clusters(ms, ["x0", "x1"], ["k", "k"], [True, False])
     assert s2["predicted_pairs"] == 1 and s2["split_groups"] == 0 and s2["keeper_original"] == 1.0
+
+
+def test_scorer_divided_group_vs_copy_left_alone():
+    ms = [Member(f"a{k}", "A", "original" if k == 0 else "jpeg_q40") for k in range(5)] + [Member("n", "n", "negative")]
+    # A cut into two linked parts (a0 a1 | a2 a3) and a4 alone: divided, one copy alone
+    s = score_clusters(ms, [m.sample_id for m in ms], ["c1", "c1", "c2", "c2", "c3", "c4"], [True] * 6)
+    assert (s["split_groups"], s["divided_groups"], s["alone_copies"]) == (1, 1, 1)
+    # one cluster and a copy left alone: spread, not divided
+    s = score_clusters(ms, [m.sample_id for m in ms], ["c1", "c1", "c1", "c1", "c3", "c4"], [True] * 6)
+    assert (s["split_groups"], s["divided_groups"], s["alone_copies"]) == (1, 0, 1)
+    # whole: neither
+    s = score_clusters(ms, [m.sample_id for m in ms], ["c1"] * 5 + ["c4"], [True] * 6)
+    assert (s["split_groups"], s["divided_groups"], s["alone_copies"]) == (0, 0, 0)
+
+
+def test_scorer_judges_only_pairs_touching_judged_samples():
+    ms = [Member("p0", "P", "original"), Member("p1", "P", "jpeg_q40"),
+          Member("u1", "u1", "negative"), Member("u2", "u2", "negative"), Member("u3", "u3", "negative")]
+    # planted pair found; u1-u2 (an unlabelled pair of the corpus) and p0-u3 predicted too
+    s = score_clusters(ms, ["p0", "p1", "u1", "u2", "u3"], ["a", "a", "b", "b", "a"], [True] * 5, judged={"p0", "p1"})
+    assert s["predicted_pairs"] == 4 and s["true_positives"] == 1  # p0-p1, p0-u3, p1-u3, u1-u2
+    assert s["judged_pairs"] == 3 and s["judged_precision"] == pytest.approx(1 / 3)
+    assert s["precision"] == pytest.approx(1 / 4)
+    assert "judged_f1" not in score_clusters(ms, ["p0"], ["a"], [True])
 
 
 def test_union_find_and_largest_keepers():

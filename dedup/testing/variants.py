@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
@@ -235,7 +235,7 @@ def predicted_pairs(sample_ids, cluster_ids) -> set[tuple[str, str]]:
     return {(a, b) for ms in groups.values() if len(ms) > 1 for a, b in combinations(sorted(ms), 2)}
 
 
-def score_clusters(members: list[Member], sample_ids, cluster_ids, is_keeper) -> dict:
+def score_clusters(members: list[Member], sample_ids, cluster_ids, is_keeper, judged=None) -> dict:
     """Score a clustering against the members' groups.
 
     ``sample_ids``/``cluster_ids``/``is_keeper``: parallel sequences, one per sample (a sample
@@ -243,9 +243,17 @@ def score_clusters(members: list[Member], sample_ids, cluster_ids, is_keeper) ->
     Returns pair precision/recall/F1, light/strong recall and recall per edit over
     (original, variant) pairs, ``keeper_original`` (share of groups with ≥ 2 members whose
     keeper, in the cluster holding the original, is the original or its ``exact`` copy),
-    ``split_groups`` (groups whose members lie in ≥ 2 clusters), ``canvas_false_pairs``
+    ``split_groups`` (groups whose members lie in ≥ 2 clusters, counting a copy left alone),
+    ``divided_groups`` (groups with ≥ 2 clusters that each hold ≥ 2 of its members: the group
+    cut into linked parts), ``alone_copies`` (members of a multi-member group whose cluster holds
+    no other member of it: a copy no link reached), ``canvas_false_pairs``
     (predicted pairs of two canvas-tagged samples of different groups), ``predicted_pairs`` and
     ``cross_class_share`` (predicted pairs whose labels differ, over pairs with both labels).
+
+    ``judged`` (sample ids): for a corpus whose own duplicates are not labelled (CIFAR-10 holds
+    near-identical photos of its own), the pairs that touch one of these samples are the ones
+    the labels decide; ``judged_precision`` / ``judged_f1`` count only those pairs as
+    predictions (a pair of two unjudged samples is neither right nor wrong).
     """
     by_id = {m.sample_id: m for m in members}
     cid: dict[str, object] = {}
@@ -268,7 +276,7 @@ def score_clusters(members: list[Member], sample_ids, cluster_ids, is_keeper) ->
 
     per_edit: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     per_class: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    keeper_ok = n_multi = split = 0
+    keeper_ok = n_multi = split = divided = alone = 0
     cluster_members: dict[object, list[str]] = defaultdict(list)
     for sid, c in cid.items():
         cluster_members[c].append(sid)
@@ -276,8 +284,11 @@ def score_clusters(members: list[Member], sample_ids, cluster_ids, is_keeper) ->
         if len(ms) < 2:
             continue
         n_multi += 1
-        if len({cid[m.sample_id] for m in ms}) > 1:
+        per_cluster = Counter(cid[m.sample_id] for m in ms)
+        if len(per_cluster) > 1:
             split += 1
+        divided += sum(1 for c in per_cluster.values() if c >= 2) >= 2
+        alone += sum(1 for c in per_cluster.values() if c == 1)
         origs = [m for m in ms if m.edit == "original"]
         if not origs:
             continue
@@ -296,7 +307,14 @@ def score_clusters(members: list[Member], sample_ids, cluster_ids, is_keeper) ->
     canvas_fp = sum(1 for a, b in pred if by_id[a].canvas and by_id[b].canvas and by_id[a].group != by_id[b].group)
     labelled = [(by_id[a].label, by_id[b].label) for a, b in pred if by_id[a].label is not None and by_id[b].label is not None]
     cross = sum(1 for x, y in labelled if x != y)
+    judged_stats = {}
+    if judged is not None:
+        judged = set(judged)
+        n_judged = sum(1 for a, b in pred if a in judged or b in judged)
+        jp, _, jf1 = _prf(tp, n_judged, len(truth))
+        judged_stats = {"judged_pairs": n_judged, "judged_precision": jp, "judged_f1": jf1}
     return {
+        **judged_stats,
         "predicted_pairs": len(pred),
         "true_pairs": len(truth),
         "true_positives": tp,
@@ -309,6 +327,8 @@ def score_clusters(members: list[Member], sample_ids, cluster_ids, is_keeper) ->
         "groups": n_multi,
         "keeper_original": keeper_ok / n_multi if n_multi else None,
         "split_groups": split,
+        "divided_groups": divided,
+        "alone_copies": alone,
         "canvas_false_pairs": canvas_fp,
         "cross_class_pairs": cross,
         "cross_class_share": cross / len(labelled) if labelled else None,
