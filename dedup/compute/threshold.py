@@ -217,7 +217,7 @@ def recorded(run, cfg) -> float:
 # samples to fit one): the run's threshold plus this margin. Measured with sscd-distilled on
 # real photos (benchmarks/check_quality.py, docs/quality.md "check"): the best region of an
 # unrelated query reached 0.42 (0.45 when refined; the run's 0.60 minus 0.18) over ~64 regions ×
-# 16 samples per query; copies caught by their regions sit at 0.65-0.95 (median 0.84); the 3 of
+# 16 samples per query; the best region of a copy has median 0.84; the 3 of
 # 288 copies missed at 0.65 scored 0.53-0.63. The margin is kept: it is the only guard when a
 # run has no tail model, and those 3 are one tall photo cropped to a third of its height.
 # Runs that recorded a tail model use it.
