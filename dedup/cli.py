@@ -464,9 +464,9 @@ def check(
     group_by: Annotated[Optional[str], typer.Option("--group-by", help="Sidecar JSON field that groups queries, e.g. prompt.")] = None,
     min_copies: Annotated[int, typer.Option("--min-copies", help="With --within: flag groups whose largest cluster has at least this many images.")] = 2,
     regions: Annotated[
-        bool, typer.Option("--regions/--no-regions", help="Also match regions of each query (grids, content boxes): finds copies inside collages, scenes and re-photographs; ~30x the cost per query.")
+        bool, typer.Option("--regions/--no-regions", help="Also match regions of each query (grids, content boxes): finds copies inside collages, scenes and re-photographs; ~30-40x the cost per query.")
     ] = True,
-    max_regions: Annotated[Optional[int], typer.Option("--max-regions", help="At most this many regions per query (default: all, ~46 for a photo).")] = None,
+    max_regions: Annotated[Optional[int], typer.Option("--max-regions", help="At most this many regions per query (default: all, ~64 for a 4:3 photo, ~45 for a square one).")] = None,
 ) -> None:
     """Memorization guard: flag query images that are near-copies of a run's training samples.
 

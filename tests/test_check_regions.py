@@ -4,11 +4,12 @@ import io
 import json
 import tarfile
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from dedup.compute.regions import RegionSpec, grid_boxes, region_boxes
+from dedup.compute.regions import RegionSpec, grid_boxes, region_boxes, square_boxes
 from dedup.compute.threshold import REGION_MARGIN, region_threshold
 from dedup.testing.synth import real_photos
 from dedup.testing.variants import jpeg_bytes, paste_on_canvas
@@ -30,6 +31,19 @@ def test_region_boxes_whole_first_content_box_and_no_duplicates():
     assert abs((x1 - x0) - im.width) <= 2 and abs((y1 - y0) - im.height) <= 2
     assert len(region_boxes(padded, RegionSpec(grids=(), content=False))) == 1
     assert len(region_boxes(padded, RegionSpec(max_regions=5))) == 5
+
+
+def test_square_windows_for_a_landscape_or_portrait_query_only():
+    assert square_boxes((0, 0, 640, 480), 1.5) == [(0, 0, 320, 320), (160, 0, 480, 320), (320, 0, 640, 320),
+                                                   (0, 160, 320, 480), (160, 160, 480, 480), (320, 160, 640, 480)]
+    assert len(square_boxes((0, 0, 640, 480), 2)) == 15 and square_boxes((0, 0, 480, 640), 2)[-1] == (240, 400, 480, 640)
+    noise = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    landscape = region_boxes(Image.fromarray(noise))
+    assert (0, 0, 320, 320) in landscape and len(landscape) == len(set(landscape))
+    assert len(landscape) - len(region_boxes(Image.fromarray(noise), RegionSpec(square=()))) == 21
+    # a square query gets no extra windows
+    square = Image.fromarray(noise[:, :480])
+    assert len(region_boxes(square)) == len(region_boxes(square, RegionSpec(square=())))
 
 
 def test_region_threshold_budget_from_the_tail_model_and_margin_without_one():

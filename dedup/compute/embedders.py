@@ -67,11 +67,8 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 DEFAULT_FIT = "squash"
 BUCKET_STEP = 32
 MAX_ASPECT = 3.0
-# Tiny images (upscaled DEBLOCK_SCALE× or more to the model's input: ≤ 96 px for a 288-px model)
-# are low-passed first with a Gaussian of DEBLOCK_RADIUS of their own pixels. At 32 px an 8×8
-# JPEG block is a quarter of the image; upscaled ~9× its edges become strong structure that the
-# copy descriptor reads as content. Measured (docs/embedders.md "Tiny images"): on the tiny
-# benchmark the pipeline's F1 0.920 → 0.939 (sscd-distilled); radius 0.5–1.0 all helped.
+# Images enlarged DEBLOCK_SCALE× or more (≤ 96 px for 288) are low-passed first (Gaussian, radius in
+# their own pixels): enlarged ~9×, 8×8 JPEG block edges read as content (docs/embedders.md).
 DEBLOCK_SCALE = 3.0
 DEBLOCK_RADIUS = 0.7
 
@@ -297,9 +294,8 @@ def prepare(im: Image.Image, size: int | tuple[int, int], fit: str) -> np.ndarra
     """PIL image → RGB uint8 HWC array of the shape :func:`_target_shape` gives.
 
     ``size``: the square side (squash, crop, letterbox) or the short side (bucket); for a model
-    with a static input, the exact (W, H). Bilinear resampling (antialiased when shrinking).
-    An image enlarged ``DEBLOCK_SCALE``× or more is first low-passed (``DEBLOCK_RADIUS``).
-    """
+    with a static input, the exact (W, H). Bilinear resampling (antialiased when shrinking);
+    an image enlarged ``DEBLOCK_SCALE``× or more is first low-passed (``DEBLOCK_RADIUS``)."""
     im = _rgb(im)
     w, h = im.size
     tw, th = _target_shape(w, h, size, fit)

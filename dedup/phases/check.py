@@ -179,7 +179,7 @@ def _query_features(inputs, cfg: Config, embedder, group_by):
 
 
 def _region_matches(index: VectorIndex, embedder, blobs: list[bytes], policy, spec, region_th: float, chunk: int = 256,
-                    final_threshold=None, refine_below: float = 0.2):
+                    final_threshold=None, refine_below: float | None = None):
     """Every region of every query (but the whole image, matched by the caller) against the
     training index, ``chunk`` regions at a time (decoded crops never pile up).
 
@@ -190,7 +190,7 @@ def _region_matches(index: VectorIndex, embedder, blobs: list[bytes], policy, sp
 
     Refinement (``spec.refine``): a grid cell rarely frames a pasted or photographed copy
     exactly, and the extra background costs cosine. A query whose best region came within
-    ``refine_below`` of the final threshold (``final_threshold(counts)``) but not to it has that
+    ``refine_below`` (default ``spec.refine_below``) of the final threshold (``final_threshold(counts)``) but not to it has that
     box refined towards its nearest training sample: each side moved in and out by a shrinking
     step while the cosine rises (a few dozen embeddings, only for those queries)."""
     from PIL import Image
@@ -254,12 +254,13 @@ def _region_matches(index: VectorIndex, embedder, blobs: list[bytes], policy, sp
             flush()
     flush()
     if spec.refine and final_threshold is not None:
-        th = float(final_threshold(counts))
+        th, band = float(final_threshold(counts)), spec.refine_below if refine_below is None else refine_below
         for k, (r, c, _, b) in list(nearest.items()):
-            if not (th - refine_below <= c < th) or any(v[0] >= th for v in hits.get(k, {}).values()):
+            if not (th - band <= c < th) or any(v[0] >= th for v in hits.get(k, {}).values()):
                 continue
             im, size = load(blobs[k])
             rb, rc = _refine_box(im, b, np.asarray(index.ref[r], np.float32), embedder, min_side=spec.min_side)
+            log.debug("refined query %d towards %d: cosine %.4f -> %.4f", k, r, c, rc)
             if rc > c:
                 nearest[k] = (r, rc, scale_box(rb, im.size, size), rb)
                 if rc >= region_th and (r not in hits[k] or rc > hits[k][r][0]):
@@ -583,7 +584,7 @@ img{max-width:128px;max-height:128px;border:2px solid #bbb;display:block} td,th{
 <h1>{{ title }}</h1>
 <h2 id="check">Memorization check</h2>
 <p>{{ result.queries }} queries, {{ result.flagged }} flagged as near-copies of training samples{% if rows|length < result.flagged %} (showing {{ rows|length }}){% endif %}.</p>
-{% if result.region_threshold %}<p>Regions: {{ '%.1f'|format(result.regions_per_query) }} per query (whole image, content box, grid cells), matched at cosine &ge; {{ result.region_threshold.value }}
+{% if result.region_threshold %}<p>Regions: {{ '%.1f'|format(result.regions_per_query) }} per query (whole image, content box, grid and square windows), matched at cosine &ge; {{ result.region_threshold.value }}
 ({{ result.region_threshold.method }}); whole images at &ge; {{ result.region_threshold.base }}. The red outline is the region that matched.</p>{% endif %}
 {% for r in rows %}<div class="row flagged"><div><div class="q">{% if r.img_index is defined and thumbs.get(r.img_index) %}<img src="{{ thumbs[r.img_index] }}" alt="{{ r.query_id }}">{% if r._box_pct %}<div class="box" style="left:{{ '%.1f'|format(r._box_pct.left) }}%;top:{{ '%.1f'|format(r._box_pct.top) }}%;width:{{ '%.1f'|format(r._box_pct.width) }}%;height:{{ '%.1f'|format(r._box_pct.height) }}%"></div>{% endif %}{% endif %}</div><br><span title="{{ r.path }}">{{ r.query_id }}</span></div>
 {% set t = r._top %}<div>{% if train.get(t) %}<img src="{{ train[t] }}" alt="{{ t }}">{% endif %}<br>{{ t }}</div>
