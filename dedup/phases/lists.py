@@ -59,9 +59,11 @@ __all__ = ["PARTITION_ROWS", "ShardRows", "assign_task", "read_embeddings", "sea
 TASK_ROWS = 1 << 16  # rows per assignment task (whole shards: at least one shard a task)
 # Rows from which a local run shuffles by list too (a Ray run always does: its tasks then read
 # the features files instead of a matrix in the object store). Below, the staged float16 matrix
-# fits a machine and the in-memory driver skips writing ~nprobe vector copies per row
-# (docs/scale.md). benchmarks/scale.py --search sets it to compare both.
-PARTITION_ROWS = 500_000
+# fits a machine and the in-memory driver skips writing ~nprobe vector copies per row; at 10⁶
+# it also peaked lower (807 vs 874 MB) and ran faster, but it holds ~560 B a row of bound rows
+# and plan that the partitioned driver does not (docs/scale.md). benchmarks/scale.py --search
+# sets it to compare both.
+PARTITION_ROWS = 2_000_000
 
 
 def use_partitions(n_valid: int, on_cluster: bool) -> bool:
