@@ -43,6 +43,11 @@ def test_incremental_equals_full_run_for_day2_samples(synth_shards, tmp_path):
     other = load_config(None, None, **{**kw, "embedding.spec": "pixel:8"})
     with pytest.raises(SchemaMismatchError, match="same model"):
         run_pipeline(day2, str(tmp_path / "day2b"), other, progress=False, against=str(tmp_path / "day1"))
+    # The same model with other features (here: decode settings; or a dedup version that prepares
+    # images differently) says how to get a compatible previous run.
+    other = load_config(None, None, **{**kw, "decode.draft": False})
+    with pytest.raises(SchemaMismatchError, match="run it again with this version first"):
+        run_pipeline(day2, str(tmp_path / "day2d"), other, progress=False, against=str(tmp_path / "day1"))
     # The keepers' index was cached in the previous run and is reused.
     assert (tmp_path / "day1" / "index" / "keepers" / "vectors.f16.npy").exists()
     r = subprocess.run([sys.executable, "-m", "dedup.cli", "run", *day2, "--out", str(tmp_path / "day2c"), "--against", str(tmp_path / "day1"),

@@ -49,6 +49,9 @@ def check_previous(prev: RunDir, features_hash: str, model_tag: str | None) -> d
             f"--against {prev.url} was made with model {info.get('model_tag') or 'none'!r} / features "
             f"{info.get('features_hash')}, this run uses model {model_tag or 'none'!r} / features {features_hash}; "
             "an incremental run must use the same model and decode settings"
+            + ("; the model is the same, so either the decode/input settings differ or the previous run was made "
+               "by a dedup version whose decode, hashing or image preparation differ — then run it again with this "
+               "version first (its features are recomputed) and --against it" if info.get("model_tag") == model_tag else "")
         )
     return info
 
