@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 import platform
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -55,3 +58,38 @@ def write_section(name: str, body: str, doc: Path = DOC) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit(143), so a benchmark killed with ``kill`` unwinds and
+    :func:`kill_group` / :func:`run_peer` stop the tools it started (Ctrl-C already unwinds)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill the process group that ``proc`` leads (started with ``start_new_session=True``):
+    the tool and every worker it started."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def run_peer(cmd: list[str], *, capture_output: bool = False, text: bool = False, check: bool = False,
+             **kw) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, ...)`` with the command in its own process group, killed whole if
+    this benchmark stops early (Ctrl-C, SIGTERM with :func:`stop_on_sigterm`, an error): a
+    peer's worker processes must not outlive the benchmark."""
+    if capture_output:
+        kw["stdout"] = kw["stderr"] = subprocess.PIPE
+    with subprocess.Popen(cmd, start_new_session=True, text=text, **kw) as proc:
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            kill_group(proc)
+            raise
+    r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if check:
+        r.check_returncode()
+    return r

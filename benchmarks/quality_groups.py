@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._table import machine_description, markdown_table  # noqa: E402
+from benchmarks._table import machine_description, markdown_table, run_peer, stop_on_sigterm  # noqa: E402
 from dedup.config import METHODS, load_config  # noqa: E402
 from dedup.runner import run_pipeline  # noqa: E402
 from dedup.testing.synth import real_photos  # noqa: E402
@@ -289,8 +288,8 @@ def peer_fastdup(py: str, folder: Path, work: Path, members: list[Member], run_d
     work.mkdir(parents=True)
     env = dict(os.environ, SENTRY_OPT_OUT="1")
     env.pop("PYTHONPATH", None)
-    r = subprocess.run([py, "-c", _FASTDUP_SCRIPT, str(folder), str(work), str(min(2, os.cpu_count() or 1))],
-                       env=env, capture_output=True, text=True, cwd=work)
+    r = run_peer([py, "-c", _FASTDUP_SCRIPT, str(folder), str(work), str(min(2, os.cpu_count() or 1))],
+                 env=env, capture_output=True, text=True, cwd=work)
     if r.returncode != 0:
         raise RuntimeError(f"fastdup failed: {r.stderr.strip()[-800:]}")
     files = json.loads((work / "files.json").read_text())
@@ -354,6 +353,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/quality.md")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    stop_on_sigterm()
 
     cfg = load_config(None, args.set, methods=list(METHODS), **{"embedding.spec": args.embedder})
     py = None if args.no_peers else fastdup_python(args.fastdup_python)

@@ -65,7 +65,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._table import machine_description, markdown_table, write_section  # noqa: E402
+from benchmarks._table import kill_group, machine_description, markdown_table, stop_on_sigterm, write_section  # noqa: E402
 from benchmarks.quality_groups import CIFAR_EDITS, cifar_images, fastdup_python  # noqa: E402
 from dedup.config import Config  # noqa: E402
 from dedup.testing.synth import real_photos  # noqa: E402
@@ -148,19 +148,24 @@ def measure(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> tuple[
     t0 = time.perf_counter()
     peak = 0
     with open(log, "w") as fh:
-        proc = psutil.Popen(cmd, env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
-        while proc.poll() is None:
-            total = 0
-            try:
-                for p in [proc, *proc.children(recursive=True)]:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                pass
-            peak = max(peak, total)
-            time.sleep(0.1)
+        # its own process group: killed whole (tool and workers) if this benchmark stops early
+        proc = psutil.Popen(cmd, env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while proc.poll() is None:
+                total = 0
+                try:
+                    for p in [proc, *proc.children(recursive=True)]:
+                        try:
+                            total += p.memory_info().rss
+                        except psutil.Error:
+                            pass
+                except psutil.Error:
+                    pass
+                peak = max(peak, total)
+                time.sleep(0.1)
+        except BaseException:
+            kill_group(proc)
+            raise
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -366,6 +371,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    stop_on_sigterm()
     if args.quick:
         args.small_n, args.web_n, args.clip_images = 600, 300, 100
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
