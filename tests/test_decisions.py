@@ -144,6 +144,23 @@ def test_auto_threshold_lands_where_the_false_pair_budget_says():
     assert large.value > small.value
 
 
+def test_auto_threshold_raised_for_a_few_hundred_dense_samples():
+    """600 similar-looking samples (all pairs sampled, too few of them to take the top 10⁻⁴): the
+    tail is fitted on the top pairs below the floor, and the threshold is raised when unrelated
+    pairs crowd the floor — it used to stay at the floor there (a few hundred tiny photos)."""
+    from dedup.compute.threshold import choose
+
+    rng = np.random.default_rng(7)
+    x = _dense(rng, 600, 1.9)
+    sims = (x @ x.T)[np.triu_indices(600, 1)]
+    ch = choose(x, np.ones(600, bool), 0.6)
+    assert int((sims >= 0.6).sum()) > 10, "the case: unrelated pairs above the floor"
+    assert ch.value > 0.6 and int((sims >= ch.value).sum()) <= 3, ch
+    iso = rng.normal(size=(600, 256))
+    iso /= np.linalg.norm(iso, axis=1, keepdims=True)
+    assert choose(iso, np.ones(600, bool), 0.6).value == 0.6  # unrelated pairs far below: the floor
+
+
 def test_auto_threshold_is_not_fooled_by_many_copies():
     """A small corpus where most pairs above the floor are copies (spread up to 1), the
     unrelated ones near 0: the family threshold stays."""

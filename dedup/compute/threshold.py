@@ -16,6 +16,9 @@ So the threshold is chosen per run, from this corpus's own unrelated-pair simila
    exponential truncated at the floor (maximum likelihood): a corpus with many copies would
    otherwise look "dense". When ``u`` is at or above the floor, more than ``tail`` of all pairs
    reach it — far more than copies can make up — and the top of the whole sample is fitted.
+   Below the floor the top fitted is at least ``TAIL_MIN`` (50) pairs: a few hundred samples
+   (all their pairs sampled) have too few pairs for the ``tail`` share alone; under
+   ``SAMPLE_MIN`` sampled pairs the family threshold is kept.
    Cosines are bounded by 1, so their true tail falls faster than an exponential: the model errs
    towards too many false pairs, i.e. a higher threshold.
 3. **Budget.** The expected number of unrelated pairs above ``t`` among all ``n(n-1)/2``
@@ -82,6 +85,10 @@ def _truncated_rate(excess: np.ndarray, width: float) -> float:
     return math.sqrt(lo * hi)
 
 
+# The tail below the floor is fitted on its top ``tail`` share, and on at least TAIL_MIN pairs; with
+# fewer than SAMPLE_MIN sampled pairs (n < ~140) there is no tail to speak of: the family threshold.
+TAIL_MIN = 50
+SAMPLE_MIN = 10_000
 # An unrelated tail thins out by at least e per 0.1 of cosine above the floor; a flatter
 # "tail" is copies (their similarities spread up to 1), not unrelated pairs.
 LAMBDA_MIN = 10.0
@@ -171,8 +178,10 @@ def choose(
     else:
         # extrapolated from below the floor: the top of the tail, truncated at the floor
         below = sims[sims < floor]
-        k = int(len(below) * tail)
-        if k < 50:  # under ~500 000 sampled pairs (n < ~1 000) the top of the tail is a handful of pairs
+        # the top ``tail`` of the pairs below the floor, and at least TAIL_MIN of them: under ~500 000
+        # sampled pairs (n < ~1 000, where the sample is every pair) ``tail`` is a handful of pairs
+        k = max(int(len(below) * tail), TAIL_MIN)
+        if len(below) < SAMPLE_MIN:
             return ThresholdChoice(floor, "auto", floor, n, budget, None, None, sampled_pairs=m,
                                    note="too few sampled pairs to model the tail: the family threshold")
         u = float(below[-k - 1])
