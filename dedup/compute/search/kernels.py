@@ -5,6 +5,7 @@ kept with a rounding margin and rescored exactly in float64 (see :mod:`dedup.com
 from __future__ import annotations
 
 import mmap
+import os
 import sys
 import threading
 
@@ -98,15 +99,11 @@ def _pread_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
     """The rows (int indices) of a read-only, row-contiguous 2-d array on a memmap read from
     its file; None where that is not possible (e.g. a file removed once mapped: then the
     mapping)."""
-    import os
-
     m = _mapping(x)
     mm = _memmap_of(x)
     name = getattr(mm, "filename", None)
     if (m is None or mm is None or name is None or x.ndim != 2 or mm.mode != "r" or rows.dtype.kind not in "iu"
-            or x.strides != (x.shape[1] * x.itemsize, x.itemsize)):
-        return None
-    if rows.ndim != 1:
+            or rows.ndim != 1 or x.strides != (x.shape[1] * x.itemsize, x.itemsize)):
         return None
     try:
         fd = os.open(name, os.O_RDONLY)
