@@ -32,6 +32,7 @@ from dedup.compute.search.hamming import popcount64
 from dedup.compute.search.ivf import IVFParams, IVFPlan
 from dedup.compute.search.kernels import Matmul, rows_f32, tile_pairs
 from dedup.compute.search.threads import n_threads, pmap, single_threaded_libs
+from dedup.compute.search.upper import Upper
 
 
 @dataclass(frozen=True)
@@ -266,6 +267,9 @@ class VectorIndex:
                 arrays.update(axes=c.projection.axes, shift=c.projection.shift)
             if c.bound is not None:
                 arrays.update(bound_axes=c.bound.axes)
+            if c.upper is not None:  # the coarse stage's upper level: queries are assigned with it
+                arrays.update(upper_centroids=c.upper.centroids, upper_order=c.upper.order,
+                              upper_offsets=c.upper.offsets)
             tmp = os.path.join(directory, "ivf.tmp.npz")
             np.savez(tmp, **arrays)
             os.replace(tmp, os.path.join(directory, "ivf.npz"))
@@ -299,7 +303,9 @@ class VectorIndex:
         bound = Bound(a["bound_axes"]) if "bound_axes" in a else None
         centroids = a["centroids"]
         gaps = centroid_gaps(centroids) if math.isfinite(meta["rho"]) and params.nprobe > 1 else None
-        coarse = IVFCoarse(projection, centroids, float(meta["rho"]), params, bound, gaps)
+        upper = (Upper(a["upper_centroids"], a["upper_order"], a["upper_offsets"], int(params.super_probe))
+                 if "upper_centroids" in a else None)
+        coarse = IVFCoarse(projection, centroids, float(meta["rho"]), params, bound, gaps, upper)
         bound_rows = None
         if bound is not None:  # recomputed (n × ~130 floats: cheaper to project than to store)
             bound_rows = np.empty((ref.shape[0], bound.width), np.float32)

@@ -16,6 +16,7 @@ from dedup.compute.search.ivf import IVFParams, IVFPlan, build_plan, with_neares
 from dedup.compute.search.kernels import rows_f32
 from dedup.compute.search.pairs import valid_rows
 from dedup.compute.search.threads import n_threads, pmap, single_threaded_libs
+from dedup.compute.search.upper import Upper, upper_level
 
 __all__ = [
     "ASSIGN_BLOCK",
@@ -30,6 +31,7 @@ __all__ = [
     "probe_radius",
     "sample_rows",
     "train_ivf",
+    "train_upper",
 ]
 
 _I64 = np.int64
@@ -117,6 +119,14 @@ def _kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
     return np.ascontiguousarray(km.centroids, dtype=_F32)
 
 
+def train_upper(centroids: np.ndarray, n_super: int, probe: int, niter: int, seed: int) -> Upper:
+    """The coarse stage's upper level: k-means of the lists' centroids into ``n_super``
+    super-lists, each list in that of its nearest super-centroid (one thread: deterministic)."""
+    s = max(1, min(int(n_super), len(centroids)))
+    sup = _kmeans(centroids, s, niter, seed + 1)
+    return upper_level(sup, _nearest(sup, centroids, 1)[1][:, 0], probe)
+
+
 def probe_radius(params: IVFParams, threshold: float | None) -> float:
     """Bisector-distance limit for visiting a list (PCA units); inf = plain top-nprobe."""
     if threshold is None or params.probe_margin is None or params.probe_margin <= 0:
@@ -135,6 +145,14 @@ class IVFCoarse:
     params: IVFParams  # nlist and nprobe clamped to the data
     bound: Bound | None = None  # pair-stage prefilter (its first pca_dim columns = projection)
     gaps: np.ndarray | None = None  # (nlist, nlist) float32 centroid distances, if nlist ≤ 4096
+    upper: Upper | None = None  # the super-lists (params.super_lists > 0), else flat assignment
+
+    def nearest(self, pz: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's k nearest centroids (squared L2): all of them compared (flat), or those
+        of the row's nearest super-lists (:mod:`~dedup.compute.search.upper`)."""
+        if self.upper is not None:
+            return self.upper.nearest(self.centroids, pz, k)
+        return _nearest(self.centroids, pz, k)
 
     def coordinates(self, blk: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(PCA coordinates, bound rows or None) of float32 rows: with a bound, the coordinates
@@ -178,8 +196,12 @@ class _Fitted:
         return _kmeans(self.xt, p.nlist, p.niter, p.seed)
 
     def quantizer(self, centroids: np.ndarray) -> IVFCoarse:
-        gaps = centroid_gaps(centroids) if math.isfinite(self.rho) and self.params.nprobe > 1 else None
-        return IVFCoarse(self.project, centroids, self.rho, self.params, self.bound, gaps)
+        p = self.params
+        gaps = centroid_gaps(centroids) if math.isfinite(self.rho) and p.nprobe > 1 else None
+        upper = None
+        if p.super_lists and 1 < p.super_lists < len(centroids):
+            upper = train_upper(centroids, p.super_lists, p.super_probe, p.niter, p.seed)
+        return IVFCoarse(self.project, centroids, self.rho, p, self.bound, gaps, upper)
 
 
 def _fit(x: np.ndarray, params: IVFParams, valid: np.ndarray | None, threshold: float | None) -> _Fitted:
@@ -243,7 +265,7 @@ def assign_coordinates(coarse: IVFCoarse, pz: np.ndarray, rid: np.ndarray,
     ``nearest_out`` (rows × k, k ≤ nprobe): receives each row's k nearest lists, own first."""
     nprobe = coarse.params.nprobe
     centroids = coarse.centroids
-    dist, lab = _nearest(centroids, pz, nprobe)
+    dist, lab = coarse.nearest(pz, nprobe)
     del pz
     if nearest_out is not None:
         nearest_out[:] = lab[:, : nearest_out.shape[1]]

@@ -52,6 +52,11 @@ class IVFParams:
     unit_rows    target member+visitor rows per work unit (a unit = consecutive lists)
     threads      worker threads for units and assignment (0 = all cores); BLAS and faiss
                  run single-threaded inside them
+    super_lists  the coarse stage's upper level: the nlist centroids grouped into this many
+                 super-lists (a k-means over them); a row is compared with the centroids of its
+                 ``super_probe`` nearest super-lists only (dedup.compute.search.upper).
+                 0 = flat: every row compared with every centroid
+    super_probe  super-lists a row searches for its nearest lists (with super_lists > 0)
     """
 
     nlist: int
@@ -67,6 +72,8 @@ class IVFParams:
     unit_rows: int = 1 << 16
     threads: int = 0
     bound_dim: int = 0
+    super_lists: int = 0
+    super_probe: int = 8
 
     @classmethod
     def auto(cls, n: int, d: int, threshold: float | None = None, **overrides) -> IVFParams:
@@ -97,6 +104,9 @@ class IVFParams:
             pca_dim=int(128 if d >= 512 else min(d, 64)),
             bound_dim=_auto_bound_dim(n, d),
         )
+        sl, sp = _auto_upper(nlist)
+        if sl:
+            p = replace(p, super_lists=sl, super_probe=sp)
         return replace(p, **overrides) if overrides else p
 
 
@@ -112,6 +122,19 @@ _BOUND_MAX_BYTES = 8 << 30
 def _auto_bound_dim(n: int, d: int) -> int:
     q = int(min(128, d // 4)) if d >= 128 else 0
     return q if q and n * (q + 2) * 4 <= _BOUND_MAX_BYTES else 0
+
+
+# The coarse stage's upper level from this many lists on (below: flat, as before); measured
+# in docs/candidates.md ("Coarse quantizer"), benchmarks/quantizer.py.
+UPPER_FROM_LISTS = 10_000
+UPPER_PROBE = 16
+
+
+def _auto_upper(nlist: int) -> tuple[int, int]:
+    """(super_lists, super_probe) for nlist lists: (0, 8) = flat below UPPER_FROM_LISTS."""
+    if nlist < UPPER_FROM_LISTS:
+        return 0, 8
+    return int(round(2.0 * math.sqrt(nlist))), UPPER_PROBE
 
 
 def _auto_nprobe(nlist: int, threshold: float | None) -> int:
