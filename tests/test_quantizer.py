@@ -88,3 +88,21 @@ def test_auto_switches_to_the_upper_level_above_the_measured_size():
     assert IVFParams.auto(10**6, 512, 0.9).super_lists == 0  # below: flat, as before
     big = IVFParams.auto(10**8, 512, 0.9)
     assert big.super_lists == _auto_upper(big.nlist)[0] > 0
+
+
+def test_saved_crossmatch_index_keeps_its_upper_level(emb, tmp_path, monkeypatch):
+    """A VectorIndex built above the switch-over saves its upper level: the loaded index
+    assigns queries with the same quantizer (the same answers)."""
+    from dedup.compute import crossmatch
+    from dedup.compute.search import ivf
+
+    monkeypatch.setattr(ivf, "_auto_upper", lambda nlist: (12, 4))
+    ref, q = emb[:10_000], emb[10_000:]
+    vi = crossmatch.VectorIndex(ref, flat_max=1000, threshold=0.9)
+    assert vi.plan is not None and vi.plan.coarse is not None and vi.plan.coarse.upper is not None
+    vi.save(str(tmp_path / "ix"))
+    back = crossmatch.VectorIndex.load(str(tmp_path / "ix"), ref)
+    assert back is not None and back.plan is not None and back.plan.coarse.upper is not None
+    a, b = vi.range(q, 0.9), back.range(q, 0.9)
+    assert len(a.q) > 100
+    assert np.array_equal(a.q, b.q) and np.array_equal(a.r, b.r) and np.array_equal(a.score, b.score)
