@@ -84,10 +84,15 @@ def test_upper_level_is_deterministic_across_splits_and_processes(emb):
         assert len(plan.visitor_rows) == len(whole[1])
 
 
-def test_auto_switches_to_the_upper_level_above_the_measured_size():
-    assert IVFParams.auto(10**6, 512, 0.9).super_lists == 0  # below: flat, as before
-    big = IVFParams.auto(10**8, 512, 0.9)
-    assert big.super_lists == _auto_upper(big.nlist)[0] > 0
+def test_auto_keeps_the_flat_assignment_unless_switched_on(monkeypatch):
+    from dedup.compute.search import ivf
+
+    for n in (10**6, 10**7, 10**8):  # measured: no win up to 10⁷ rows at recall ≥ 0.99
+        assert IVFParams.auto(n, 512, 0.9).super_lists == 0
+    monkeypatch.setattr(ivf, "UPPER_FROM_LISTS", 10_000)
+    assert IVFParams.auto(10**6, 512, 0.9).super_lists == 0  # 2 000 lists: below
+    big = IVFParams.auto(10**7, 512, 0.9)
+    assert (big.super_lists, big.super_probe) == _auto_upper(big.nlist) == (283, 32)
 
 
 def test_saved_crossmatch_index_keeps_its_upper_level(emb, tmp_path, monkeypatch):
@@ -96,7 +101,8 @@ def test_saved_crossmatch_index_keeps_its_upper_level(emb, tmp_path, monkeypatch
     from dedup.compute import crossmatch
     from dedup.compute.search import ivf
 
-    monkeypatch.setattr(ivf, "_auto_upper", lambda nlist: (12, 4))
+    monkeypatch.setattr(ivf, "UPPER_FROM_LISTS", 50)
+    monkeypatch.setattr(ivf, "UPPER_PROBE", 4)
     ref, q = emb[:10_000], emb[10_000:]
     vi = crossmatch.VectorIndex(ref, flat_max=1000, threshold=0.9)
     assert vi.plan is not None and vi.plan.coarse is not None and vi.plan.coarse.upper is not None

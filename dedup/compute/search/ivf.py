@@ -124,15 +124,17 @@ def _auto_bound_dim(n: int, d: int) -> int:
     return q if q and n * (q + 2) * 4 <= _BOUND_MAX_BYTES else 0
 
 
-# The coarse stage's upper level from this many lists on (below: flat, as before); measured
-# in docs/candidates.md ("Coarse quantizer"), benchmarks/quantizer.py.
-UPPER_FROM_LISTS = 10_000
-UPPER_PROBE = 16
+# The coarse stage's upper level from this many lists on; None = never. Measured
+# (docs/candidates.md, "Coarse quantizer at scale"; benchmarks/quantizer.py): on the benchmark
+# data it did not win up to 20 000 lists (10⁷ rows) at recall ≥ 0.99 — keeping 0.99 of the flat
+# assignment's pairs took as much CPU a row as the flat assignment — so auto keeps the flat one.
+UPPER_FROM_LISTS: int | None = None
+UPPER_PROBE = 32  # super-lists probed, of 2·√nlist, where it is switched on
 
 
 def _auto_upper(nlist: int) -> tuple[int, int]:
     """(super_lists, super_probe) for nlist lists: (0, 8) = flat below UPPER_FROM_LISTS."""
-    if nlist < UPPER_FROM_LISTS:
+    if UPPER_FROM_LISTS is None or nlist < UPPER_FROM_LISTS:
         return 0, 8
     return int(round(2.0 * math.sqrt(nlist))), UPPER_PROBE
 
