@@ -3,6 +3,7 @@
     python benchmarks/quantizer.py --n 1000000 --n 10000000      # a table; writes docs/candidates.md
     python benchmarks/quantizer.py --n 1000000 --json            # one JSON line per n and quantizer
     ... --variant ivf:141:8 --variant hnsw:32:64                 # the upper levels to measure
+    python benchmarks/quantizer.py --ranks                       # where the lists a row needs lie
 
 Data: the candidate benchmark's CLIP-like float16 embeddings (d = 512, planted near-duplicates
 at cosines U[0.90, 0.995], 2% exact copies, 5% hard negatives; ``benchmarks/candidates.py``),
@@ -224,12 +225,52 @@ def measure(n: int, seed: int, variants: list[str], queries: int, planted: int, 
     return out
 
 
+def ranks(n: int, seed: int, rows: int = 4096) -> dict:
+    """Where the lists a row needs lie among its super-lists: the rank (by distance) of the
+    super-list (S = √nlist) holding each list the flat assignment gives a row (own + visited)."""
+    from dedup.compute.search.coarse import assign_coordinates, train_upper
+    from dedup.compute.search.kernels import take_rows
+    from dedup.compute.search.threads import single_threaded_libs
+
+    x = np.load(_ensure_data(n, seed, THRESHOLD), mmap_mode="r")
+    _, coarse, _ = _train(n, seed)
+    pick = np.sort(np.random.default_rng(seed + 1).choice(n, min(rows, n), replace=False))
+    nl = len(coarse.centroids)
+    s = int(round(nl**0.5))
+    with single_threaded_libs():
+        pz, _ = coarse.coordinates(np.asarray(take_rows(x, pick), np.float32))
+        prim, vr, vl = assign_coordinates(coarse, pz, np.arange(len(pick)))
+        up = train_upper(coarse.centroids, s, s, coarse.params.niter, coarse.params.seed)
+        import faiss
+
+        flat = faiss.IndexFlatL2(up.centroids.shape[1])
+        flat.add(up.centroids)
+        order = flat.search(np.ascontiguousarray(pz, np.float32), s)[1]  # every super-centroid, nearest first
+    own = np.empty(nl, np.int64)
+    for k in range(s):
+        own[up.order[up.offsets[k] : up.offsets[k + 1]]] = k
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(s), order.shape).copy(), 1)
+    r = np.concatenate([np.arange(len(pick)), vr])
+    rk = rank[r, own[np.concatenate([prim, vl])]]
+    q = np.quantile(rk, [0.5, 0.9, 0.99])
+    out = {"kind": "ranks", "n": n, "nlist": nl, "super_lists": s, "rows": len(pick),
+           "lists_per_row": round(len(rk) / len(pick), 3), "rank_q50_q90_q99": [int(v) for v in q]}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def _size(n: int) -> str:
+    k = len(str(n)) - 1
+    return "10" + "".join("⁰¹²³⁴⁵⁶⁷⁸⁹"[int(c)] for c in str(k)) if n == 10**k else str(n)
+
+
 def report(rows: list[dict]) -> str:
     from benchmarks._table import machine_description, markdown_table
 
     head = ["n", "nlist", "quantizer", "us/row", "project us/row", "visits/row", "recall (sampled)",
             "recall (planted)", "vs flat", "upper level build CPU s"]
-    body = [[f"{r['n']:.0e}", r["nlist"], r["variant"], r["us_per_row"], r["project_us_per_row"], r["visits_per_row"],
+    body = [[_size(r["n"]), r["nlist"], r["variant"], r["us_per_row"], r["project_us_per_row"], r["visits_per_row"],
              f"{r['recall_sampled']:.4f} ({r['sampled_pairs']})", f"{r['recall_planted']:.4f} ({r['planted_pairs']})",
              f"{r['vs_flat']:.4f}", r["build_cpu_s"]] for r in rows]
     r0 = rows[0]
@@ -251,9 +292,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--planted", type=int, default=20000, help="random planted copies checked")
     ap.add_argument("--time-rows", type=int, default=32768, help="random rows whose assignment is timed")
     ap.add_argument("--json", action="store_true", help="JSON lines only")
+    ap.add_argument("--ranks", action="store_true", help="only the super-list ranks of the lists rows need (JSON)")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/candidates.md")
     ap.add_argument("--from-log", type=Path, help="re-render the table from the JSON lines of an earlier run")
     a = ap.parse_args(argv)
+    if a.ranks:
+        for n in a.n or [10**6, 10**7]:
+            ranks(n, a.seed)
+        return
     if a.from_log:
         rows = [json.loads(line) for line in a.from_log.read_text().splitlines() if line.startswith("{")]
     else:

@@ -4,11 +4,15 @@ The flat coarse stage compares every row with every centroid: n × nlist product
 with nlist ∝ n. With an upper level, the nlist centroids are grouped into ``S`` super-lists
 (k-means over the centroids, each centroid in the super-list of its nearest super-centroid);
 a row is compared with the S super-centroids, then only with the centroids of its ``probe``
-nearest super-lists: S + probe · nlist / S products a row instead of nlist (with S ≈ √nlist
-and probe 8 at 20 000 lists, ~1 300 instead of 20 000). The k nearest centroids it finds among
-those are the candidates of the same visiting rule as the flat stage (its own list first, the
-bisector test); a list outside the probed super-lists is never visited, which is what the
-recall measurements bound (benchmarks/quantizer.py, docs/candidates.md).
+nearest super-lists: S + probe · nlist / S distances a row instead of nlist. The k nearest
+centroids it finds among those are the candidates of the same visiting rule as the flat stage
+(its own list first, the bisector test); a list outside the probed super-lists is never
+visited, so recall depends on ``probe`` (tested: probing every super-list is the flat result).
+
+Opt-in (``IVFParams.super_lists``): ``IVFParams.auto`` does not switch it on, because on the
+benchmark data it did not win where measured — at 10⁷ rows (20 000 lists) keeping 0.99 of the
+flat assignment's pairs took 2·√nlist super-lists with 64 probed, as much CPU a row as the flat
+BLAS search (docs/candidates.md, "Coarse quantizer at scale"; benchmarks/quantizer.py).
 
 The search is a faiss ``IndexIVFFlat`` over the centroids, built from the trained super-lists
 the first time a process assigns rows (the quantizer pickles without it): its distances are
