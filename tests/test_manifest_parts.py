@@ -233,3 +233,31 @@ def test_object_store_form_marker_last_and_replaced(tmp_path):
     assert write_manifest_data(rd, rd.manifest, t.schema, t, t.num_rows) == 0
     assert fs.isfile("/parts-test/run/manifest.parquet") and read_manifest(rd).equals(t)
     fs.rm("/parts-test", recursive=True)
+
+
+def test_streamed_merge_equals_the_whole_table_merge(tmp_path, monkeypatch):
+    """--merge above the threshold (previous manifest streamed a few rows at a time, delta
+    rows interleaved between its batches) writes the same rows as the whole-table merge."""
+    from dedup.phases.incremental import write_merged
+    from dedup.schema import MANIFEST_SCHEMA
+
+    def table(ks, md):
+        rows = [{"sample_id": f"s/{k:03d}", "shard_id": "s", "key": f"{k:03d}", "status": "ok",
+                 "cluster_id": None if k % 7 == 0 else f"s/{k - k % 5:03d}", "cluster_size": 1, "is_keeper": k % 5 == 0,
+                 "reason": "r"} for k in ks]
+        return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA.with_metadata(md))
+
+    prev = RunDir(str(tmp_path / "prev"))
+    p = table(range(0, 60, 2), {b"config_hash": b"p"})
+    write_manifest_data(prev, prev.manifest, p.schema, p, p.num_rows, part_rows=8)
+    delta = table([*range(1, 40, 2), 71, 73], {b"config_hash": b"d", b"against": b"prev"})
+    whole, streamed = RunDir(str(tmp_path / "whole")), RunDir(str(tmp_path / "streamed"))
+    write_merged(whole, prev, delta)
+    monkeypatch.setattr(manifests, "MANIFEST_PART_ROWS", 9)
+    monkeypatch.setattr(manifests, "BATCH_ROWS", 4)  # several previous batches, delta rows between them
+    write_merged(streamed, prev, delta)
+    a, b = pq.ParquetFile(whole.merged_manifest).read(), read_manifest(streamed, path=streamed.merged_manifest)
+    assert (tmp_path / "streamed" / "merged_manifest.parquet" / PARTS_MARKER).exists()
+    assert a.num_rows == 52 and a["sample_id"].to_pylist() == sorted(a["sample_id"].to_pylist())
+    assert b.equals(a) and b.schema.metadata == a.schema.metadata == delta.schema.metadata
+    assert a["cluster_size"].to_pylist() != [1] * 52  # sizes were counted again over both

@@ -237,7 +237,7 @@ def _filter_columns(filters: Any) -> list[str]:
 
 
 def iter_manifest(run: RunDir, columns: list[str] | None = None, filters: Any = None, path: str | None = None,
-                  batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
+                  batch_rows: int | None = None) -> Iterator[pa.Table]:
     """The manifest's rows in order (sample_id), ``batch_rows`` at a time, as tables of
     ``columns`` (default all) and only the rows that pass ``filters`` (pyarrow's filter syntax
     as in ``pq.read_table(..., filters=...)``: a list of (column, op, value) tuples, or a list
@@ -247,6 +247,7 @@ def iter_manifest(run: RunDir, columns: list[str] | None = None, filters: Any = 
     expr = None if filters is None else (filters if isinstance(filters, pc.Expression) else filters_to_expression(filters))
     want = None if columns is None else list(columns)
     read = None if want is None else want + [c for c in dict.fromkeys(_filter_columns(filters)) if c not in want]
+    batch_rows = int(batch_rows or BATCH_ROWS)
     for f in manifest_files(run, path):
         if run.local:
             yield from _batches(pq.ParquetFile(f), read, want, expr, batch_rows, True)
