@@ -447,8 +447,8 @@ def render(args, sections, notes, walls, total, alone=()) -> str:
         "**pairs** = predicted pairs; **cross-class** = share of predicted pairs whose two CIFAR-10 labels differ "
         "(certainly false: a lower bound on the false-positive share); **P / F1 (planted)** = precision and F1 over "
         "the predicted pairs that touch a planted original or copy (the pairs the labels decide: CIFAR-10 holds "
-        "near-identical photos of its own — the same car shot again, a frog photo re-cropped — which a copy detector "
-        "rightly pairs and which no label covers; [docs/img/cifar_unplanted_pairs.png](img/cifar_unplanted_pairs.png) "
+        "copies of its own photos (shifted, recoloured or rescaled, as the data's README says) and other shots of one scene, which no "
+        "label covers and `benchmarks/same_photo.py` tells apart by pixels; [docs/img/cifar_unplanted_pairs.png](img/cifar_unplanted_pairs.png) "
         "shows every unplanted pair one run made); **P / F1 (lower bound)** = every unplanted pair counted as false.",
         "",
     ]

@@ -144,3 +144,67 @@ def test_hash_rule_table():
     p_off, d_off = hash_rule(load_config(None, None, **{"hashes.cross_check": False}), dp, dd)
     assert p_off.tolist() == [True, True, True, False, False, False, False, True]
     assert d_off.tolist() == [True, False, False, True, True, True, True, False]
+
+
+def _group_clusters_reference(n, e, rank, valid, joins):
+    """group_clusters' rules written plainly (a dict of links, one component at a time)."""
+    from dedup.compute.clusters import components
+
+    lab = components(n, e, valid)
+    keeper = np.where(valid, np.arange(n), -1)
+    method, score = np.full(n, -1, np.int8), np.full(n, np.nan, np.float32)
+    link = {}
+    for a, b, m, s in zip(e.i.tolist(), e.j.tolist(), e.method.tolist(), e.score.tolist()):
+        if a != b and valid[a] and valid[b]:
+            key = (min(a, b), max(a, b))
+            if key not in link or m < link[key][0]:
+                link[key] = (m, s)
+    degree = np.zeros(n, int)
+    for a, b in link:
+        degree[a] += 1
+        degree[b] += 1
+    rest = []
+    for c in np.unique(lab[lab >= 0]):
+        members = np.flatnonzero(lab == c)
+        if len(members) < 2:
+            continue
+        cand = members[degree[members] >= 0.8 * degree[members].max()]
+        k = int(cand[np.argmin(rank[cand])])
+        ok, jm, js = joins(members, k) if joins else (np.zeros(len(members), bool), None, None)
+        for p, mbr in enumerate(members.tolist()):
+            d = link.get((min(mbr, k), max(mbr, k)))
+            if mbr == k:
+                continue
+            if d is not None:
+                keeper[mbr], (method[mbr], score[mbr]) = k, d
+            elif ok[p]:
+                keeper[mbr], method[mbr], score[mbr] = k, jm[p], js[p]
+            else:
+                rest.append(mbr)
+    return keeper, method, score, rest
+
+
+def test_group_clusters_matches_its_rules_on_random_graphs():
+    from dedup.compute.clusters import group_clusters
+
+    rng = np.random.default_rng(1)
+
+    def joins(members, k):
+        r = np.random.default_rng(int(k) * 1000 + len(members))
+        return r.random(len(members)) > 0.5, r.integers(0, 4, len(members)), r.random(len(members))
+
+    for trial in range(200):
+        n = int(rng.integers(2, 50))
+        m = int(rng.integers(0, 90))
+        i, j = rng.integers(0, n, m), rng.integers(0, n, m)
+        e = Edges(i.astype(np.int64), j.astype(np.int64), rng.integers(0, 4, m).astype(np.int8),
+                  rng.random(m).astype(np.float32))
+        valid = rng.random(n) > 0.1
+        rank = rng.permutation(n)
+        jn = joins if trial % 2 else None
+        cl = group_clusters(n, e, rank, valid=valid, joins=jn)
+        keeper, method, score, rest = _group_clusters_reference(n, e, rank, valid, jn)
+        decided = np.setdiff1d(np.arange(n), rest)  # members left to keeper_clusters: checked elsewhere
+        assert np.array_equal(cl.keeper[decided], keeper[decided]), trial
+        assert np.array_equal(cl.method[decided], method[decided]), trial
+        assert np.allclose(cl.score[decided], score[decided], equal_nan=True), trial

@@ -152,14 +152,21 @@ def group_clusters(
     first = np.ones(len(o), bool)
     first[1:] = (lo[o][1:] != lo[o][:-1]) | (hi[o][1:] != hi[o][:-1])
     o = o[first]
-    link = dict(zip(zip(lo[o].tolist(), hi[o].tolist()), zip(em[o].tolist(), es[o].tolist())))
+    # the linked pairs as sorted integer keys lo·n + hi (n ≤ 3·10⁹ fits int64), with their best
+    # link: 13 B a pair instead of a dict of Python tuples (~200 B a pair)
+    link_key = lo[o] * np.int64(n) + hi[o]
+    link_m, link_s = em[o], es[o]
 
     sizes = np.bincount(np.maximum(lab, 0), minlength=n)
     multi = np.flatnonzero(valid & (sizes[np.maximum(lab, 0)] > 1))
     order = multi[np.argsort(lab[multi], kind="stable")]
-    groups = np.split(order, np.flatnonzero(np.diff(lab[order])) + 1) if len(order) else []
-    rest_mask = np.zeros(n, bool)
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(lab[order])) + 1, [len(order)]]) if len(order) else np.zeros(1, np.int64)
+    groups = (order[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()))  # one component at a time
     degree = np.bincount(lo[o], minlength=n) + np.bincount(hi[o], minlength=n)  # distinct direct links
+    # per component: its keeper, and what ``joins`` says of each member (integer arrays a row)
+    comp_keeper = np.full(n, -1, np.int64)
+    joined = np.zeros(n, bool)
+    join_m, join_s = np.full(n, -1, np.int8), np.full(n, np.nan, np.float32)
     for members in groups:
         # the most linked members (at least 80 % of the most links), then the most central of
         # them, then the rank
@@ -169,23 +176,25 @@ def group_clusters(
             cen = np.asarray(centrality(cand), np.float64)
             cand = cand[cen >= cen.max() - tolerance]
         k = int(cand[np.argmin(rank[cand])])
+        comp_keeper[members] = k
         if joins is not None:
             ok, jm, js = joins(members, k)
-            ok = np.asarray(ok, bool).copy()
-        else:
-            ok, jm, js = np.zeros(len(members), bool), np.full(len(members), -1), np.full(len(members), np.nan)
-        for pos, mbr in enumerate(members.tolist()):
-            if mbr == k:
-                ok[pos] = True
-                continue
-            direct = link.get((mbr, k) if mbr < k else (k, mbr))
-            if direct is not None:
-                ok[pos] = True
-                method[mbr], score[mbr] = direct
-            elif ok[pos]:
-                method[mbr], score[mbr] = jm[pos], js[pos]
-        keeper[members[ok]] = k
-        rest_mask[members[~ok]] = True
+            joined[members] = np.asarray(ok, bool)
+            join_m[members], join_s[members] = jm, js
+    # every member's direct link to its keeper, if any, in one lookup: it wins over a join
+    mem = order
+    k_of = comp_keeper[mem]
+    want = np.minimum(mem, k_of) * np.int64(n) + np.maximum(mem, k_of)
+    at = np.minimum(np.searchsorted(link_key, want), max(len(link_key) - 1, 0))
+    is_k = mem == k_of
+    direct = (link_key[at] == want) & ~is_k if len(link_key) else np.zeros(len(mem), bool)
+    via_join = joined[mem] & ~direct & ~is_k
+    method[mem[direct]], score[mem[direct]] = link_m[at[direct]], link_s[at[direct]]
+    method[mem[via_join]], score[mem[via_join]] = join_m[mem[via_join]], join_s[mem[via_join]]
+    ok = direct | via_join | is_k
+    keeper[mem[ok]] = k_of[ok]
+    rest_mask = np.zeros(n, bool)
+    rest_mask[mem[~ok]] = True
     if rest_mask.any():  # keeper-centred among themselves (no edges cross components)
         sub = keeper_clusters(n, edges, rank, valid=rest_mask, keep_per_cluster=1)
         keeper[rest_mask] = sub.keeper[rest_mask]
