@@ -47,14 +47,12 @@ class Run:
 
     def manifest(self, columns: list[str] | None = None, filters: Any = None) -> pa.Table:
         """The manifest (one row per input sample), optionally some columns / filtered rows
-        (pyarrow filter syntax, as in ``pq.read_table(..., filters=...)``)."""
-        import pyarrow.parquet as pq
+        (pyarrow filter syntax, as in ``pq.read_table(..., filters=...)``), read a batch at a
+        time: one file or a directory of parts alike (:mod:`dedup.io.manifests`)."""
+        from dedup.io.manifests import read_manifest
 
         rd = RunDir(self.path)
-        if filters is None:
-            return rd.read_parquet(rd.manifest, columns=columns)
-        with rd.fs.open(rd.manifest, "rb") as f:
-            return pq.ParquetFile(f).read(columns=columns).filter(_expression(filters))
+        return read_manifest(rd, columns, filters)
 
     def pairs(self) -> pa.Table:
         rd = RunDir(self.path)
@@ -101,13 +99,6 @@ class Run:
     def kept_ids(self) -> list[str]:
         """``sample_id`` of every kept sample (what ``dedup apply --keep-list`` writes)."""
         return sorted(self.manifest(["sample_id", "is_keeper"], filters=[("is_keeper", "=", True)])["sample_id"].to_pylist())
-
-
-def _expression(filters: Any):
-    """pyarrow's list-of-tuples filter syntax as a compute expression."""
-    from pyarrow.parquet import filters_to_expression
-
-    return filters_to_expression(filters)
 
 
 def run(

@@ -4,7 +4,9 @@ Set ``DEDUP_CRASH_AT=<point>[#<n>]`` and the process SIGKILLs itself the n-th ti
 first) it passes ``<point>``. Points: ``features:shard_done`` (parent, after a shard's marker),
 ``features:before_marker`` (worker, features file written, marker not yet),
 ``candidates:before_write``, ``write:<file name>`` (temp file written, not yet renamed into
-place; e.g. ``write:manifest.parquet``), ``ray:unit`` (a Ray worker, at the start of each
+place; e.g. ``write:manifest.parquet``; a manifest of parts: all parts and ``_parts.json``
+written under the temp name, not yet renamed), ``write:manifest.parquet/part-00001.parquet``
+(that part written, the next not begun), ``ray:unit`` (a Ray worker, at the start of each
 ``RayExecutor.map_units`` task: the candidate search's and the outlier score's work units; a
 Ray worker sees the environment of the node it runs on, not the driver's). Unset in normal
 use: one dict lookup per call.

@@ -8,15 +8,18 @@ Sizes stay bounded on million-sample runs: at most ``max_clusters`` clusters and
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 from collections import defaultdict
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from jinja2 import Environment, select_autoescape
 
+from dedup.io.manifests import iter_manifest, manifest_rows
 from dedup.io.rundir import RunDir
 from dedup.io.shards import ShardReadResult, image_member, iter_samples
 from dedup.records import METHODS, ShardRef, Status
@@ -173,29 +176,14 @@ def build_report(run_dir: str, max_clusters: int = 12, max_members: int = 8, max
     stats = run.read_json(run.stats)
     cfg = run.read_json(run.run_json)
     image_exts = tuple(cfg["config"]["input"]["image_exts"])
-    m = run.read_parquet(run.manifest, columns=["sample_id", "cluster_id", "cluster_size", "is_keeper", "dup_method", "score_to_keeper", "phash", "dhash", "status"])
     pairs = run.read_parquet(run.pairs)
-
-    # Largest clusters (by size, then keeper id for determinism).
-    multi = m.filter(pc.greater(m["cluster_size"], 1))
-    rows_by_cluster: dict[str, list[dict]] = defaultdict(list)
-    for r in multi.to_pylist():
-        rows_by_cluster[r["cluster_id"]].append(r)
-    ordered = sorted(rows_by_cluster.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:max_clusters]
-    clusters: list[dict[str, Any]] = []
-    for keeper, members in ordered:
-        members.sort(key=lambda r: (r["sample_id"] != keeper, not r["is_keeper"], r["sample_id"]))
-        shown = members[:max_members]
-        clusters.append({"keeper": keeper, "size": len(members), "members": [
-            {"sample_id": r["sample_id"], "is_keeper": r["is_keeper"], "dup_method": r["dup_method"],
-             "score": None if r["score_to_keeper"] is None else round(float(r["score_to_keeper"]), 4)} for r in shown
-        ]})
+    clusters = _largest_clusters(run, max_clusters, max_members)
 
     thresholds = stats.get("thresholds", {})
     th = {"phash": thresholds.get("phash_radius"), "dhash": thresholds.get("dhash_radius"), "embedding": thresholds.get("embedding_cosine"), "exact": "identical bytes"}
     borderline: dict[str, list[dict]] = {}
     score_svgs: dict[str, str] = {}
-    for method in (m for m in METHODS if m != "exact"):  # the methods with a score scale
+    for method in (x for x in METHODS if x != "exact"):  # the methods with a score scale
         sub = pairs.filter(pc.equal(pairs["method"], method))
         if sub.num_rows:
             scores = sub["score"].to_numpy()
@@ -211,9 +199,9 @@ def build_report(run_dir: str, max_clusters: int = 12, max_members: int = 8, max
             order = np.argsort(-scores if method != "embedding" else scores, kind="stable")[:max_pairs]
             borderline[method] = [{"a": sub["a"][int(k)].as_py(), "b": sub["b"][int(k)].as_py(), "score": round(float(scores[k]), 4), "side": "above"} for k in order]
         if method in ("phash", "dhash") and th.get(method) is not None:
-            borderline.setdefault(method, []).extend(_below_hash(m, method, int(th[method]), max_pairs))
+            borderline.setdefault(method, []).extend(_below_hash(run, method, int(th[method]), max_pairs))
         if method == "embedding" and th.get("embedding") is not None:
-            below = _below_embedding(run, m, float(th["embedding"]), max_pairs)
+            below = _below_embedding(run, float(th["embedding"]), max_pairs)
             if below:
                 borderline.setdefault(method, []).extend(below)
     from dedup.phases.manifest import size_bucket_order
@@ -263,15 +251,56 @@ def _checks(run: RunDir) -> list[dict]:
     return sorted(out, key=lambda c: c.get("written_at") or "", reverse=True)
 
 
-def _below_hash(m, method: str, radius: int, limit: int, sample: int = 50_000) -> list[dict]:
+def _largest_clusters(run: RunDir, max_clusters: int, max_members: int) -> list[dict[str, Any]]:
+    """The ``max_clusters`` largest clusters (rows with cluster_size > 1, by their number of
+    rows, then keeper id), each with its first ``max_members`` members (the keeper, other
+    keepers, then by sample_id). Two passes over the manifest, a batch at a time: the
+    cluster_id column of the clustered rows (Arrow, to count the rows per cluster), then the
+    members of the chosen clusters only."""
+    filt = [("cluster_size", ">", 1)]
+    ids = [t["cluster_id"] for t in iter_manifest(run, ["cluster_id"], filt)]
+    if not ids or not sum(len(c) for c in ids):
+        return []
+    counts = pc.value_counts(pa.chunked_array([c for t in ids for c in t.chunks]))
+    del ids
+    order = pc.sort_indices(pa.table({"n": counts.field("counts"), "c": counts.field("values")}),
+                            sort_keys=[("n", "descending"), ("c", "ascending")])[:max_clusters]
+    top = counts.take(order).to_pylist()
+    size = {x["values"]: int(x["counts"]) for x in top}
+    shown: dict[str, list[dict]] = defaultdict(list)
+    cols = ["sample_id", "cluster_id", "is_keeper", "dup_method", "score_to_keeper"]
+    for t in iter_manifest(run, cols, [*filt, ("cluster_id", "in", list(size))]):
+        for r in t.to_pylist():
+            shown[r["cluster_id"]].append(r)
+        for keeper, members in shown.items():  # only the first max_members stay
+            members.sort(key=functools.partial(_member_order, keeper))
+            del members[max_members:]
+    return [{"keeper": x["values"], "size": size[x["values"]], "members": [
+        {"sample_id": r["sample_id"], "is_keeper": r["is_keeper"], "dup_method": r["dup_method"],
+         "score": None if r["score_to_keeper"] is None else round(float(r["score_to_keeper"]), 4)} for r in shown[x["values"]]
+    ]} for x in top]
+
+
+def _member_order(keeper: str, r: dict) -> tuple:
+    return (r["sample_id"] != keeper, not r["is_keeper"], r["sample_id"])
+
+
+def _below_hash(run: RunDir, method: str, radius: int, limit: int, sample: int = 50_000) -> list[dict]:
     """Pairs just outside the radius (radius+1 .. radius+4 bits), from a bounded sample (the
-    search at radius+4 is often exhaustive: 50 000 rows take ~1 s, 200 000 took ~12 s)."""
+    search at radius+4 is often exhaustive: 50 000 rows take ~1 s, 200 000 took ~12 s): the
+    first ``sample`` ok rows with this hash, read from the manifest until there are as many."""
     from dedup.compute.search.hamming import hash_pairs
 
-    ok = m.filter(pc.and_(pc.equal(m["status"], Status.OK.value), pc.is_valid(m[method])))
-    if ok.num_rows > sample:
-        ok = ok.slice(0, sample)
-    if ok.num_rows < 2:
+    got: list[pa.Table] = []
+    n = 0
+    for t in iter_manifest(run, ["sample_id", method], [("status", "=", Status.OK.value)]):
+        t = t.filter(pc.is_valid(t[method]))
+        got.append(t)
+        n += t.num_rows
+        if n >= sample:
+            break
+    ok = pa.concat_tables(got).slice(0, sample) if got else None
+    if ok is None or ok.num_rows < 2:
         return []
     h = ok[method].to_numpy().astype(np.uint64)
     p = hash_pairs(h, min(radius + 4, 32))
@@ -281,9 +310,10 @@ def _below_hash(m, method: str, radius: int, limit: int, sample: int = 50_000) -
     return [{"a": ids[int(p.i[k])].as_py(), "b": ids[int(p.j[k])].as_py(), "score": float(p.score[k]), "side": "below"} for k in sel]
 
 
-def _below_embedding(run: RunDir, m, threshold: float, limit: int, sample: int = 20_000) -> list[dict]:
+def _below_embedding(run: RunDir, threshold: float, limit: int, sample: int = 20_000) -> list[dict]:
     """Nearest-neighbour pairs just under the cosine threshold, from a bounded sample of the
-    staged embeddings (``index/embeddings.f16``, sample_id order = manifest order)."""
+    staged embeddings (``index/embeddings.f16``, sample_id order = manifest order): the first
+    ``sample`` ok rows, found by reading the manifest's status column until there are as many."""
     import os
 
     from dedup.compute.crossmatch import VectorIndex
@@ -292,11 +322,23 @@ def _below_embedding(run: RunDir, m, threshold: float, limit: int, sample: int =
     if not run.local or not os.path.exists(path):
         return []
     emb = np.load(path, mmap_mode="r")
-    if len(emb) != m.num_rows:
+    if len(emb) != manifest_rows(run):
         return []
-    ok = np.flatnonzero(pc.equal(m["status"], Status.OK.value).to_numpy(zero_copy_only=False))[:sample]
+    pos: list[np.ndarray] = []
+    sid: list[pa.ChunkedArray] = []
+    start = n = 0
+    for t in iter_manifest(run, ["sample_id", "status"]):
+        okb = pc.equal(t["status"], Status.OK.value).to_numpy(zero_copy_only=False)
+        at = np.flatnonzero(okb)[: sample - n]
+        pos.append(at + start)
+        sid.append(t["sample_id"].take(pa.array(at)))
+        start, n = start + t.num_rows, n + len(at)
+        if n >= sample:
+            break
+    ok = np.concatenate(pos) if pos else np.zeros(0, np.int64)
     if len(ok) < 2:
         return []
+    names = dict(zip(ok.tolist(), pa.chunked_array([c for a in sid for c in a.chunks], pa.string()).to_pylist()))
     x = np.asarray(emb[ok], np.float32)
     nn, sims = VectorIndex(x).topk(x, 2)
     a, b, s = np.minimum(ok, ok[nn[:, 1]]), np.maximum(ok, ok[nn[:, 1]]), sims[:, 1]
@@ -304,8 +346,7 @@ def _below_embedding(run: RunDir, m, threshold: float, limit: int, sample: int =
     _, first = np.unique(a[cand] * (len(emb) + 1) + b[cand], return_index=True)  # each pair once
     sel = cand[first]
     sel = sel[np.argsort(-s[sel], kind="stable")][:limit]
-    ids = m["sample_id"]
-    return [{"a": ids[int(a[k])].as_py(), "b": ids[int(b[k])].as_py(), "score": round(float(s[k]), 4), "side": "below"} for k in sel]
+    return [{"a": names[int(a[k])], "b": names[int(b[k])], "score": round(float(s[k]), 4), "side": "below"} for k in sel]
 
 
 def write_report(run_dir: str, path: str | None = None, overwrite: bool = False) -> str:

@@ -487,5 +487,6 @@ def _executor(cfg: Config):
 
 
 def manifest_table(run_dir: str) -> pa.Table:
-    run = RunDir(run_dir)
-    return run.read_parquet(run.manifest)
+    from dedup.io.manifests import read_manifest
+
+    return read_manifest(RunDir(run_dir))

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import posixpath
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
@@ -66,7 +67,8 @@ class RunDir:
 
     @property
     def manifest(self) -> str:
-        """``manifest.parquet``: one row per input sample (a delta for an incremental run)."""
+        """``manifest.parquet``: one row per input sample (a delta for an incremental run); a
+        directory of part files when large (:mod:`dedup.io.manifests` reads and writes both)."""
         return self.p("manifest.parquet")
 
     @property
@@ -220,15 +222,20 @@ class RunDir:
             self.fs.rm(path, recursive=True)
 
     def clean_temp(self) -> int:
-        """Remove temp files left by a killed writer. Returns how many were removed."""
+        """Remove temp files and directories (a manifest's parts being written) left by a
+        killed writer. Returns how many were removed."""
         if not self.local or not os.path.isdir(self.path):
             return 0
         n = 0
-        for root, _dirs, files in os.walk(self.path):
+        for root, dirs, files in os.walk(self.path):
             for name in files:
                 if name.startswith(TMP_MARK):
                     os.remove(os.path.join(root, name))
                     n += 1
+            for name in [d for d in dirs if d.startswith(TMP_MARK)]:
+                shutil.rmtree(os.path.join(root, name))
+                dirs.remove(name)
+                n += 1
         return n
 
 
@@ -246,4 +253,7 @@ def finished_run(run_dir: str) -> RunDir:
     if not run.exists(run.manifest):
         raise ConfigError(f"run directory {run_dir} is not a finished dedup run (no manifest.parquet yet: "
                           "finish it with `dedup run` first)")
+    from dedup.io.manifests import manifest_files
+
+    manifest_files(run)  # a directory manifest whose write was interrupted: a one-line ConfigError
     return run

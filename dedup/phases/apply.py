@@ -23,24 +23,26 @@ from typing import IO
 import pyarrow.compute as pc
 
 from dedup.errors import ConfigError, DedupError
+from dedup.io.manifests import iter_manifest
 from dedup.io.rundir import RunDir, finished_run
 from dedup.io.shards import split_key
 from dedup.records import Status, sample_id
 
 
 def keep_set(run: RunDir, include_failed: bool = False) -> tuple[dict[str, set[str]], dict[str, int]]:
-    """(shard_id -> kept keys, shard_id -> rows in manifest) from the manifest."""
-    m = run.read_parquet(run.manifest, columns=["shard_id", "key", "status", "is_keeper"])
-    mask = m["is_keeper"]
-    if include_failed:
-        mask = pc.or_(mask, pc.not_equal(m["status"], Status.OK.value))
-    kept = m.filter(mask)
+    """(shard_id -> kept keys, shard_id -> rows in manifest) from the manifest, read a batch
+    at a time (the kept keys are what is held; the rest of the manifest never is)."""
     keys: dict[str, set[str]] = defaultdict(set)
-    for sid, key in zip(kept["shard_id"].to_pylist(), kept["key"].to_pylist()):
-        keys[sid].add(key)
     rows: dict[str, int] = defaultdict(int)
-    for sid in m["shard_id"].to_pylist():
-        rows[sid] += 1
+    for m in iter_manifest(run, ["shard_id", "key", "status", "is_keeper"]):
+        for x in pc.value_counts(m["shard_id"]).to_pylist():
+            rows[x["values"]] += int(x["counts"])
+        mask = m["is_keeper"]
+        if include_failed:
+            mask = pc.or_(mask, pc.not_equal(m["status"], Status.OK.value))
+        kept = m.filter(mask)
+        for sid, key in zip(kept["shard_id"].to_pylist(), kept["key"].to_pylist()):
+            keys[sid].add(key)
     return keys, rows
 
 

@@ -18,7 +18,9 @@ tests/test_incremental.py.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -31,6 +33,7 @@ import pyarrow.compute as pc
 from dedup.compute.crossmatch import HashTable, VectorIndex
 from dedup.config import Config
 from dedup.errors import ConfigError, SchemaMismatchError
+from dedup.io.manifests import iter_manifest, manifest_files, read_manifest
 from dedup.io.rundir import RunDir
 from dedup.records import Status
 from dedup.schema import PAIRS_SCHEMA
@@ -43,6 +46,7 @@ _PREV_COLS = ["sample_id", "shard_id", "key", "status", "error", "file_size", "c
 def check_previous(prev: RunDir, features_hash: str, model_tag: str | None) -> dict:
     if not prev.exists(prev.run_json) or not prev.exists(prev.manifest):
         raise ConfigError(f"--against {prev.url}: not a finished dedup run (no run.json / manifest.parquet)")
+    manifest_files(prev)  # a directory manifest whose write was interrupted: refused, with why
     info = prev.read_json(prev.run_json)
     if info.get("features_hash") != features_hash:
         raise SchemaMismatchError(
@@ -60,16 +64,15 @@ def _keepers(prev: RunDir, info: dict, with_embeddings: bool, threshold: float =
     """Previous keepers' scalar columns (sorted by sample_id) and, if asked, their embeddings."""
     from dedup.phases.candidates import load_features
 
-    m = prev.read_parquet(prev.manifest, columns=["sample_id", "is_keeper", "status", "cluster_id", "cluster_size"])
-    keep = pc.and_(m["is_keeper"], pc.equal(m["status"], Status.OK.value))
-    keep_ids = m.filter(keep)["sample_id"]
+    # the keepers' ids, a batch of the manifest at a time (a join key: all of them are needed)
+    keep_ids = read_manifest(prev, ["sample_id"], [("is_keeper", "=", True), ("status", "=", Status.OK.value)])["sample_id"]
     fs = load_features(prev, info["shards"], with_embeddings=False)
     mask = pc.is_in(fs.table["sample_id"], value_set=keep_ids)
     table = fs.table.filter(mask).select(_PREV_COLS)
     emb = None
     if with_embeddings:
         emb = _keeper_vectors(prev, info, table["sample_id"], threshold)
-    return table, emb, m
+    return table, emb
 
 
 def _keeper_vectors(prev: RunDir, info: dict, ids: pa.ChunkedArray, threshold: float) -> VectorIndex:
@@ -126,6 +129,55 @@ def _keeper_vectors(prev: RunDir, info: dict, ids: pa.ChunkedArray, threshold: f
 _CACHE_FORMAT = 2
 
 
+def write_merged(run: RunDir, prev: RunDir, delta: pa.Table) -> None:
+    """``merged_manifest.parquet``: the previous manifest and the delta in sample_id order,
+    ``cluster_size`` counted again over both. Up to ``MANIFEST_PART_ROWS`` rows as one table,
+    as always; above, streamed a batch of the previous manifest at a time into part files
+    (both sides are in sample_id order: each batch takes the delta rows that sort before its
+    last id)."""
+    from dedup.io import manifests
+
+    n_prev = manifests.manifest_rows(prev)
+    schema = delta.schema
+    if n_prev + delta.num_rows <= manifests.MANIFEST_PART_ROWS:
+        files = manifests.manifest_files(prev)
+        full_prev = prev.read_parquet(files[0]) if files == [prev.manifest] else read_manifest(prev)
+        merged = pa.concat_tables([full_prev.cast(schema), delta.cast(schema)])
+        merged = merged.take(pc.sort_indices(merged, sort_keys=[("sample_id", "ascending")]))
+        counts: dict = {}
+        for c in merged["cluster_id"].to_pylist():
+            if c is not None:
+                counts[c] = counts.get(c, 0) + 1
+        merged = merged.set_column(merged.schema.get_field_index("cluster_size"), "cluster_size",
+                                   pa.array([counts.get(c) if c is not None else None for c in merged["cluster_id"].to_pylist()], pa.int32()))
+        merged = merged.replace_schema_metadata(schema.metadata)
+        manifests.write_manifest_data(run, run.merged_manifest, merged.schema, merged, merged.num_rows)
+        return
+    # rows per cluster over both: the one whole column read (Arrow, not Python objects)
+    ids = [t["cluster_id"].drop_null() for t in iter_manifest(prev, ["cluster_id"])] + [delta["cluster_id"].drop_null()]
+    vc = pc.value_counts(pa.chunked_array([c for a in ids for c in a.chunks], schema.field("cluster_id").type))
+    del ids
+    values, sizes = vc.field("values"), vc.field("counts").cast(pa.int32())
+    at = schema.get_field_index("cluster_size")
+    dids = delta["sample_id"].to_pylist()
+
+    def chunks():
+        d = 0
+        for t in itertools.chain(iter_manifest(prev), [None]):
+            if t is None:
+                piece = delta.slice(d)
+            else:
+                k = bisect.bisect_left(dids, t["sample_id"][-1].as_py(), lo=d) if t.num_rows else d
+                piece = pa.concat_tables([t.cast(schema), delta.slice(d, k - d)])
+                d = k
+            piece = piece.take(pc.sort_indices(piece, sort_keys=[("sample_id", "ascending")]))
+            piece = piece.set_column(at, "cluster_size", pc.take(sizes, pc.index_in(piece["cluster_id"], value_set=values)))
+            for s in range(0, piece.num_rows, manifests.BATCH_ROWS):
+                yield piece.slice(s, manifests.BATCH_ROWS)
+
+    manifests.write_manifest_data(run, run.merged_manifest, schema, chunks(), n_prev + delta.num_rows)
+
+
 def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[str], info: dict, *, merge: bool = False, failed_shards: bool = False) -> dict:
     """Candidates + delta manifest for the new shards against the previous run's keepers."""
     from dedup.phases.candidates import find_pairs, load_features
@@ -145,7 +197,7 @@ def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[s
     th = recorded(prev, cfg)
     if pinfo.get("embedding_threshold"):
         th = max(th, float(pinfo["embedding_threshold"]["value"]))
-    prev_tbl, prev_vi, prev_manifest = _keepers(prev, info, with_embeddings="embedding" in cfg.methods, threshold=th)
+    prev_tbl, prev_vi = _keepers(prev, info, with_embeddings="embedding" in cfg.methods, threshold=th)
     ok = new.ok()
     nid = np.array(new.table["sample_id"].to_pylist(), dtype=object)
     pid = np.array(prev_tbl["sample_id"].to_pylist(), dtype=object)
@@ -191,10 +243,15 @@ def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[s
     r = np.empty(len(rank), np.int64)
     r[rank] = np.arange(len(rank))
     manifest, _ = build_manifest(cfg, combined, pairs, rank=r)
-    # Cluster sizes count the previous cluster's members too.
-    prev_sizes = dict(zip(prev_manifest["sample_id"].to_pylist(), prev_manifest["cluster_size"].to_pylist()))
+    # Cluster sizes count the previous cluster's members too: the sizes of the previous samples
+    # that the delta's clusters name (read for those rows only).
     delta = manifest.filter(pa.array(~is_prev))
     cids = delta["cluster_id"].to_pylist()
+    named = sorted({c for c in cids if c is not None})
+    prev_sizes: dict = {}
+    if named:
+        for t in iter_manifest(prev, ["sample_id", "cluster_size"], [("sample_id", "in", named)]):
+            prev_sizes.update(zip(t["sample_id"].to_pylist(), t["cluster_size"].to_pylist()))
     extra: dict[str, int] = {}
     for c in cids:
         if c is not None:
@@ -213,16 +270,7 @@ def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[s
     delta = written.table
     total = delta.num_rows
     if merge:
-        full_prev = prev.read_parquet(prev.manifest)
-        merged = pa.concat_tables([full_prev.cast(delta.schema), delta.cast(delta.schema)])
-        merged = merged.take(pc.sort_indices(merged, sort_keys=[("sample_id", "ascending")]))
-        counts: dict = {}
-        for c in merged["cluster_id"].to_pylist():
-            if c is not None:
-                counts[c] = counts.get(c, 0) + 1
-        merged = merged.set_column(merged.schema.get_field_index("cluster_size"), "cluster_size",
-                                   pa.array([counts.get(c) if c is not None else None for c in merged["cluster_id"].to_pylist()], pa.int32()))
-        run.write_parquet(run.merged_manifest, merged.replace_schema_metadata(delta.schema.metadata))
+        write_merged(run, prev, delta)
     keep = delta["is_keeper"].to_numpy(zero_copy_only=False)
     st = delta["status"].to_numpy(zero_copy_only=False)
     ok = st == Status.OK.value

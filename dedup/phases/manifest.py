@@ -14,6 +14,7 @@ from dedup.compute.clusters import Clusters, Edges, group_clusters, keeper_clust
 from dedup.compute.search.hamming import popcount64
 from dedup.compute.search.kernels import rows_f32
 from dedup.config import Config
+from dedup.io.manifests import write_manifest_data
 from dedup.io.rundir import RunDir
 from dedup.records import METHODS, Status
 from dedup.schema import MANIFEST_SCHEMA
@@ -436,7 +437,8 @@ def write_manifest(run: RunDir, cfg: Config, manifest: pa.Table | ManifestRows, 
     failed or more than ``run.max_error_fraction`` of the rows are not ok), the manifest's
     schema metadata (``config_hash``, ``partial``, then ``metadata``), and the write.
     :class:`ManifestRows` are formatted and written one row group at a time (the returned
-    ``table`` is then None)."""
+    ``table`` is then None). One file, or a directory of parts above
+    :data:`~dedup.io.manifests.MANIFEST_PART_ROWS` rows (:func:`~dedup.io.manifests.write_manifest_data`)."""
     total = manifest.num_rows
     if isinstance(manifest, ManifestRows):
         ok = manifest.ok_rows
@@ -449,10 +451,10 @@ def write_manifest(run: RunDir, cfg: Config, manifest: pa.Table | ManifestRows, 
     md = {**(schema.metadata or {}), b"config_hash": cfg.config_hash().encode(),
           b"partial": str(partial).lower().encode(), **(metadata or {})}
     if isinstance(manifest, ManifestRows):
-        run.write_parquet_chunks(run.manifest, schema.with_metadata(md), manifest.chunks())
+        write_manifest_data(run, run.manifest, schema.with_metadata(md), manifest.chunks(), total)
         return WrittenManifest(None, partial, frac, cfg.run.max_error_fraction)
     table = manifest.replace_schema_metadata(md)
-    run.write_parquet(run.manifest, table)
+    write_manifest_data(run, run.manifest, table.schema, table, total)
     return WrittenManifest(table, partial, frac, cfg.run.max_error_fraction)
 
 
