@@ -15,9 +15,11 @@ directory whose ``features/`` links to them.
 ``dedup.runner.finish_run`` (what ``dedup run`` does after the features phase) runs in a child
 process, fixed cosine threshold 0.90, methods exact, phash, dhash, embedding, default settings
 otherwise. Every 0.2 s this process samples the resident set size of the child (the driver) and
-of each of its descendant processes (workers, on Ray the raylet's workers are not descendants:
-see ``--executor``): ``driver_peak_rss_mb``, ``worker_peak_rss_mb`` (the largest single
-worker; 0 when the work ran in the driver's threads). RSS counts the mapped pages of files the
+of each of its descendant processes (with ``--executor ray`` the driver starts a local Ray, so its
+daemons and workers are descendants): ``driver_peak_rss_mb``, ``worker_peak_rss_mb`` (the
+largest single task worker — a Ray worker, ``ray::…``; 0 when the work ran in the driver's
+threads) and ``ray_daemons_peak_rss_mb`` (the largest of Ray's own processes: gcs_server, raylet,
+dashboard). A Ray worker's RSS includes the object-store pages it has mapped (shared memory). RSS counts the mapped pages of files the
 driver reads (e.g. a memmap of the embeddings). ``phase_peak_rss_mb``: the child's own peak per
 global phase (load, candidates, outlier, clusters, manifest write), VmRSS split into RssAnon
 (heap) and RssFile (libraries and mapped file pages), sampled every 0.1 s inside it.
@@ -180,6 +182,22 @@ class _PhaseMemory(threading.Thread):
             self.stop.wait(self.every)
 
 
+def _is_task_worker(proc) -> bool:
+    """A process that runs tasks: a Ray worker (``ray::…`` / ``default_worker.py``) or, for a
+    process pool, any other child of the driver that is not one of Ray's daemons."""
+    import psutil
+
+    try:
+        cmd = " ".join(proc.cmdline()[:3])
+        name = proc.name()
+    except psutil.Error:
+        return False
+    if name.startswith("ray::") or "default_worker.py" in cmd:
+        return True
+    return not any(k in cmd or k in name for k in ("gcs_server", "raylet", "dashboard", "log_monitor",
+                                                     "monitor.py", "runtime_env", "ray/_private"))
+
+
 class _RSSSampler(threading.Thread):
     """Peak RSS of a process and, separately, of the largest of its descendants."""
 
@@ -191,6 +209,7 @@ class _RSSSampler(threading.Thread):
         self.every = every
         self.driver = 0
         self.worker = 0
+        self.daemon_peak = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -201,7 +220,11 @@ class _RSSSampler(threading.Thread):
                 self.driver = max(self.driver, self.proc.memory_info().rss)
                 for c in self.proc.children(recursive=True):
                     try:
-                        self.worker = max(self.worker, c.memory_info().rss)
+                        rss = c.memory_info().rss
+                        if _is_task_worker(c):
+                            self.worker = max(self.worker, rss)
+                        else:  # Ray's own processes (gcs_server, raylet, dashboard, ...)
+                            self.daemon_peak = max(self.daemon_peak, rss)
                     except psutil.Error:
                         pass
             except psutil.Error:
@@ -272,6 +295,7 @@ def measure(n: int, seed: int = 0, queries: int = 1000, executor: str = "local",
     return {
         "n": n, "executor": executor, "search": search, "seconds": round(res["seconds"], 2), "cpu_seconds": round(res["cpu_seconds"], 1),
         "driver_peak_rss_mb": round(sampler.driver / 2**20, 1), "worker_peak_rss_mb": round(sampler.worker / 2**20, 1),
+        "ray_daemons_peak_rss_mb": round(sampler.daemon_peak / 2**20, 1),
         "pairs": int(sum(res["pairs"].values())), "pairs_by_method": res["pairs"], "recall": round(recall, 4),
         "recall_exact_pairs": len(truth), "queries": len(q), "timings": res["timings"],
         "run_dir_bytes": disk, "ivf_search": res.get("ivf_search"), "phase_peak_rss_mb": res.get("phase_peak_rss_mb"),

@@ -165,3 +165,21 @@ def test_small_local_runs_search_in_memory_and_ray_or_large_ones_partition(tmp_p
     part = find_pairs(cfg, fs, partitioned=True)
     assert Path(run.embedding_pairs_dir).exists()
     assert mem.table.equals(part.table) and mem.table.num_rows > 20
+
+
+def test_staged_file_handle_pins_the_file_and_says_what_a_worker_needs(tmp_path):
+    """The outlier score hands out-of-process tasks the staged embeddings by name: a worker
+    that cannot open the file, or finds another file there, gets one clear error."""
+    from dedup.errors import DedupError
+    from dedup.phases.manifest import StagedFile
+
+    x = _data(100, 8)
+    np.save(tmp_path / "e.npy", x)
+    m = np.load(tmp_path / "e.npy", mmap_mode="r")
+    h = StagedFile.of(m)
+    assert h is not None and StagedFile.of(np.asarray(x)) is None  # in memory: nothing to name
+    assert np.array_equal(h.open(), x)
+    with pytest.raises(DedupError, match="filesystem every node sees"):
+        StagedFile(str(tmp_path / "gone.npy"), h.size, h.mtime_ns).open()
+    with pytest.raises(DedupError, match="changed"):
+        StagedFile(h.path, h.size, h.mtime_ns + 1).open()

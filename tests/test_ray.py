@@ -429,10 +429,11 @@ def test_ray_candidate_search_equals_serial_with_the_bound_prefilter(ray_cluster
     assert res.stats.bound_width == 34  # the units were handed the bound
 
 
-def test_outlier_score_on_ray_reuses_the_ray_search_lists(ray_cluster, monkeypatch):
+def test_outlier_score_on_ray_reuses_the_ray_search_lists(ray_cluster, monkeypatch, tmp_path):
     """On Ray the coarse stage's tasks also return each row's nearest lists (as the serial
     driver keeps them), and the outlier score's work units run as Ray tasks: the same lists
-    and the same scores as in one process."""
+    and the same scores as in one process. Embeddings mapped from a file (the staged
+    embeddings of a run) are not put in the object store: the tasks read their rows from it."""
     from dedup.compute import candidates as cand
     from dedup.compute.search.driver import search_embeddings
     from dedup.config import load_config
@@ -469,6 +470,16 @@ def test_outlier_score_on_ray_reuses_the_ray_search_lists(ray_cluster, monkeypat
     assert st_ray["method"] == "ivf (the duplicate search's lists)" and st_ray["units"] >= 4
     assert np.array_equal(local, on_ray, equal_nan=True)
     assert np.isnan(on_ray[~ok]).all() and np.isfinite(on_ray[ok]).all()
+
+    np.save(tmp_path / "emb.npy", x)
+    mapped = np.load(tmp_path / "emb.npy", mmap_mode="r")
+    handed: list = []
+    with RayExecutor(cfg) as ex:
+        real_put = ex.put
+        monkeypatch.setattr(ex, "put", lambda obj: handed.append(obj) or real_put(obj))
+        from_file = outlier_scores(mapped, ok, 5, lists=ray_lists, executor=ex)
+    assert [type(h).__name__ for h in handed] == ["StagedFile"]  # a name, not n × d values
+    assert np.array_equal(local, from_file, equal_nan=True)
 
 
 def test_ray_run_equals_local_run_on_ivf_lists(ray_cluster, tmp_path):

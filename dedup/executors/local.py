@@ -68,6 +68,8 @@ def _task(ref: ShardRef) -> dict:
 
 
 class LocalExecutor:
+    in_process = True  # map_units runs on threads here (features: worker processes)
+
     def __init__(self, workers: int, retries: int = 2, on_workers: Callable[[list[int]], None] | None = None,
                  threads: int = 0):
         self.workers = max(1, workers)

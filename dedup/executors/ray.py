@@ -161,6 +161,8 @@ class RayExecutor:
     initialised Ray is used as is. :meth:`close` shuts down only a Ray this object started.
     """
 
+    in_process = False  # tasks run in Ray workers: hand large inputs over by name, not by put
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self._started = False

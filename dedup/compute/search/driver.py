@@ -68,7 +68,12 @@ class TaskMap(Protocol):
     """The executor contract of the distributed work: ``map_units`` runs ``fn(item)`` (or
     ``fn(shared, item)`` with ``shared``) for every item, wherever the executor runs work, and
     yields ``(item, result, None)`` or ``(item, None, error)`` as each finishes, in any order;
-    ``put`` hands a large value over once (a reference to pass as ``shared`` to several maps)."""
+    ``put`` hands a large value over once (a reference to pass as ``shared`` to several maps).
+    ``in_process``: the tasks run in this process (``put`` is the identity), so they may read
+    the caller's arrays, mappings included; otherwise large inputs are better handed over by
+    name (e.g. a file each task reads) than through ``put``."""
+
+    in_process: bool
 
     def map_units(self, fn: Callable[..., Any], items: Iterable[Any], *, shared: Any = None) -> Iterator[TaskResult]:
         ...
@@ -80,6 +85,8 @@ class TaskMap(Protocol):
 class ThreadMap:
     """:class:`TaskMap` on worker threads of this process (BLAS, faiss and torch held to one
     thread each meanwhile); ``put`` is the identity: the tasks read the caller's arrays."""
+
+    in_process = True
 
     def __init__(self, workers: int = 0):
         self.workers = n_threads(workers)
