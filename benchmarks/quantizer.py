@@ -113,17 +113,27 @@ class _Graph:
         return np.take_along_axis(dp, o, 1), np.take_along_axis(ip, o, 1)
 
 
-def _train(n: int, seed: int):
-    """The quantizer as the pipeline trains it (cached): params, quantizer, seconds."""
-    from dedup.compute.search.coarse import sample_rows, train_ivf
+def _params(n: int, list_rows: int | None = None, nprobe: int | None = None):
     from dedup.compute.search.ivf import IVFParams
+
+    over = {"nprobe": nprobe} if nprobe else {}
+    return IVFParams.auto(n, 512, THRESHOLD, list_rows=list_rows, super_lists=0, **over)
+
+
+def _train(n: int, seed: int, list_rows: int | None = None, nprobe: int | None = None):
+    """The quantizer as the pipeline trains it (cached by nlist): params, quantizer, seconds.
+    ``list_rows``: rows per list instead of auto's rule (nprobe, train_size follow the nlist);
+    ``nprobe``: the cap instead of auto's (the same k-means: nprobe is not used to train)."""
+    from dedup.compute.search.coarse import sample_rows, train_ivf
     from dedup.compute.search.kernels import take_rows
 
-    path = CACHE / f"quantizer-n{n}-s{seed}.pkl"
+    params = _params(n, list_rows, nprobe)
+    path = CACHE / f"quantizer-n{n}-l{params.nlist}-s{seed}.pkl"
     if path.exists():
-        return pickle.loads(path.read_bytes())
+        p0, coarse, secs = pickle.loads(path.read_bytes())
+        if replace(p0, nprobe=params.nprobe) == params:
+            return params, replace(coarse, params=params), secs
     x = np.load(_data_path(n, seed, THRESHOLD), mmap_mode="r")
-    params = IVFParams.auto(n, x.shape[1], THRESHOLD, super_lists=0)
     want = sample_rows(np.arange(n, dtype=np.int64), max(params.train_size, params.nlist), params.seed)
     sample = np.asarray(take_rows(x, want))
     c0 = time.process_time()
@@ -176,13 +186,41 @@ def _found(prim: dict, visits: np.ndarray, nlist: int, a: np.ndarray, b: np.ndar
     return (pa == pb) | np.isin(a * nlist + pb, visits) | np.isin(b * nlist + pa, visits)
 
 
-def measure(n: int, seed: int, variants: list[str], queries: int, planted: int, time_rows: int) -> list[dict]:
+ROW_BYTES = 1037  # a partition row: id, list, float16 vector (docs/scale.md)
+
+
+def _list_sizes(x: np.ndarray, coarse, rows: int, block: int = 1 << 16) -> tuple[np.ndarray, int]:
+    """Members of every list, estimated from the first ``rows`` rows (all when ≥ n; the
+    benchmark's rows are i.i.d., so a block is a random sample), scaled to n."""
+    from dedup.compute.search.threads import single_threaded_libs
+
+    n = len(x)
+    rows = min(int(rows), n)
+    counts = np.zeros(len(coarse.centroids), np.int64)
+    with single_threaded_libs():
+        for s in range(0, rows, block):
+            pz, _ = coarse.coordinates(np.asarray(x[s : min(rows, s + block)], np.float32))
+            counts += np.bincount(coarse.nearest(pz, 1)[1][:, 0], minlength=len(counts))
+    return counts * (n / rows), rows
+
+
+def _pair_cost(sizes: np.ndarray, rid: np.ndarray, prim: np.ndarray, vr: np.ndarray, vl: np.ndarray) -> float:
+    """Dot products of the pair stage a row, Σ_L m_L (m_L + v_L) / n, as the mean over the
+    sampled rows of the members of every list the row is in (own + visited)."""
+    pos = np.searchsorted(rid, vr)
+    per = sizes[prim].astype(np.float64)
+    np.add.at(per, pos, sizes[vl])
+    return float(per.mean())
+
+
+def measure(n: int, seed: int, variants: list[str], queries: int, planted: int, time_rows: int,
+            list_rows: int | None = None, nprobe: int | None = None, count_rows: int = 10**6) -> list[dict]:
     from dedup.compute.search.kernels import take_rows
     from dedup.compute.search.threads import single_threaded_libs
 
     path = _ensure_data(n, seed, THRESHOLD)
     x = np.load(path, mmap_mode="r")
-    params, coarse, train_s = _train(n, seed)
+    params, coarse, train_s = _train(n, seed, list_rows, nprobe)
     nlist = coarse.params.nlist
     # exact pairs: every pair touching `queries` random rows (brute force), and planted copies
     ref = CACHE / f"quantizer-flat-n{n}-q{queries}-s{seed}.npz"
@@ -203,10 +241,12 @@ def measure(n: int, seed: int, variants: list[str], queries: int, planted: int, 
         pz_t, _ = coarse.coordinates(np.asarray(take_rows(x, timed), np.float32))
         project_us = (time.process_time() - c0) / len(timed) * 1e6
         pz_e, _ = coarse.coordinates(np.asarray(take_rows(x, ends), np.float32))
+    sizes, counted = _list_sizes(x, coarse, count_rows)
     out, base = [], None
     for v in variants:
         q, build_s = _upper(coarse, v)
-        _, vr_t, _, secs = _assign(q, pz_t, timed)
+        prim_t, vr_t, vl_t, secs = _assign(q, pz_t, timed)
+        per_row = np.bincount(np.searchsorted(timed, vr_t), minlength=len(timed))
         prim, vr, vl, _ = _assign(q, pz_e, ends)
         pmap = dict(zip(ends.tolist(), prim.tolist()))
         visits = vr * nlist + vl
@@ -214,12 +254,16 @@ def measure(n: int, seed: int, variants: list[str], queries: int, planted: int, 
         if base is None:
             base = (fs, fp)
         r = {"kind": "quantizer", "n": n, "nlist": nlist, "nprobe": coarse.params.nprobe, "variant": v,
-             "train_cpu_s": round(train_s, 1), "build_cpu_s": round(build_s, 2), "time_rows": len(timed),
+             "list_rows": round(n / nlist), "train_size": coarse.params.train_size, "train_cpu_s": round(train_s, 1), "build_cpu_s": round(build_s, 2), "time_rows": len(timed),
              "us_per_row": round(secs / len(timed) * 1e6, 2), "project_us_per_row": round(project_us, 2),
              "visits_per_row": round(len(vr_t) / len(timed), 3), "queries": int(len(f["q"])),
              "sampled_pairs": int(len(si)), "recall_sampled": round(float(fs.mean()) if len(fs) else 1.0, 5),
              "planted_pairs": int(len(pa)), "recall_planted": round(float(fp.mean()) if len(fp) else 1.0, 5),
-             "vs_flat": round(float(np.concatenate([fs, fp])[np.concatenate(base)].mean()), 5)}
+             "vs_flat": round(float(np.concatenate([fs, fp])[np.concatenate(base)].mean()), 5),
+             "at_cap": round(float((per_row >= coarse.params.nprobe - 1).mean()), 5) if coarse.params.nprobe > 1 else 1.0,
+             "pair_dots_per_row": round(_pair_cost(sizes, timed, prim_t, vr_t, vl_t), 1),
+             "list_size_max": int(sizes.max()), "count_rows": counted,
+             "partition_bytes_per_row": round((1 + len(vr_t) / len(timed)) * ROW_BYTES)}
         out.append(r)
         print(json.dumps(r), flush=True)
     return out
@@ -282,6 +326,32 @@ def report(rows: list[dict]) -> str:
             + markdown_table(head, body) + "\n")
 
 
+def report_lists(rows: list[dict], pair_ns: float | None) -> str:
+    """The list-size table (``--list-rows``): what each nlist costs a row."""
+    from benchmarks._table import machine_description, markdown_table
+
+    head = ["n", "rows a list", "nlist", "nprobe", "train rows", "train CPU s", "assign us/row", "visits/row",
+            "rows at cap", "pair dots/row", "partition B/row", "recall (sampled)", "recall (planted)"]
+    if pair_ns:
+        head[-2:-2] = ["assign + pairs CPU us/row"]
+    body = []
+    for r in rows:
+        line = [_size(r["n"]), r["list_rows"], r["nlist"], r["nprobe"], r["train_size"], r["train_cpu_s"],
+                r["us_per_row"], r["visits_per_row"], f"{r['at_cap']:.4f}", round(r["pair_dots_per_row"]),
+                r["partition_bytes_per_row"], f"{r['recall_sampled']:.4f} ({r['sampled_pairs']})",
+                f"{r['recall_planted']:.4f} ({r['planted_pairs']})"]
+        if pair_ns:
+            line[-2:-2] = [round(r["us_per_row"] + r["pair_dots_per_row"] * pair_ns / 1000, 1)]
+        body.append(line)
+    note = (f" assign + pairs: the assignment's µs plus pair dots × {pair_ns} ns (`--pair-ns`, the "
+            "pair stage's measured CPU a dot product)." if pair_ns else "")
+    return (f"Measured by `python benchmarks/quantizer.py --list-rows …` on {machine_description()}, the flat "
+            "quantizer, one thread. rows at cap: share of the timed rows that visit nprobe - 1 lists. pair "
+            "dots/row: Σ over lists of members × (members + visitors) / n, list sizes counted on "
+            "`--count-rows` rows. partition B/row: (1 + visits) × 1 037 B." + note + "\n\n"
+            + markdown_table(head, body) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, action="append", help="rows (repeatable; default 1e6 and 1e7)")
@@ -291,6 +361,11 @@ def main(argv: list[str] | None = None) -> None:
                     "(default 4 000 up to 10⁶ rows, 1 000 above)")
     ap.add_argument("--planted", type=int, default=20000, help="random planted copies checked")
     ap.add_argument("--time-rows", type=int, default=32768, help="random rows whose assignment is timed")
+    ap.add_argument("--list-rows", type=int, action="append", help="rows a list: nlist = n / this instead of "
+                    "auto's rule (repeatable; 0 = auto's); writes the list-size table (section nlist)")
+    ap.add_argument("--nprobe", type=int, help="nprobe cap instead of auto's")
+    ap.add_argument("--count-rows", type=int, default=10**6, help="rows assigned to count list sizes (default 1e6)")
+    ap.add_argument("--pair-ns", type=float, help="CPU ns a pair-stage dot product (for the table's total)")
     ap.add_argument("--json", action="store_true", help="JSON lines only")
     ap.add_argument("--ranks", action="store_true", help="only the super-list ranks of the lists rows need (JSON)")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/candidates.md")
@@ -306,15 +381,18 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for n in a.n or [10**6, 10**7]:
             queries = a.queries or (4000 if n <= 10**6 else 1000)
-            rows += measure(n, a.seed, a.variant or VARIANTS, queries, a.planted, a.time_rows)
+            for lr in a.list_rows or [None]:
+                rows += measure(n, a.seed, a.variant or (["flat"] if a.list_rows else VARIANTS), queries,
+                                a.planted, a.time_rows, lr or None, a.nprobe, a.count_rows)
     if a.json:
         return
-    body = report(rows)
+    lists = bool(a.list_rows)
+    body = report_lists(rows, a.pair_ns) if lists else report(rows)
     print(body)
     if not a.no_write:
         from benchmarks._table import write_section
 
-        write_section("quantizer", body, DOC)
+        write_section("nlist" if lists else "quantizer", body, DOC)
 
 
 if __name__ == "__main__":

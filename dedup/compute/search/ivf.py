@@ -76,8 +76,11 @@ class IVFParams:
     super_probe: int = 8
 
     @classmethod
-    def auto(cls, n: int, d: int, threshold: float | None = None, **overrides) -> IVFParams:
+    def auto(cls, n: int, d: int, threshold: float | None = None, *, list_rows: int | None = None,
+             **overrides) -> IVFParams:
         """Parameters for n valid rows of dimension d (measurements: docs/candidates.md).
+        ``list_rows`` replaces the rule's rows per list (nlist = n / list_rows, at most n / 50);
+        nprobe and train_size then follow that nlist (an ``nlist=`` override changes nlist alone).
 
         * nlist = n / 500 (lists of ~500 rows), at least √n, at most n / 50.
         * nprobe (a cap) = 16 up to 2 000 lists (1e6 rows), then 16 · (1 + log10(nlist /
@@ -96,7 +99,7 @@ class IVFParams:
         * use_gpu = None (when faiss sees a GPU). Any field can be overridden by keyword.
         """
         n = max(int(n), 0)
-        nlist = _auto_nlist(n)
+        nlist = _auto_nlist(n, list_rows)
         p = cls(
             nlist=nlist,
             nprobe=_auto_nprobe(nlist, threshold),
@@ -110,9 +113,11 @@ class IVFParams:
         return replace(p, **overrides) if overrides else p
 
 
-def _auto_nlist(n: int) -> int:
+def _auto_nlist(n: int, list_rows: int | None = None) -> int:
     if n < 2:
         return 1
+    if list_rows:  # as asked (benchmarks): no √n floor
+        return int(max(1, min(n // 50, n // int(list_rows))))
     return int(max(1, min(n // 50, max(round(math.sqrt(n)), n // 500))))
 
 
