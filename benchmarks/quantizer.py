@@ -4,6 +4,9 @@
     python benchmarks/quantizer.py --n 1000000 --json            # one JSON line per n and quantizer
     ... --variant ivf:141:8 --variant hnsw:32:64                 # the upper levels to measure
     python benchmarks/quantizer.py --ranks                       # where the lists a row needs lie
+    python benchmarks/quantizer.py --n 1000000 --list-rows 500 --list-rows 2000   # list sizes: the
+        # flat quantizer with nlist = n / list rows; visits, pair-stage dot products, partition bytes
+        # a row (section nlist of docs/candidates.md); --nprobe, --train-size override auto's
 
 Data: the candidate benchmark's CLIP-like float16 embeddings (d = 512, planted near-duplicates
 at cosines U[0.90, 0.995], 2% exact copies, 5% hard negatives; ``benchmarks/candidates.py``),
@@ -33,6 +36,13 @@ most nprobe). Measured, one thread:
   natural pairs alike); ``recall (planted)``: over ``--planted`` random planted copies whose
   exact cosine is ≥ 0.90. ``vs flat``: the fraction of the pairs the flat quantizer finds (both
   sets) that this one finds too.
+
+With ``--list-rows``: also ``at_cap`` (share of the timed rows that visit nprobe - 1 lists: the
+cap cuts them short), ``pair_dots_per_row`` (the pair stage's dot products a row, Σ over lists of
+members × (members + visitors) / n: the mean over the timed rows of the members of each list
+they are in, list sizes counted on the first ``--count-rows`` rows and scaled to n — the rows are
+i.i.d.) and ``partition_bytes_per_row`` ((1 + visits) × 1 037 B: what the partitioned search
+writes a row).
 """
 
 from __future__ import annotations
@@ -113,22 +123,27 @@ class _Graph:
         return np.take_along_axis(dp, o, 1), np.take_along_axis(ip, o, 1)
 
 
-def _params(n: int, list_rows: int | None = None, nprobe: int | None = None):
+def _params(n: int, list_rows: int | None = None, nprobe: int | None = None, train_size: int | None = None):
     from dedup.compute.search.ivf import IVFParams
 
     over = {"nprobe": nprobe} if nprobe else {}
+    if train_size:
+        over["train_size"] = min(n, train_size)
     return IVFParams.auto(n, 512, THRESHOLD, list_rows=list_rows, super_lists=0, **over)
 
 
-def _train(n: int, seed: int, list_rows: int | None = None, nprobe: int | None = None):
+def _train(n: int, seed: int, list_rows: int | None = None, nprobe: int | None = None,
+           train_size: int | None = None):
     """The quantizer as the pipeline trains it (cached by nlist): params, quantizer, seconds.
     ``list_rows``: rows per list instead of auto's rule (nprobe, train_size follow the nlist);
-    ``nprobe``: the cap instead of auto's (the same k-means: nprobe is not used to train)."""
+    ``nprobe``: the cap instead of auto's (the same k-means: nprobe is not used to train);
+    ``train_size``: k-means sample rows instead of auto's."""
     from dedup.compute.search.coarse import sample_rows, train_ivf
     from dedup.compute.search.kernels import take_rows
 
-    params = _params(n, list_rows, nprobe)
-    path = CACHE / f"quantizer-n{n}-l{params.nlist}-s{seed}.pkl"
+    params = _params(n, list_rows, nprobe, train_size)
+    tag = f"-t{params.train_size}" if params.train_size != _params(n, list_rows).train_size else ""
+    path = CACHE / f"quantizer-n{n}-l{params.nlist}{tag}-s{seed}.pkl"
     if path.exists():
         p0, coarse, secs = pickle.loads(path.read_bytes())
         if replace(p0, nprobe=params.nprobe) == params:
@@ -214,13 +229,14 @@ def _pair_cost(sizes: np.ndarray, rid: np.ndarray, prim: np.ndarray, vr: np.ndar
 
 
 def measure(n: int, seed: int, variants: list[str], queries: int, planted: int, time_rows: int,
-            list_rows: int | None = None, nprobe: int | None = None, count_rows: int = 10**6) -> list[dict]:
+            list_rows: int | None = None, nprobe: int | None = None, count_rows: int = 10**6,
+            train_size: int | None = None) -> list[dict]:
     from dedup.compute.search.kernels import take_rows
     from dedup.compute.search.threads import single_threaded_libs
 
     path = _ensure_data(n, seed, THRESHOLD)
     x = np.load(path, mmap_mode="r")
-    params, coarse, train_s = _train(n, seed, list_rows, nprobe)
+    params, coarse, train_s = _train(n, seed, list_rows, nprobe, train_size)
     nlist = coarse.params.nlist
     # exact pairs: every pair touching `queries` random rows (brute force), and planted copies
     ref = CACHE / f"quantizer-flat-n{n}-q{queries}-s{seed}.npz"
@@ -364,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--list-rows", type=int, action="append", help="rows a list: nlist = n / this instead of "
                     "auto's rule (repeatable; 0 = auto's); writes the list-size table (section nlist)")
     ap.add_argument("--nprobe", type=int, help="nprobe cap instead of auto's")
+    ap.add_argument("--train-size", type=int, help="k-means sample rows instead of auto's")
     ap.add_argument("--count-rows", type=int, default=10**6, help="rows assigned to count list sizes (default 1e6)")
     ap.add_argument("--pair-ns", type=float, help="CPU ns a pair-stage dot product (for the table's total)")
     ap.add_argument("--json", action="store_true", help="JSON lines only")
@@ -383,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
             queries = a.queries or (4000 if n <= 10**6 else 1000)
             for lr in a.list_rows or [None]:
                 rows += measure(n, a.seed, a.variant or (["flat"] if a.list_rows else VARIANTS), queries,
-                                a.planted, a.time_rows, lr or None, a.nprobe, a.count_rows)
+                                a.planted, a.time_rows, lr or None, a.nprobe, a.count_rows, a.train_size)
     if a.json:
         return
     lists = bool(a.list_rows)

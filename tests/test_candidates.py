@@ -394,6 +394,24 @@ def test_auto_params():
     assert C.probe_radius(replace(p, probe_margin=None), 0.9) == float("inf")
 
 
+def test_auto_nlist_rule():
+    """nlist = n / 500, at least √n, at most n / 50 — kept after measuring lists of 1 000 to
+    8 000 rows at 10⁶ and 10⁷ (docs/candidates.md, "List size"): larger lists did not cut the
+    visits a row makes, so they cost more dot products and lost recall."""
+    want = {2: 1, 100: 2, 10**4: 100, 10**5: 316, 250_000: 500, 10**6: 2000, 10**7: 20_000, 2 * 10**9: 4 * 10**6}
+    assert {n: IVFParams.auto(n, 512, 0.9).nlist for n in want} == want
+    assert [IVFParams.auto(n, 512, 0.9).nprobe for n in (10**6, 10**7)] == [16, 32]
+    # list_rows: the list size asked (no √n floor); nprobe and train_size follow the nlist
+    for n in (10**6, 10**7):
+        assert IVFParams.auto(n, 512, 0.9, list_rows=500) == IVFParams.auto(n, 512, 0.9)
+    p = IVFParams.auto(10**7, 512, 0.9, list_rows=2000)
+    assert (p.nlist, p.nprobe, p.train_size) == (5000, 22, 131_072)
+    p = IVFParams.auto(10**6, 512, 0.9, list_rows=8000)
+    assert (p.nlist, p.nprobe, p.train_size) == (125, 16, 20_000)
+    assert IVFParams.auto(10**5, 512, 0.9, list_rows=10).nlist == 2000  # at most n / 50
+    assert IVFParams.auto(10**6, 512, 0.9, list_rows=2000, nlist=7).nlist == 7
+
+
 def test_adaptive_probing_visits_fewer_lists_and_stays_exact(emb):
     fixed = _ivf(*emb.shape, use_gpu=False, probe_margin=None)
     adaptive = _ivf(*emb.shape, use_gpu=False)
