@@ -82,7 +82,9 @@ class IVFParams:
         ``list_rows`` replaces the rule's rows per list (nlist = n / list_rows, at most n / 50);
         nprobe and train_size then follow that nlist (an ``nlist=`` override changes nlist alone).
 
-        * nlist = n / 500 (lists of ~500 rows), at least √n, at most n / 50.
+        * nlist = n / 500 (lists of ~500 rows), at least √n, at most n / 50. Lists of 1 000 to
+          8 000 rows were measured at 1e6 and 1e7: no fewer visits a row, many more dot products,
+          recall < 0.99 at 1e7 (docs/candidates.md, "List size").
         * nprobe (a cap) = 16 up to 2 000 lists (1e6 rows), then 16 · (1 + log10(nlist /
           2000)): 32 at 1e7 rows. probe_margin = 0.16. Denser data puts more lists within the
           visiting radius, and a cap cut short loses pairs: at 1e7 a cap of 16 kept 0.98 of
