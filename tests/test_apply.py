@@ -110,3 +110,60 @@ def test_open_atomic_remote_uploads_only_complete_files():
     with rd.open_atomic(rd.p("b.tar")) as f:
         f.write(b"x" * 100_000)
     assert fs.cat("/atomic-test/b.tar") == b"x" * 100_000
+
+
+def test_apply_streams_one_shard_at_a_time_and_handles_nested_shard_ids(tmp_path):
+    """`dedup apply` holds one shard's kept keys at a time (the manifest is in sample_id order,
+    so a shard's rows are consecutive) — except when one shard id is another's directory
+    ("a" beside "a/b": "a/b/m0" sorts between "a/a1" and "a/z0"), where it falls back to every
+    kept key at once. Both ways every kept sample is written, nothing else."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from dedup.io.rundir import RunDir
+    from dedup.phases.apply import apply_run, keep_set, shard_rows
+
+    def jpeg(seed):
+        im = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 48, 3), dtype=np.uint8))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+        return buf.getvalue()
+
+    src = tmp_path / "in"
+    (src / "a").mkdir(parents=True)
+    layout = {src / "a.tar": ["a0", "a1", "z0", "z1"], src / "a" / "b.tar": ["m0", "m1"], src / "c.tar": ["x0", "x1"]}
+    seed = 0
+    for path, keys in layout.items():
+        with wds.TarWriter(str(path)) as tw:
+            for k in keys:
+                seed += 1
+                # every second sample repeats the previous one's bytes: an exact duplicate
+                tw.write({"__key__": k, "jpg": jpeg(seed - (seed % 2 == 0))})
+    run = tmp_path / "run"
+    cfg = load_config(None, None, **{"methods": ["exact", "phash", "dhash"], "run.workers": 1})
+    assert run_pipeline([str(src)], str(run), cfg, progress=False).exit_code == 0
+    rows, consecutive = shard_rows(RunDir(str(run)))
+    assert set(rows) == {"a", "a/b", "c"} and sum(rows.values()) == 8
+    assert not consecutive  # "a/b/m0" sorts between "a/a1" and "a/z0"
+    keys, _ = keep_set(RunDir(str(run)))
+    summary = apply_run(str(run), str(tmp_path / "clean"))
+    assert summary["samples_written"] == summary["expected"] == sum(len(v) for v in keys.values()) == 4
+    for sid, want in keys.items():
+        got = {s["__key__"] for s in wds.WebDataset(str(tmp_path / "clean" / f"{sid}.tar"), shardshuffle=False)}
+        assert got == want, sid
+
+    # without the nested shard: consecutive rows, streamed, the same result for the others
+    import shutil
+
+    shutil.rmtree(src / "a")
+    run2 = tmp_path / "run2"
+    assert run_pipeline([str(src)], str(run2), cfg, progress=False).exit_code == 0
+    rows2, consecutive2 = shard_rows(RunDir(str(run2)))
+    assert consecutive2 and list(rows2) == ["a", "c"]
+    summary2 = apply_run(str(run2), str(tmp_path / "clean2"))
+    assert summary2["samples_written"] == 3 and summary2["shards"] == 2
+    for sid in ("a", "c"):
+        got = {s["__key__"] for s in wds.WebDataset(str(tmp_path / "clean2" / f"{sid}.tar"), shardshuffle=False)}
+        assert got == keys[sid], sid
