@@ -257,7 +257,7 @@ def measure(n: int, seed: int, variants: list[str], queries: int, planted: int, 
         pz_t, _ = coarse.coordinates(np.asarray(take_rows(x, timed), np.float32))
         project_us = (time.process_time() - c0) / len(timed) * 1e6
         pz_e, _ = coarse.coordinates(np.asarray(take_rows(x, ends), np.float32))
-    sizes, counted = _list_sizes(x, coarse, count_rows)
+    sizes, counted = _list_sizes(x, coarse, count_rows) if count_rows else (None, 0)
     out, base = [], None
     for v in variants:
         q, build_s = _upper(coarse, v)
@@ -277,9 +277,10 @@ def measure(n: int, seed: int, variants: list[str], queries: int, planted: int, 
              "planted_pairs": int(len(pa)), "recall_planted": round(float(fp.mean()) if len(fp) else 1.0, 5),
              "vs_flat": round(float(np.concatenate([fs, fp])[np.concatenate(base)].mean()), 5),
              "at_cap": round(float((per_row >= coarse.params.nprobe - 1).mean()), 5) if coarse.params.nprobe > 1 else 1.0,
-             "pair_dots_per_row": round(_pair_cost(sizes, timed, prim_t, vr_t, vl_t), 1),
-             "list_size_max": int(sizes.max()), "count_rows": counted,
              "partition_bytes_per_row": round((1 + len(vr_t) / len(timed)) * ROW_BYTES)}
+        if sizes is not None:
+            r.update(pair_dots_per_row=round(_pair_cost(sizes, timed, prim_t, vr_t, vl_t), 1),
+                     list_size_max=int(sizes.max()), count_rows=counted)
         out.append(r)
         print(json.dumps(r), flush=True)
     return out
@@ -382,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
                     "auto's rule (repeatable; 0 = auto's); writes the list-size table (section nlist)")
     ap.add_argument("--nprobe", type=int, help="nprobe cap instead of auto's")
     ap.add_argument("--train-size", type=int, help="k-means sample rows instead of auto's")
-    ap.add_argument("--count-rows", type=int, default=10**6, help="rows assigned to count list sizes (default 1e6)")
+    ap.add_argument("--count-rows", type=int, default=10**6, help="rows assigned to count list sizes "
+                    "(with --list-rows; default 1e6)")
     ap.add_argument("--pair-ns", type=float, help="CPU ns a pair-stage dot product (for the table's total)")
     ap.add_argument("--json", action="store_true", help="JSON lines only")
     ap.add_argument("--ranks", action="store_true", help="only the super-list ranks of the lists rows need (JSON)")
@@ -401,7 +403,8 @@ def main(argv: list[str] | None = None) -> None:
             queries = a.queries or (4000 if n <= 10**6 else 1000)
             for lr in a.list_rows or [None]:
                 rows += measure(n, a.seed, a.variant or (["flat"] if a.list_rows else VARIANTS), queries,
-                                a.planted, a.time_rows, lr or None, a.nprobe, a.count_rows, a.train_size)
+                                a.planted, a.time_rows, lr or None, a.nprobe,
+                                a.count_rows if a.list_rows else 0, a.train_size)
     if a.json:
         return
     lists = bool(a.list_rows)
