@@ -26,6 +26,7 @@ from dedup.extras import need
 from dedup.faults import crash_point
 from dedup.io.rundir import RunDir
 from dedup.io.shards import list_shards
+from dedup.memory import return_freed_memory
 from dedup.progress import Progress
 from dedup.records import ShardRef
 
@@ -360,7 +361,7 @@ def finish_run(
     from dedup.phases.manifest import cluster_manifest, write_manifest
 
     timings = dict(timings or {})
-    _return_freed_memory(setup=True)
+    return_freed_memory(setup=True)
     log.debug("global phase: %s", "load")  # (benchmarks/scale.py's per-phase memory listens for these)
     t0, c0 = time.perf_counter(), time.process_time()
     fs = load_features(run, sorted(shard_ids), with_embeddings="embedding" in cfg.methods)
@@ -383,7 +384,7 @@ def finish_run(
             # the embedding search keeps its rows' nearest lists for the outlier score's search
             found = find_pairs(cfg, fs, progress=cb, executor=executor, keep_lists=want_outlier)
         pairs, info = found.table, found.info
-        _return_freed_memory()
+        return_freed_memory()
         crash_point("candidates:before_write")
         run.write_parquet(run.pairs, pairs)
         timings["candidates"] = round(time.perf_counter() - t0, 3)
@@ -401,7 +402,7 @@ def finish_run(
                 outlier = outlier_scores(fs.embeddings, fs.ok(), cfg.clusters.outlier_k, stats=ost,
                                          progress=prog.updater("outlier scores"), lists=found.lists, executor=executor)
             del found
-            _return_freed_memory()
+            return_freed_memory()
             timings["outlier"] = round(ost.get("seconds", 0.0), 3)
             spread = executor is not None and "units" in ost  # IVF units ran as the executor's tasks
             outlier_search = {"method": ost.get("method"), "units": ost.get("units"),
@@ -437,29 +438,6 @@ def finish_run(
         "embedding_threshold": th_choice,
         "timings": timings,
     }
-
-
-# glibc's malloc raises its mmap threshold up to 32 MB as large blocks are freed; blocks below
-# it come from heaps that keep freed memory, which then counts in the resident set (measured at
-# 10⁵ rows: 100–200 MB more RSS after each global phase than with a fixed threshold). A fixed
-# 1 MiB threshold hands every larger array back to the system when it is freed.
-_MMAP_THRESHOLD = 1 << 20
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-
-
-def _return_freed_memory(setup: bool = False) -> None:
-    """Give memory freed by a phase back to the system (glibc's heaps, arrow's pool); with
-    ``setup``, first fix glibc's mmap threshold (see above). A no-op where these do not exist."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        if setup:
-            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-    pa.default_memory_pool().release_unused()
 
 
 def _count(values) -> dict[str, int]:

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from dedup.config import Config
 from dedup.errors import DedupError, SchemaMismatchError
 from dedup.io.rundir import RunDir
+from dedup.memory import return_freed_memory
 from dedup.schema import FEATURES_VERSION, PAIRS_SCHEMA, check_version
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ def load_features(run: RunDir, shard_ids: list[str], with_embeddings: bool) -> F
         cols.append(col.take(take))
         fields.append(field)
         del col
-        _release_freed()
+        return_freed_memory()
     table = pa.table(cols, schema=pa.schema(fields, metadata=first_meta))
     return FeatureSet(table, emb, model_tag, fhash, run, tuple(shard_ids), offsets, inv)
 
@@ -146,12 +147,6 @@ def _read_column(run: RunDir, shard_ids: list[str], name: str) -> tuple[pa.Chunk
             parts.append(pq.ParquetFile(f).read(columns=[name]))
     t = pa.concat_tables(parts, promote_options="permissive")
     return t[name], t.schema.field(name)
-
-
-def _release_freed() -> None:
-    from dedup.runner import _return_freed_memory
-
-    _return_freed_memory()
 
 
 def _stage_embeddings(run: RunDir, shard_ids: list[str | None], offsets: np.ndarray, inv: np.ndarray, d: int) -> np.ndarray:
