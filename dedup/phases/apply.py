@@ -17,6 +17,7 @@ from __future__ import annotations
 import posixpath
 import tarfile
 from collections import defaultdict
+from itertools import groupby
 from collections.abc import Callable, Iterator
 from typing import IO
 
@@ -61,38 +62,37 @@ def shard_rows(run: RunDir) -> tuple[dict[str, int], bool]:
     return rows, consecutive
 
 
+def _kept(run: RunDir, include_failed: bool) -> Iterator[tuple[str, str]]:
+    """(shard_id, key) of every kept row, in manifest order, read a batch at a time."""
+    for m in iter_manifest(run, ["shard_id", "key", "status", "is_keeper"]):
+        kept = m.filter(_kept_mask(m, include_failed))
+        yield from zip(kept["shard_id"].to_pylist(), kept["key"].to_pylist())
+
+
 def kept_by_shard(run: RunDir, include_failed: bool = False) -> Iterator[tuple[str, set[str]]]:
     """(shard_id, its kept keys) one shard at a time, in manifest order, for a manifest whose
     shards' rows are consecutive (:func:`shard_rows`); shards with nothing kept are not
     yielded. Only one shard's keys are held at a time (all of them were: 794 MB at 4·10⁶ rows)."""
-    current: str | None = None
-    keys: set[str] = set()
     done: set[str] = set()
-    for m in iter_manifest(run, ["shard_id", "key", "status", "is_keeper"]):
-        kept = m.filter(_kept_mask(m, include_failed))
-        for sid, key in zip(kept["shard_id"].to_pylist(), kept["key"].to_pylist()):
-            if sid != current:
-                if current is not None:
-                    yield current, keys
-                    done.add(current)
-                if sid in done:
-                    raise DedupError(f"the manifest of {run.url} is not in sample_id order (shard {sid!r} "
-                                     "comes back after other shards); rerun `dedup run`")
-                current, keys = sid, set()
-            keys.add(key)
-    if current is not None:
-        yield current, keys
+    for sid, rows in groupby(_kept(run, include_failed), key=lambda r: r[0]):
+        if sid in done:
+            raise DedupError(f"the manifest of {run.url} is not in sample_id order (shard {sid!r} "
+                             "comes back after other shards); rerun `dedup run`")
+        done.add(sid)
+        yield sid, {key for _, key in rows}
+
+
+def kept_keys(run: RunDir, include_failed: bool = False) -> dict[str, set[str]]:
+    """shard_id -> kept keys, every kept key at once (whatever the order of the rows)."""
+    keys: dict[str, set[str]] = defaultdict(set)
+    for sid, key in _kept(run, include_failed):
+        keys[sid].add(key)
+    return dict(keys)
 
 
 def keep_set(run: RunDir, include_failed: bool = False) -> tuple[dict[str, set[str]], dict[str, int]]:
-    """(shard_id -> kept keys, shard_id -> rows in manifest): every kept key at once (for
-    callers that want them all; ``dedup apply`` streams :func:`kept_by_shard` instead)."""
-    keys: dict[str, set[str]] = defaultdict(set)
-    for m in iter_manifest(run, ["shard_id", "key", "status", "is_keeper"]):
-        kept = m.filter(_kept_mask(m, include_failed))
-        for sid, key in zip(kept["shard_id"].to_pylist(), kept["key"].to_pylist()):
-            keys[sid].add(key)
-    return dict(keys), shard_rows(run)[0]
+    """(shard_id -> kept keys, shard_id -> rows in manifest)."""
+    return kept_keys(run, include_failed), shard_rows(run)[0]
 
 
 def guard_apply_outputs(run_dir: str, clean_dir: str | None, keep_list: str | None, overwrite: bool = False) -> RunDir:
@@ -149,7 +149,7 @@ def apply_run(
     expected = 0
     # one shard's kept keys at a time when the shards' rows are consecutive (always, unless a
     # shard id is another's directory); else every kept key at once
-    kept = kept_by_shard(run, include_failed) if consecutive else iter(sorted(keep_set(run, include_failed)[0].items()))
+    kept = kept_by_shard(run, include_failed) if consecutive else iter(sorted(kept_keys(run, include_failed).items()))
     nxt = next(kept, None)
     # every shard of the manifest (those with nothing kept get an empty shard), in the order of
     # ``kept``: the manifest's, or sorted

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -252,8 +253,6 @@ class StagedFile:
     def of(cls, emb: np.ndarray) -> StagedFile | None:
         """The handle of a matrix mapped from a file that other processes can open by name
         (None for an in-memory matrix or a scratch copy already unlinked)."""
-        import os
-
         name = getattr(emb, "filename", None)
         if not isinstance(emb, np.memmap) or not name:
             return None
@@ -264,8 +263,6 @@ class StagedFile:
         return cls(str(name), st.st_size, st.st_mtime_ns)
 
     def open(self) -> np.ndarray:
-        import os
-
         from dedup.errors import DedupError
 
         m = _STAGED_OPEN.get(self)
