@@ -67,6 +67,9 @@ def test_driver_table_compact(nested_run):
     for name in ("shard_id", "status", "error"):
         assert pa.types.is_dictionary(t.schema.field(name).type), name
         assert t.schema.field(name).type.index_type == pa.int8()
+    for name in ("width", "height"):  # 64 × 48 pixels
+        assert t.schema.field(name).type == pa.uint8(), name
+    assert t.schema.field("file_size").type == pa.uint16()
     assert t["sample_id"].to_pylist() == sorted(expect)
     assert t["shard_id"].to_pylist() == [expect[s][0] for s in sorted(expect)]
     assert sample_keys(t["sample_id"], t["shard_id"]).to_pylist() == [expect[s][1] for s in sorted(expect)]
@@ -107,3 +110,34 @@ def test_status_mask():
     assert status_mask(plain.combine_chunks().dictionary_encode(), "ok").tolist() == want
     assert status_mask(pa.array(["empty"]).dictionary_encode(), "ok").tolist() == [False]
     assert status_mask(pa.chunked_array([], pa.string()), "ok").tolist() == []
+
+
+def _noise(seed: int, size: int) -> bytes:
+    import numpy as np
+
+    px = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    return jpeg(Image.fromarray(px), 95)
+
+
+def test_incremental_against_other_types(tmp_path):
+    """Day 1's keepers (file sizes past 64 KiB, 300 px: narrowed to uint32 / uint16) meet day 2's
+    samples (small: uint16 / uint8) in one table; a copy of a day-1 sample is found."""
+    assert len(_noise(1, 300)) > 2**16
+    cfg = load_config(None, None, **{"methods": ["exact", "phash", "dhash"], "run.workers": 1})
+    day1, day2 = tmp_path / "day1", tmp_path / "day2"
+    for k in range(2):
+        (day1 / f"d1.{k}").mkdir(parents=True)
+        write_shard(day1 / f"d1.{k}" / "p.tar", [(f"big{k}.jpg", _noise(10 + k, 300)), (f"v.1/small{k}.jpg", _image(k + 1))])
+    run_pipeline([str(day1)], str(tmp_path / "run1"), cfg, progress=False)
+    (day2 / "d2").mkdir(parents=True)
+    write_shard(day2 / "d2" / "p.tar", [("copy.jpg", _image(1)), ("new.jpg", _image(7))])
+    out = run_pipeline([str(day2)], str(tmp_path / "run2"), cfg, progress=False, against=str(tmp_path / "run1"))
+    t1 = load_features(RunDir(str(tmp_path / "run1")), ["d1.0/p", "d1.1/p"], with_embeddings=False).table
+    t2 = load_features(RunDir(str(tmp_path / "run2")), ["d2/p"], with_embeddings=False).table
+    assert (t1.schema.field("file_size").type, t2.schema.field("file_size").type) == (pa.uint32(), pa.uint16())
+    assert (t1.schema.field("width").type, t2.schema.field("width").type) == (pa.uint16(), pa.uint8())
+    m = pq.read_table(tmp_path / "run2" / "manifest.parquet")
+    assert m.schema.remove_metadata() == MANIFEST_SCHEMA.remove_metadata()
+    assert m["key"].to_pylist() == ["copy", "new"] and m["shard_id"].to_pylist() == ["d2/p"] * 2
+    assert m["cluster_id"].to_pylist()[0] == "d1.0/p/v.1/small0"  # the copy's keeper: day 1's sample
+    assert out.stats["duplicates_of_previous"] == 1

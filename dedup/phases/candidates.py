@@ -45,6 +45,9 @@ _SCALAR_COLS = [
     "width", "height", "sha256", "phash", "dhash", "content_fraction",
 ]
 DICTIONARY_COLS = ("shard_id", "status", "error")
+# integer columns on the narrowest type that holds their values (pixels, bytes, caption lengths:
+# 16 or 32 bits where the files say 32 or 64; the manifest casts them back to its schema's types)
+NARROW_COLS = ("file_size", "caption_len", "width", "height")
 # error stays a plain string column when its dictionary would need 32-bit indices (as many
 # distinct messages as that: a dictionary would not be smaller)
 _PLAIN_ABOVE = {"error": 2**15 - 1}
@@ -143,7 +146,9 @@ def load_features(run: RunDir, shard_ids: list[str], with_embeddings: bool) -> F
         col = col.take(take)
         if name in DICTIONARY_COLS:
             col = _narrow(col, _PLAIN_ABOVE.get(name))
-            field = field.with_type(col.type)
+        elif name in NARROW_COLS:
+            col = _narrow_int(col)
+        field = field.with_type(col.type)
         cols.append(col)
         fields.append(field)
         del col
@@ -178,6 +183,18 @@ def _narrow(col: pa.ChunkedArray, plain_above: int | None = None) -> pa.ChunkedA
         return col.cast(value)
     index = pa.int8() if size <= 2**7 else pa.int16() if size <= 2**15 else pa.int32()
     return col.cast(pa.dictionary(index, value))
+
+
+def _narrow_int(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """An integer column on the narrowest type of its signedness that holds its values (no wider
+    than it was; all null: 8 bits)."""
+    lo, hi = (v.as_py() for v in pc.min_max(col).values())
+    lo, hi = lo or 0, hi or 0
+    for t in ((pa.uint8(), pa.uint16(), pa.uint32()) if lo >= 0 else (pa.int8(), pa.int16(), pa.int32())):
+        info = np.iinfo(t.to_pandas_dtype())
+        if t.bit_width < col.type.bit_width and info.min <= lo and hi <= info.max:
+            return col.cast(t)
+    return col
 
 
 def _stage_embeddings(run: RunDir, shard_ids: list[str | None], offsets: np.ndarray, inv: np.ndarray, d: int) -> np.ndarray:

@@ -45,10 +45,21 @@ _PREV_COLS = ["sample_id", "shard_id", "status", "error", "file_size", "caption_
 
 
 def _common_schema(schema: pa.Schema) -> pa.Schema:
-    """``schema`` with its dictionary columns on 32-bit indices: the previous keepers' and the new
-    samples' columns narrowed to different index types (their dictionaries' sizes) concatenate."""
-    return pa.schema([f.with_type(pa.dictionary(pa.int32(), f.type.value_type)) if pa.types.is_dictionary(f.type) else f
-                      for f in schema], metadata=schema.metadata)
+    """``schema`` with its dictionary columns on 32-bit indices and its integer columns on the
+    features files' types: the previous keepers' and the new samples' tables were narrowed
+    (load_features) to types that depend on their own values."""
+    from dedup.schema import features_schema
+
+    files = features_schema(None)
+
+    def common(f: pa.Field) -> pa.Field:
+        if pa.types.is_dictionary(f.type):
+            return f.with_type(pa.dictionary(pa.int32(), f.type.value_type))
+        if pa.types.is_integer(f.type) and f.name in files.names:
+            return f.with_type(files.field(f.name).type)
+        return f
+
+    return pa.schema([common(f) for f in schema], metadata=schema.metadata)
 
 
 def check_previous(prev: RunDir, features_hash: str, model_tag: str | None) -> dict:
