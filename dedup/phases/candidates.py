@@ -46,7 +46,7 @@ _SCALAR_COLS = [
 ]
 DICTIONARY_COLS = ("shard_id", "status", "error")
 # integer columns on the narrowest type that holds their values (pixels, bytes, caption lengths:
-# 16 or 32 bits where the files say 32 or 64; the manifest casts them back to its schema's types)
+# 8, 16 or 32 bits where the files say 32 or 64; the manifest casts them back to its schema's types)
 NARROW_COLS = ("file_size", "caption_len", "width", "height")
 # error stays a plain string column when its dictionary would need 32-bit indices (as many
 # distinct messages as that: a dictionary would not be smaller)
@@ -55,7 +55,9 @@ _PLAIN_ABOVE = {"error": 2**15 - 1}
 
 @dataclass
 class FeatureSet:
-    table: pa.Table  # scalar columns (_SCALAR_COLS: no key; shard_id, status, error dictionary-encoded), sorted by sample_id
+    # scalar columns (_SCALAR_COLS: no key; DICTIONARY_COLS dictionary-encoded, NARROW_COLS
+    # narrowed), sorted by sample_id
+    table: pa.Table
     embeddings: np.ndarray | None  # (n, d) float16, row-aligned with table (memmap)
     model_tag: str | None
     features_hash: str | None
