@@ -105,10 +105,16 @@ def _run_with_features(tmp_path, n=6000, shards=3, d=32):
     return run, ids
 
 
-def test_list_partitioned_search_equals_the_in_memory_driver_and_resumes(tmp_path):
-    """find_pairs on a run directory shuffles the rows by list through index/lists/ (tasks read
-    the features files): the same pairs and nearest lists as search_embeddings on the staged
-    matrix; a run killed during the pair stage resumes from its finished partitions."""
+@pytest.mark.parametrize("by_name", [True, False], ids=["staged-file", "vectors-in-partitions"])
+def test_list_partitioned_search_equals_the_in_memory_driver_and_resumes(tmp_path, by_name):
+    """find_pairs on a run directory shuffles the rows by list through index/lists/: the same
+    pairs and nearest lists as search_embeddings on the staged matrix; a run killed during the
+    pair stage resumes from its finished partitions. Where the tasks can open the staged file
+    by name (a local run directory) the partitions hold row ids only and the tasks read the
+    vectors from it; otherwise (a remote run directory: an unlinked scratch copy, here an
+    in-memory matrix) the tasks read the features files and the vectors travel in the partitions."""
+    import pyarrow.parquet as pq
+
     from dedup.config import Config
     from dedup.phases.candidates import find_pairs, load_features
 
@@ -117,6 +123,8 @@ def test_list_partitioned_search_equals_the_in_memory_driver_and_resumes(tmp_pat
     fs = load_features(run, ids, True)
     ok = fs.ok()
     assert fs.embeddings is not None and not ok.all()
+    if not by_name:
+        fs.embeddings = np.array(fs.embeddings)
     params = IVFParams.auto(int(ok.sum()), 32, threshold=0.9)
     ref = search_embeddings(fs.embeddings, 0.9, params, valid=ok, keep_nearest=True)
 
@@ -136,6 +144,8 @@ def test_list_partitioned_search_equals_the_in_memory_driver_and_resumes(tmp_pat
     stamps = {p: p.stat().st_mtime_ns for p in markers}
     finished_units = sorted(Path(run.embedding_pairs_dir).glob("*.done"))
     assert len(finished_units) == 1
+    left = sorted(root.glob("b*/t*.parquet"))  # the partitions of the units not yet run
+    assert left and all(("vector" in pq.read_schema(p).names) != by_name for p in left)
 
     got = find_pairs(cfg, fs, keep_lists=True, partitioned=True)
     assert {p: p.stat().st_mtime_ns for p in markers} == stamps  # assignment not redone

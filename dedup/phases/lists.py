@@ -53,6 +53,7 @@ from dedup.compute.search.knn import OUTLIER_NPROBE
 from dedup.compute.search.pairs import Pairs, merge_pairs
 from dedup.compute.search.threads import single_threaded_libs
 from dedup.io.rundir import RunDir
+from dedup.phases.manifest import StagedFile
 
 __all__ = ["PARTITION_ROWS", "ShardRows", "assign_task", "read_embeddings", "search_run_lists", "unit_task", "use_partitions"]
 
@@ -95,6 +96,17 @@ class ListsInput:
     keep: int  # nearest lists kept per row (0: none)
     threshold: float
     params: IVFParams
+    # the staged embeddings by name, where every task can open them: the partitions then hold
+    # row ids only and tasks read the vectors from this file (None: the vectors travel in them)
+    staged: StagedFile | None = None
+
+
+def _staged_rows(shared: ListsInput, rows: np.ndarray) -> np.ndarray:
+    """The float16 vectors of search rows ``rows`` (increasing) read from the staged file."""
+    from dedup.compute.search.kernels import take_rows
+
+    assert shared.staged is not None
+    return np.asarray(take_rows(shared.staged.open(), rows))
 
 
 def read_embeddings(run: RunDir, sid: str) -> np.ndarray:
@@ -150,7 +162,11 @@ def assign_task(shared: ListsInput, item: tuple[int, list[ShardRows]]) -> dict:
     total = sum(len(r) for r in rid_parts)
     x: np.ndarray | None = None
     at = 0
-    for sr in shards:  # each shard's rows straight into the task's matrix (no list of parts to concatenate)
+    if shared.staged is not None and total:  # raw rows from the staged file: no Parquet decode
+        rows = np.sort(np.concatenate(rid_parts))
+        x = _staged_rows(shared, rows)
+        rid_parts = [rows]
+    for sr in shards if shared.staged is None else ():  # each shard's rows straight into the task's matrix (no list of parts to concatenate)
         keep_rows = sr.rows >= 0
         if keep_rows.any():
             got = read_embeddings(run, sr.shard_id)
@@ -195,8 +211,10 @@ def assign_task(shared: ListsInput, item: tuple[int, list[ShardRows]]) -> dict:
                 continue
             b = int(bkt[part[0]])
             p = pos[part]
-            table = pa.table({"row": pa.array(rid[p]), "list": pa.array(lst[part]), "member": pa.array(mem[part]),
-                              "vector": _vectors_to_arrow(x[p])})
+            cols = {"row": pa.array(rid[p]), "list": pa.array(lst[part]), "member": pa.array(mem[part])}
+            if shared.staged is None:
+                cols["vector"] = _vectors_to_arrow(x[p])
+            table = pa.table(cols)
             _write_uncompressed(run, _bucket_path(run, b, task), table)
             buckets.append(b)
         cols = {"row": pa.array(rid), "list": pa.array(prim.astype(np.int32))}
@@ -228,11 +246,11 @@ def unit_task(shared: ListsInput, item: tuple[int, list[int]]) -> Pairs:
         sizes = np.array([c.num_rows for c in cols], _I64)
         del cols
         uniq, first = np.unique(row, return_index=True)  # a row may be in several of its lists
-        x: np.ndarray | None = None
+        x: np.ndarray | None = _staged_rows(shared, uniq) if shared.staged is not None else None
         starts = np.concatenate([[0], np.cumsum(sizes)])
         by_pos = np.argsort(first, kind="stable")  # unique rows in the order of their first copy
         first_sorted = first[by_pos]
-        for path, a, b in zip(paths, starts[:-1], starts[1:]):
+        for path, a, b in zip(paths, starts[:-1], starts[1:]) if x is None else ():
             lo_f, hi_f = np.searchsorted(first_sorted, [a, b])
             if lo_f == hi_f:
                 continue
@@ -266,8 +284,8 @@ def unit_task(shared: ListsInput, item: tuple[int, list[int]]) -> Pairs:
 
 
 def _key(shards: list[ShardRows], params: IVFParams, threshold: float, features_hash: str | None,
-         m: int) -> str:
-    h = hashlib.sha256(json.dumps({"layout": LAYOUT, "params": vars(params), "threshold": threshold,
+         m: int, ids_only: bool) -> str:
+    h = hashlib.sha256(json.dumps({"layout": LAYOUT, "ids_only": ids_only, "params": vars(params), "threshold": threshold,
                                    "features": features_hash, "shards": [s.shard_id for s in shards], "valid": m},
                                   sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
@@ -299,7 +317,8 @@ def search_run_lists(
     ``staged``: the (n, d) embeddings if the driver has them anyway (a memmap): the training
     sample is then read from there instead of from every features file."""
     t0 = time.perf_counter()
-    key = _key(shards, params, threshold, features_hash, m)
+    handle = StagedFile.of(staged) if staged is not None else None
+    key = _key(shards, params, threshold, features_hash, m, handle is not None)
     key_path = posixpath.join(run.lists_dir, "key.json")
     if not (run.exists(key_path) and run.read_json(key_path).get("key") == key):
         for sub in (run.lists_dir, run.embedding_pairs_dir):  # another search's partitions: start over
@@ -329,7 +348,7 @@ def search_run_lists(
     per_list = max(1.0, (1.0 + visits) * m / nlist)
     lpb = max(1, min(nlist, int(params.unit_rows // per_list)))
     keep = min(OUTLIER_NPROBE, coarse.params.nprobe) if keep_nearest else 0
-    shared = executor.put(ListsInput(run.url, coarse, lpb, keep, threshold, params))
+    shared = executor.put(ListsInput(run.url, coarse, lpb, keep, threshold, params, handle))
     groups: list[list[ShardRows]] = [[]]
     rows_in = 0
     for s in shards:
