@@ -26,6 +26,7 @@ from dedup.config import Config
 from dedup.errors import DedupError, SchemaMismatchError
 from dedup.io.rundir import RunDir
 from dedup.memory import return_freed_memory
+from dedup.records import Status, status_mask
 from dedup.schema import FEATURES_VERSION, PAIRS_SCHEMA, check_version
 
 if TYPE_CHECKING:
@@ -35,15 +36,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The driver table's columns. No ``key``: it is ``sample_id`` less the ``f"{shard_id}/"`` prefix
+# (:func:`dedup.records.sample_keys` derives it where the manifest is written). ``shard_id``,
+# ``status`` and ``error`` (few distinct values; error mostly null) are dictionary-encoded with
+# the narrowest index type that holds their dictionary (:data:`DICTIONARY_COLS`).
 _SCALAR_COLS = [
-    "sample_id", "shard_id", "key", "status", "error", "file_size", "caption_len",
+    "sample_id", "shard_id", "status", "error", "file_size", "caption_len",
     "width", "height", "sha256", "phash", "dhash", "content_fraction",
 ]
+DICTIONARY_COLS = ("shard_id", "status", "error")
+# integer columns on the narrowest type that holds their values (pixels, bytes, caption lengths:
+# 8, 16 or 32 bits where the files say 32 or 64; the manifest casts them back to its schema's types)
+NARROW_COLS = ("file_size", "caption_len", "width", "height")
+# error stays a plain string column when its dictionary would need 32-bit indices (as many
+# distinct messages as that: a dictionary would not be smaller)
+_PLAIN_ABOVE = {"error": 2**15 - 1}
 
 
 @dataclass
 class FeatureSet:
-    table: pa.Table  # scalar columns, sorted by sample_id
+    # scalar columns (_SCALAR_COLS: no key; DICTIONARY_COLS dictionary-encoded, NARROW_COLS
+    # narrowed), sorted by sample_id
+    table: pa.Table
     embeddings: np.ndarray | None  # (n, d) float16, row-aligned with table (memmap)
     model_tag: str | None
     features_hash: str | None
@@ -69,7 +83,7 @@ class FeatureSet:
         return self.table.num_rows
 
     def ok(self) -> np.ndarray:
-        return pc.equal(self.table["status"], "ok").to_numpy(zero_copy_only=False)
+        return status_mask(self.table["status"], Status.OK)
 
 
 def load_features(run: RunDir, shard_ids: list[str], with_embeddings: bool) -> FeatureSet:
@@ -103,6 +117,11 @@ def load_features(run: RunDir, shard_ids: list[str], with_embeddings: bool) -> F
         from dedup.schema import features_schema
 
         empty = features_schema(None).empty_table().select(_SCALAR_COLS)
+        for name in DICTIONARY_COLS:
+            k = empty.schema.get_field_index(name)
+            f = empty.schema.field(k)
+            empty = empty.set_column(k, f.with_type(pa.dictionary(pa.int8(), f.type)),
+                                     empty[name].cast(pa.dictionary(pa.int8(), f.type)))
         return FeatureSet(empty, None, None, None)
     offsets = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
@@ -125,8 +144,14 @@ def load_features(run: RunDir, shard_ids: list[str], with_embeddings: bool) -> F
         # embeddings leave zero rows)
         emb = _stage_embeddings(run, [s if w else None for s, w in zip(shard_ids, with_emb)], offsets, inv, d)
     for name in _SCALAR_COLS[1:]:
-        col, field = _read_column(run, shard_ids, name)
-        cols.append(col.take(take))
+        col, field = _read_column(run, shard_ids, name, dictionary=name in DICTIONARY_COLS)
+        col = col.take(take)
+        if name in DICTIONARY_COLS:
+            col = _narrow(col, _PLAIN_ABOVE.get(name))
+        elif name in NARROW_COLS:
+            col = _narrow_int(col)
+        field = field.with_type(col.type)
+        cols.append(col)
         fields.append(field)
         del col
         return_freed_memory()
@@ -134,17 +159,44 @@ def load_features(run: RunDir, shard_ids: list[str], with_embeddings: bool) -> F
     return FeatureSet(table, emb, model_tag, fhash, run, tuple(shard_ids), offsets, inv)
 
 
-def _read_column(run: RunDir, shard_ids: list[str], name: str) -> tuple[pa.ChunkedArray, pa.Field]:
+def _read_column(run: RunDir, shard_ids: list[str], name: str, dictionary: bool = False) -> tuple[pa.ChunkedArray, pa.Field]:
     """Column ``name`` of every features file, in file order, and its field (type promoted as
-    ``pa.concat_tables(..., promote_options="permissive")`` does)."""
+    ``pa.concat_tables(..., promote_options="permissive")`` does). ``dictionary``: read
+    dictionary-encoded (the files' dictionaries unified into one)."""
     import pyarrow.parquet as pq
 
     parts = []
     for sid in shard_ids:
         with run.fs.open(run.features(sid), "rb") as f:
-            parts.append(pq.ParquetFile(f).read(columns=[name]))
+            parts.append(pq.ParquetFile(f, read_dictionary=[name] if dictionary else None).read(columns=[name]))
     t = pa.concat_tables(parts, promote_options="permissive")
+    if dictionary:
+        t = t.unify_dictionaries()
     return t[name], t.schema.field(name)
+
+
+def _narrow(col: pa.ChunkedArray, plain_above: int | None = None) -> pa.ChunkedArray:
+    """A dictionary column (one dictionary for all chunks) with the narrowest signed index type
+    that holds its dictionary; a plain column of the dictionary's values when it holds more than
+    ``plain_above`` values."""
+    size = max((len(c.dictionary) for c in col.chunks), default=0)
+    value = col.type.value_type
+    if plain_above is not None and size > plain_above:
+        return col.cast(value)
+    index = pa.int8() if size <= 2**7 else pa.int16() if size <= 2**15 else pa.int32()
+    return col.cast(pa.dictionary(index, value))
+
+
+def _narrow_int(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """An integer column on the narrowest type of its signedness that holds its values (no wider
+    than it was; all null: 8 bits)."""
+    lo, hi = (v.as_py() for v in pc.min_max(col).values())
+    lo, hi = lo or 0, hi or 0
+    for t in ((pa.uint8(), pa.uint16(), pa.uint32()) if lo >= 0 else (pa.int8(), pa.int16(), pa.int32())):
+        info = np.iinfo(t.to_pandas_dtype())
+        if t.bit_width < col.type.bit_width and info.min <= lo and hi <= info.max:
+            return col.cast(t)
+    return col
 
 
 def _stage_embeddings(run: RunDir, shard_ids: list[str | None], offsets: np.ndarray, inv: np.ndarray, d: int) -> np.ndarray:

@@ -351,7 +351,7 @@ def check(inputs: list[str], run_dir: str, out_dir: str, *, within: bool = False
     fs = None
     if not within:  # the references first: a run with nothing to compare against fails before any work
         fs = run_features(run, info, with_embeddings="embedding" in cfg.methods)
-        ok = np.array([s == Status.OK.value for s in fs.table["status"].to_pylist()], bool)
+        ok = fs.ok()
         if not ok.any():
             raise ConfigError(
                 f"{run_dir} has no ok samples to compare against ({fs.n} sample(s) with features, none of them ok); "

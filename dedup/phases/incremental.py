@@ -40,7 +40,26 @@ from dedup.schema import PAIRS_SCHEMA
 
 log = logging.getLogger(__name__)
 
-_PREV_COLS = ["sample_id", "shard_id", "key", "status", "error", "file_size", "caption_len", "width", "height", "sha256", "phash", "dhash"]
+# no key: the manifest derives it from sample_id and shard_id (dedup.records.sample_keys)
+_PREV_COLS = ["sample_id", "shard_id", "status", "error", "file_size", "caption_len", "width", "height", "sha256", "phash", "dhash"]
+
+
+def _common_schema(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with its dictionary columns on 32-bit indices and its integer columns on the
+    features files' types: the previous keepers' and the new samples' tables were narrowed
+    (load_features) to types that depend on their own values."""
+    from dedup.schema import features_schema
+
+    files = features_schema(None)
+
+    def common(f: pa.Field) -> pa.Field:
+        if pa.types.is_dictionary(f.type):
+            return f.with_type(pa.dictionary(pa.int32(), f.type.value_type))
+        if pa.types.is_integer(f.type) and f.name in files.names:
+            return f.with_type(files.field(f.name).type)
+        return f
+
+    return pa.schema([common(f) for f in schema], metadata=schema.metadata)
 
 
 def check_previous(prev: RunDir, features_hash: str, model_tag: str | None) -> dict:
@@ -230,7 +249,8 @@ def incremental_finish(run: RunDir, prev: RunDir, cfg: Config, shard_ids: list[s
     run.write_parquet(run.pairs, pairs)
 
     # Cluster old keepers + new samples together; old keepers rank first and stay keepers.
-    combined = pa.concat_tables([prev_tbl.cast(new.table.select(_PREV_COLS).schema), new.table.select(_PREV_COLS)])
+    schema = _common_schema(new.table.select(_PREV_COLS).schema)
+    combined = pa.concat_tables([prev_tbl.cast(schema), new.table.select(_PREV_COLS).cast(schema)])
     order = pc.sort_indices(combined, sort_keys=[("sample_id", "ascending")])
     combined = combined.take(order)
     is_prev = np.zeros(combined.num_rows, bool)

@@ -17,7 +17,7 @@ from dedup.compute.search.kernels import rows_f32
 from dedup.config import Config
 from dedup.io.manifests import write_manifest_data
 from dedup.io.rundir import RunDir
-from dedup.records import METHODS, Status
+from dedup.records import METHODS, Status, sample_keys, status_mask
 from dedup.schema import MANIFEST_SCHEMA
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ def _copies(table: pa.Table) -> np.ndarray:
     if "sha256" not in table.column_names:
         return np.ones(table.num_rows, np.float64)
     keys, known = sha_keys(table)
-    ok = pc.equal(table["status"], Status.OK.value).to_numpy(zero_copy_only=False)
+    ok = status_mask(table["status"], Status.OK)
     out = np.ones(table.num_rows, np.float64)
     if known.any():
         at = np.flatnonzero(known)
@@ -328,7 +328,7 @@ class ManifestRows:
     (:meth:`to_table`)."""
 
     cfg: Config
-    table: pa.Table  # features' scalar columns, sorted by sample_id
+    table: pa.Table  # features' scalar columns, sorted by sample_id (FeatureSet.table: no key)
     clusters: Clusters
     ok: np.ndarray
     outlier: np.ndarray | None
@@ -381,7 +381,8 @@ class ManifestRows:
             {
                 "sample_id": t["sample_id"],
                 "shard_id": t["shard_id"],
-                "key": t["key"],
+                # the driver's table holds no key: sample_id less f"{shard_id}/"
+                "key": t["key"] if "key" in t.column_names else sample_keys(t["sample_id"], t["shard_id"]),
                 "status": t["status"],
                 "error": col("error"),
                 "cluster_id": cluster_id,
@@ -411,7 +412,7 @@ def cluster_manifest(
     ``embeddings`` (row-aligned with ``table``) and the run's embedding ``threshold`` let the
     clusters measure centrality and closeness to the keeper by cosine (else by the hashes)."""
     n = table.num_rows
-    ok = pc.equal(table["status"], Status.OK.value).to_numpy(zero_copy_only=False).astype(bool)
+    ok = status_mask(table["status"], Status.OK)
     rank = keeper_rank(cfg, table) if rank is None else rank
     edges = _edges(cfg, table, pairs)
 
