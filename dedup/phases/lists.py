@@ -4,14 +4,20 @@ The driver trains the coarse quantizer on a sample of rows read from the feature
 hands the executor (:class:`dedup.compute.search.driver.TaskMap`) two kinds of tasks:
 
 1. *assignment* (:func:`assign_task`), one per group of feature shards: reads the shards'
-   embeddings from ``features/<shard>.parquet``, assigns each valid row to its list and the
-   lists it visits, and writes one partition per bucket of consecutive lists,
-   ``index/lists/b<bucket>/t<task>.parquet`` (row id, list, member or visitor, the float16
-   vector as 2·d raw bytes), plus ``index/lists/t<task>.parquet`` (each row's list and nearest lists, for the
-   outlier score) and its marker ``index/lists/done/t<task>.json`` last;
-2. *unit* (:func:`unit_task`), one per bucket: reads only that bucket's partitions, finds its
-   pairs (:func:`dedup.compute.search.cosine.unit_pairs`) and writes them to
+   rows, assigns each valid row to its list and the lists it visits, and writes one partition
+   per bucket of consecutive lists, ``index/lists/b<bucket>/t<task>.parquet`` (row id, list,
+   member or visitor), plus ``index/lists/t<task>.parquet`` (each row's list and nearest lists,
+   for the outlier score) and its marker ``index/lists/done/t<task>.json`` last;
+2. *unit* (:func:`unit_task`), one per bucket: reads only that bucket's partitions and its rows'
+   vectors, finds its pairs (:func:`dedup.compute.search.cosine.unit_pairs`) and writes them to
    ``pairs/embedding/b<bucket>.parquet`` (i, j, score), then its marker.
+
+Where the vectors come from: if every task can open the staged embeddings by name
+(:class:`dedup.phases.manifest.StagedFile`: a local run directory), both kinds of task read
+their rows from that file and the partitions hold row ids only (~13 B a copy); otherwise (an
+``s3://`` run directory, whose staged copy is an unlinked scratch file) the assignment tasks
+read ``features/<shard>.parquet`` and each partition row carries its float16 vector (2·d raw
+bytes) to the units.
 
 Nothing the driver holds grows with n except what must: the quantizer, per-list counts, each
 row's list and nearest lists (24 bytes a row, for the outlier score) and the pairs. A rerun with
