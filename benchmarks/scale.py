@@ -23,6 +23,7 @@ dashboard). A Ray worker's RSS includes the object-store pages it has mapped (sh
 driver reads (e.g. a memmap of the embeddings). ``phase_peak_rss_mb``: the child's own peak per
 global phase (load, candidates, outlier, clusters, manifest write), VmRSS split into RssAnon
 (heap) and RssFile (libraries and mapped file pages), sampled every 0.1 s inside it.
+``candidate_timings``: wall seconds of each method's pair search (exact, phash, dhash, embedding).
 
 ``recall``: the embedding pairs found vs exact brute force for a uniform sample of query rows
 (``--queries``, default 1 000) against all n rows (float64 rescoring, as the search does).
@@ -135,7 +136,8 @@ def _child(run_dir: str, n: int, executor: str, search: str = "auto") -> None:
     phases.stop.set()
     phases.join()
     out = {"seconds": time.perf_counter() - t0, "timings": stats["timings"], "pairs": stats["pairs"],
-           "ivf_search": stats.get("ivf_search"), "cpu_seconds": time.process_time(), "phase_peak_rss_mb": phases.peaks}
+           "ivf_search": stats.get("ivf_search"), "candidate_timings": stats.get("candidate_timings"),
+           "cpu_seconds": time.process_time(), "phase_peak_rss_mb": phases.peaks}
     print("RESULT " + json.dumps(out, default=str), flush=True)
 
 
@@ -298,6 +300,7 @@ def measure(n: int, seed: int = 0, queries: int = 1000, executor: str = "local",
         "ray_daemons_peak_rss_mb": round(sampler.daemon_peak / 2**20, 1),
         "pairs": int(sum(res["pairs"].values())), "pairs_by_method": res["pairs"], "recall": round(recall, 4),
         "recall_exact_pairs": len(truth), "queries": len(q), "timings": res["timings"],
+        "candidate_timings": res.get("candidate_timings"),  # wall s of each method's search
         "run_dir_bytes": disk, "ivf_search": res.get("ivf_search"), "phase_peak_rss_mb": res.get("phase_peak_rss_mb"),
     }
 
