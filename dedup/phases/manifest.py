@@ -273,7 +273,7 @@ class StagedFile:
                 raise DedupError(f"cannot read the staged embeddings {self.path} from this worker ({e}): a local "
                                  "run directory must be on a filesystem every node sees (or use an s3:// one)") from e
             if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
-                raise DedupError(f"the staged embeddings {self.path} changed while the outlier score ran")
+                raise DedupError(f"the staged embeddings {self.path} changed while this run's tasks read it (another run on the same directory?)")
             m = np.load(self.path, mmap_mode="r")
             _STAGED_OPEN.clear()  # one staged file open per worker process
             _STAGED_OPEN[self] = m
