@@ -593,3 +593,38 @@ def test_quantizer_does_not_depend_on_the_thread_setting():
     ref = C.train_ivf(x, replace(params, threads=1)).centroids
     for t in (2, 3):
         assert np.array_equal(C.train_ivf(x, replace(params, threads=t)).centroids, ref), t
+
+
+@pytest.mark.parametrize("subset", [False, True])
+def test_outlier_plan_from_kept_lists_equals_the_plan_from_its_visit_pairs(subset):
+    """The outlier score's plan from a search's nearest lists (one sorted uint64 key a visit)
+    is the plan build_plan makes from the same visit pairs: the same visitors per list, rows
+    increasing within a list; invalid rows (-1) and lists beyond nprobe left out."""
+    from dataclasses import replace as dc_replace
+
+    from dedup.compute.search.ivf import NearestLists, build_plan
+    from dedup.compute.search.knn import _plan_from_lists
+
+    rng = np.random.default_rng(7)
+    n, nlist, keep = 5000, 37, 6
+    nearest = np.stack([rng.permutation(nlist)[:keep] for _ in range(n)]).astype(np.int32)
+    nearest[rng.random((n, keep)) < 0.1] = -1  # some rows saw fewer lists
+    nearest[:, 0] = rng.integers(0, nlist, n)
+    idx = np.sort(rng.choice(n, 3000, replace=False)) if subset else np.arange(n)
+    assign = np.full(n, -1, np.int32)
+    assign[idx] = nearest[idx, 0]
+    x = rng.standard_normal((200, 8)).astype(np.float32)
+    params = IVFParams.auto(200, 8)
+    from dedup.compute.search.coarse import train_ivf
+
+    coarse = train_ivf(x, dc_replace(params, nlist=nlist, nprobe=keep, train_size=200, pca_dim=8, bound_dim=0))
+    nprobe = 5
+    got = _plan_from_lists(NearestLists(coarse, assign, nearest), idx, n, nprobe)
+    others = nearest[idx, 1:nprobe]
+    ok = others >= 0
+    vr = np.repeat(idx, nprobe - 1).reshape(others.shape)[ok]
+    want = build_plan(n, coarse, idx, assign[idx], [(vr, others[ok])])
+    assert got is not None and len(want.visitor_rows) > 1000
+    for name in ("member_rows", "member_offsets", "visitor_rows", "visitor_offsets", "assign"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
