@@ -596,13 +596,14 @@ def test_quantizer_does_not_depend_on_the_thread_setting():
 
 
 @pytest.mark.parametrize("subset", [False, True])
-def test_outlier_plan_from_kept_lists_equals_the_plan_from_its_visit_pairs(subset):
-    """The outlier score's plan from a search's nearest lists (one sorted uint64 key a visit)
-    is the plan build_plan makes from the same visit pairs: the same visitors per list, rows
-    increasing within a list; invalid rows (-1) and lists beyond nprobe left out."""
+def test_outlier_plan_from_kept_lists_holds_each_lists_visitors_rows_increasing(subset):
+    """The outlier score's plan from a search's nearest lists (build_plan: one sorted uint64 key
+    a visit, from visits given one nearest-list column at a time, not in row order): each list's
+    members and visitors are exactly the rows that name it, rows increasing within a list;
+    invalid rows (-1) and lists beyond nprobe left out."""
     from dataclasses import replace as dc_replace
 
-    from dedup.compute.search.ivf import NearestLists, build_plan
+    from dedup.compute.search.ivf import NearestLists
     from dedup.compute.search.knn import _plan_from_lists
 
     rng = np.random.default_rng(7)
@@ -623,8 +624,14 @@ def test_outlier_plan_from_kept_lists_equals_the_plan_from_its_visit_pairs(subse
     others = nearest[idx, 1:nprobe]
     ok = others >= 0
     vr = np.repeat(idx, nprobe - 1).reshape(others.shape)[ok]
-    want = build_plan(n, coarse, idx, assign[idx], [(vr, others[ok])])
-    assert got is not None and len(want.visitor_rows) > 1000
-    for name in ("member_rows", "member_offsets", "visitor_rows", "visitor_offsets", "assign"):
-        a, b = getattr(got, name), getattr(want, name)
-        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    vl = others[ok]
+    order = np.lexsort((vr, vl))  # the reference: by list, rows increasing
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(vl, minlength=nlist))])
+    member_order = np.lexsort((idx, assign[idx]))
+    want = {"visitor_rows": vr[order], "visitor_offsets": offsets, "member_rows": idx[member_order],
+            "member_offsets": np.concatenate([[0], np.cumsum(np.bincount(assign[idx], minlength=nlist))]),
+            "assign": assign}
+    assert got is not None and len(vr) > 1000
+    for name, b in want.items():
+        a = getattr(got, name)
+        assert a.dtype.kind == "i" and np.array_equal(a, b), name

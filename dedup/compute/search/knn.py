@@ -4,7 +4,6 @@ size, above on IVF lists cut into work units (:func:`outlier_unit`)."""
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -57,43 +56,15 @@ def _plan_from_lists(lists: NearestLists | dict | None, idx: np.ndarray, n: int,
     nearest, assign, coarse = lists.nearest, lists.assign, lists.coarse
     if len(assign) != n or nearest.shape[1] < nprobe or (assign[idx] < 0).any():
         return None
-    plan = build_plan(n, coarse, idx, assign[idx], [])
-    rows, offsets = _visitors_by_list(nearest, idx, nprobe, plan.nlist)
-    return replace(plan, visitor_rows=rows, visitor_offsets=offsets)
-
-
-def _visitors_by_list(nearest: np.ndarray, idx: np.ndarray, nprobe: int, nlist: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each list's visitors (rows ``idx`` whose ``nearest[row, 1:nprobe]`` names it), rows
-    increasing within a list, and the lists' offsets: what :func:`build_plan` makes of the visit
-    pairs, in ~16 bytes a visit at the peak instead of ~40 (a stable argsort of the lists, with
-    the rows and lists concatenated and gathered around it: 2.8 GB at 10⁷ rows × 7 visits). One
-    uint64 key a visit, list above row, sorted in place."""
-    if len(idx) and int(idx[-1]) >= 1 << 32:  # rows past 32 bits: the keys would collide
-        others = nearest[idx, 1:nprobe]
-        keep = others >= 0
-        vr = np.repeat(idx, others.shape[1]).reshape(others.shape)[keep]
-        vl = others[keep]
-        order = np.argsort(vl, kind="stable")
-        offsets = np.zeros(nlist + 1, _I64)
-        np.cumsum(np.bincount(vl, minlength=nlist), out=offsets[1:])
-        return vr[order], offsets
-    whole = len(idx) == len(nearest)  # every row (idx is then 0..n-1): columns are views
-    cols = [nearest[:, j] if whole else nearest[idx, j] for j in range(1, nprobe)]
-    total = sum(int(np.count_nonzero(c >= 0)) for c in cols)
-    key = np.empty(total, np.uint64)
-    at = 0
-    rows64 = idx.astype(np.uint64)
-    for c in cols:
-        ok = c >= 0
-        k = int(np.count_nonzero(ok))
-        np.left_shift(c[ok].astype(np.uint64), np.uint64(32), out=key[at : at + k])
-        key[at : at + k] |= rows64[ok]
-        at += k
-    del cols, rows64
-    key.sort()
-    offsets = np.searchsorted(key, np.arange(nlist + 1, dtype=np.uint64) << np.uint64(32)).astype(_I64)
-    rows = (key & np.uint64(0xFFFFFFFF)).astype(_I64)
-    return rows, offsets
+    # the visits one nearest-list column at a time (no n × nprobe copies of the row ids), the
+    # rows on 4 bytes where they fit (build_plan's keys hold 32-bit rows anyway)
+    rows = idx.astype(np.uint32) if n <= 1 << 32 else idx
+    visits = []
+    for j in range(1, nprobe):
+        col = nearest[idx, j]
+        ok = col >= 0
+        visits.append((rows[ok], col[ok]))
+    return build_plan(n, coarse, idx, assign[idx], visits)
 
 
 def outlier_unit(x: np.ndarray, unit: WorkUnit, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
