@@ -155,6 +155,31 @@ def _bucket_path(run: RunDir, bucket: int, task: int) -> str:
     return posixpath.join(run.lists_dir, f"b{bucket:05d}", f"t{task:06d}.parquet")
 
 
+def _task_rows(shared: ListsInput, run: RunDir, shards: list[ShardRows]) -> tuple[np.ndarray, np.ndarray | None]:
+    """An assignment task's search rows and their float16 vectors (None: no valid row): read
+    from the staged file (raw rows, no Parquet decode), else shard by shard from the features
+    files straight into the task's matrix."""
+    rid = np.concatenate([sr.rows[sr.rows >= 0] for sr in shards])
+    if len(rid) == 0:
+        return rid, None
+    if shared.staged is not None:
+        rid.sort()
+        return rid, _staged_rows(shared, rid)
+    x: np.ndarray | None = None
+    at = 0
+    for sr in shards:
+        keep_rows = sr.rows >= 0
+        k = int(keep_rows.sum())
+        if k:
+            got = read_embeddings(run, sr.shard_id)
+            if x is None:
+                x = np.empty((len(rid), got.shape[1]), np.float16)
+            x[at : at + k] = got[keep_rows]
+            at += k
+            del got
+    return rid, x
+
+
 def assign_task(shared: ListsInput, item: tuple[int, list[ShardRows]]) -> dict:
     """Assign the rows of a group of shards to lists; write their bucket partitions, their
     rows' lists, and the marker last. Returns the marker (buckets written, per-list counts)."""
@@ -164,29 +189,12 @@ def assign_task(shared: ListsInput, item: tuple[int, list[ShardRows]]) -> dict:
     if run.exists(marker_path):
         return dict(run.read_json(marker_path))
     coarse, lpb = shared.coarse, shared.lists_per_bucket
-    rid_parts = [sr.rows[sr.rows >= 0] for sr in shards]
-    total = sum(len(r) for r in rid_parts)
-    x: np.ndarray | None = None
-    at = 0
-    if shared.staged is not None and total:  # raw rows from the staged file: no Parquet decode
-        rows = np.sort(np.concatenate(rid_parts))
-        x = _staged_rows(shared, rows)
-        rid_parts = [rows]
-    for sr in shards if shared.staged is None else ():  # each shard's rows straight into the task's matrix (no list of parts to concatenate)
-        keep_rows = sr.rows >= 0
-        if keep_rows.any():
-            got = read_embeddings(run, sr.shard_id)
-            if x is None:
-                x = np.empty((total, got.shape[1]), np.float16)
-            x[at : at + int(keep_rows.sum())] = got[keep_rows]
-            at += int(keep_rows.sum())
-            del got
+    rid, x = _task_rows(shared, run, shards)
     nlist = coarse.params.nlist
     members = np.zeros(nlist, _I64)
     visitors = np.zeros(nlist, _I64)
     buckets: list[int] = []
     if x is not None:
-        rid = np.concatenate(rid_parts)
         if len(rid) > 1 and not (np.diff(rid) > 0).all():  # rows increasing, as in the in-memory driver
             order = np.argsort(rid, kind="stable")
             rid, x = rid[order], x[order]
@@ -232,6 +240,27 @@ def assign_task(shared: ListsInput, item: tuple[int, list[ShardRows]]) -> dict:
     return marker
 
 
+def _partition_vectors(run: RunDir, paths: list[str], sizes: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """The vectors of a unit's unique rows (``first``: each one's first copy among the
+    partitions' rows, concatenated), read one partition at a time into the unit's matrix (one
+    copy of each row, never the concatenated partitions as well)."""
+    x: np.ndarray | None = None
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    by_pos = np.argsort(first, kind="stable")  # unique rows in the order of their first copy
+    first_sorted = first[by_pos]
+    for path, a, b in zip(paths, starts[:-1], starts[1:]):
+        lo_f, hi_f = np.searchsorted(first_sorted, [a, b])
+        if lo_f == hi_f:
+            continue
+        vec = _vectors_from_arrow(run.read_parquet(path, columns=["vector"])["vector"])
+        if x is None:
+            x = np.empty((len(first), vec.shape[1]), np.float16)
+        x[by_pos[lo_f:hi_f]] = vec[first_sorted[lo_f:hi_f] - a]
+        del vec
+    assert x is not None
+    return x
+
+
 def unit_task(shared: ListsInput, item: tuple[int, list[int]]) -> Pairs:
     """One bucket's pairs from its partitions only (written to ``pairs/embedding/``)."""
     bucket, tasks = item
@@ -242,8 +271,8 @@ def unit_task(shared: ListsInput, item: tuple[int, list[int]]) -> Pairs:
         return Pairs(t["i"].to_numpy(), t["j"].to_numpy(), t["score"].to_numpy())
     pairs = Pairs.empty()
     if tasks:
-        # the partitions' ids first, then their vectors one partition at a time into the unit's
-        # matrix (one copy of each row, never the concatenated partitions as well)
+        # the partitions' ids first, then the unique rows' vectors: from the staged file, or from
+        # the partitions one at a time (_partition_vectors)
         paths = [_bucket_path(run, bucket, k) for k in tasks]
         cols = [run.read_parquet(path, columns=["row", "list", "member"]) for path in paths]
         row = np.concatenate([c["row"].to_numpy() for c in cols])
@@ -252,20 +281,7 @@ def unit_task(shared: ListsInput, item: tuple[int, list[int]]) -> Pairs:
         sizes = np.array([c.num_rows for c in cols], _I64)
         del cols
         uniq, first = np.unique(row, return_index=True)  # a row may be in several of its lists
-        x: np.ndarray | None = _staged_rows(shared, uniq) if shared.staged is not None else None
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        by_pos = np.argsort(first, kind="stable")  # unique rows in the order of their first copy
-        first_sorted = first[by_pos]
-        for path, a, b in zip(paths, starts[:-1], starts[1:]) if x is None else ():
-            lo_f, hi_f = np.searchsorted(first_sorted, [a, b])
-            if lo_f == hi_f:
-                continue
-            vec = _vectors_from_arrow(run.read_parquet(path, columns=["vector"])["vector"])
-            if x is None:
-                x = np.empty((len(uniq), vec.shape[1]), np.float16)
-            x[by_pos[lo_f:hi_f]] = vec[first_sorted[lo_f:hi_f] - a]
-            del vec
-        assert x is not None
+        x = _staged_rows(shared, uniq) if shared.staged is not None else _partition_vectors(run, paths, sizes, first)
         local = np.searchsorted(uniq, row)
         lo = bucket * shared.lists_per_bucket
         lists = np.arange(lo, min(lo + shared.lists_per_bucket, shared.coarse.params.nlist), dtype=_I64)
