@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dedup.compute.search.driver import SearchTaskError, ThreadMap, search_embeddings
-from dedup.compute.search.ivf import IVFParams
+from dedup.compute.search.ivf import IVFParams, NearestLists
 from dedup.executors.local import LocalExecutor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,7 +154,21 @@ def test_list_partitioned_search_equals_the_in_memory_driver_and_resumes(tmp_pat
     emb = got.table.to_pydict()
     assert set(zip(emb["a"], emb["b"])) == set(zip(sid[ref.pairs.i], sid[ref.pairs.j])) and len(ref.pairs) > 20
     assert got.lists is not None and ref.lists is not None
-    assert np.array_equal(got.lists.assign, ref.lists.assign) and np.array_equal(got.lists.nearest, ref.lists.nearest)
+    from dedup.phases.lists import NearestFiles
+
+    # the partitioned search leaves its nearest lists in its task files: the same lists, and the
+    # outlier score's plan built from the files equals the plan from the in-memory lists
+    assert isinstance(got.lists, NearestFiles) and isinstance(ref.lists, NearestLists)
+    loaded = got.lists.load()
+    assert np.array_equal(loaded.assign, ref.lists.assign) and np.array_equal(loaded.nearest, ref.lists.nearest)
+    from dedup.compute.search.knn import OUTLIER_NPROBE, _plan_from_lists
+
+    idx = np.flatnonzero(ok)
+    a, b = _plan_from_lists(got.lists, idx, fs.n, OUTLIER_NPROBE), _plan_from_lists(ref.lists, idx, fs.n, OUTLIER_NPROBE)
+    assert a is not None and b is not None
+    for name in ("assign", "member_rows", "member_offsets", "visitor_rows", "visitor_offsets"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert len(a.visitor_rows) > fs.n  # rows visit lists
 
 
 def test_small_local_runs_search_in_memory_and_ray_or_large_ones_partition(tmp_path):

@@ -53,7 +53,7 @@ from dedup.compute.search.driver import (
     SearchTaskError,
     TaskMap,
 )
-from dedup.compute.search.ivf import IVFParams, NearestLists, WorkUnit
+from dedup.compute.search.ivf import IVFParams, IVFPlan, NearestLists, WorkUnit
 from dedup.compute.search.kernels import rows_f32
 from dedup.compute.search.knn import OUTLIER_NPROBE
 from dedup.compute.search.pairs import Pairs, merge_pairs
@@ -79,8 +79,9 @@ def use_partitions(n_valid: int, on_cluster: bool) -> bool:
 
 _I64 = np.int64
 # The partitions' layout (how lists are grouped into buckets); part of the search's key, so
-# that a rerun never reads partitions another version of this module cut differently.
-LAYOUT = 2
+# that a rerun never reads partitions (or markers: 3 = sparse per-list counts) another
+# version of this module wrote differently.
+LAYOUT = 3
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,11 @@ def assign_task(shared: ListsInput, item: tuple[int, list[ShardRows]]) -> dict:
         if near is not None:
             cols["nearest"] = pa.FixedSizeListArray.from_arrays(pa.array(near.reshape(-1)), shared.keep)
         run.write_parquet(posixpath.join(run.lists_dir, f"t{task:06d}.parquet"), pa.table(cols))
-    marker = {"task": task, "buckets": sorted(buckets), "members": members.tolist(), "visitors": visitors.tolist()}
+    # the per-list counts of the lists this task's rows touched only (a task's rows touch at most
+    # rows × (1 + visits) of the nlist lists: all markers together grow as n, not as tasks × nlist)
+    hit = np.flatnonzero(members | visitors)
+    marker = {"task": task, "buckets": sorted(buckets), "lists": hit.tolist(),
+              "members": members[hit].tolist(), "visitors": visitors[hit].tolist()}
     run.write_json(marker_path, marker)
     return marker
 
@@ -379,22 +384,25 @@ def search_run_lists(
             rows_in = 0
         groups[-1].append(s)
         rows_in += len(s.rows)
-    markers: list[dict] = []
+    # summed as the markers come (a marker's counts cover the lists its task touched)
+    members = np.zeros(nlist, _I64)
+    visitors = np.zeros(nlist, _I64)
+    nbuckets = -(-nlist // lpb)
+    tasks_of: list[list[int]] = [[] for _ in range(nbuckets)]
+    finished = 0
     if plan_progress:
         plan_progress(0, len(groups))
     for _item, res, err in executor.map_units(assign_task, list(enumerate(groups)), shared=shared):
         if err:
             raise SearchTaskError(f"candidate search coarse stage failed after retries: {err}")
-        markers.append(res)
+        hit = np.asarray(res["lists"], _I64)
+        members[hit] += np.asarray(res["members"], _I64)
+        visitors[hit] += np.asarray(res["visitors"], _I64)
+        for b in res["buckets"]:
+            tasks_of[b].append(int(res["task"]))
+        finished += 1
         if plan_progress:
-            plan_progress(len(markers), len(groups))
-    members = np.sum([mk["members"] for mk in markers], axis=0)
-    visitors = np.sum([mk["visitors"] for mk in markers], axis=0)
-    nbuckets = -(-nlist // lpb)
-    tasks_of: list[list[int]] = [[] for _ in range(nbuckets)]
-    for mk in markers:
-        for b in mk["buckets"]:
-            tasks_of[b].append(int(mk["task"]))
+            plan_progress(finished, len(groups))
     t2 = time.perf_counter()
     cost = [float((members[b * lpb:(b + 1) * lpb] * (members[b * lpb:(b + 1) * lpb]
                                                      + visitors[b * lpb:(b + 1) * lpb])).sum()) for b in range(nbuckets)]
@@ -416,7 +424,7 @@ def search_run_lists(
     for b in range(nbuckets):
         if tasks_of[b] and run.exists(posixpath.join(run.lists_dir, f"b{b:05d}")):
             run.fs.rm(posixpath.join(run.lists_dir, f"b{b:05d}"), recursive=True)
-    lists = _nearest_lists(run, coarse, n, len(groups), keep) if keep else None
+    lists = NearestFiles(run.url, coarse, n, len(groups), keep) if keep else None
     t3 = time.perf_counter()
     sizes = members
     stats = SearchStats(
@@ -451,14 +459,61 @@ def _clamped(coarse: IVFCoarse, params: IVFParams, m: int) -> IVFCoarse:
 
 
 def _nearest_lists(run: RunDir, coarse: IVFCoarse, n: int, tasks: int, keep: int) -> NearestLists:
+    """The rows' lists and nearest lists as arrays (n × keep int32): what
+    :class:`NearestFiles` reads (tests compare it with the in-memory search's)."""
     assign = np.full(n, -1, np.int32)
     nearest = np.full((n, keep), -1, np.int32)
-    for k in range(tasks):
-        path = posixpath.join(run.lists_dir, f"t{k:06d}.parquet")
-        if not run.exists(path):
-            continue  # a task without valid rows
-        t = run.read_parquet(path)
+    for t in _task_lists(run, tasks):
         r = t["row"].to_numpy()
         assign[r] = t["list"].to_numpy()
         nearest[r] = t["nearest"].combine_chunks().flatten().to_numpy().reshape(-1, keep)
     return NearestLists(coarse, assign, nearest)
+
+
+def _task_lists(run: RunDir, tasks: int):
+    """Each assignment task's rows with their list and nearest lists (``t*.parquet``)."""
+    for k in range(tasks):
+        path = posixpath.join(run.lists_dir, f"t{k:06d}.parquet")
+        if run.exists(path):  # (a task without valid rows wrote none)
+            yield run.read_parquet(path)
+
+
+@dataclass(frozen=True)
+class NearestFiles:
+    """The partitioned search's nearest lists, left in its assignment tasks' files
+    (``index/lists/t*.parquet``: row, list, nearest) instead of n × keep arrays on the driver
+    (28 bytes a row at keep 5, held from the search to the outlier score). The outlier score's
+    plan (:func:`dedup.compute.search.knn.kth_neighbour_similarity`) is built from them one
+    file at a time (:meth:`outlier_plan`); :meth:`load` gives the arrays."""
+
+    run_url: str
+    coarse: IVFCoarse
+    n: int
+    tasks: int
+    keep: int
+
+    def load(self) -> NearestLists:
+        return _nearest_lists(RunDir(self.run_url), self.coarse, self.n, self.tasks, self.keep)
+
+    def outlier_plan(self, idx: np.ndarray, n: int, nprobe: int) -> IVFPlan | None:
+        """The plan whose rows ``idx`` visit their ``nprobe - 1`` next-nearest lists (None if
+        the files do not cover them): the same plan as from :meth:`load`'s arrays, the visits
+        going from each file straight into their sort keys."""
+        from dedup.compute.search.ivf import VisitKeys, build_plan
+
+        if n != self.n or self.keep < nprobe or n > 1 << 32:
+            return None
+        assign = np.full(n, -1, np.int32)
+        keys = VisitKeys(len(idx) * (nprobe - 1))
+        for t in _task_lists(RunDir(self.run_url), self.tasks):
+            r = t["row"].to_numpy()
+            assign[r] = t["list"].to_numpy()
+            near = t["nearest"].combine_chunks().flatten().to_numpy().reshape(-1, self.keep)
+            for j in range(1, nprobe):
+                ok = near[:, j] >= 0
+                keys.add(r[ok], near[ok, j])
+            del t, r, near
+        prim = assign[idx]
+        if (prim < 0).any():
+            return None
+        return build_plan(n, self.coarse, idx, prim, [], visit_keys=keys.keys())

@@ -53,16 +53,27 @@ class Projection:
 
 
 
+TRAIN_BLOCK = 1 << 14  # training rows projected at a time
+PCA_BLOCK = 1 << 13  # rows of the PCA's scatter matrix summed at a time
 PCA_ROWS = 1 << 16  # the PCA is fitted on the training sample's first rows (float64)
 
 
 def _principal(train: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean and top ``k`` principal axes (columns, float64) of ``train``: float64 eigh, each
     axis' sign fixed (eigh may return ±v), so the result is reproducible."""
-    t = train[:PCA_ROWS].astype(np.float64)
-    mean = t.mean(axis=0)
-    t -= mean
-    w, v = np.linalg.eigh(t.T @ t)
+    t = train[:PCA_ROWS]
+    # mean and scatter matrix in float64, PCA_BLOCK rows at a time: the rows' float64 copy
+    # (8·d bytes each: 268 MB for 65 536 × 512) never exists whole
+    mean = np.zeros(t.shape[1], np.float64)
+    for s in range(0, len(t), PCA_BLOCK):
+        mean += t[s : s + PCA_BLOCK].astype(np.float64).sum(axis=0)
+    mean /= max(1, len(t))
+    scatter = np.zeros((t.shape[1], t.shape[1]), np.float64)
+    for s in range(0, len(t), PCA_BLOCK):
+        b = t[s : s + PCA_BLOCK].astype(np.float64)
+        b -= mean
+        scatter += b.T @ b
+    w, v = np.linalg.eigh(scatter)
     axes = v[:, np.argsort(-w, kind="stable")[:k]]
     axes *= np.where(axes[np.abs(axes).argmax(axis=0), np.arange(axes.shape[1])] < 0, -1.0, 1.0)
     return mean, axes
@@ -227,8 +238,15 @@ def _fit(x: np.ndarray, params: IVFParams, valid: np.ndarray | None, threshold: 
         pca_rows = take_rows(x, head) if x.dtype == np.float16 else rows_f32(x, head)
         project, bound = fit_pca(pca_rows, dp, int(params.bound_dim or 0) if threshold is not None else 0)
         del pca_rows
-        train = rows_f32(x, sample)
-        xt = _coordinates(project, bound, train)[0]
+        # the sample projected a block at a time: its float32 rows (2·d bytes each, 256 MB at
+        # 131 072 × 512) never exist all at once, only its coordinates (pca_dim floats a row)
+        xt = None
+        for s in range(0, len(sample), TRAIN_BLOCK):
+            z = _coordinates(project, bound, rows_f32(x, sample[s : s + TRAIN_BLOCK]))[0]
+            if xt is None:
+                xt = np.empty((len(sample), z.shape[1]), z.dtype)
+            xt[s : s + len(z)] = z
+        assert xt is not None
     return _Fitted(project, bound, xt, replace(params, nlist=nlist, nprobe=nprobe), probe_radius(params, threshold))
 
 

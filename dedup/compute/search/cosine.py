@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from dedup.compute.search.bound import Bound, tile_pairs_bounded
-from dedup.compute.search.ivf import IVFParams, WorkUnit
+from dedup.compute.search.ivf import IVFParams, NearestLists, WorkUnit
 from dedup.compute.search.kernels import (
     Matmul,
     gpu_available,
@@ -185,6 +185,6 @@ def embedding_pairs(
                             plan_progress=plan_progress)
     if stats is not None:
         stats.update(res.stats.to_dict())
-    if lists_out is not None and res.lists is not None:
+    if lists_out is not None and isinstance(res.lists, NearestLists):  # (the in-memory search's arrays)
         lists_out.update(coarse=res.lists.coarse, assign=res.lists.assign, nearest=res.lists.nearest)
     return res.pairs

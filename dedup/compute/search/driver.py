@@ -27,6 +27,7 @@ from dedup.compute.search.cosine import brute_force_pairs, unit_pairs
 from dedup.compute.search.ivf import (
     IVFParams,
     NearestLists,
+    PlanSource,
     WorkUnit,
     build_plan,
     make_units,
@@ -146,7 +147,7 @@ class SearchStats:
 class SearchResult:
     pairs: Pairs
     stats: SearchStats
-    lists: NearestLists | None = None  # rows' nearest lists (IVF only, when asked for)
+    lists: NearestLists | PlanSource | None = None  # rows' nearest lists (IVF only, when asked for)
 
 
 def assign_task(shared: SearchInput, item: tuple[int, list[np.ndarray], int]) -> list[tuple]:

@@ -104,7 +104,9 @@ class _Buckets:
     """Rows grouped by one chunk's value; ``ranges(probes)`` -> (start, length) into ``order``."""
 
     def __init__(self, vals: np.ndarray, bits: int):
-        self.order = np.argsort(vals, kind="stable").astype(_I64)
+        # row positions on 32 bits where they fit (4 bytes a row less for each of order,
+        # ustart, and the search's rank and bucket ends)
+        self.order: np.ndarray = np.argsort(vals, kind="stable").astype(_index_type(len(vals)))
         self.direct = bits <= _DIRECT_TABLE_BITS
         if self.direct:
             counts = np.bincount(vals.astype(_I64), minlength=1 << bits)
@@ -117,7 +119,7 @@ class _Buckets:
             first[1:] = sv[1:] != sv[:-1]
             idx = np.flatnonzero(first)
             self.uniq = sv[idx]
-            self.ustart = np.append(idx, len(sv)).astype(_I64)
+            self.ustart: np.ndarray = np.append(idx, len(sv)).astype(_index_type(len(sv) + 1))
 
     def ranges(self, probes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.direct:
@@ -127,9 +129,14 @@ class _Buckets:
         pos = np.searchsorted(self.uniq, probes)
         pos_c = np.minimum(pos, len(self.uniq) - 1)
         hit = (pos < len(self.uniq)) & (self.uniq[pos_c] == probes)
-        s = self.ustart[pos_c]
+        s = self.ustart[pos_c].astype(_I64)
         ln = np.where(hit, self.ustart[pos_c + 1] - s, 0)
         return s, ln
+
+
+def _index_type(n: int) -> np.dtype:
+    """int32 for positions below 2³¹, else int64."""
+    return np.dtype(np.int32 if n < 1 << 31 else _I64)
 
 
 def _expand(q: np.ndarray, start: np.ndarray, length: np.ndarray, cap: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -256,10 +263,12 @@ def hash_mih(h: np.ndarray, radius: int, plan: MIHPlan, threads: int = 0,
         if bits <= 32:
             vals = vals.astype(np.uint32)
         bk = _Buckets(vals, bits)
-        rank = np.empty(n, _I64)
-        rank[bk.order] = np.arange(n)
-        own_end = bk.ranges(vals)
-        own_end = own_end[0] + own_end[1]  # end of each row's own bucket in `order`
+        rank: np.ndarray = np.empty(n, _index_type(n))
+        rank[bk.order] = np.arange(n, dtype=rank.dtype)
+        own_start, own_len = bk.ranges(vals)
+        own_start += own_len
+        own_end = own_start.astype(rank.dtype)  # end of each row's own bucket in `order`
+        del own_start, own_len
         masks = _flip_masks(bits, plan.rp)[1:].astype(vals.dtype)
         hb = _high_bit(masks.astype(np.uint64)).astype(vals.dtype)
         qblock = max(256, (1 << 20) // (len(masks) + 1))
@@ -269,8 +278,9 @@ def hash_mih(h: np.ndarray, radius: int, plan: MIHPlan, threads: int = 0,
             q = np.arange(q0, q1, dtype=_I64)
             v = vals[q0:q1]
             # same value: the rows after this one in its bucket
-            starts = [rank[q0:q1] + 1]
-            lens = [own_end[q0:q1] - rank[q0:q1] - 1]
+            rk = rank[q0:q1].astype(_I64)
+            starts = [rk + 1]
+            lens = [own_end[q0:q1] - rk - 1]
             qs = [q]
             if len(masks):
                 probes = v[:, None] ^ masks[None, :]
@@ -284,7 +294,7 @@ def hash_mih(h: np.ndarray, radius: int, plan: MIHPlan, threads: int = 0,
                 qs.append(q[r])
             out = []
             for qi, pos in _expand(np.concatenate(qs), np.concatenate(starts), np.concatenate(lens), _EXPAND_CAP):
-                qj = bk.order[pos]
+                qj = bk.order[pos].astype(_I64)
                 x = h[qi] ^ h[qj]
                 d = popcount64(x)
                 keep = d <= radius

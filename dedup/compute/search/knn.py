@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 
 import numpy as np
 
@@ -14,6 +15,8 @@ from dedup.compute.search.ivf import (
     IVFParams,
     IVFPlan,
     NearestLists,
+    PlanSource,
+    VisitKeys,
     WorkUnit,
     build_plan,
     make_units,
@@ -43,7 +46,7 @@ def _merge_topk(best: np.ndarray, rows: np.ndarray, sims: np.ndarray, k: int) ->
 OUTLIER_NPROBE = 5  # lists the outlier score's search looks into: the row's own + 4 nearest
 
 
-def _plan_from_lists(lists: NearestLists | dict | None, idx: np.ndarray, n: int, nprobe: int) -> IVFPlan | None:
+def _plan_from_lists(lists: NearestLists | PlanSource | dict | None, idx: np.ndarray, n: int, nprobe: int) -> IVFPlan | None:
     """An IVF plan whose rows visit their ``nprobe - 1`` next-nearest lists, from the lists an
     earlier search kept (a dict with the same keys is accepted too); None if there are none or
     they do not cover these rows and probes."""
@@ -51,20 +54,28 @@ def _plan_from_lists(lists: NearestLists | dict | None, idx: np.ndarray, n: int,
         if lists.get("assign") is None:
             return None
         lists = NearestLists(lists.get("coarse"), lists["assign"], lists.get("nearest"))
+    if lists is not None and hasattr(lists, "outlier_plan"):  # kept in files (the partitioned search's)
+        return lists.outlier_plan(idx, n, nprobe)
     if lists is None or lists.nearest is None or lists.coarse is None:
         return None
     nearest, assign, coarse = lists.nearest, lists.assign, lists.coarse
     if len(assign) != n or nearest.shape[1] < nprobe or (assign[idx] < 0).any():
         return None
-    # the visits one nearest-list column at a time (no n × nprobe copies of the row ids), the
-    # rows on 4 bytes where they fit (build_plan's keys hold 32-bit rows anyway)
-    rows = idx.astype(np.uint32) if n <= 1 << 32 else idx
-    visits = []
+    # the visits one nearest-list column at a time straight into their sort keys (no n × nprobe
+    # copies of the row ids, no visit columns beside the keys)
+    if n > 1 << 32:  # rows past 32 bits: no keys (build_plan sorts the visit columns)
+        visits = []
+        for j in range(1, nprobe):
+            col = nearest[idx, j]
+            visits.append((idx[col >= 0], col[col >= 0]))
+        return build_plan(n, coarse, idx, assign[idx], visits)
+    keys = VisitKeys(len(idx) * (nprobe - 1))
     for j in range(1, nprobe):
         col = nearest[idx, j]
         ok = col >= 0
-        visits.append((rows[ok], col[ok]))
-    return build_plan(n, coarse, idx, assign[idx], visits)
+        keys.add(idx[ok], col[ok])
+        del col, ok
+    return build_plan(n, coarse, idx, assign[idx], [], visit_keys=keys.keys())
 
 
 def outlier_unit(x: np.ndarray, unit: WorkUnit, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +127,7 @@ def kth_neighbour_similarity(
     stats: dict | None = None,
     progress: Callable[[int, int], None] | None = None,
     threads: int = 0,
-    lists: NearestLists | dict | None = None,
+    lists: NearestLists | PlanSource | dict | None = None,
     map_units: Callable[[list[WorkUnit], int, int], Iterable[tuple[int, tuple[np.ndarray, np.ndarray]]]] | None = None,
 ) -> np.ndarray:
     """Cosine of each valid row to its k-th most similar other valid row (float32; NaN for
@@ -172,6 +183,9 @@ def kth_neighbour_similarity(
             plan = plan_ivf(x, params, valid)
         else:
             method = "ivf (the duplicate search's lists)"
+        if n < 1 << 31:  # the plan's rows on 4 bytes, held through the search (and sent with its units)
+            plan = replace(plan, member_rows=plan.member_rows.astype(np.int32),
+                           visitor_rows=plan.visitor_rows.astype(np.int32))
         units = make_units(plan)
         # units on worker threads (BLAS single-threaded inside, as in the pair stage) or as
         # the caller's tasks (map_units); the merges stay here: a visitor row is in several
