@@ -383,10 +383,13 @@ def finish_run(
 
             # the embedding search keeps its rows' nearest lists for the outlier score's search
             found = find_pairs(cfg, fs, progress=cb, executor=executor, keep_lists=want_outlier)
-        pairs, info = found.table, found.info
+        pairs, info, pair_rows, near_lists = found.table, found.info, found.rows, found.lists
+        del found
         return_freed_memory()
         crash_point("candidates:before_write")
         run.write_parquet(run.pairs, pairs)
+        if pair_rows is not None:  # the clusters take the pairs' rows: their sample ids are not needed again
+            pairs = pairs.select(["method", "score"])
         timings["candidates"] = round(time.perf_counter() - t0, 3)
         timings["cpu_candidates"] = round(time.process_time() - c0, 3)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -400,8 +403,8 @@ def finish_run(
             ost: dict = {}
             with Progress(progress) as prog:
                 outlier = outlier_scores(fs.embeddings, fs.ok(), cfg.clusters.outlier_k, stats=ost,
-                                         progress=prog.updater("outlier scores"), lists=found.lists, executor=executor)
-            del found
+                                         progress=prog.updater("outlier scores"), lists=near_lists, executor=executor)
+            del near_lists
             return_freed_memory()
             timings["outlier"] = round(ost.get("seconds", 0.0), 3)
             spread = executor is not None and "units" in ost  # IVF units ran as the executor's tasks
@@ -411,7 +414,8 @@ def finish_run(
     th_value = th_choice["value"] if th_choice else None
     # the rows are formatted and written one row group at a time (no full manifest table here)
     log.debug("global phase: %s", "clusters")
-    manifest, mstats = cluster_manifest(cfg, fs.table, pairs, outlier=outlier, embeddings=fs.embeddings, threshold=th_value)
+    manifest, mstats = cluster_manifest(cfg, fs.table, pairs, outlier=outlier, embeddings=fs.embeddings, threshold=th_value,
+                                        rows=pair_rows)
     log.debug("global phase: %s", "manifest write")
     written = write_manifest(run, cfg, manifest, failed_shards=failed_shards)
     del manifest

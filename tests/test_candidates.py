@@ -85,6 +85,34 @@ def test_exact_pairs_star():
     assert np.all(p.score == 1.0)
 
 
+def test_exact_pairs_compare_whole_digests_where_prefixes_repeat():
+    """The grouping sorts 8-byte prefixes and reads whole digests only where they repeat:
+    digests that share a prefix but differ later must stay apart, and groups hidden among
+    such near-collisions must still form, against a dictionary of whole digests."""
+    from dedup.compute.search.exact import digest_groups, digest_prefixes
+
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, (40, 32), dtype=np.uint8)
+    base[20:, :8] = base[0, :8]  # 20 digests with the same first 8 bytes, different after
+    rows = rng.integers(0, 40, 400)
+    d = base[rows]
+    want: dict = {}
+    for r, k in enumerate(rows.tolist()):
+        want.setdefault(k, []).append(r)
+    want_pairs = {(g[0], x) for g in want.values() for x in g[1:]}
+    assert _set(C.exact_pairs(d)) == want_pairs
+    read = []
+    got_rows, gid = digest_groups(digest_prefixes(d), lambda r: read.append(len(r)) or d[r])
+    assert sorted(tuple(got_rows[gid == g].tolist()) for g in np.unique(gid)) == sorted(
+        tuple(g) for g in want.values() if len(g) > 1)
+    # all rows repeat a prefix here (400 rows of 40 digests): read whole once
+    assert read == [400]
+    # unique prefixes: no whole digest read at all
+    u = rng.integers(0, 256, (100, 32), dtype=np.uint8)
+    read.clear()
+    assert len(digest_groups(digest_prefixes(u), lambda r: read.append(len(r)) or u[r])[0]) == 0 and read == []
+
+
 def test_exact_pairs_edge_cases():
     assert len(C.exact_pairs(np.zeros((0, 32), np.uint8))) == 0
     assert len(C.exact_pairs(np.zeros((1, 32), np.uint8))) == 0

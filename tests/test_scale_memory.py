@@ -79,7 +79,7 @@ def _table(n: int, seed: int = 0) -> pa.Table:
 
 
 def test_copies_and_sha_keys_match_the_row_by_row_count():
-    from dedup.phases.manifest import keeper_rank, sha_keys
+    from dedup.phases.manifest import keeper_rank, sha_prefixes, sha_rows
 
     t = _table(500)
     sha, ok = t["sha256"].to_pylist(), [s == "ok" for s in t["status"].to_pylist()]
@@ -91,9 +91,11 @@ def test_copies_and_sha_keys_match_the_row_by_row_count():
     from dedup.phases import manifest
 
     assert manifest._copies(t).tolist() == want
-    keys, known = sha_keys(t)
+    prefix, known = sha_prefixes(t)
     assert known.tolist() == [h is not None for h in sha]
-    assert [bytes(k) if kn else None for k, kn in zip(keys, known)] == sha
+    assert prefix.tolist() == [int.from_bytes(h[:8], "little") if h is not None else 0 for h in sha]
+    rows = np.arange(t.num_rows)[::3]
+    assert [bytes(d) if sha[r] is not None else None for r, d in zip(rows, sha_rows(t, rows))] == [sha[r] for r in rows]
     # another binary type (a hand-made table): the same keys
     t2 = t.set_column(t.schema.get_field_index("sha256"), "sha256", t["sha256"].cast(pa.binary()))
     assert manifest._copies(t2).tolist() == want
@@ -148,3 +150,45 @@ def test_manifest_of_no_rows(tmp_path):
     run = RunDir(str(tmp_path / "r"))
     write_manifest(run, cfg, rows, failed_shards=False)
     assert pq.read_table(run.manifest).num_rows == 0 == whole.num_rows and stats["samples"] == 0
+
+
+@pytest.mark.parametrize("grouping,keep", [("components", 1), ("keeper", 1), ("components", 2)])
+def test_clusters_of_the_touched_rows_equal_clusters_over_every_row(grouping, keep):
+    """cluster_manifest clusters only the rows some link between ok rows touches, renumbered
+    in row order (t-sized arrays), and the rank of those rows only: every row's keeper, method,
+    score, size and keeper flag must equal clustering over all n rows with every row's rank,
+    and the pairs' rows given directly must equal looking them up by sample_id."""
+    from dedup.compute.clusters import group_clusters, keeper_clusters
+    from dedup.phases import manifest as M
+
+    t = _table(900, seed=4)
+    pairs = _pairs(t.slice(0, 600), seed=5)  # rows 600.. untouched by any link
+    emb = np.random.default_rng(6).standard_normal((t.num_rows, 16)).astype(np.float16)
+    cfg = load_config(None, None, **{"clusters.grouping": grouping, "clusters.keep_per_cluster": keep,
+                                     "clusters.verify_min_size": 4,
+                                     "clusters.keeper_policy": ["-copies", "-pixels", "sample_id"]})
+    ok = M.status_mask(t["status"], M.Status.OK)
+    edges = M._edges(cfg, t, pairs)
+    rank = M.keeper_rank(cfg, t)
+
+    def dense(e):
+        if grouping == "keeper":
+            return keeper_clusters(t.num_rows, e, rank, valid=ok, keep_per_cluster=keep)
+        centrality, joins = M._grouping_checks(cfg, t, emb, 0.5)
+        return group_clusters(t.num_rows, e, rank, valid=ok, keep_per_cluster=keep, centrality=centrality,
+                              joins=joins, tolerance=cfg.clusters.central_tolerance or 0.0)
+
+    want = dense(edges)
+    if (want.size >= 4).any():
+        want = dense(M._verified(edges, want.size >= 4))
+    ids = {s: k for k, s in enumerate(t["sample_id"].to_pylist())}
+    given = (np.array([ids[a] for a in pairs["a"].to_pylist()]), np.array([ids[b] for b in pairs["b"].to_pylist()]))
+    for rows in (None, given):
+        got, _ = M.cluster_manifest(cfg, t, pairs, embeddings=emb, threshold=0.5, rows=rows)
+        touched = got.clusters.rows
+        assert 0 < len(touched) < ok[:600].sum() + 1 and touched.max() < 600
+        d = got.clusters.dense()
+        for name in ("keeper", "is_keeper", "method", "size"):
+            assert np.array_equal(getattr(d, name), getattr(want, name)), name
+        assert np.array_equal(d.score, want.score, equal_nan=True)
+        assert (want.size > 1).sum() > 50  # clusters were formed

@@ -46,6 +46,37 @@ class Clusters:
     size: np.ndarray  # int32: size of the sample's cluster; 0 for excluded samples
 
 
+@dataclass(frozen=True)
+class TouchedClusters:
+    """Clusters held for the rows some link touches only: ``rows`` (increasing) and ``sub``,
+    the clusters over them (``sub.keeper`` an index into ``rows``); every other ``valid`` row is
+    its own keeper (a cluster of one), every invalid row in none. About 30 bytes a touched row
+    (int64 row and keeper, size, score, method, flag) instead of that for every row of the run;
+    :meth:`slice` gives a row range's :class:`Clusters` (as the manifest writes them)."""
+
+    rows: np.ndarray  # int64, increasing
+    sub: Clusters
+    valid: np.ndarray  # bool, every row
+
+    def slice(self, s: int, e: int) -> Clusters:
+        v = self.valid[s:e]
+        keeper = np.where(v, np.arange(s, e, dtype=np.int64), -1)
+        method = np.full(e - s, -1, np.int8)
+        score = np.full(e - s, np.nan, np.float32)
+        size = v.astype(np.int32)
+        is_keeper = v.copy()
+        a, b = np.searchsorted(self.rows, [s, e])
+        at = self.rows[a:b] - s
+        sk = self.sub.keeper[a:b]
+        keeper[at] = np.where(sk >= 0, self.rows[np.maximum(sk, 0)], -1)
+        method[at], score[at] = self.sub.method[a:b], self.sub.score[a:b]
+        size[at], is_keeper[at] = self.sub.size[a:b], self.sub.is_keeper[a:b]
+        return Clusters(keeper=keeper, is_keeper=is_keeper, method=method, score=score, size=size)
+
+    def dense(self) -> Clusters:
+        return self.slice(0, len(self.valid))
+
+
 def rank_order(columns: list[tuple[np.ndarray, bool]]) -> np.ndarray:
     """Rank of each sample (0 = best) from (values, descending) sort keys, first key first.
 

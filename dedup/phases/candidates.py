@@ -31,7 +31,7 @@ from dedup.schema import FEATURES_VERSION, PAIRS_SCHEMA, check_version
 
 if TYPE_CHECKING:
     from dedup.compute.search.driver import TaskMap
-    from dedup.compute.search.ivf import NearestLists
+    from dedup.compute.search.ivf import NearestLists, PlanSource
     from dedup.phases.lists import ShardRows
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class FeatureSet:
     run: RunDir | None = None
     shard_ids: tuple[str, ...] = ()
     shard_offsets: np.ndarray | None = None  # (shards + 1,) rows of each file, concatenated
-    position: np.ndarray | None = None  # (n,) int64: the table row of each file row (files concatenated)
+    position: np.ndarray | None = None  # (n,) int32 (int64 from 2³¹ rows): the table row of each file row (files concatenated)
 
     def shard_rows(self, valid: np.ndarray) -> list[ShardRows]:
         """Each features file with the table row of each of its rows (-1 where not ``valid``)."""
@@ -133,8 +133,8 @@ def load_features(run: RunDir, shard_ids: list[str], with_embeddings: bool) -> F
     fields = [field]
     order = pc.sort_indices(ids).to_numpy()
     # position of each file row in the sorted table
-    inv = np.empty(len(order), np.int64)
-    inv[order] = np.arange(len(order))
+    inv = np.empty(len(order), np.int32 if len(order) < 1 << 31 else np.int64)  # held through the search
+    inv[order] = np.arange(len(order), dtype=inv.dtype)
     take = pa.array(order)
     cols = [ids.take(take)]
     del ids
@@ -263,7 +263,8 @@ class CandidateResult:
 
     table: pa.Table
     info: dict
-    lists: NearestLists | None = None
+    lists: NearestLists | PlanSource | None = None
+    rows: tuple[np.ndarray, np.ndarray] | None = None  # each pair's (a, b) as rows of the FeatureSet's table
 
 
 def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], None] | None = None, *,
@@ -280,37 +281,18 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
     from dedup.compute.search.hamming import popcount64
 
     ok = fs.ok()
-    ids = fs.table["sample_id"]  # taken by row number: no Python string a row
-    parts: list[pa.Table] = []
+    found: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []  # (method, i, j, score)
     info: dict = {"timings": {}, "pairs": {}}
-    lists: NearestLists | None = None
+    lists: NearestLists | PlanSource | None = None
 
     def add(method: str, p) -> None:
-        t = pa.table(
-            {
-                "a": pc.take(ids, pa.array(np.asarray(p.i, np.int64))).cast(pa.string()),
-                "b": pc.take(ids, pa.array(np.asarray(p.j, np.int64))).cast(pa.string()),
-                "method": pa.array([method] * len(p.i), pa.string()),
-                "score": pa.array(np.asarray(p.score, np.float32), pa.float32()),
-            },
-            schema=PAIRS_SCHEMA,
-        )
-        parts.append(t)
+        found.append((method, np.asarray(p.i, np.int64), np.asarray(p.j, np.int64), np.asarray(p.score, np.float32)))
         info["pairs"][method] = len(p.i)
 
     for method in cfg.methods:
         t0 = time.perf_counter()
         if method == "exact":
-            idx = np.flatnonzero(ok & pc.is_valid(fs.table["sha256"]).to_numpy(zero_copy_only=False))
-            if len(idx):
-                from dedup.phases.manifest import sha_keys
-
-                digests = sha_keys(fs.table)[0][idx].view(np.uint8).reshape(len(idx), -1)
-                p = cand.exact_pairs(digests)
-                p = cand.Pairs(idx[p.i], idx[p.j], p.score)
-            else:
-                p = cand.Pairs(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
-            add(method, p)
+            add(method, _exact_pairs(fs.table, ok))
         elif method in ("phash", "dhash"):
             col = fs.table[method]
             valid = ok & col.is_valid().to_numpy(zero_copy_only=False)
@@ -363,9 +345,49 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
             # how the search went (for tuning nlist/nprobe): where the time went, visits per row
             info["ivf_search"] = {**res.stats.to_dict(), "executor": "local" if executor is None else cfg.run.executor}
         info["timings"][method] = round(time.perf_counter() - t0, 3)
-    table = pa.concat_tables(parts) if parts else PAIRS_SCHEMA.empty_table()
-    table = table.sort_by([("a", "ascending"), ("b", "ascending"), ("method", "ascending")])
-    return CandidateResult(table, info, lists)
+    table, rows = _pairs_table(fs.table["sample_id"], found)
+    return CandidateResult(table, info, lists, rows)
+
+
+def _pairs_table(ids: pa.ChunkedArray, found: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]
+                 ) -> tuple[pa.Table, tuple[np.ndarray, np.ndarray]]:
+    """The pairs as PAIRS_SCHEMA, sorted by (a, b, method), and their (i, j) table rows. The
+    table is in sample_id order and a pair's i < j, so the rows sort as the sample ids do:
+    sorted as integers, the ids taken once (no string sort, no Python string a pair)."""
+    names = sorted({m for m, *_ in found})
+    code = {m: k for k, m in enumerate(names)}  # method names in string order
+    i = np.concatenate([f[1] for f in found]) if found else np.empty(0, np.int64)
+    j = np.concatenate([f[2] for f in found]) if found else np.empty(0, np.int64)
+    mc = np.concatenate([np.full(len(f[1]), code[f[0]], np.int8) for f in found]) if found else np.empty(0, np.int8)
+    score = np.concatenate([f[3] for f in found]) if found else np.empty(0, np.float32)
+    found.clear()
+    order = np.lexsort((mc, j, i))
+    i, j, mc, score = i[order], j[order], mc[order], score[order]
+    del order
+    table = pa.table(
+        {
+            "a": pc.take(ids, pa.array(i)).cast(pa.string()),
+            "b": pc.take(ids, pa.array(j)).cast(pa.string()),
+            "method": pc.take(pa.array(names, pa.string()), pa.array(mc)),
+            "score": pa.array(score, pa.float32()),
+        },
+        schema=PAIRS_SCHEMA,
+    )
+    return table, (i, j)
+
+
+def _exact_pairs(table: pa.Table, ok: np.ndarray):
+    """Star pairs of the ok rows with identical bytes: their sha256 prefixes sorted (8 bytes a
+    row), the whole digests read for the rows whose prefixes repeat."""
+    from dedup.compute import search as cand
+    from dedup.compute.search.exact import digest_groups, star_pairs
+    from dedup.phases.manifest import sha_prefixes, sha_rows
+
+    prefix, known = sha_prefixes(table)
+    idx = np.flatnonzero(ok & known)
+    del known
+    p = star_pairs(*digest_groups(prefix[idx], lambda r: sha_rows(table, idx[r])))
+    return cand.Pairs(idx[p.i], idx[p.j], p.score)
 
 
 def embedding_threshold(cfg: Config, fs: FeatureSet, ok: np.ndarray):

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dedup.compute.clusters import Clusters, Edges, group_clusters, keeper_clusters, rank_order
+from dedup.compute.clusters import Edges, TouchedClusters, group_clusters, keeper_clusters, rank_order
 from dedup.compute.search.hamming import popcount64
 from dedup.compute.search.kernels import rows_f32
 from dedup.config import Config
@@ -22,7 +22,7 @@ from dedup.schema import MANIFEST_SCHEMA
 
 if TYPE_CHECKING:
     from dedup.compute.search.driver import TaskMap
-    from dedup.compute.search.ivf import NearestLists
+    from dedup.compute.search.ivf import NearestLists, PlanSource
 
 
 def hash_rule(cfg: Config, dp: np.ndarray, dd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -47,24 +47,36 @@ def hash_rule(cfg: Config, dp: np.ndarray, dd: np.ndarray) -> tuple[np.ndarray, 
 
 
 def _hash_distances(table: pa.Table, name: str, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Hamming distance of column ``name`` between rows i and j; -1 where either is null."""
+    """Hamming distance of column ``name`` between rows i and j; -1 where either is null (the
+    rows' values taken: no n-sized copy of the column)."""
     if name not in table.column_names:
         return np.full(len(i), -1, np.int64)
     col = table[name]
-    h = col.fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64)
-    known = col.is_valid().to_numpy(zero_copy_only=False)
-    return np.where(known[i] & known[j], popcount64(h[i] ^ h[j]), -1)
+
+    def values(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        v = col.take(pa.array(np.asarray(rows, np.int64)))
+        return v.fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64), v.is_valid().to_numpy(zero_copy_only=False)
+
+    hi, ki = values(i)
+    hj, kj = values(j)
+    return np.where(ki & kj, popcount64(hi ^ hj), -1)
 
 
-def _edges(cfg: Config, table: pa.Table, pairs: pa.Table) -> Edges:
+def _edges(cfg: Config, table: pa.Table, pairs: pa.Table, rows: tuple[np.ndarray, np.ndarray] | None = None) -> Edges:
+    """The pairs as edges between table rows; ``rows``: the pairs' (a, b) rows if known
+    (:class:`~dedup.phases.candidates.CandidateResult`), else looked up by sample_id."""
     if pairs.num_rows == 0:
         return Edges.empty()
-    ids = table["sample_id"]
-    i = pc.index_in(pairs["a"], value_set=ids).to_numpy(zero_copy_only=False).astype(np.int64)
-    j = pc.index_in(pairs["b"], value_set=ids).to_numpy(zero_copy_only=False).astype(np.int64)
+    if rows is not None:
+        i, j = (np.asarray(r, np.int64) for r in rows)
+    else:
+        ids = table["sample_id"]
+        i = pc.index_in(pairs["a"], value_set=ids).to_numpy(zero_copy_only=False).astype(np.int64)
+        j = pc.index_in(pairs["b"], value_set=ids).to_numpy(zero_copy_only=False).astype(np.int64)
     lookup = {m: k for k, m in enumerate(METHODS)}
-    methods = pairs["method"].to_pylist()
-    m = np.array([lookup[x] for x in methods], np.int8)
+    mcol = pairs["method"].combine_chunks().dictionary_encode()
+    codes = np.array([lookup[x] for x in mcol.dictionary.to_pylist()], np.int8)
+    m = codes[mcol.indices.to_numpy(zero_copy_only=False)] if len(codes) else np.empty(0, np.int8)
     score = pairs["score"].to_numpy().astype(np.float32)
     is_p, is_d = m == lookup["phash"], m == lookup["dhash"]
     if cfg.hashes.cross_check and (is_p.any() or is_d.any()):
@@ -97,9 +109,23 @@ def _verified(edges: Edges, large: np.ndarray) -> Edges:
     return Edges(edges.i[keep], edges.j[keep], edges.method[keep], edges.score[keep])
 
 
-def keeper_rank(cfg: Config, table: pa.Table) -> np.ndarray:
+def keeper_rank(cfg: Config, table: pa.Table, rows: np.ndarray | None = None) -> np.ndarray:
     """Each row's place in the keeper policy's order (``clusters.keeper_policy``; 0 = the best
-    keeper), ties broken by sample_id. ``table`` is sorted by sample_id."""
+    keeper), ties broken by sample_id. ``table`` is sorted by sample_id. ``rows`` (increasing):
+    rank these rows only, among themselves (the same order as theirs among all rows), their
+    columns taken (no n-sized sort keys)."""
+    if rows is not None:
+        rows = np.asarray(rows, np.int64)
+        need = {s.lstrip("-+") for s in cfg.clusters.keeper_policy}
+        cols_needed = [c for c in table.column_names if c in need | {"width", "height", "content_fraction"}]
+        sub = table.select(cols_needed).take(pa.array(rows))
+        if "copies" in need:
+            sub = sub.append_column("__copies", pa.array(_copies(table)[rows]))
+        return _rank(cfg, sub)
+    return _rank(cfg, table)
+
+
+def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
     cols = []
     for spec in cfg.clusters.keeper_policy:
         desc = spec.startswith("-")
@@ -114,7 +140,7 @@ def keeper_rank(cfg: Config, table: pa.Table) -> np.ndarray:
                 frac = table["content_fraction"].to_numpy(zero_copy_only=False).astype(np.float64)
                 values = values * np.where(np.isnan(frac), 1.0, frac)
         elif name == "copies":
-            values = _copies(table)
+            values = table["__copies"].to_numpy() if "__copies" in table.column_names else _copies(table)
         elif name == "unpadded":  # 0 = uniform borders (padding, bars, a canvas) cover 20 %+ of the image
             if "content_fraction" in table.column_names:
                 frac = table["content_fraction"].to_numpy(zero_copy_only=False).astype(np.float64)
@@ -137,33 +163,61 @@ UNPADDED = 0.8
 
 def _copies(table: pa.Table) -> np.ndarray:
     """How many ok samples hold exactly the same bytes as each sample (1 = unique)."""
+    from dedup.compute.search.exact import digest_groups
+
     if "sha256" not in table.column_names:
         return np.ones(table.num_rows, np.float64)
-    keys, known = sha_keys(table)
+    prefix, known = sha_prefixes(table)
     ok = status_mask(table["status"], Status.OK)
     out = np.ones(table.num_rows, np.float64)
-    if known.any():
-        at = np.flatnonzero(known)
-        _, inv = np.unique(keys[at], return_inverse=True)
-        count = np.bincount(inv, weights=ok[at].astype(np.float64))  # ok rows with these bytes
-        out[at] = np.where(count[inv] > 0, count[inv], 1.0)
+    at = np.flatnonzero(known)
+    rows, gid = digest_groups(prefix[at], lambda r: sha_rows(table, at[r]))
+    if len(rows):
+        r = at[rows]
+        count = np.bincount(gid, weights=ok[r].astype(np.float64))  # ok rows with these bytes
+        out[r] = np.where(count[gid] > 0, count[gid], 1.0)
     return out
 
 
-def sha_keys(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """The ``sha256`` column as comparable numpy values without a Python object a row (32 bytes
-    a row, ``V32``; zero rows where null) and where it is known (not null)."""
+def sha_prefixes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The ``sha256`` column's first 8 bytes as uint64 (0 where null; 8 bytes a row instead of
+    the digests' 32) and where it is known (not null): keys for
+    :func:`dedup.compute.search.exact.digest_groups`, which compares whole digests
+    (:func:`sha_rows`) where prefixes repeat."""
+    from dedup.compute.search.exact import digest_prefixes
+
     col = table["sha256"]
     known = col.is_valid().to_numpy(zero_copy_only=False)
-    if pa.types.is_fixed_size_binary(col.type) and col.type.byte_width == 32:
-        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-        if len(arr) == 0:
-            return np.zeros(0, "V32"), known
-        raw = np.frombuffer(arr.buffers()[1], np.uint8, count=len(arr) * 32, offset=arr.offset * 32)
-        return raw.reshape(-1, 32).copy().view("V32").reshape(-1), known
-    vals = col.to_pylist()  # another binary type (older or hand-made tables)
-    width = max((len(v) for v in vals if v is not None), default=0)
-    return np.array([(v or b"").ljust(width, b"\0") for v in vals], dtype=f"V{max(1, width)}"), known
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    out = np.zeros(len(col), np.uint64)
+    at = 0
+    for c in chunks:
+        if len(c):
+            out[at : at + len(c)] = digest_prefixes(_digest_bytes(c))
+        at += len(c)
+    out[~known] = 0
+    return out, known
+
+
+def sha_rows(table: pa.Table, rows: np.ndarray) -> np.ndarray:
+    """The whole ``sha256`` digests of ``rows`` as (len(rows), w) uint8 (zero rows where null)."""
+    col = table["sha256"].take(pa.array(np.asarray(rows, np.int64)))
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return _digest_bytes(arr)
+
+
+def _digest_bytes(arr: pa.Array) -> np.ndarray:
+    """A binary array as (len, w) uint8, nulls as zero rows: straight from the buffer for
+    fixed-size binary, else value by value (older or hand-made tables) padded to the widest."""
+    if pa.types.is_fixed_size_binary(arr.type):
+        w = arr.type.byte_width
+        raw = np.frombuffer(arr.buffers()[1], np.uint8, count=len(arr) * w, offset=arr.offset * w).reshape(-1, w)
+        return np.where(arr.is_valid().to_numpy(zero_copy_only=False)[:, None], raw, 0).astype(np.uint8) \
+            if arr.null_count else raw.copy()
+    vals = arr.to_pylist()
+    w = max(1, max((len(v) for v in vals if v is not None), default=0))
+    return np.frombuffer(b"".join((v or b"").ljust(w, b"\0") for v in vals), np.uint8).reshape(-1, w) \
+        if vals else np.zeros((0, w), np.uint8)
 
 
 def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, threshold: float | None):
@@ -171,10 +225,17 @@ def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, thres
     embeddings when the run has them, else from the hashes."""
     ph = table["phash"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64) if "phash" in table.column_names else None
     dh = table["dhash"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64) if "dhash" in table.column_names else None
-    if "sha256" in table.column_names:
-        sha, sha_known = sha_keys(table)
-    else:
-        sha, sha_known = np.zeros(table.num_rows, "V1"), np.zeros(table.num_rows, bool)
+    # a member's bytes equal k's: compared on the few rows a join looks at (sha_rows), no digest
+    # array for all rows held through the clustering
+    has_sha = "sha256" in table.column_names
+
+    def same_bytes(members: np.ndarray, k: int) -> np.ndarray:
+        if not has_sha:
+            return np.zeros(len(members), bool)
+        rows = np.append(np.asarray(members, np.int64), k)
+        d = sha_rows(table, rows)
+        known = table["sha256"].take(pa.array(rows)).is_valid().to_numpy(zero_copy_only=False)
+        return known[:-1] & known[-1] & (d[:-1] == d[-1]).all(axis=1)
     use_emb = emb is not None and threshold is not None and "embedding" in cfg.methods
     use_p, use_d = "phash" in cfg.methods and ph is not None, "dhash" in cfg.methods and dh is not None
     i_emb, i_p, i_x = METHODS.index("embedding"), METHODS.index("phash"), METHODS.index("exact")
@@ -199,7 +260,7 @@ def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, thres
         return np.zeros(len(members))
 
     def joins(members: np.ndarray, k: int):
-        ok = sha_known[members] & sha_known[k] & (sha[members] == sha[k])
+        ok = same_bytes(members, k)
         method = np.where(ok, i_x, -1).astype(np.int8)
         score = np.where(ok, 1.0, np.nan).astype(np.float32)
         if use_emb:
@@ -219,7 +280,7 @@ def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, thres
 
 
 def outlier_scores(emb: np.ndarray, ok: np.ndarray, k: int, stats: dict | None = None,
-                   progress: Callable[[int, int], None] | None = None, lists: NearestLists | dict | None = None,
+                   progress: Callable[[int, int], None] | None = None, lists: NearestLists | PlanSource | dict | None = None,
                    executor: TaskMap | None = None) -> np.ndarray:
     """1 - cosine to the k-th nearest other ok sample (NaN where not computable).
 
@@ -329,7 +390,7 @@ class ManifestRows:
 
     cfg: Config
     table: pa.Table  # features' scalar columns, sorted by sample_id (FeatureSet.table: no key)
-    clusters: Clusters
+    clusters: TouchedClusters
     ok: np.ndarray
     outlier: np.ndarray | None
 
@@ -351,16 +412,16 @@ class ManifestRows:
         return pa.concat_tables(list(self.chunks()))
 
     def _rows(self, s: int, e: int) -> pa.Table:
-        cl, m = self.clusters, e - s
+        cl, m = self.clusters.slice(s, e), e - s
         t = self.table.slice(s, m)
-        keeper = cl.keeper[s:e]
+        keeper = cl.keeper
         has = keeper >= 0
         cluster_id = pc.take(self.table["sample_id"], pa.array(np.maximum(keeper, 0), pa.int64(), mask=~has))
         cid = cluster_id.to_pylist()
         primary = has & (keeper == np.arange(s, e))
-        dup_method = [METHODS[x] if x >= 0 else None for x in cl.method[s:e]]
+        dup_method = [METHODS[x] if x >= 0 else None for x in cl.method]
         status = t["status"].to_pylist()
-        ok, size, is_keeper, score = self.ok[s:e], cl.size[s:e], cl.is_keeper[s:e], cl.score[s:e]
+        ok, size, is_keeper, score = self.ok[s:e], cl.size, cl.is_keeper, cl.score
         kpc = self.cfg.clusters.keep_per_cluster
         reasons: list[str] = []
         for k in range(m):
@@ -404,40 +465,62 @@ class ManifestRows:
 def cluster_manifest(
     cfg: Config, table: pa.Table, pairs: pa.Table, rank: np.ndarray | None = None, outlier: np.ndarray | None = None,
     embeddings: np.ndarray | None = None, threshold: float | None = None,
+    rows: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[ManifestRows, dict]:
     """``table``: features' scalar columns sorted by sample_id. Returns (the manifest's rows,
     not yet formatted, and the stats part); :func:`build_manifest` formats them all.
 
     ``rank`` overrides the keeper policy's order (incremental runs rank earlier keepers first).
     ``embeddings`` (row-aligned with ``table``) and the run's embedding ``threshold`` let the
-    clusters measure centrality and closeness to the keeper by cosine (else by the hashes)."""
+    clusters measure centrality and closeness to the keeper by cosine (else by the hashes).
+    ``rows``: the pairs' (a, b) table rows, if known (else looked up by sample_id).
+
+    Only the rows some link between two ok rows touches are clustered, renumbered 0…t-1 in
+    row order (the same clusters, keepers and order as over all n rows: every step compares
+    ranks, row order or links, which the renumbering keeps); every other ok row is its own
+    keeper. The clusters' arrays and the keeper ranks are t-sized
+    (:class:`~dedup.compute.clusters.TouchedClusters`), not n-sized."""
     n = table.num_rows
     ok = status_mask(table["status"], Status.OK)
-    rank = keeper_rank(cfg, table) if rank is None else rank
-    edges = _edges(cfg, table, pairs)
+    edges = _edges(cfg, table, pairs, rows)
+    live = (edges.i != edges.j) & ok[edges.i] & ok[edges.j] if len(edges.i) else np.zeros(0, bool)
+    touched = np.unique(np.concatenate([edges.i[live], edges.j[live]])).astype(np.int64)
+    local = Edges(np.searchsorted(touched, edges.i[live]), np.searchsorted(touched, edges.j[live]),
+                  edges.method[live], edges.score[live])
+    del edges, live
+    t = len(touched)
+    sub_rank = keeper_rank(cfg, table, touched) if rank is None else np.asarray(rank)[touched]
+    every = np.ones(t, bool)
 
     def clusters(edges: Edges):
         if cfg.clusters.grouping == "keeper":
-            return keeper_clusters(n, edges, rank, valid=ok, keep_per_cluster=cfg.clusters.keep_per_cluster)
-        centrality, joins = _grouping_checks(cfg, table, embeddings, threshold)
+            return keeper_clusters(t, edges, sub_rank, valid=every, keep_per_cluster=cfg.clusters.keep_per_cluster)
+        centrality, joins = _grouping_checks(cfg, table, embeddings, threshold)  # on the run's rows
         tol = cfg.clusters.central_tolerance
-        return group_clusters(n, edges, rank, valid=ok, keep_per_cluster=cfg.clusters.keep_per_cluster,
-                              centrality=centrality if tol is not None else None, joins=joins, tolerance=tol or 0.0)
 
-    cl = clusters(edges)
+        def central(members: np.ndarray) -> np.ndarray:
+            return centrality(touched[members])
+
+        def joined(members: np.ndarray, k: int):
+            return joins(touched[members], int(touched[k]))
+
+        return group_clusters(t, edges, sub_rank, valid=every, keep_per_cluster=cfg.clusters.keep_per_cluster,
+                              centrality=central if tol is not None else None, joins=joined, tolerance=tol or 0.0)
+
+    cl = clusters(local)
     if cfg.clusters.verify_min_size and (cl.size >= cfg.clusters.verify_min_size).any():
-        edges = _verified(edges, cl.size >= cfg.clusters.verify_min_size)
-        cl = clusters(edges)
-    del edges
-    has = cl.keeper >= 0
-    primary = has & (cl.keeper == np.arange(n))
-
-    sizes = cl.size[primary]
+        local = _verified(local, cl.size >= cfg.clusters.verify_min_size)
+        cl = clusters(local)
+    del local
+    alone = int(ok.sum()) - t  # ok rows no link touches: keepers of clusters of one
+    primary = cl.keeper == np.arange(t)
     hist: dict[str, int] = {}
-    for sz in sizes:
-        b = _bucket(int(sz))
-        hist[b] = hist.get(b, 0) + 1
-    dup = ok & ~primary & (cl.method >= 0)
+    for sz in cl.size[primary]:
+        bk = _bucket(int(sz))
+        hist[bk] = hist.get(bk, 0) + 1
+    if alone:
+        hist[_bucket(1)] = hist.get(_bucket(1), 0) + alone
+    dup = ~primary & (cl.method >= 0)
     per_method = np.bincount(cl.method[dup].astype(np.int64), minlength=len(METHODS))
     by_method: dict[str, int] = {}  # methods in order of first occurrence (the rows' order)
     firsts = np.unique(cl.method[dup], return_index=True) if dup.any() else (np.zeros(0, np.int8), np.zeros(0, np.int64))
@@ -447,17 +530,18 @@ def cluster_manifest(
     stats = {
         "samples": n,
         "ok": int(ok.sum()),
-        "kept": int(cl.is_keeper.sum()),
-        "duplicates": int((ok & ~cl.is_keeper).sum()),
-        "clusters": int(primary.sum()),
+        "kept": int(cl.is_keeper.sum()) + alone,
+        "duplicates": int((~cl.is_keeper).sum()),
+        "clusters": int(primary.sum()) + alone,
         "clusters_with_duplicates": int((primary & (cl.size > 1)).sum()),
         "cluster_size_histogram": dict(sorted(hist.items(), key=lambda kv: size_bucket_order(kv[0]))),
         "duplicates_by_method": by_method,
         "largest_clusters": [
-            {"keeper": table["sample_id"][int(k)].as_py(), "size": int(cl.size[k])} for k in largest if primary[k] and cl.size[k] > 1
+            {"keeper": table["sample_id"][int(touched[k])].as_py(), "size": int(cl.size[k])}
+            for k in largest if primary[k] and cl.size[k] > 1
         ],
     }
-    return ManifestRows(cfg, table, cl, ok, outlier), stats
+    return ManifestRows(cfg, table, TouchedClusters(touched, cl, ok), ok, outlier), stats
 
 
 def build_manifest(
