@@ -364,7 +364,8 @@ def finish_run(
     return_freed_memory(setup=True)
     log.debug("global phase: %s", "load")  # (benchmarks/scale.py's per-phase memory listens for these)
     t0, c0 = time.perf_counter(), time.process_time()
-    fs = load_features(run, sorted(shard_ids), with_embeddings="embedding" in cfg.methods)
+    # sha256 as 8-byte prefixes in the table; whole digests read from the files where needed
+    fs = load_features(run, sorted(shard_ids), with_embeddings="embedding" in cfg.methods, digests=False)
     timings["load"] = round(time.perf_counter() - t0, 3)
     timings["cpu_load"] = round(time.process_time() - c0, 3)  # cpu_*: this process's CPU seconds, all threads
     log.debug("global phase: %s", "candidates")
@@ -415,7 +416,7 @@ def finish_run(
     # the rows are formatted and written one row group at a time (no full manifest table here)
     log.debug("global phase: %s", "clusters")
     manifest, mstats = cluster_manifest(cfg, fs.table, pairs, outlier=outlier, embeddings=fs.embeddings, threshold=th_value,
-                                        rows=pair_rows)
+                                        rows=pair_rows, digests=fs.digests)
     log.debug("global phase: %s", "manifest write")
     written = write_manifest(run, cfg, manifest, failed_shards=failed_shards)
     del manifest

@@ -141,3 +141,34 @@ def test_incremental_against_other_types(tmp_path):
     assert m["key"].to_pylist() == ["copy", "new"] and m["shard_id"].to_pylist() == ["d2/p"] * 2
     assert m["cluster_id"].to_pylist()[0] == "d1.0/p/v.1/small0"  # the copy's keeper: day 1's sample
     assert out.stats["duplicates_of_previous"] == 1
+
+
+def test_prefix_table_gives_the_same_pairs_ranks_and_manifest(nested_run):
+    """The run's global phases load sha256 as 8-byte prefixes (``digests=False``) and read whole
+    digests from the features files where prefixes repeat: the same digests row by row (file
+    rows interleave in sample_id order here), the same exact pairs, copy counts and manifest as
+    from a table holding the digests."""
+    import numpy as np
+
+    from dedup.phases.candidates import find_pairs
+    from dedup.phases.manifest import cluster_manifest, keeper_rank, sha_prefixes
+
+    run = RunDir(str(nested_run[0]))
+    full = load_features(run, sorted(SHARDS), with_embeddings=False)
+    lean = load_features(run, sorted(SHARDS), with_embeddings=False, digests=False)
+    assert "sha256" not in lean.table.column_names and lean.table.schema.field("sha256_prefix").type == pa.uint64()
+    pf, kf = sha_prefixes(full.table)
+    pl, kl = sha_prefixes(lean.table)
+    assert np.array_equal(pf, pl) and np.array_equal(kf, kl)
+    rows = np.array([5, 0, 3, 3, 7, 1])
+    (da, ka), (db, kb) = full.digests(rows), lean.digests(rows)
+    assert np.array_equal(da, db) and np.array_equal(ka, kb)
+    want = full.table["sha256"].take(pa.array(rows)).to_pylist()
+    assert [bytes(d) if k else None for d, k in zip(db, kb)] == want
+    cfg = load_config(None, None, **{"methods": ["exact", "phash", "dhash"], "clusters.keeper_policy": ["-copies", "sample_id"]})
+    a, b = find_pairs(cfg, full), find_pairs(cfg, lean)
+    assert a.table.equals(b.table) and a.info["pairs"]["exact"] >= 1
+    assert np.array_equal(keeper_rank(cfg, full.table), keeper_rank(cfg, lean.table, digests=lean.digests))
+    ma, _ = cluster_manifest(cfg, full.table, a.table, rows=a.rows)
+    mb, _ = cluster_manifest(cfg, lean.table, b.table.select(["method", "score"]), rows=b.rows, digests=lean.digests)
+    assert ma.to_table().equals(mb.to_table())

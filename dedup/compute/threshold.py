@@ -35,6 +35,7 @@ works at any n. Everything it estimated is returned (and written to stats.json a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -119,7 +120,7 @@ def _mixture_fit(x: np.ndarray, width: float) -> tuple[float, float]:
     return 1.0 / (1.0 + math.exp(-best.x[0])), LAMBDA_MIN + math.exp(best.x[1])
 
 
-def unrelated_sample(emb: np.ndarray, valid: np.ndarray, sha: list | None, subset: int, seed: int,
+def unrelated_sample(emb: np.ndarray, valid: np.ndarray, sha: Sequence | Callable[[np.ndarray], list] | None, subset: int, seed: int,
                      copies=None) -> np.ndarray:
     """Cosines of all pairs of a random subset of the valid rows, leaving out pairs of identical
     bytes and pairs that ``copies(i, j) -> bool array`` calls copies (e.g. both hashes close)."""
@@ -133,7 +134,10 @@ def unrelated_sample(emb: np.ndarray, valid: np.ndarray, sha: list | None, subse
     iu = np.triu_indices(len(idx), 1)
     sims = g[iu]
     if sha is not None:
-        h = np.array([sha[k] for k in idx], dtype=object)
+        # the subset's digests: a function of its rows (the run's table, taken) or a row-aligned list
+        values: list = sha(idx) if callable(sha) else [sha[int(k)] for k in idx]
+        h = np.empty(len(values), dtype=object)
+        h[:] = values
         same = np.array([a is not None and a == b for a, b in zip(h[iu[0]], h[iu[1]])], bool)
     else:
         same = np.zeros(len(sims), bool)
@@ -143,7 +147,8 @@ def unrelated_sample(emb: np.ndarray, valid: np.ndarray, sha: list | None, subse
 
 
 def choose(
-    emb: np.ndarray, valid: np.ndarray, floor: float, *, rate: float = 1e-3, sha: list | None = None,
+    emb: np.ndarray, valid: np.ndarray, floor: float, *, rate: float = 1e-3,
+    sha: Sequence | Callable[[np.ndarray], list] | None = None,
     ceiling: float = 0.98, subset: int = 3000, tail: float = 1e-4, min_events: int = 30, seed: int = 0,
     copies=None, n_total: int | None = None,
 ) -> ThresholdChoice:

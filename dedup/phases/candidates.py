@@ -78,6 +78,37 @@ class FeatureSet:
             out.append(ShardRows(sid, np.where(valid[pos], pos, -1).astype(np.int64)))
         return out
 
+    def digests(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The whole sha256 digests of table ``rows`` (rows × 32 uint8, zero rows where unknown)
+        and where they are known: from the table's ``sha256`` when it holds them, else read
+        from the features files (only their ``sha256`` column, only the files holding a row:
+        the run's table holds the 8-byte prefixes, ``load_features(digests=False)``)."""
+        from dedup.phases.manifest import _digest_bytes, table_digests
+
+        rows = np.asarray(rows, np.int64)
+        if "sha256" in self.table.column_names or self.run is None:
+            return table_digests(self.table)(rows)
+        assert self.position is not None and self.shard_offsets is not None
+        uniq, inv = np.unique(rows, return_inverse=True)
+        want = np.zeros(self.n, bool)
+        want[uniq] = True
+        out = np.zeros((len(uniq), 32), np.uint8)
+        known = np.zeros(len(uniq), bool)
+        import pyarrow.parquet as pq
+
+        for k, sid in enumerate(self.shard_ids):
+            pos = self.position[self.shard_offsets[k] : self.shard_offsets[k + 1]]
+            hit = np.flatnonzero(want[pos])
+            if len(hit) == 0:
+                continue
+            with self.run.fs.open(self.run.features(sid), "rb") as f:
+                col = pq.ParquetFile(f).read(columns=["sha256"])["sha256"].combine_chunks().take(pa.array(hit))
+            d = _digest_bytes(col)
+            at = np.searchsorted(uniq, pos[hit])
+            out[at, : d.shape[1]] = d[:, :32]
+            known[at] = col.is_valid().to_numpy(zero_copy_only=False)
+        return out[inv], known[inv]
+
     @property
     def n(self) -> int:
         return self.table.num_rows
@@ -86,7 +117,11 @@ class FeatureSet:
         return status_mask(self.table["status"], Status.OK)
 
 
-def load_features(run: RunDir, shard_ids: list[str], with_embeddings: bool) -> FeatureSet:
+def load_features(run: RunDir, shard_ids: list[str], with_embeddings: bool, *, digests: bool = True) -> FeatureSet:
+    """The scalar features of ``shard_ids`` as one table sorted by sample_id (and the
+    embeddings staged). ``digests=False`` (a run's global phases): the table holds each
+    sha256's first 8 bytes (``sha256_prefix``, uint64) instead of the 32-byte digest, and
+    :meth:`FeatureSet.digests` reads whole digests from the files where needed."""
     import pyarrow.parquet as pq
 
     metas, with_emb, counts, d = [], [], [], 0
@@ -144,7 +179,10 @@ def load_features(run: RunDir, shard_ids: list[str], with_embeddings: bool) -> F
         # embeddings leave zero rows)
         emb = _stage_embeddings(run, [s if w else None for s, w in zip(shard_ids, with_emb)], offsets, inv, d)
     for name in _SCALAR_COLS[1:]:
-        col, field = _read_column(run, shard_ids, name, dictionary=name in DICTIONARY_COLS)
+        if name == "sha256" and not digests:
+            col, field = _read_prefixes(run, shard_ids)
+        else:
+            col, field = _read_column(run, shard_ids, name, dictionary=name in DICTIONARY_COLS)
         col = col.take(take)
         if name in DICTIONARY_COLS:
             col = _narrow(col, _PLAIN_ABOVE.get(name))
@@ -173,6 +211,24 @@ def _read_column(run: RunDir, shard_ids: list[str], name: str, dictionary: bool 
     if dictionary:
         t = t.unify_dictionaries()
     return t[name], t.schema.field(name)
+
+
+def _read_prefixes(run: RunDir, shard_ids: list[str]) -> tuple[pa.ChunkedArray, pa.Field]:
+    """Every features file's sha256 as its first 8 bytes (uint64, null where the digest is),
+    file by file: the 32-byte digests of one file at a time only."""
+    import pyarrow.parquet as pq
+
+    from dedup.compute.search.exact import digest_prefixes
+    from dedup.phases.manifest import _digest_bytes
+
+    parts = []
+    for sid in shard_ids:
+        with run.fs.open(run.features(sid), "rb") as f:
+            col = pq.ParquetFile(f).read(columns=["sha256"])["sha256"].combine_chunks()
+        valid = col.is_valid().to_numpy(zero_copy_only=False)
+        prefix = digest_prefixes(_digest_bytes(col)) if len(col) else np.zeros(0, np.uint64)
+        parts.append(pa.array(prefix, pa.uint64(), mask=~valid))
+    return pa.chunked_array(parts, pa.uint64()), pa.field("sha256_prefix", pa.uint64())
 
 
 def _narrow(col: pa.ChunkedArray, plain_above: int | None = None) -> pa.ChunkedArray:
@@ -292,7 +348,7 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
     for method in cfg.methods:
         t0 = time.perf_counter()
         if method == "exact":
-            add(method, _exact_pairs(fs.table, ok))
+            add(method, _exact_pairs(fs, ok))
         elif method in ("phash", "dhash"):
             col = fs.table[method]
             valid = ok & col.is_valid().to_numpy(zero_copy_only=False)
@@ -376,17 +432,17 @@ def _pairs_table(ids: pa.ChunkedArray, found: list[tuple[str, np.ndarray, np.nda
     return table, (i, j)
 
 
-def _exact_pairs(table: pa.Table, ok: np.ndarray):
+def _exact_pairs(fs: FeatureSet, ok: np.ndarray):
     """Star pairs of the ok rows with identical bytes: their sha256 prefixes sorted (8 bytes a
     row), the whole digests read for the rows whose prefixes repeat."""
     from dedup.compute import search as cand
     from dedup.compute.search.exact import digest_groups, star_pairs
-    from dedup.phases.manifest import sha_prefixes, sha_rows
+    from dedup.phases.manifest import sha_prefixes
 
-    prefix, known = sha_prefixes(table)
+    prefix, known = sha_prefixes(fs.table)
     idx = np.flatnonzero(ok & known)
     del known
-    p = star_pairs(*digest_groups(prefix[idx], lambda r: sha_rows(table, idx[r])))
+    p = star_pairs(*digest_groups(prefix[idx], lambda r: fs.digests(idx[r])[0]))
     return cand.Pairs(idx[p.i], idx[p.j], p.score)
 
 
@@ -399,19 +455,27 @@ def embedding_threshold(cfg: Config, fs: FeatureSet, ok: np.ndarray):
         return T.fixed(cfg.embedding.resolved_threshold(), n)
     t0 = time.perf_counter()
     copies = None
+    table = fs.table
     if {"phash", "dhash"} <= set(cfg.methods):  # pairs the hashes call copies are no unrelated pairs
         from dedup.compute.search.hamming import popcount64
 
-        ph = fs.table["phash"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64)
-        dh = fs.table["dhash"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64)
         rp, rd = 2 * cfg.hashes.phash_radius, 2 * cfg.hashes.dhash_radius
 
         def copies(i: np.ndarray, j: np.ndarray) -> np.ndarray:
-            return (popcount64(ph[i] ^ ph[j]) <= rp) & (popcount64(dh[i] ^ dh[j]) <= rd)
+            # the sampled rows' hashes taken (a few thousand rows), no n-sized copy of the columns
+            rows = np.unique(np.concatenate([i, j]))
+            ph, dh = (table[c].take(pa.array(rows)).fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64)
+                      for c in ("phash", "dhash"))
+            a, b = np.searchsorted(rows, i), np.searchsorted(rows, j)
+            return (popcount64(ph[a] ^ ph[b]) <= rp) & (popcount64(dh[a] ^ dh[b]) <= rd)
+
+    def digests(rows: np.ndarray) -> list:  # the sampled rows' sha256 (not a Python object for every row)
+        d, known = fs.digests(rows)
+        return [bytes(v) if k else None for v, k in zip(d, known)]
 
     assert fs.embeddings is not None  # an embedding run
     choice = T.choose(fs.embeddings, ok, cfg.embedding.resolved_threshold(), rate=cfg.embedding.false_pair_rate,
-                      sha=fs.table["sha256"].to_pylist(), copies=copies)
+                      sha=digests, copies=copies)
     log.info("embedding threshold auto: %.4f (family %.2f; %s; expected false pairs %s, budget %.1f) in %.1f s",
              choice.value, choice.floor, choice.note,
              "-" if choice.expected_false_pairs is None else f"{choice.expected_false_pairs:.2f}", choice.budget,

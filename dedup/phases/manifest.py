@@ -109,7 +109,8 @@ def _verified(edges: Edges, large: np.ndarray) -> Edges:
     return Edges(edges.i[keep], edges.j[keep], edges.method[keep], edges.score[keep])
 
 
-def keeper_rank(cfg: Config, table: pa.Table, rows: np.ndarray | None = None) -> np.ndarray:
+def keeper_rank(cfg: Config, table: pa.Table, rows: np.ndarray | None = None,
+                digests: Digests | None = None) -> np.ndarray:
     """Each row's place in the keeper policy's order (``clusters.keeper_policy``; 0 = the best
     keeper), ties broken by sample_id. ``table`` is sorted by sample_id. ``rows`` (increasing):
     rank these rows only, among themselves (the same order as theirs among all rows), their
@@ -120,8 +121,10 @@ def keeper_rank(cfg: Config, table: pa.Table, rows: np.ndarray | None = None) ->
         cols_needed = [c for c in table.column_names if c in need | {"width", "height", "content_fraction"}]
         sub = table.select(cols_needed).take(pa.array(rows))
         if "copies" in need:
-            sub = sub.append_column("__copies", pa.array(_copies(table)[rows]))
+            sub = sub.append_column("__copies", pa.array(_copies(table, digests)[rows]))
         return _rank(cfg, sub)
+    if "copies" in {s.lstrip("-+") for s in cfg.clusters.keeper_policy} and digests is not None:
+        table = table.append_column("__copies", pa.array(_copies(table, digests)))
     return _rank(cfg, table)
 
 
@@ -161,17 +164,39 @@ def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
 UNPADDED = 0.8
 
 
-def _copies(table: pa.Table) -> np.ndarray:
-    """How many ok samples hold exactly the same bytes as each sample (1 = unique)."""
+# The whole sha256 digests of some rows: (rows × 32 uint8, zero rows where unknown; known)
+Digests = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def table_digests(table: pa.Table) -> Digests:
+    """:data:`Digests` from the table's own ``sha256`` column."""
+
+    def of(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        col = table["sha256"].take(pa.array(np.asarray(rows, np.int64)))
+        return sha_rows(table, rows), col.is_valid().to_numpy(zero_copy_only=False)
+
+    return of
+
+
+def has_digests(table: pa.Table) -> bool:
+    """The table holds sha256 digests or their prefixes (the run's driver table:
+    ``sha256_prefix``, the whole digests read from the features files)."""
+    return "sha256" in table.column_names or "sha256_prefix" in table.column_names
+
+
+def _copies(table: pa.Table, digests: Digests | None = None) -> np.ndarray:
+    """How many ok samples hold exactly the same bytes as each sample (1 = unique).
+    ``digests``: where the whole digests come from (default: the table's ``sha256``)."""
     from dedup.compute.search.exact import digest_groups
 
-    if "sha256" not in table.column_names:
+    if not has_digests(table):
         return np.ones(table.num_rows, np.float64)
+    whole = digests or table_digests(table)
     prefix, known = sha_prefixes(table)
     ok = status_mask(table["status"], Status.OK)
     out = np.ones(table.num_rows, np.float64)
     at = np.flatnonzero(known)
-    rows, gid = digest_groups(prefix[at], lambda r: sha_rows(table, at[r]))
+    rows, gid = digest_groups(prefix[at], lambda r: whole(at[r])[0])
     if len(rows):
         r = at[rows]
         count = np.bincount(gid, weights=ok[r].astype(np.float64))  # ok rows with these bytes
@@ -186,6 +211,10 @@ def sha_prefixes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     (:func:`sha_rows`) where prefixes repeat."""
     from dedup.compute.search.exact import digest_prefixes
 
+    if "sha256" not in table.column_names:  # the driver table holds the prefixes themselves
+        pcol = table["sha256_prefix"]
+        return (pcol.fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64),
+                pcol.is_valid().to_numpy(zero_copy_only=False))
     col = table["sha256"]
     known = col.is_valid().to_numpy(zero_copy_only=False)
     chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
@@ -220,29 +249,28 @@ def _digest_bytes(arr: pa.Array) -> np.ndarray:
         if vals else np.zeros((0, w), np.uint8)
 
 
-def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, threshold: float | None):
+def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, threshold: float | None,
+                     emb_rows: np.ndarray | None = None):
     """(centrality, joins) for :func:`~dedup.compute.clusters.group_clusters`: from the
-    embeddings when the run has them, else from the hashes."""
+    embeddings when the run has them, else from the hashes. ``table``: the clustered rows'
+    ``phash`` / ``dhash`` / ``sha256`` (``cluster_manifest`` passes the linked rows only);
+    ``emb_rows``: each of its rows' row in ``emb`` (default: the same row)."""
     ph = table["phash"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64) if "phash" in table.column_names else None
     dh = table["dhash"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64) if "dhash" in table.column_names else None
-    # a member's bytes equal k's: compared on the few rows a join looks at (sha_rows), no digest
-    # array for all rows held through the clustering
-    has_sha = "sha256" in table.column_names
+    if "sha256" in table.column_names:
+        sha, sha_known = sha_rows(table, np.arange(table.num_rows)), table["sha256"].is_valid().to_numpy(zero_copy_only=False)
+    else:
+        sha, sha_known = np.zeros((table.num_rows, 1), np.uint8), np.zeros(table.num_rows, bool)
 
     def same_bytes(members: np.ndarray, k: int) -> np.ndarray:
-        if not has_sha:
-            return np.zeros(len(members), bool)
-        rows = np.append(np.asarray(members, np.int64), k)
-        d = sha_rows(table, rows)
-        known = table["sha256"].take(pa.array(rows)).is_valid().to_numpy(zero_copy_only=False)
-        return known[:-1] & known[-1] & (d[:-1] == d[-1]).all(axis=1)
+        return sha_known[members] & sha_known[k] & (sha[members] == sha[k]).all(axis=1)
     use_emb = emb is not None and threshold is not None and "embedding" in cfg.methods
     use_p, use_d = "phash" in cfg.methods and ph is not None, "dhash" in cfg.methods and dh is not None
     i_emb, i_p, i_x = METHODS.index("embedding"), METHODS.index("phash"), METHODS.index("exact")
 
     def vectors(members: np.ndarray) -> np.ndarray:
         assert emb is not None  # called only when use_emb
-        x = rows_f32(emb, members)  # float32 (exact); a memmap's pages are released as it reads
+        x = rows_f32(emb, members if emb_rows is None else emb_rows[members])  # float32 (exact); a memmap's pages are released as it reads
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
     def centrality(members: np.ndarray) -> np.ndarray:
@@ -465,7 +493,7 @@ class ManifestRows:
 def cluster_manifest(
     cfg: Config, table: pa.Table, pairs: pa.Table, rank: np.ndarray | None = None, outlier: np.ndarray | None = None,
     embeddings: np.ndarray | None = None, threshold: float | None = None,
-    rows: tuple[np.ndarray, np.ndarray] | None = None,
+    rows: tuple[np.ndarray, np.ndarray] | None = None, digests: Digests | None = None,
 ) -> tuple[ManifestRows, dict]:
     """``table``: features' scalar columns sorted by sample_id. Returns (the manifest's rows,
     not yet formatted, and the stats part); :func:`build_manifest` formats them all.
@@ -474,6 +502,8 @@ def cluster_manifest(
     ``embeddings`` (row-aligned with ``table``) and the run's embedding ``threshold`` let the
     clusters measure centrality and closeness to the keeper by cosine (else by the hashes).
     ``rows``: the pairs' (a, b) table rows, if known (else looked up by sample_id).
+    ``digests``: the whole sha256 digests of rows (the run's table holds prefixes only:
+    :meth:`~dedup.phases.candidates.FeatureSet.digests`); default: the table's ``sha256``.
 
     Only the rows some link between two ok rows touches are clustered, renumbered 0…t-1 in
     row order (the same clusters, keepers and order as over all n rows: every step compares
@@ -489,29 +519,26 @@ def cluster_manifest(
                   edges.method[live], edges.score[live])
     del edges, live
     t = len(touched)
-    sub_rank = keeper_rank(cfg, table, touched) if rank is None else np.asarray(rank)[touched]
+    sub_rank = keeper_rank(cfg, table, touched, digests) if rank is None else np.asarray(rank)[touched]
     every = np.ones(t, bool)
+    checks = None
 
     def clusters(edges: Edges):
+        nonlocal checks
         if cfg.clusters.grouping == "keeper":
             return keeper_clusters(t, edges, sub_rank, valid=every, keep_per_cluster=cfg.clusters.keep_per_cluster)
-        centrality, joins = _grouping_checks(cfg, table, embeddings, threshold)  # on the run's rows
+        if checks is None:  # on the linked rows' hashes and digests (t rows), their embeddings by row
+            checks = _grouping_checks(cfg, _linked_columns(table, touched, digests), embeddings, threshold, emb_rows=touched)
+        centrality, joins = checks
         tol = cfg.clusters.central_tolerance
-
-        def central(members: np.ndarray) -> np.ndarray:
-            return centrality(touched[members])
-
-        def joined(members: np.ndarray, k: int):
-            return joins(touched[members], int(touched[k]))
-
         return group_clusters(t, edges, sub_rank, valid=every, keep_per_cluster=cfg.clusters.keep_per_cluster,
-                              centrality=central if tol is not None else None, joins=joined, tolerance=tol or 0.0)
+                              centrality=centrality if tol is not None else None, joins=joins, tolerance=tol or 0.0)
 
     cl = clusters(local)
     if cfg.clusters.verify_min_size and (cl.size >= cfg.clusters.verify_min_size).any():
         local = _verified(local, cl.size >= cfg.clusters.verify_min_size)
         cl = clusters(local)
-    del local
+    del local, checks
     alone = int(ok.sum()) - t  # ok rows no link touches: keepers of clusters of one
     primary = cl.keeper == np.arange(t)
     hist: dict[str, int] = {}
@@ -542,6 +569,21 @@ def cluster_manifest(
         ],
     }
     return ManifestRows(cfg, table, TouchedClusters(touched, cl, ok), ok, outlier), stats
+
+
+def _linked_columns(table: pa.Table, rows: np.ndarray, digests: Digests | None) -> pa.Table:
+    """``phash`` / ``dhash`` / ``sha256`` of ``rows`` (the grouping checks' inputs), the digests
+    from ``digests`` where the table holds prefixes only."""
+    sub = table.select([c for c in ("phash", "dhash", "sha256") if c in table.column_names]).take(pa.array(rows))
+    if "sha256" not in table.column_names and "sha256_prefix" in table.column_names and digests is not None \
+            and len(rows):
+        d, known = digests(rows)
+        d = np.ascontiguousarray(d, np.uint8).reshape(len(rows), -1)
+        width = d.shape[1] if d.ndim == 2 and d.shape[1] else 32
+        col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(rows),
+                                                   [pa.py_buffer(np.packbits(known, bitorder="little")), pa.py_buffer(d.tobytes())])
+        sub = sub.append_column("sha256", col)
+    return sub
 
 
 def build_manifest(
