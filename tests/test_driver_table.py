@@ -151,7 +151,8 @@ def test_prefix_table_gives_the_same_pairs_ranks_and_manifest(nested_run):
     import numpy as np
 
     from dedup.phases.candidates import find_pairs
-    from dedup.phases.manifest import cluster_manifest, keeper_rank, sha_prefixes
+    from dedup.phases.digests import sha_prefixes
+    from dedup.phases.manifest import cluster_manifest, keeper_rank
 
     run = RunDir(str(nested_run[0]))
     full = load_features(run, sorted(SHARDS), with_embeddings=False)

@@ -78,8 +78,9 @@ def _table(n: int, seed: int = 0) -> pa.Table:
     })
 
 
-def test_copies_and_sha_keys_match_the_row_by_row_count():
-    from dedup.phases.manifest import keeper_rank, sha_prefixes, sha_rows
+def test_copy_counts_and_sha_digests_match_the_row_by_row_count():
+    from dedup.phases.digests import copy_counts, sha_prefixes, sha_rows
+    from dedup.phases.manifest import keeper_rank
 
     t = _table(500)
     sha, ok = t["sha256"].to_pylist(), [s == "ok" for s in t["status"].to_pylist()]
@@ -88,9 +89,7 @@ def test_copies_and_sha_keys_match_the_row_by_row_count():
         if good and h is not None:
             count[h] = count.get(h, 0) + 1
     want = [count.get(h, 1) if h is not None else 1 for h in sha]
-    from dedup.phases import manifest
-
-    assert manifest._copies(t).tolist() == want
+    assert copy_counts(t).tolist() == want
     prefix, known = sha_prefixes(t)
     assert known.tolist() == [h is not None for h in sha]
     assert prefix.tolist() == [int.from_bytes(h[:8], "little") if h is not None else 0 for h in sha]
@@ -98,7 +97,7 @@ def test_copies_and_sha_keys_match_the_row_by_row_count():
     assert [bytes(d) if sha[r] is not None else None for r, d in zip(rows, sha_rows(t, rows))] == [sha[r] for r in rows]
     # another binary type (a hand-made table): the same keys
     t2 = t.set_column(t.schema.get_field_index("sha256"), "sha256", t["sha256"].cast(pa.binary()))
-    assert manifest._copies(t2).tolist() == want
+    assert copy_counts(t2).tolist() == want
     cfg = load_config(None, None, **{"clusters.keeper_policy": ["-copies", "sample_id"]})
     assert keeper_rank(cfg, t).tolist() == keeper_rank(cfg, t2).tolist()
 

@@ -83,7 +83,7 @@ class FeatureSet:
         and where they are known: from the table's ``sha256`` when it holds them, else read
         from the features files (only their ``sha256`` column, only the files holding a row:
         the run's table holds the 8-byte prefixes, ``load_features(digests=False)``)."""
-        from dedup.phases.manifest import _digest_bytes, table_digests
+        from dedup.phases.digests import digest_bytes, table_digests
 
         rows = np.asarray(rows, np.int64)
         if "sha256" in self.table.column_names or self.run is None:
@@ -103,7 +103,7 @@ class FeatureSet:
                 continue
             with self.run.fs.open(self.run.features(sid), "rb") as f:
                 col = pq.ParquetFile(f).read(columns=["sha256"])["sha256"].combine_chunks().take(pa.array(hit))
-            d = _digest_bytes(col)
+            d = digest_bytes(col)
             at = np.searchsorted(uniq, pos[hit])
             out[at, : d.shape[1]] = d[:, :32]
             known[at] = col.is_valid().to_numpy(zero_copy_only=False)
@@ -219,14 +219,14 @@ def _read_prefixes(run: RunDir, shard_ids: list[str]) -> tuple[pa.ChunkedArray, 
     import pyarrow.parquet as pq
 
     from dedup.compute.search.exact import digest_prefixes
-    from dedup.phases.manifest import _digest_bytes
+    from dedup.phases.digests import digest_bytes
 
     parts = []
     for sid in shard_ids:
         with run.fs.open(run.features(sid), "rb") as f:
             col = pq.ParquetFile(f).read(columns=["sha256"])["sha256"].combine_chunks()
         valid = col.is_valid().to_numpy(zero_copy_only=False)
-        prefix = digest_prefixes(_digest_bytes(col)) if len(col) else np.zeros(0, np.uint64)
+        prefix = digest_prefixes(digest_bytes(col)) if len(col) else np.zeros(0, np.uint64)
         parts.append(pa.array(prefix, pa.uint64(), mask=~valid))
     return pa.chunked_array(parts, pa.uint64()), pa.field("sha256_prefix", pa.uint64())
 
@@ -437,7 +437,7 @@ def _exact_pairs(fs: FeatureSet, ok: np.ndarray):
     row), the whole digests read for the rows whose prefixes repeat."""
     from dedup.compute import search as cand
     from dedup.compute.search.exact import digest_groups, star_pairs
-    from dedup.phases.manifest import sha_prefixes
+    from dedup.phases.digests import sha_prefixes
 
     prefix, known = sha_prefixes(fs.table)
     idx = np.flatnonzero(ok & known)

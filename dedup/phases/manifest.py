@@ -17,6 +17,7 @@ from dedup.compute.search.kernels import rows_f32
 from dedup.config import Config
 from dedup.io.manifests import write_manifest_data
 from dedup.io.rundir import RunDir
+from dedup.phases.digests import Digests, copy_counts, sha_rows
 from dedup.records import METHODS, Status, sample_keys, status_mask
 from dedup.schema import MANIFEST_SCHEMA
 
@@ -121,10 +122,10 @@ def keeper_rank(cfg: Config, table: pa.Table, rows: np.ndarray | None = None,
         cols_needed = [c for c in table.column_names if c in need | {"width", "height", "content_fraction"}]
         sub = table.select(cols_needed).take(pa.array(rows))
         if "copies" in need:
-            sub = sub.append_column("__copies", pa.array(_copies(table, digests)[rows]))
+            sub = sub.append_column("__copies", pa.array(copy_counts(table, digests)[rows]))
         return _rank(cfg, sub)
     if "copies" in {s.lstrip("-+") for s in cfg.clusters.keeper_policy} and digests is not None:
-        table = table.append_column("__copies", pa.array(_copies(table, digests)))
+        table = table.append_column("__copies", pa.array(copy_counts(table, digests)))
     return _rank(cfg, table)
 
 
@@ -143,7 +144,7 @@ def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
                 frac = table["content_fraction"].to_numpy(zero_copy_only=False).astype(np.float64)
                 values = values * np.where(np.isnan(frac), 1.0, frac)
         elif name == "copies":
-            values = table["__copies"].to_numpy() if "__copies" in table.column_names else _copies(table)
+            values = table["__copies"].to_numpy() if "__copies" in table.column_names else copy_counts(table)
         elif name == "unpadded":  # 0 = uniform borders (padding, bars, a canvas) cover 20 %+ of the image
             if "content_fraction" in table.column_names:
                 frac = table["content_fraction"].to_numpy(zero_copy_only=False).astype(np.float64)
@@ -162,91 +163,6 @@ def _rank(cfg: Config, table: pa.Table) -> np.ndarray:
 # policy; a natural flat margin (a scan, a studio backdrop, a sky band) usually takes less, and
 # the original has it too.
 UNPADDED = 0.8
-
-
-# The whole sha256 digests of some rows: (rows × 32 uint8, zero rows where unknown; known)
-Digests = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
-def table_digests(table: pa.Table) -> Digests:
-    """:data:`Digests` from the table's own ``sha256`` column."""
-
-    def of(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        col = table["sha256"].take(pa.array(np.asarray(rows, np.int64)))
-        return sha_rows(table, rows), col.is_valid().to_numpy(zero_copy_only=False)
-
-    return of
-
-
-def has_digests(table: pa.Table) -> bool:
-    """The table holds sha256 digests or their prefixes (the run's driver table:
-    ``sha256_prefix``, the whole digests read from the features files)."""
-    return "sha256" in table.column_names or "sha256_prefix" in table.column_names
-
-
-def _copies(table: pa.Table, digests: Digests | None = None) -> np.ndarray:
-    """How many ok samples hold exactly the same bytes as each sample (1 = unique).
-    ``digests``: where the whole digests come from (default: the table's ``sha256``)."""
-    from dedup.compute.search.exact import digest_groups
-
-    if not has_digests(table):
-        return np.ones(table.num_rows, np.float64)
-    whole = digests or table_digests(table)
-    prefix, known = sha_prefixes(table)
-    ok = status_mask(table["status"], Status.OK)
-    out = np.ones(table.num_rows, np.float64)
-    at = np.flatnonzero(known)
-    rows, gid = digest_groups(prefix[at], lambda r: whole(at[r])[0])
-    if len(rows):
-        r = at[rows]
-        count = np.bincount(gid, weights=ok[r].astype(np.float64))  # ok rows with these bytes
-        out[r] = np.where(count[gid] > 0, count[gid], 1.0)
-    return out
-
-
-def sha_prefixes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """The ``sha256`` column's first 8 bytes as uint64 (0 where null; 8 bytes a row instead of
-    the digests' 32) and where it is known (not null): keys for
-    :func:`dedup.compute.search.exact.digest_groups`, which compares whole digests
-    (:func:`sha_rows`) where prefixes repeat."""
-    from dedup.compute.search.exact import digest_prefixes
-
-    if "sha256" not in table.column_names:  # the driver table holds the prefixes themselves
-        pcol = table["sha256_prefix"]
-        return (pcol.fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64),
-                pcol.is_valid().to_numpy(zero_copy_only=False))
-    col = table["sha256"]
-    known = col.is_valid().to_numpy(zero_copy_only=False)
-    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
-    out = np.zeros(len(col), np.uint64)
-    at = 0
-    for c in chunks:
-        if len(c):
-            out[at : at + len(c)] = digest_prefixes(_digest_bytes(c))
-        at += len(c)
-    out[~known] = 0
-    return out, known
-
-
-def sha_rows(table: pa.Table, rows: np.ndarray) -> np.ndarray:
-    """The whole ``sha256`` digests of ``rows`` as (len(rows), w) uint8 (zero rows where null)."""
-    col = table["sha256"].take(pa.array(np.asarray(rows, np.int64)))
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    return _digest_bytes(arr)
-
-
-def _digest_bytes(arr: pa.Array) -> np.ndarray:
-    """A binary array as (len, w) uint8, nulls as zero rows: straight from the buffer for
-    fixed-size binary, else value by value (older or hand-made tables) padded to the widest."""
-    if pa.types.is_fixed_size_binary(arr.type):
-        w = arr.type.byte_width
-        raw = np.frombuffer(arr.buffers()[1], np.uint8, count=len(arr) * w, offset=arr.offset * w).reshape(-1, w)
-        return np.where(arr.is_valid().to_numpy(zero_copy_only=False)[:, None], raw, 0).astype(np.uint8) \
-            if arr.null_count else raw.copy()
-    vals = arr.to_pylist()
-    w = max(1, max((len(v) for v in vals if v is not None), default=0))
-    return np.frombuffer(b"".join((v or b"").ljust(w, b"\0") for v in vals), np.uint8).reshape(-1, w) \
-        if vals else np.zeros((0, w), np.uint8)
 
 
 def _grouping_checks(cfg: Config, table: pa.Table, emb: np.ndarray | None, threshold: float | None,
