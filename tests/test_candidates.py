@@ -625,8 +625,8 @@ def test_quantizer_does_not_depend_on_the_thread_setting():
 
 @pytest.mark.parametrize("subset", [False, True])
 def test_outlier_plan_from_kept_lists_holds_each_lists_visitors_rows_increasing(subset):
-    """The outlier score's plan from a search's nearest lists (build_plan: one sorted uint64 key
-    a visit, from visits given one nearest-list column at a time, not in row order): each list's
+    """The outlier score's plan from a search's nearest lists (plan_from_visits: counted per
+    list, then each visit put in its list's place, a block of rows at a time): each list's
     members and visitors are exactly the rows that name it, rows increasing within a list;
     invalid rows (-1) and lists beyond nprobe left out."""
     from dataclasses import replace as dc_replace
@@ -663,3 +663,31 @@ def test_outlier_plan_from_kept_lists_holds_each_lists_visitors_rows_increasing(
     for name, b in want.items():
         a = getattr(got, name)
         assert a.dtype.kind == "i" and np.array_equal(a, b), name
+    assert got.visitor_rows.dtype == np.int32  # 4 bytes a visit (n < 2³¹)
+
+
+def test_plan_from_visits_equals_build_plan_whatever_the_batches_order():
+    """Batches whose rows do not increase (a remote executor's task files in any order, rows
+    of several tasks interleaved) give the same plan as build_plan's sort: each list's rows are
+    sorted where they were placed."""
+    from dedup.compute.search.coarse import train_ivf
+    from dedup.compute.search.ivf import build_plan, plan_from_visits
+
+    rng = np.random.default_rng(3)
+    n, nlist = 4000, 23
+    x = rng.standard_normal((200, 8)).astype(np.float32)
+    coarse = train_ivf(x, replace(IVFParams.auto(200, 8), nlist=nlist, nprobe=4, train_size=200, pca_dim=8, bound_dim=0))
+    idx = np.sort(rng.choice(n, 3000, replace=False))
+    prim = rng.integers(0, nlist, len(idx)).astype(np.int32)
+    vr = np.repeat(idx, 3)
+    vl = rng.integers(0, nlist, len(vr)).astype(np.int32)
+    keep = np.ones(len(vr), bool)
+    keep[1:] = (vr[1:] != vr[:-1]) | (vl[1:] != vl[:-1])  # a row visits a list once
+    vr, vl = vr[keep], vl[keep]
+    ref = build_plan(n, coarse, idx, prim, [(vr, vl)])
+    cuts = np.array_split(rng.permutation(len(vr)), 7)  # batches of rows in no order
+    for batches in ([(vr, vl)], [(vr[c], vl[c]) for c in cuts]):
+        got = plan_from_visits(n, coarse, idx, prim, lambda b=batches: iter(b))
+        for name in ("assign", "member_rows", "member_offsets", "visitor_rows", "visitor_offsets"):
+            assert np.array_equal(getattr(got, name), getattr(ref, name)), name
+        assert got.visitor_rows.dtype == np.int32

@@ -171,6 +171,56 @@ def test_list_partitioned_search_equals_the_in_memory_driver_and_resumes(tmp_pat
     assert len(a.visitor_rows) > fs.n  # rows visit lists
 
 
+def test_a_bucket_larger_than_unit_rows_is_searched_a_group_of_lists_at_a_time(tmp_path, monkeypatch):
+    """The buckets are sized before the rows are assigned, from the visits of the quantizer's
+    training rows (fewer than the other rows make), so a bucket can hold several times
+    unit_rows entries: its unit then reads and searches its lists a group of ~unit_rows
+    entries at a time (vectors from the staged file), with the same pairs as one group."""
+    import dataclasses
+
+    from dedup.config import Config
+    from dedup.phases import lists
+    from dedup.phases.candidates import find_pairs, load_features
+
+    run, ids = _run_with_features(tmp_path)
+    cfg = Config.model_validate({"methods": ["embedding"], "embedding": {"threshold": 0.9}})
+    fs = load_features(run, ids, True)
+    ok = fs.ok()
+    ref = search_embeddings(fs.embeddings, 0.9, IVFParams.auto(int(ok.sum()), 32, threshold=0.9), valid=ok)
+    groups: list[tuple[int, int, int]] = []
+    real = lists._group_pairs
+
+    def counting(shared, row, rel, mem, lo, g0, g1, **kw):
+        groups.append((lo, g0, g1))
+        return real(shared, row, rel, mem, lo, g0, g1, **kw)
+
+    monkeypatch.setattr(lists, "_group_pairs", counting)
+
+    class _SmallGroups(ThreadMap):  # the units see unit_rows a tenth of the one the buckets were sized by
+        def map_units(self, fn, items, *, shared=None):
+            if fn.__name__ == "unit_task":
+                shared = dataclasses.replace(shared, params=dataclasses.replace(shared.params, unit_rows=300))
+            yield from super().map_units(fn, items, shared=shared)
+
+    got = find_pairs(cfg, fs, executor=_SmallGroups(2), partitioned=True)
+    units = {lo for lo, _, _ in groups}
+    assert len(groups) > 2 * len(units)  # the buckets were searched in several groups each
+    for lo in units:  # each bucket's groups cover its lists once, in order
+        spans = sorted((g0, g1) for b, g0, g1 in groups if b == lo)
+        assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    sid = fs.table["sample_id"].to_numpy(zero_copy_only=False)
+    emb = got.table.to_pydict()
+    assert set(zip(emb["a"], emb["b"])) == set(zip(sid[ref.pairs.i], sid[ref.pairs.j])) and len(ref.pairs) > 20
+    import shutil
+
+    shutil.rmtree(run.lists_dir)  # not a resume: the same search again, one group a bucket
+    shutil.rmtree(run.embedding_pairs_dir)
+    groups.clear()
+    whole = find_pairs(cfg, fs, executor=ThreadMap(2), partitioned=True)
+    assert len(groups) == len({lo for lo, _, _ in groups})
+    assert whole.table.equals(got.table)
+
+
 def test_small_local_runs_search_in_memory_and_ray_or_large_ones_partition(tmp_path):
     """The gate between the two drivers: a local run below PARTITION_ROWS writes no list
     partitions (and finds the same pairs); a cluster executor or a large run partitions."""

@@ -266,6 +266,42 @@ def _partition_vectors(run: RunDir, paths: list[str], sizes: np.ndarray, first: 
     return x
 
 
+def _group_pairs(shared: ListsInput, row: np.ndarray, rel: np.ndarray, mem: np.ndarray, lo: int, g0: int, g1: int,
+                 *, paths: list[str] | None = None, sizes: np.ndarray | None = None) -> Pairs:
+    """The pairs of a bucket's lists ``lo + g0 … lo + g1 - 1`` (``rel``: each partition entry's
+    list less ``lo``), in search row ids; the vectors from the staged file, or from the
+    partitions (``paths``, ``sizes``: then every entry is in the group)."""
+    if g0 == 0 and g1 > int(rel.max(initial=-1)):
+        sel = None
+    else:
+        sel = np.flatnonzero((rel >= g0) & (rel < g1))
+    r = row if sel is None else row[sel]
+    uniq, first = np.unique(r, return_index=True)  # a row may be in several of its lists
+    if paths is not None:
+        assert sel is None and sizes is not None
+        x = _partition_vectors(RunDir(shared.run_url), paths, sizes, first)
+    else:
+        x = _staged_rows(shared, uniq)
+    local = np.searchsorted(uniq, r)
+    gr = (rel if sel is None else rel[sel]) - g0
+    gm = mem if sel is None else mem[sel]
+    nl = g1 - g0
+
+    def grouped(pick: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        o = np.lexsort((local[pick], gr[pick]))  # by list, rows increasing
+        offsets = np.zeros(nl + 1, _I64)
+        np.cumsum(np.bincount(gr[pick], minlength=nl), out=offsets[1:])
+        return local[pick][o], offsets
+
+    mr, mo = grouped(np.flatnonzero(gm))
+    vr, vo = grouped(np.flatnonzero(~gm))
+    unit = WorkUnit(lists=np.arange(lo + g0, lo + g1, dtype=_I64), member_rows=mr, member_offsets=mo,
+                    visitor_rows=vr, visitor_offsets=vo)
+    with single_threaded_libs():
+        p = unit_pairs(x, unit, shared.threshold, shared.params, use_gpu=False, bound=shared.coarse.bound)
+    return Pairs(uniq[p.i], uniq[p.j], p.score)  # uniq increases: order and i < j kept
+
+
 def unit_task(shared: ListsInput, item: tuple[int, list[int]]) -> Pairs:
     """One bucket's pairs from its partitions only (written to ``pairs/embedding/``)."""
     bucket, tasks = item
@@ -285,25 +321,26 @@ def unit_task(shared: ListsInput, item: tuple[int, list[int]]) -> Pairs:
         mem = np.concatenate([c["member"].to_numpy(zero_copy_only=False) for c in cols])
         sizes = np.array([c.num_rows for c in cols], _I64)
         del cols
-        uniq, first = np.unique(row, return_index=True)  # a row may be in several of its lists
-        x = _staged_rows(shared, uniq) if shared.staged is not None else _partition_vectors(run, paths, sizes, first)
-        local = np.searchsorted(uniq, row)
         lo = bucket * shared.lists_per_bucket
-        lists = np.arange(lo, min(lo + shared.lists_per_bucket, shared.coarse.params.nlist), dtype=_I64)
+        nl = min(shared.lists_per_bucket, shared.coarse.params.nlist - lo)
         rel = lst.astype(_I64) - lo
-
-        def grouped(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            o = np.lexsort((local[sel], rel[sel]))  # by list, rows increasing
-            offsets = np.zeros(len(lists) + 1, _I64)
-            np.cumsum(np.bincount(rel[sel], minlength=len(lists)), out=offsets[1:])
-            return local[sel][o], offsets
-
-        mr, mo = grouped(np.flatnonzero(mem))
-        vr, vo = grouped(np.flatnonzero(~mem))
-        unit = WorkUnit(lists=lists, member_rows=mr, member_offsets=mo, visitor_rows=vr, visitor_offsets=vo)
-        with single_threaded_libs():
-            p = unit_pairs(x, unit, shared.threshold, shared.params, use_gpu=False, bound=shared.coarse.bound)
-        pairs = Pairs(uniq[p.i], uniq[p.j], p.score)  # uniq increases: order and i < j kept
+        del lst
+        if shared.staged is None:  # the vectors are in the partitions: one read of each, one group
+            pairs = _group_pairs(shared, row, rel, mem, lo, 0, nl, paths=paths, sizes=sizes)
+        else:
+            # the lists a group at a time, ~unit_rows entries each, vectors read from the staged
+            # file per group: the buckets are sized from the visits of the quantizer's training
+            # rows, which visit fewer lists than the rest (docs/scale.md), so a bucket can hold
+            # several times unit_rows entries; a list's pairs do not depend on its group
+            cum = np.cumsum(np.bincount(rel, minlength=nl))
+            parts, g0 = [], 0
+            while g0 < nl:
+                base = int(cum[g0 - 1]) if g0 else 0
+                g1 = max(g0 + 1, int(np.searchsorted(cum, base + int(shared.params.unit_rows), side="right")))
+                g1 = min(g1, nl)
+                parts.append(_group_pairs(shared, row, rel, mem, lo, g0, g1))
+                g0 = g1
+            pairs = merge_pairs(parts)  # groups in list order: a pair two lists find keeps the first's score
     run.write_parquet(out_path, pa.table({"i": pa.array(pairs.i, pa.int64()), "j": pa.array(pairs.j, pa.int64()),
                                           "score": pa.array(pairs.score, pa.float32())}))
     run.write_bytes(out_path + ".done", b"")
@@ -470,12 +507,12 @@ def _nearest_lists(run: RunDir, coarse: IVFCoarse, n: int, tasks: int, keep: int
     return NearestLists(coarse, assign, nearest)
 
 
-def _task_lists(run: RunDir, tasks: int):
+def _task_lists(run: RunDir, tasks: int, columns: list[str] | None = None):
     """Each assignment task's rows with their list and nearest lists (``t*.parquet``)."""
     for k in range(tasks):
         path = posixpath.join(run.lists_dir, f"t{k:06d}.parquet")
         if run.exists(path):  # (a task without valid rows wrote none)
-            yield run.read_parquet(path)
+            yield run.read_parquet(path, columns=columns)
 
 
 @dataclass(frozen=True)
@@ -499,21 +536,24 @@ class NearestFiles:
         """The plan whose rows ``idx`` visit their ``nprobe - 1`` next-nearest lists (None if
         the files do not cover them): the same plan as from :meth:`load`'s arrays, the visits
         going from each file straight into their sort keys."""
-        from dedup.compute.search.ivf import VisitKeys, build_plan
+        from dedup.compute.search.ivf import plan_from_visits
 
-        if n != self.n or self.keep < nprobe or n > 1 << 32:
+        if n != self.n or self.keep < nprobe:
             return None
+        run = RunDir(self.run_url)
         assign = np.full(n, -1, np.int32)
-        keys = VisitKeys(len(idx) * (nprobe - 1))
-        for t in _task_lists(RunDir(self.run_url), self.tasks):
-            r = t["row"].to_numpy()
-            assign[r] = t["list"].to_numpy()
-            near = t["nearest"].combine_chunks().flatten().to_numpy().reshape(-1, self.keep)
-            for j in range(1, nprobe):
-                ok = near[:, j] >= 0
-                keys.add(r[ok], near[ok, j])
-            del t, r, near
+        for t in _task_lists(run, self.tasks, columns=["row", "list"]):
+            assign[t["row"].to_numpy()] = t["list"].to_numpy()
         prim = assign[idx]
+        del assign
         if (prim < 0).any():
             return None
-        return build_plan(n, self.coarse, idx, prim, [], visit_keys=keys.keys())
+
+        def visits():  # each file's visits, read once to count them and once to place them
+            for t in _task_lists(run, self.tasks):
+                r = t["row"].to_numpy()
+                near = t["nearest"].combine_chunks().flatten().to_numpy().reshape(-1, self.keep)[:, 1:nprobe]
+                ok = near >= 0
+                yield np.broadcast_to(r[:, None], near.shape)[ok], near[ok]  # rows increasing, as in the file
+
+        return plan_from_visits(n, self.coarse, idx, prim, visits)

@@ -16,10 +16,9 @@ from dedup.compute.search.ivf import (
     IVFPlan,
     NearestLists,
     PlanSource,
-    VisitKeys,
     WorkUnit,
-    build_plan,
     make_units,
+    plan_from_visits,
 )
 from dedup.compute.search.kernels import Matmul, rows_f32, want_fast_f16
 from dedup.compute.search.pairs import valid_rows
@@ -61,21 +60,17 @@ def _plan_from_lists(lists: NearestLists | PlanSource | dict | None, idx: np.nda
     nearest, assign, coarse = lists.nearest, lists.assign, lists.coarse
     if len(assign) != n or nearest.shape[1] < nprobe or (assign[idx] < 0).any():
         return None
-    # the visits one nearest-list column at a time straight into their sort keys (no n × nprobe
-    # copies of the row ids, no visit columns beside the keys)
-    if n > 1 << 32:  # rows past 32 bits: no keys (build_plan sorts the visit columns)
-        visits = []
-        for j in range(1, nprobe):
-            col = nearest[idx, j]
-            visits.append((idx[col >= 0], col[col >= 0]))
-        return build_plan(n, coarse, idx, assign[idx], visits)
-    keys = VisitKeys(len(idx) * (nprobe - 1))
-    for j in range(1, nprobe):
-        col = nearest[idx, j]
-        ok = col >= 0
-        keys.add(idx[ok], col[ok])
-        del col, ok
-    return build_plan(n, coarse, idx, assign[idx], [], visit_keys=keys.keys())
+    # the visits a block of rows at a time, counted, then put straight into their lists' places
+    # (no sort key a visit, no n × nprobe copies of the row ids)
+
+    def visits():
+        for s in range(0, len(idx), 1 << 18):
+            r = idx[s : s + (1 << 18)]
+            near = nearest[r, 1:nprobe]
+            ok = near >= 0
+            yield np.broadcast_to(r[:, None], near.shape)[ok], near[ok]  # rows increasing
+
+    return plan_from_visits(n, coarse, idx, assign[idx], visits)
 
 
 def outlier_unit(x: np.ndarray, unit: WorkUnit, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -184,8 +179,8 @@ def kth_neighbour_similarity(
         else:
             method = "ivf (the duplicate search's lists)"
         if n < 1 << 31:  # the plan's rows on 4 bytes, held through the search (and sent with its units)
-            plan = replace(plan, member_rows=plan.member_rows.astype(np.int32),
-                           visitor_rows=plan.visitor_rows.astype(np.int32))
+            plan = replace(plan, member_rows=plan.member_rows.astype(np.int32, copy=False),
+                           visitor_rows=plan.visitor_rows.astype(np.int32, copy=False))
         units = make_units(plan)
         # units on worker threads (BLAS single-threaded inside, as in the pair stage) or as
         # the caller's tasks (map_units); the merges stay here: a visitor row is in several
