@@ -202,6 +202,13 @@ def _terminate(pool: ProcessPoolExecutor) -> None:
             p.join(_JOIN_S)
         except (OSError, ValueError, AssertionError):
             pass
+    # and the pool's manager thread, which closes its wake-up pipe as it ends: left running, the
+    # interpreter's exit hook can write to that pipe while it is being closed (a CPython race,
+    # gh-125451, fixed in 3.12.8 / 3.13.1) and print "OSError: Bad file descriptor" under the
+    # one-line interrupt message
+    manager = getattr(pool, "_executor_manager_thread", None)
+    if manager is not None:
+        manager.join(_JOIN_S)
     still = [p.pid for p in procs if p.is_alive()] if procs else []
     if still:  # pragma: no cover - SIGKILL does not fail short of an uninterruptible sleep
         log.warning("worker process(es) %s did not exit after SIGKILL", still)

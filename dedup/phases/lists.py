@@ -9,7 +9,8 @@ hands the executor (:class:`dedup.compute.search.driver.TaskMap`) two kinds of t
    member or visitor), plus ``index/lists/t<task>.parquet`` (each row's list and nearest lists,
    for the outlier score) and its marker ``index/lists/done/t<task>.json`` last;
 2. *unit* (:func:`unit_task`), one per bucket: reads only that bucket's partitions and its rows'
-   vectors, finds its pairs (:func:`dedup.compute.search.cosine.unit_pairs`) and writes them to
+   vectors (from the staged file a group of lists of ~``unit_rows`` entries at a time),
+   finds its pairs (:func:`dedup.compute.search.cosine.unit_pairs`) and writes them to
    ``pairs/embedding/b<bucket>.parquet`` (i, j, score), then its marker.
 
 Where the vectors come from: if every task can open the staged embeddings by name
