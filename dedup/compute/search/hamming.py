@@ -265,10 +265,11 @@ def hash_mih(h: np.ndarray, radius: int, plan: MIHPlan, threads: int = 0,
         bk = _Buckets(vals, bits)
         rank: np.ndarray = np.empty(n, _index_type(n))
         rank[bk.order] = np.arange(n, dtype=rank.dtype)
-        own_start, own_len = bk.ranges(vals)
-        own_start += own_len
-        own_end = own_start.astype(rank.dtype)  # end of each row's own bucket in `order`
-        del own_start, own_len
+        own_end = np.empty(n, rank.dtype)  # end of each row's own bucket in `order`
+        for s in range(0, n, 1 << 20):  # a block at a time: ranges() works on 64-bit copies
+            st, ln = bk.ranges(vals[s : s + (1 << 20)])
+            own_end[s : s + (1 << 20)] = st + ln
+        del st, ln
         masks = _flip_masks(bits, plan.rp)[1:].astype(vals.dtype)
         hb = _high_bit(masks.astype(np.uint64)).astype(vals.dtype)
         qblock = max(256, (1 << 20) // (len(masks) + 1))
@@ -309,6 +310,8 @@ def hash_mih(h: np.ndarray, radius: int, plan: MIHPlan, threads: int = 0,
             done += min(n, (i + 1) * qblock) - i * qblock
             if progress:
                 progress(done, n * len(layout))
+        # this chunk's arrays (~16 B a row, and the closure holding them) gone before the next
+        del block, vals, bk, rank, own_end
     return collect_tiles(parts)
 
 
