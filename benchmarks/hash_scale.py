@@ -6,7 +6,8 @@
 For each n: the benchmark's synthetic 64-bit hashes (``benchmarks.candidates.synth_hashes``: half
 uniform, half near topic prototypes, 10 % planted copies within 14 bits), the planner's choice
 (``plan_mih``: chunks, per-chunk radius, estimated cost) and the measured CPU seconds of
-``hash_pairs`` at the pipeline's radii (pHash 8, dHash 6). A probe of a 21–22-bit chunk finds
+``hash_pairs`` at the pipeline's radii (pHash 8, dHash 6), and its peak heap above the start
+(RssAnon sampled every 5 ms by a thread; Linux, "–" elsewhere). A probe of a 21–22-bit chunk finds
 ~n / 2²² rows, so past a few million rows the candidates a row verifies grow with n and the
 search with n²: the table shows the per-row cost rising.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +31,38 @@ from benchmarks.candidates import synth_hashes  # noqa: E402
 RADII = (("phash", 8, 0), ("dhash", 6, 1))  # name, radius, seed of its synthetic hashes
 
 
+def _anon_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("RssAnon")) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+class _Peak:
+    """The largest RssAnon seen while the block runs, less the one at its start (MB)."""
+
+    def __enter__(self):
+        self.start = self.peak = _anon_mb()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._poll, daemon=True)
+        self._t.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(0.005):
+            now = _anon_mb()
+            if now is not None and self.peak is not None:
+                self.peak = max(self.peak, now)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+    def above(self) -> str:
+        return "–" if self.start is None or self.peak is None else f"{self.peak - self.start:.0f}"
+
+
 def measure(n: int) -> list[list[object]]:
     from dedup.compute.search.hamming import hash_pairs, plan_mih
 
@@ -37,11 +71,12 @@ def measure(n: int) -> list[list[object]]:
         h = synth_hashes(n, seed)
         plan = plan_mih(h, radius, np.random.default_rng(0))
         c0 = time.process_time()
-        got = hash_pairs(h, radius)
+        with _Peak() as peak:
+            got = hash_pairs(h, radius)
         cpu = time.process_time() - c0
         layout = f"{plan.m} chunks, ≤ {plan.rp} bits each" if plan else "exhaustive"
         est = f"{plan.est_cost / 1e9:.1f}" if plan else "–"
-        rows.append([f"{n:,}", name, radius, layout, est, f"{cpu:.1f}", f"{cpu / n * 1e6:.1f}", f"{len(got.i):,}"])
+        rows.append([f"{n:,}", name, radius, layout, est, f"{cpu:.1f}", f"{cpu / n * 1e6:.1f}", peak.above(), f"{len(got.i):,}"])
         print(" | ".join(str(v) for v in rows[-1]), flush=True)
     return rows
 
@@ -54,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks._table import machine_description, markdown_table, write_section
 
     rows = [r for n in (args.n or [100_000, 1_000_000, 3_000_000]) for r in measure(n)]
-    table = markdown_table(["n", "hash", "radius", "plan", "estimated s", "CPU s", "CPU µs a row", "pairs"], rows)
+    table = markdown_table(["n", "hash", "radius", "plan", "estimated s", "CPU s", "CPU µs a row", "peak heap MB", "pairs"], rows)
     cmd = "python benchmarks/hash_scale.py" + "".join(f" --n {n}" for n in (args.n or []))
     body = f"### hash_scale\n\n`{cmd}` on {machine_description()}:\n\n{table}\n"
     print(body)

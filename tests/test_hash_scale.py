@@ -15,3 +15,4 @@ def test_hash_scale_reports_the_exhaustive_pair_counts(capsys):
         brute = hash_pairs(synth_hashes(3000, seed), radius, method="brute")
         assert row[2] == radius and int(row[-1].replace(",", "")) == len(brute.i) > 0
         assert float(row[5]) >= 0 and np.isfinite(float(row[6]))
+        assert row[7] == "–" or float(row[7]) >= 0  # peak heap above the start (MB)
