@@ -356,11 +356,18 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
             ones = popcount64(h)
             k = cfg.hashes.min_informative_bits
             informative = (ones >= k) & (ones <= 64 - k)
+            del ones
             info.setdefault("uninformative_hashes", {})[method] = int((valid & ~informative).sum())
-            valid = valid & informative
+            valid &= informative
+            del informative
+            # the searched rows' hashes only (the search's own copy: nothing n-sized beside it)
+            rows = np.flatnonzero(valid).astype(np.int32 if len(h) < 1 << 31 else np.int64)
+            h = h[rows]
+            del valid
             radius = cfg.hashes.phash_radius if method == "phash" else cfg.hashes.dhash_radius
             hcb = (lambda done, total, m=method: progress(m, done, total)) if progress else None
-            add(method, cand.hash_pairs(h, radius, valid=valid, progress=hcb))
+            add(method, cand.remap_rows(cand.hash_pairs(h, radius, progress=hcb), rows))
+            del h, rows
         elif method == "embedding":
             if fs.embeddings is None:
                 if fs.table.num_rows == 0:
