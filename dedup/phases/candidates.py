@@ -361,13 +361,13 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
             valid &= informative
             del informative
             # the searched rows' hashes only (the search's own copy: nothing n-sized beside it)
-            rows = np.flatnonzero(valid).astype(np.int32 if len(h) < 1 << 31 else np.int64)
-            h = h[rows]
+            hrows = np.flatnonzero(valid).astype(np.int32 if len(h) < 1 << 31 else np.int64)
+            h = h[hrows]
             del valid
             radius = cfg.hashes.phash_radius if method == "phash" else cfg.hashes.dhash_radius
             hcb = (lambda done, total, m=method: progress(m, done, total)) if progress else None
-            add(method, cand.remap_rows(cand.hash_pairs(h, radius, progress=hcb), rows))
-            del h, rows
+            add(method, cand.remap_rows(cand.hash_pairs(h, radius, progress=hcb), hrows))
+            del h, hrows
         elif method == "embedding":
             if fs.embeddings is None:
                 if fs.table.num_rows == 0:

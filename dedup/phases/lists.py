@@ -339,7 +339,8 @@ def unit_task(shared: ListsInput, item: tuple[int, list[int]]) -> Pairs:
                 base = int(cum[g0 - 1]) if g0 else 0
                 g1 = max(g0 + 1, int(np.searchsorted(cum, base + int(shared.params.unit_rows), side="right")))
                 g1 = min(g1, nl)
-                parts.append(_group_pairs(shared, row, rel, mem, lo, g0, g1))
+                if cum[g1 - 1] > base:  # (trailing lists without rows: nothing to read)
+                    parts.append(_group_pairs(shared, row, rel, mem, lo, g0, g1))
                 g0 = g1
             pairs = merge_pairs(parts)  # groups in list order: a pair two lists find keeps the first's score
     run.write_parquet(out_path, pa.table({"i": pa.array(pairs.i, pa.int64()), "j": pa.array(pairs.j, pa.int64()),
@@ -535,8 +536,9 @@ class NearestFiles:
 
     def outlier_plan(self, idx: np.ndarray, n: int, nprobe: int) -> IVFPlan | None:
         """The plan whose rows ``idx`` visit their ``nprobe - 1`` next-nearest lists (None if
-        the files do not cover them): the same plan as from :meth:`load`'s arrays, the visits
-        going from each file straight into their sort keys."""
+        the files do not cover them): the same plan as from :meth:`load`'s arrays, built by
+        :func:`dedup.compute.search.ivf.plan_from_visits` from the files read twice (once to
+        count each list's visitors, once to place them), one file at a time."""
         from dedup.compute.search.ivf import plan_from_visits
 
         if n != self.n or self.keep < nprobe:

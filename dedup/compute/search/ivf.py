@@ -5,8 +5,8 @@ list: members and visitors) and its work units. The coarse stage that makes a pl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
