@@ -203,9 +203,9 @@ def _terminate(pool: ProcessPoolExecutor) -> None:
         except (OSError, ValueError, AssertionError):
             pass
     # and the pool's manager thread, which closes its wake-up pipe as it ends: left running, the
-    # interpreter's exit hook can write to that pipe while it is being closed (a CPython race,
-    # gh-125451, fixed in 3.12.8 / 3.13.1) and print "OSError: Bad file descriptor" under the
-    # one-line interrupt message
+    # interpreter's exit hook (concurrent.futures' _python_exit, which wakes it without a lock
+    # in 3.11; cf. CPython gh-125451) can write to that pipe while it is being closed and print
+    # "OSError: Bad file descriptor" under the one-line interrupt message
     manager = getattr(pool, "_executor_manager_thread", None)
     if manager is not None:
         manager.join(_JOIN_S)
