@@ -198,32 +198,11 @@ class WorkUnit:
 
 
 
-class VisitKeys:
-    """Visits (row, list) collected as one uint64 key each, list above row (rows < 2³²), into
-    an array of at most ``capacity`` keys allocated once: for :func:`build_plan`'s
-    ``visit_keys``, without the visits' row and list columns existing beside the keys."""
-
-    def __init__(self, capacity: int):
-        self.key = np.empty(int(capacity), np.uint64)
-        self.at = 0
-
-    def add(self, rows: np.ndarray, lists: np.ndarray) -> None:
-        part = self.key[self.at : self.at + len(rows)]
-        np.left_shift(np.asarray(lists).astype(np.uint64), np.uint64(32), out=part)
-        part |= np.asarray(rows).astype(np.uint64)
-        self.at += len(rows)
-
-    def keys(self) -> np.ndarray:
-        return self.key[: self.at]
-
-
 def build_plan(n: int, coarse: IVFCoarse, idx: np.ndarray, prim: np.ndarray,
-               visits: list[tuple[np.ndarray, np.ndarray]], bound_rows: np.ndarray | None = None,
-               visit_keys: np.ndarray | None = None) -> IVFPlan:
+               visits: list[tuple[np.ndarray, np.ndarray]], bound_rows: np.ndarray | None = None) -> IVFPlan:
     """Assemble the plan from every valid row's member list (``prim``, aligned with ``idx``)
     and the visit pairs of :func:`assign_rows`, in row-block order (``bound_rows``: the
-    rows' :class:`Bound` rows, if collected). ``visit_keys`` (n ≤ 2³²; instead of ``visits``):
-    the visits as :class:`VisitKeys` made them, sorted here in place."""
+    rows' :class:`Bound` rows, if collected)."""
     nlist = coarse.params.nlist
     assign = np.full(n, -1, np.int32)
     assign[idx] = prim
@@ -232,17 +211,17 @@ def build_plan(n: int, coarse: IVFCoarse, idx: np.ndarray, prim: np.ndarray,
     member_offsets = np.zeros(nlist + 1, _I64)
     np.cumsum(np.bincount(prim, minlength=nlist), out=member_offsets[1:])
     visits = [v for v in visits if len(v[0])]
-    if visit_keys is None and visits and n <= 1 << 32:
+    if visits and n <= 1 << 32:
         # one uint64 key a visit, list above row, sorted in place: rows increase within a list
         # (~16 B a visit at the peak; a stable argsort of the lists with the rows and lists
         # concatenated around it took ~40: 3.8 GB for 7·10⁷ visits)
-        acc = VisitKeys(sum(len(v[0]) for v in visits))
+        key = np.empty(sum(len(v[0]) for v in visits), np.uint64)
+        at = 0
         for vr, vl in visits:
-            acc.add(vr, vl)
-        visit_keys = acc.keys()
-    if visit_keys is not None and len(visit_keys):
-        assert n <= 1 << 32, n
-        key = visit_keys
+            part = key[at : at + len(vr)]
+            np.left_shift(vl.astype(np.uint64), np.uint64(32), out=part)
+            part |= vr.astype(np.uint64)
+            at += len(vr)
         key.sort()
         visitor_offsets = np.searchsorted(key, np.arange(nlist + 1, dtype=np.uint64) << np.uint64(32)).astype(_I64)
         np.bitwise_and(key, np.uint64(0xFFFFFFFF), out=key)  # the rows, in place
