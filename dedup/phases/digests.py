@@ -21,7 +21,8 @@ def table_digests(table: pa.Table) -> Digests:
 
     def of(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         col = table["sha256"].take(pa.array(np.asarray(rows, np.int64)))
-        return sha_rows(table, rows), col.is_valid().to_numpy(zero_copy_only=False)
+        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        return digest_bytes(arr), arr.is_valid().to_numpy(zero_copy_only=False)
 
     return of
 
@@ -78,9 +79,7 @@ def sha_prefixes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 
 def sha_rows(table: pa.Table, rows: np.ndarray) -> np.ndarray:
     """The whole ``sha256`` digests of ``rows`` as (len(rows), w) uint8 (zero rows where null)."""
-    col = table["sha256"].take(pa.array(np.asarray(rows, np.int64)))
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    return digest_bytes(arr)
+    return table_digests(table)(rows)[0]
 
 
 def digest_bytes(arr: pa.Array) -> np.ndarray:
