@@ -366,6 +366,10 @@ def finish_run(
     t0, c0 = time.perf_counter(), time.process_time()
     # sha256 as 8-byte prefixes in the table; whole digests read from the files where needed
     fs = load_features(run, sorted(shard_ids), with_embeddings="embedding" in cfg.methods, digests=False)
+    # the table (~61 B a row) moves to a file mapping beside the staged embeddings: each phase
+    # has only the pages it reads resident, and they are dropped between phases
+    fs.map_table(_scratch_dir(run))
+    return_freed_memory()
     timings["load"] = round(time.perf_counter() - t0, 3)
     timings["cpu_load"] = round(time.process_time() - c0, 3)  # cpu_*: this process's CPU seconds, all threads
     log.debug("global phase: %s", "candidates")
@@ -386,6 +390,7 @@ def finish_run(
             found = find_pairs(cfg, fs, progress=cb, executor=executor, keep_lists=want_outlier)
         pairs, info, pair_rows, near_lists = found.table, found.info, found.rows, found.lists
         del found
+        fs.drop_pages()
         return_freed_memory()
         crash_point("candidates:before_write")
         run.write_parquet(run.pairs, pairs)
@@ -415,8 +420,9 @@ def finish_run(
     th_value = th_choice["value"] if th_choice else None
     # the rows are formatted and written one row group at a time (no full manifest table here)
     log.debug("global phase: %s", "clusters")
+    fs.drop_pages()
     manifest, mstats = cluster_manifest(cfg, fs.table, pairs, outlier=outlier, embeddings=fs.embeddings, threshold=th_value,
-                                        rows=pair_rows, digests=fs.digests)
+                                        rows=pair_rows, digests=fs.digests, release=fs.drop_pages)
     log.debug("global phase: %s", "manifest write")
     written = write_manifest(run, cfg, manifest, failed_shards=failed_shards)
     del manifest
@@ -443,6 +449,19 @@ def finish_run(
         "embedding_threshold": th_choice,
         "timings": timings,
     }
+
+
+def _scratch_dir(run: RunDir) -> str | None:
+    """Where the global phases put local scratch files: the run's ``index/`` when the run
+    directory is local and writable, else the temp dir (None)."""
+    if not run.local:
+        return None
+    path = run.p("index")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    return path
 
 
 def _count(values) -> dict[str, int]:

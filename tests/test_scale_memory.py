@@ -191,3 +191,59 @@ def test_clusters_of_the_touched_rows_equal_clusters_over_every_row(grouping, ke
             assert np.array_equal(getattr(d, name), getattr(want, name)), name
         assert np.array_equal(d.score, want.score, equal_nan=True)
         assert (want.size > 1).sum() > 50  # clusters were formed
+
+
+def _ids_table(n: int) -> pa.Table:
+    return pa.table({"sample_id": [f"s{i // 1000:04d}/{i:010d}" for i in range(n)],
+                     "status": pa.array(["ok", "ok", "decode_error"] * (n // 3) + ["ok"] * (n % 3)).dictionary_encode(),
+                     "phash": np.arange(n, dtype=np.uint64) * np.uint64(2654435761)})
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_DONTNEED"), reason="no madvise")
+def test_mapped_table_holds_the_same_rows_leaves_no_file_and_drops_its_pages(tmp_path):
+    from dedup.memory import MappedTable
+
+    n = 300_000
+    table = _ids_table(n)
+    m = MappedTable.of(table, str(tmp_path))
+    assert m is not None
+    assert list(tmp_path.iterdir()) == []  # the name is gone once mapped
+    mapping = m.path + " (deleted)"
+    assert _mapping_rss_kb(mapping) < m.nbytes // 1024 // 4  # nothing read yet but its layout
+    assert m.table.equals(table)  # reads every page
+    assert _mapping_rss_kb(mapping) >= m.nbytes // 1024 // 2
+    m.drop_pages()
+    assert _mapping_rss_kb(mapping) <= 64
+    h = m.table["phash"].to_numpy()  # zero-copy: maps back the column's pages only
+    assert (h == table["phash"].to_numpy()).all()
+    assert n * 8 // 1024 // 2 <= _mapping_rss_kb(mapping) < m.nbytes // 1024 // 2
+    assert m.table["sample_id"][n - 1].as_py() == f"s{(n - 1) // 1000:04d}/{n - 1:010d}"
+
+
+def test_mapped_table_is_none_where_it_cannot_be_written(tmp_path):
+    from dedup.memory import MappedTable
+
+    assert MappedTable.of(_ids_table(10), str(tmp_path / "no-such-dir")) is None
+
+
+def test_a_run_maps_its_table_and_leaves_no_scratch_file(tmp_path, monkeypatch):
+    """finish_run moves the features table into a file mapping in the run's index/ (every run
+    does: the other tests' manifests come from the mapped table); no file of it is left."""
+    from dedup import memory
+    from tests.tinyrun import tiny_run
+
+    made: list = []
+    init = memory.MappedTable.__init__
+
+    def record(self, table, directory=None):
+        init(self, table, directory)
+        made.append((self, table.num_rows))
+
+    monkeypatch.setattr(memory.MappedTable, "__init__", record)
+    _, run, ids = tiny_run(tmp_path)
+    assert [rows for _, rows in made] == [len(ids)] == [7]
+    assert made[0][0].path.startswith(str(run / "index") + "/")
+    assert not [p for p in (run / "index").iterdir() if p.name.startswith("dedup-table-")]
+    m = pq.read_table(run / "manifest.parquet").to_pylist()
+    by_key = {r["sample_id"].rsplit("/", 1)[-1]: r for r in m}
+    assert by_key["0004"]["is_keeper"] is False and by_key["0000"]["is_keeper"] is True  # the exact copy found

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from dedup.config import Config
 from dedup.errors import DedupError, SchemaMismatchError
 from dedup.io.rundir import RunDir
-from dedup.memory import return_freed_memory
+from dedup.memory import MappedTable, return_freed_memory
 from dedup.records import Status, status_mask
 from dedup.schema import FEATURES_VERSION, PAIRS_SCHEMA, check_version
 
@@ -66,6 +66,20 @@ class FeatureSet:
     shard_ids: tuple[str, ...] = ()
     shard_offsets: np.ndarray | None = None  # (shards + 1,) rows of each file, concatenated
     position: np.ndarray | None = None  # (n,) int32 (int64 from 2³¹ rows): the table row of each file row (files concatenated)
+    mapped: MappedTable | None = None  # the table's file mapping, once :meth:`map_table` moved it out of the heap
+
+    def map_table(self, directory: str | None) -> None:
+        """Move the table out of the heap into a file mapping in ``directory``
+        (:class:`~dedup.memory.MappedTable`; the same rows and columns). Kept in memory if it
+        cannot be written there."""
+        mapped = MappedTable.of(self.table, directory)
+        if mapped is not None:
+            self.table, self.mapped = mapped.table, mapped
+
+    def drop_pages(self) -> None:
+        """Unmap the pages of a mapped table read so far (e.g. between phases; see :meth:`map_table`)."""
+        if self.mapped is not None:
+            self.mapped.drop_pages()
 
     def shard_rows(self, valid: np.ndarray) -> list[ShardRows]:
         """Each features file with the table row of each of its rows (-1 where not ``valid``)."""
@@ -369,6 +383,7 @@ def find_pairs(cfg: Config, fs: FeatureSet, progress: Callable[[str, int, int], 
             add(method, cand.remap_rows(cand.hash_pairs(h, radius, progress=hcb), hrows))
             del h, hrows
         elif method == "embedding":
+            fs.drop_pages()  # the hash searches' columns: not read again here
             if fs.embeddings is None:
                 if fs.table.num_rows == 0:
                     continue  # no shard finished: nothing to compare (the run is partial)

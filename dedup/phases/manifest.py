@@ -410,6 +410,7 @@ def cluster_manifest(
     cfg: Config, table: pa.Table, pairs: pa.Table, rank: np.ndarray | None = None, outlier: np.ndarray | None = None,
     embeddings: np.ndarray | None = None, threshold: float | None = None,
     rows: tuple[np.ndarray, np.ndarray] | None = None, digests: Digests | None = None,
+    release: Callable[[], None] | None = None,
 ) -> tuple[ManifestRows, dict]:
     """``table``: features' scalar columns sorted by sample_id. Returns (the manifest's rows,
     not yet formatted, and the stats part); :func:`build_manifest` formats them all.
@@ -420,6 +421,8 @@ def cluster_manifest(
     ``rows``: the pairs' (a, b) table rows, if known (else looked up by sample_id).
     ``digests``: the whole sha256 digests of rows (the run's table holds prefixes only:
     :meth:`~dedup.phases.candidates.FeatureSet.digests`); default: the table's ``sha256``.
+    ``release()``, if given, is called once the columns the clusters read have been taken
+    (e.g. :meth:`~dedup.phases.candidates.FeatureSet.drop_pages`).
 
     Only the rows some link between two ok rows touches are clustered, renumbered 0…t-1 in
     row order (the same clusters, keepers and order as over all n rows: every step compares
@@ -438,13 +441,18 @@ def cluster_manifest(
     sub_rank = keeper_rank(cfg, table, touched, digests) if rank is None else np.asarray(rank)[touched]
     every = np.ones(t, bool)
     checks = None
+    # the linked rows' hashes and digests, taken now: nothing below reads the table again
+    linked = _linked_columns(table, touched, digests) if cfg.clusters.grouping != "keeper" else None
+    if release is not None:
+        release()
 
     def clusters(edges: Edges):
         nonlocal checks
         if cfg.clusters.grouping == "keeper":
             return keeper_clusters(t, edges, sub_rank, valid=every, keep_per_cluster=cfg.clusters.keep_per_cluster)
         if checks is None:  # on the linked rows' hashes and digests (t rows), their embeddings by row
-            checks = _grouping_checks(cfg, _linked_columns(table, touched, digests), embeddings, threshold, emb_rows=touched)
+            assert linked is not None  # taken above for this grouping
+            checks = _grouping_checks(cfg, linked, embeddings, threshold, emb_rows=touched)
         centrality, joins = checks
         tol = cfg.clusters.central_tolerance
         return group_clusters(t, edges, sub_rank, valid=every, keep_per_cluster=cfg.clusters.keep_per_cluster,
@@ -455,6 +463,7 @@ def cluster_manifest(
         local = _verified(local, cl.size >= cfg.clusters.verify_min_size)
         cl = clusters(local)
     del local, checks
+    linked = None
     alone = int(ok.sum()) - t  # ok rows no link touches: keepers of clusters of one
     primary = cl.keeper == np.arange(t)
     hist: dict[str, int] = {}
