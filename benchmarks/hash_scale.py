@@ -10,6 +10,11 @@ uniform, half near topic prototypes, 10 % planted copies within 14 bits), the pl
 (RssAnon sampled every 5 ms by a thread; Linux, "–" elsewhere). A probe of a 21–22-bit chunk finds
 ~n / 2²² rows, so past a few million rows the candidates a row verifies grow with n and the
 search with n²: the table shows the per-row cost rising.
+
+``--faiss`` adds, for each hash, the peer a user would reach for: faiss's own multi-index hashing
+(``IndexBinaryMultiHash``, 3 tables of 21 bits, up to 2 bits flipped a table, ``range_search``
+below radius + 1: exact at these radii, since 2 chunks cannot hold all differing bits but the
+63rd bit's) on the same hashes, with its pair count (the same) and CPU seconds (all threads).
 """
 
 from __future__ import annotations
@@ -81,16 +86,48 @@ def measure(n: int) -> list[list[object]]:
     return rows
 
 
+def faiss_multihash_pairs(h: np.ndarray, radius: int) -> int:
+    """Pairs i < j within ``radius`` bits, by faiss's IndexBinaryMultiHash (exact here: 3 × 21
+    of the 64 bits hashed, ≤ 2 flips a table; ≤ ``radius`` ≤ 8 differing bits leave some table
+    with ≤ 2 of them)."""
+    import faiss
+
+    assert radius <= 8
+    codes = np.ascontiguousarray(np.asarray(h).view(np.uint8).reshape(len(h), 8))
+    index = faiss.IndexBinaryMultiHash(64, 3, 21)
+    index.nflip = 2
+    index.add(codes)
+    lims, _, ids = index.range_search(codes, radius + 1)  # distances < radius + 1
+    q = np.repeat(np.arange(len(h)), np.diff(lims).astype(np.int64))
+    return int((q < ids).sum())
+
+
+def measure_faiss(n: int) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for name, radius, seed in RADII:
+        h = synth_hashes(n, seed)
+        c0 = time.process_time()
+        with _Peak() as peak:
+            pairs = faiss_multihash_pairs(h, radius)
+        cpu = time.process_time() - c0
+        rows.append([f"{n:,}", name, radius, "faiss IndexBinaryMultiHash 3 × 21 bits, ≤ 2 flips", "–", f"{cpu:.1f}",
+                     f"{cpu / n * 1e6:.1f}", peak.above(), f"{pairs:,}"])
+        print(" | ".join(str(v) for v in rows[-1]), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, action="append", help="rows (repeatable); default 1e5, 1e6, 3e6")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
+    ap.add_argument("--faiss", action="store_true", help="also faiss's IndexBinaryMultiHash on the same hashes")
     args = ap.parse_args(argv)
     from benchmarks._table import machine_description, markdown_table, write_section
 
-    rows = [r for n in (args.n or [100_000, 1_000_000, 3_000_000]) for r in measure(n)]
+    rows = [r for n in (args.n or [100_000, 1_000_000, 3_000_000])
+            for r in measure(n) + (measure_faiss(n) if args.faiss else [])]
     table = markdown_table(["n", "hash", "radius", "plan", "estimated s", "CPU s", "CPU µs a row", "peak heap MB", "pairs"], rows)
-    cmd = "python benchmarks/hash_scale.py" + "".join(f" --n {n}" for n in (args.n or []))
+    cmd = "python benchmarks/hash_scale.py" + "".join(f" --n {n}" for n in (args.n or [])) + (" --faiss" if args.faiss else "")
     body = f"### hash_scale\n\n`{cmd}` on {machine_description()}:\n\n{table}\n"
     print(body)
     if not args.no_write:

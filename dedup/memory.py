@@ -52,7 +52,17 @@ class MappedTable:
             with open(path, "rb") as f:
                 self._map: mmap.mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         finally:
-            os.unlink(path)
+            try:
+                os.unlink(path)
+            except OSError:  # pragma: no cover - a platform that keeps a mapped file's name
+                import atexit
+                import contextlib
+
+                def remove() -> None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+
+                atexit.register(remove)
         self.nbytes = len(self._map)
         self.table: pa.Table = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(self._map))).read_all()
 
