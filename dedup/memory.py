@@ -72,7 +72,11 @@ class MappedTable:
         cannot be written there (no space, read-only: the caller keeps the table in memory)."""
         try:
             return cls(table, directory)
-        except OSError:
+        except OSError as e:
+            import logging
+
+            logging.getLogger(__name__).warning("cannot move the features table (%.0f MB) into a file in %s (%s): "
+                                                "it stays in memory", table.nbytes / 2**20, directory or "the temp dir", e)
             return None
 
     def drop_pages(self) -> None:

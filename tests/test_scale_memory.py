@@ -220,10 +220,12 @@ def test_mapped_table_holds_the_same_rows_leaves_no_file_and_drops_its_pages(tmp
     assert m.table["sample_id"][n - 1].as_py() == f"s{(n - 1) // 1000:04d}/{n - 1:010d}"
 
 
-def test_mapped_table_is_none_where_it_cannot_be_written(tmp_path):
+def test_mapped_table_is_none_where_it_cannot_be_written(tmp_path, caplog):
     from dedup.memory import MappedTable
 
-    assert MappedTable.of(_ids_table(10), str(tmp_path / "no-such-dir")) is None
+    with caplog.at_level("WARNING", logger="dedup.memory"):
+        assert MappedTable.of(_ids_table(10), str(tmp_path / "no-such-dir")) is None
+    assert "it stays in memory" in caplog.text and "no-such-dir" in caplog.text
 
 
 def test_a_run_maps_its_table_and_leaves_no_scratch_file(tmp_path, monkeypatch):
