@@ -242,8 +242,12 @@ def test_a_run_maps_its_table_and_leaves_no_scratch_file(tmp_path, monkeypatch):
         made.append((self, table.num_rows))
 
     monkeypatch.setattr(memory.MappedTable, "__init__", record)
+    drops: list = []
+    drop = memory.MappedTable.drop_pages
+    monkeypatch.setattr(memory.MappedTable, "drop_pages", lambda self: (drops.append(1), drop(self))[1])
     _, run, ids = tiny_run(tmp_path)
     assert [rows for _, rows in made] == [len(ids)] == [7]
+    assert len(drops) >= 3  # between the phases and after each of the clusters' reads
     assert made[0][0].path.startswith(str(run / "index") + "/")
     assert not [p for p in (run / "index").iterdir() if p.name.startswith("dedup-table-")]
     m = pq.read_table(run / "manifest.parquet").to_pylist()

@@ -337,6 +337,7 @@ class ManifestRows:
     clusters: TouchedClusters
     ok: np.ndarray
     outlier: np.ndarray | None
+    release: Callable[[], None] | None = None  # called after each chunk (the table's pages read for it)
 
     @property
     def num_rows(self) -> int:
@@ -351,6 +352,8 @@ class ManifestRows:
             yield self._rows(0, 0)
         for s in range(0, self.num_rows, rows):
             yield self._rows(s, min(self.num_rows, s + rows))
+            if self.release is not None:
+                self.release()
 
     def to_table(self) -> pa.Table:
         return pa.concat_tables(list(self.chunks()))
@@ -421,8 +424,9 @@ def cluster_manifest(
     ``rows``: the pairs' (a, b) table rows, if known (else looked up by sample_id).
     ``digests``: the whole sha256 digests of rows (the run's table holds prefixes only:
     :meth:`~dedup.phases.candidates.FeatureSet.digests`); default: the table's ``sha256``.
-    ``release()``, if given, is called once the columns the clusters read have been taken
-    (e.g. :meth:`~dedup.phases.candidates.FeatureSet.drop_pages`).
+    ``release()``, if given, is called after each step that reads the table (its links, the
+    keeper ranks, the linked rows' hashes), and by the returned rows after each chunk they
+    format (e.g. :meth:`~dedup.phases.candidates.FeatureSet.drop_pages`).
 
     Only the rows some link between two ok rows touches are clustered, renumbered 0…t-1 in
     row order (the same clusters, keepers and order as over all n rows: every step compares
@@ -430,8 +434,10 @@ def cluster_manifest(
     keeper. The clusters' arrays and the keeper ranks are t-sized
     (:class:`~dedup.compute.clusters.TouchedClusters`), not n-sized."""
     n = table.num_rows
+    drop = release if release is not None else (lambda: None)  # after each read of the table
     ok = status_mask(table["status"], Status.OK)
     edges = _edges(cfg, table, pairs, rows)
+    drop()
     live = (edges.i != edges.j) & ok[edges.i] & ok[edges.j] if len(edges.i) else np.zeros(0, bool)
     touched = np.unique(np.concatenate([edges.i[live], edges.j[live]])).astype(np.int64)
     local = Edges(np.searchsorted(touched, edges.i[live]), np.searchsorted(touched, edges.j[live]),
@@ -439,12 +445,12 @@ def cluster_manifest(
     del edges, live
     t = len(touched)
     sub_rank = keeper_rank(cfg, table, touched, digests) if rank is None else np.asarray(rank)[touched]
+    drop()
     every = np.ones(t, bool)
     checks = None
     # the linked rows' hashes and digests, taken now: nothing below reads the table again
     linked = _linked_columns(table, touched, digests) if cfg.clusters.grouping != "keeper" else None
-    if release is not None:
-        release()
+    drop()
 
     def clusters(edges: Edges):
         nonlocal checks
@@ -493,7 +499,7 @@ def cluster_manifest(
             for k in largest if primary[k] and cl.size[k] > 1
         ],
     }
-    return ManifestRows(cfg, table, TouchedClusters(touched, cl, ok), ok, outlier), stats
+    return ManifestRows(cfg, table, TouchedClusters(touched, cl, ok), ok, outlier, release), stats
 
 
 def _linked_columns(table: pa.Table, rows: np.ndarray, digests: Digests | None) -> pa.Table:
