@@ -453,7 +453,7 @@ def finish_run(
 
 def _scratch_dir(run: RunDir) -> str | None:
     """Where the global phases put local scratch files: the run's ``index/`` when the run
-    directory is local and writable, else the temp dir (None)."""
+    directory is local (and the folder can be made), else the temp dir (None)."""
     if not run.local:
         return None
     path = run.p("index")
