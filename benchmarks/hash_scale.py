@@ -13,8 +13,9 @@ search with n²: the table shows the per-row cost rising.
 
 ``--faiss`` adds, for each hash, the peer a user would reach for: faiss's own multi-index hashing
 (``IndexBinaryMultiHash``, 3 tables of 21 bits, up to 2 bits flipped a table, ``range_search``
-below radius + 1: exact at these radii, since 2 chunks cannot hold all differing bits but the
-63rd bit's) on the same hashes, with its pair count (the same) and CPU seconds (all threads).
+below radius + 1; exact at these radii: 63 of the 64 bits are hashed in 3 tables, and ≤ 8
+differing bits leave some table with ≤ 2 of them) on the same hashes, with its pair count (the
+same) and CPU seconds (all threads).
 """
 
 from __future__ import annotations
