@@ -80,10 +80,17 @@ class MappedTable:
             return None
 
     def drop_pages(self) -> None:
-        """Unmap the pages read so far from this process (no-op where madvise is missing)."""
-        import mmap
+        """Unmap the pages read so far from this process."""
+        unmap_resident(self._map)
 
-        try:
-            self._map.madvise(mmap.MADV_DONTNEED)
-        except (AttributeError, ValueError, OSError):  # pragma: no cover - no madvise here
-            pass
+
+def unmap_resident(m) -> None:
+    """Drop the resident pages of a shared file mapping (``mmap.mmap``) from this process:
+    they stay in the page cache (dirty ones are written back as usual) and are mapped again
+    when read. A no-op where madvise is missing or the mapping is closed."""
+    import mmap
+
+    try:
+        m.madvise(mmap.MADV_DONTNEED)
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - no madvise here, or a closed mapping
+        pass

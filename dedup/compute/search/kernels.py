@@ -207,10 +207,9 @@ def drop_pages(x: np.ndarray) -> None:
     mm = _memmap_of(x)
     if m is None or mm is None or mm.mode == "c":
         return
-    try:
-        m.madvise(mmap.MADV_DONTNEED)
-    except (AttributeError, ValueError, OSError):  # pragma: no cover - no madvise here, or a closed mapping
-        pass
+    from dedup.memory import unmap_resident
+
+    unmap_resident(m)
 
 
 def f32_margin(d: int) -> float:
