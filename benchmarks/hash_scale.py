@@ -69,6 +69,17 @@ class _Peak:
         return "–" if self.start is None or self.peak is None else f"{self.peak - self.start:.0f}"
 
 
+def _timed(n: int, name: str, radius: int, layout: str, est: str, search) -> list[object]:
+    """One table row: ``search()`` (returns its pair count) timed in CPU seconds, its peak heap."""
+    c0 = time.process_time()
+    with _Peak() as peak:
+        pairs = search()
+    cpu = time.process_time() - c0
+    row: list[object] = [f"{n:,}", name, radius, layout, est, f"{cpu:.1f}", f"{cpu / n * 1e6:.1f}", peak.above(), f"{pairs:,}"]
+    print(" | ".join(str(v) for v in row), flush=True)
+    return row
+
+
 def measure(n: int) -> list[list[object]]:
     from dedup.compute.search.hamming import hash_pairs, plan_mih
 
@@ -76,14 +87,9 @@ def measure(n: int) -> list[list[object]]:
     for name, radius, seed in RADII:
         h = synth_hashes(n, seed)
         plan = plan_mih(h, radius, np.random.default_rng(0))
-        c0 = time.process_time()
-        with _Peak() as peak:
-            got = hash_pairs(h, radius)
-        cpu = time.process_time() - c0
         layout = f"{plan.m} chunks, ≤ {plan.rp} bits each" if plan else "exhaustive"
         est = f"{plan.est_cost / 1e9:.1f}" if plan else "–"
-        rows.append([f"{n:,}", name, radius, layout, est, f"{cpu:.1f}", f"{cpu / n * 1e6:.1f}", peak.above(), f"{len(got.i):,}"])
-        print(" | ".join(str(v) for v in rows[-1]), flush=True)
+        rows.append(_timed(n, name, radius, layout, est, lambda h=h, r=radius: len(hash_pairs(h, r).i)))
     return rows
 
 
@@ -107,13 +113,8 @@ def measure_faiss(n: int) -> list[list[object]]:
     rows: list[list[object]] = []
     for name, radius, seed in RADII:
         h = synth_hashes(n, seed)
-        c0 = time.process_time()
-        with _Peak() as peak:
-            pairs = faiss_multihash_pairs(h, radius)
-        cpu = time.process_time() - c0
-        rows.append([f"{n:,}", name, radius, "faiss IndexBinaryMultiHash 3 × 21 bits, ≤ 2 flips", "–", f"{cpu:.1f}",
-                     f"{cpu / n * 1e6:.1f}", peak.above(), f"{pairs:,}"])
-        print(" | ".join(str(v) for v in rows[-1]), flush=True)
+        rows.append(_timed(n, name, radius, "faiss IndexBinaryMultiHash 3 × 21 bits, ≤ 2 flips", "–",
+                           lambda h=h, r=radius: faiss_multihash_pairs(h, r)))
     return rows
 
 
