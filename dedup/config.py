@@ -93,8 +93,8 @@ class EmbeddingConfig(_Section):
         "x n (docs/quality.md); a number: that value; null: the family's value",
     )
     false_pair_rate: float = Field(
-        1e-3, gt=0.0,
-        description="threshold auto: expected unrelated pairs allowed above the threshold, per sample (1e-3 = 1 per 1,000; at least 1 in all)",
+        1e-4, gt=0.0,
+        description="threshold auto: expected unrelated pairs allowed above the threshold, per sample (1e-4 = 1 per 10,000; at least 1 in all)",
     )
     nlist: int | None = Field(None, gt=0, description="IVF lists for the candidate search; null = automatic from n")
     nprobe: int | None = Field(None, gt=0, description="IVF lists each vector is assigned/compared in; null = automatic")
