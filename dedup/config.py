@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from dedup.compute.threshold import FALSE_PAIR_RATE
 from dedup.errors import ConfigError
 from dedup.records import METHODS
 
@@ -93,7 +94,7 @@ class EmbeddingConfig(_Section):
         "x n (docs/quality.md); a number: that value; null: the family's value",
     )
     false_pair_rate: float = Field(
-        1e-4, gt=0.0,
+        FALSE_PAIR_RATE, gt=0.0,
         description="threshold auto: expected unrelated pairs allowed above the threshold, per sample (1e-4 = 1 per 10,000; at least 1 in all)",
     )
     nlist: int | None = Field(None, gt=0, description="IVF lists for the candidate search; null = automatic from n")

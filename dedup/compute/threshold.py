@@ -43,6 +43,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+# expected unrelated pairs allowed above the threshold, per sample: the default of
+# ``embedding.false_pair_rate`` (why this value: docs/embedders.md, "Choosing the default")
+FALSE_PAIR_RATE = 1e-4
+
 
 @dataclass(frozen=True)
 class ThresholdChoice:
@@ -150,7 +154,7 @@ def unrelated_sample(emb: np.ndarray, valid: np.ndarray, sha: Sequence | Callabl
 
 
 def choose(
-    emb: np.ndarray, valid: np.ndarray, floor: float, *, rate: float = 1e-4,
+    emb: np.ndarray, valid: np.ndarray, floor: float, *, rate: float = FALSE_PAIR_RATE,
     sha: Sequence | Callable[[np.ndarray], list] | None = None,
     ceiling: float = 0.98, subset: int = 3000, tail: float = 1e-4, min_events: int = 30, seed: int = 0,
     copies=None, n_total: int | None = None,
