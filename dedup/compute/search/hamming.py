@@ -37,7 +37,7 @@ _F32 = np.float32
 _HASH_BITS = 64
 _DIRECT_TABLE_BITS = 22  # chunks up to this many bits use a direct-address bucket table
 _MAX_PROBES = 4096  # flip masks per chunk we are willing to enumerate
-_EXPAND_CAP = 1 << 22  # candidate pairs materialised at once (bounded memory)
+_VERIFY_CAP = 1 << 17  # candidates verified at once: a few cache-sized arrays, bounded memory
 
 
 _M1 = np.uint64(0x5555555555555555)
@@ -61,6 +61,11 @@ def popcount64(x: np.ndarray | int) -> np.ndarray:
     v *= _H01
     v >>= np.uint64(56)
     return v.astype(np.int64).reshape(x.shape)
+
+
+def _bit_count(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64, in the narrowest type at hand (uint8 on NumPy ≥ 2.0)."""
+    return np.bitwise_count(x) if hasattr(np, "bitwise_count") else popcount64(x)
 
 
 def _low_mask(bits: int) -> np.uint64:
@@ -139,30 +144,26 @@ def _index_type(n: int) -> np.dtype:
     return np.dtype(np.int32 if n < 1 << 31 else _I64)
 
 
-def _expand(q: np.ndarray, start: np.ndarray, length: np.ndarray, cap: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (query, position) for every position in every range, at most ~cap at a time."""
-    keep = length > 0
-    q, start, length = q[keep], start[keep], length[keep]
-    if len(q) == 0:
-        return
-    if length.max() > cap:  # split long ranges so that each piece fits
-        parts = (length + cap - 1) // cap
-        rep = np.repeat(np.arange(len(q)), parts)
-        k = np.arange(len(rep)) - np.repeat(np.cumsum(parts) - parts, parts)
-        q = q[rep]
-        start = start[rep] + k * cap
-        length = np.minimum(length[rep] - k * cap, cap)
+def _split_long(q: np.ndarray, start: np.ndarray, length: np.ndarray, cap: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ranges longer than ``cap`` cut into pieces of at most ``cap`` (same query each)."""
+    if not len(length) or length.max() <= cap:
+        return q, start, length
+    parts = (length + cap - 1) // cap
+    rep = np.repeat(np.arange(len(q)), parts)
+    k = np.arange(len(rep)) - np.repeat(np.cumsum(parts) - parts, parts)
+    return q[rep], start[rep] + k * cap, np.minimum(length[rep] - k * cap, cap)
+
+
+def _spans(length: np.ndarray, cap: int) -> Iterator[tuple[int, int]]:
+    """[lo, hi) runs of consecutive ranges holding about ``cap`` positions together (at least
+    one range each; a range is at most ``cap`` long after :func:`_split_long`)."""
     cum = np.cumsum(length)
     lo = 0
-    while lo < len(q):
+    while lo < len(length):
         base = cum[lo] - length[lo]
-        hi = int(np.searchsorted(cum, base + cap, side="right"))
-        hi = max(hi, lo + 1)
-        ln = length[lo:hi]
-        tot = int(ln.sum())
-        qq = np.repeat(q[lo:hi], ln)
-        off = np.arange(tot) - np.repeat(np.cumsum(ln) - ln, ln)
-        yield qq, np.repeat(start[lo:hi], ln) + off
+        hi = max(int(np.searchsorted(cum, base + cap, side="right")), lo + 1)
+        yield lo, hi
         lo = hi
 
 
@@ -181,7 +182,8 @@ def plan_mih(h: np.ndarray, radius: int, rng: np.random.Generator) -> MIHPlan | 
         layout = _chunk_layout(m)
         bits = max(b for _, b in layout)
         nmask = _n_masks(bits, rp)
-        enum = n * m * (nmask * 15.0 + 60.0)  # ns: probe lookups + per-chunk sort
+        # ns, fitted to benchmarks/hash_scale.py at 10⁶ and 10⁷ rows (Intel host, 2026-12-05)
+        enum = n * m * (nmask * 8.0 + 60.0)  # ns: probe lookups + per-chunk sort
         if nmask > _MAX_PROBES or enum >= min(brute, best.est_cost if best else math.inf):
             break  # enumeration only grows with the per-chunk radius
         # candidates per chunk estimated on the first chunk from a sample of queries
@@ -197,7 +199,7 @@ def plan_mih(h: np.ndarray, radius: int, rng: np.random.Generator) -> MIHPlan | 
             _, ln = bk.ranges((blk[:, None] ^ masks[None, :]).ravel())
             tot += int(ln.sum())
         cand = tot * (n / len(sv)) * m / 2
-        cost = enum + cand * 35.0  # ns per candidate pair (gather, XOR, popcounts)
+        cost = enum + cand * 20.0  # ns per candidate pair (gather in bucket order, XOR, popcount)
         if best is None or cost < best.est_cost:
             best = MIHPlan(m, rp, cost)
     if best is None or best.est_cost > brute:
@@ -247,62 +249,79 @@ def _high_bit(masks: np.ndarray) -> np.ndarray:
 
 
 def hash_mih(h: np.ndarray, radius: int, plan: MIHPlan, threads: int = 0,
-              progress: Callable[[int, int], None] | None = None) -> Pairs:
+             progress: Callable[[int, int], None] | None = None) -> Pairs:
     """Multi-index hashing. Per chunk, every unordered pair of rows whose chunk values differ
-    in ≤ rp bits is generated exactly once: equal values from the earlier row of the bucket,
-    different values from the row with the smaller value. A pair agreeing (within rp) on
-    several chunks is kept only on the first; then the full distance is verified."""
+    in ≤ rp bits is generated exactly once: equal values from the earlier position in the
+    bucket, different values from the row with the smaller value. A pair agreeing (within rp)
+    on several chunks is kept only on the first; then the full distance is verified.
+
+    Per chunk the hashes are copied in bucket order and the queries run in that order too, so a
+    candidate's hash is read from a run of its bucket (one cache line for a few candidates)
+    rather than gathered by row id across the whole array, and row ids are looked up only for
+    the pairs within the radius. This keeps a candidate at a few ns where the candidates a row
+    verifies grow with n (~n / 2²² a probe, docs/scale.md)."""
     layout = _chunk_layout(plan.m)
     cmask = [_low_mask(b) << np.uint64(s) for s, b in layout]
     n = len(h)
     workers = n_threads(threads)
     parts = []
     done = 0  # rows done, summed over chunks
+    pos_t = _index_type(n)
     for k, (shift, bits) in enumerate(layout):
         vals = (h >> np.uint64(shift)) & _low_mask(bits)
         if bits <= 32:
             vals = vals.astype(np.uint32)
         bk = _Buckets(vals, bits)
-        rank: np.ndarray = np.empty(n, _index_type(n))
-        rank[bk.order] = np.arange(n, dtype=rank.dtype)
-        own_end = np.empty(n, rank.dtype)  # end of each row's own bucket in `order`
-        for s in range(0, n, 1 << 20):  # a block at a time: ranges() works on 64-bit copies
-            st, ln = bk.ranges(vals[s : s + (1 << 20)])
-            own_end[s : s + (1 << 20)] = st + ln
-        del st, ln
-        masks = _flip_masks(bits, plan.rp)[1:].astype(vals.dtype)
-        hb = _high_bit(masks.astype(np.uint64)).astype(vals.dtype)
-        qblock = max(256, (1 << 20) // (len(masks) + 1))
+        del vals
+        hs = h[bk.order]  # the hashes in bucket order (8 B a row while this chunk runs)
+        vdt = np.uint32 if bits <= 32 else np.uint64
+        masks = _flip_masks(bits, plan.rp)[1:].astype(vdt)
+        hb = _high_bit(masks.astype(np.uint64)).astype(vdt)
+        qblock = max(256, (1 << 18) // (len(masks) + 1))
 
-        def block(q0: int, k=k, vals=vals, bk=bk, rank=rank, own_end=own_end, masks=masks, hb=hb, qblock=qblock):
-            q1 = min(n, q0 + qblock)
-            q = np.arange(q0, q1, dtype=_I64)
-            v = vals[q0:q1]
-            # same value: the rows after this one in its bucket
-            rk = rank[q0:q1].astype(_I64)
-            starts = [rk + 1]
-            lens = [own_end[q0:q1] - rk - 1]
-            qs = [q]
+        def block(p0: int, k=k, bk=bk, hs=hs, masks=masks, hb=hb, qblock=qblock, shift=shift, bits=bits, vdt=vdt):
+            p1 = min(n, p0 + qblock)
+            hq = hs[p0:p1]
+            v = ((hq >> np.uint64(shift)) & _low_mask(bits)).astype(vdt)
+            # same value: the positions after this one in its bucket
+            st, ln = bk.ranges(v)
+            own = np.arange(p0 + 1, p1 + 1, dtype=_I64)
+            qs, starts, lens = [np.arange(p1 - p0, dtype=_I64)], [own], [st + ln - own]
             if len(masks):
-                probes = v[:, None] ^ masks[None, :]
-                sel = (v[:, None] & hb[None, :]) == 0  # only probes above the own value
+                probes = (v[:, None] ^ masks[None, :]).ravel()
+                sel = ((v[:, None] & hb[None, :]) == 0).ravel()  # only probes above the own value
                 if bk.direct:
-                    sel &= bk.occupied[probes]  # most probes hit empty buckets: drop early
-                r, c = np.nonzero(sel)
-                st, ln = bk.ranges(probes[r, c])
+                    sel &= bk.occupied[probes]  # most probes hit empty buckets (below ~10⁷ rows)
+                f = np.flatnonzero(sel)
+                st, ln = bk.ranges(probes[f])
+                qs.append(f // len(masks))
                 starts.append(st)
                 lens.append(ln)
-                qs.append(q[r])
+            q, start, length = np.concatenate(qs), np.concatenate(starts), np.concatenate(lens)
+            keep = length > 0
+            q, start, length = _split_long(q[keep], start[keep], length[keep], _VERIFY_CAP)
             out = []
-            for qi, pos in _expand(np.concatenate(qs), np.concatenate(starts), np.concatenate(lens), _EXPAND_CAP):
-                qj = bk.order[pos].astype(_I64)
-                x = h[qi] ^ h[qj]
-                d = popcount64(x)
-                keep = d <= radius
+            for lo, hi in _spans(length, _VERIFY_CAP):
+                ln = length[lo:hi]
+                cum = np.cumsum(ln)
+                tot = int(cum[-1])
+                # candidate j of range r sits at start[r] + (j - first j of r)
+                pos = np.repeat((start[lo:hi] - (cum - ln)).astype(pos_t), ln)
+                pos += np.arange(tot, dtype=pos_t)
+                x = np.repeat(hq[q[lo:hi]], ln) ^ hs[pos]
+                d = _bit_count(x)
+                hit = np.flatnonzero(d <= radius)
+                if not len(hit):
+                    continue
+                xk = x[hit]
+                ok = np.ones(len(hit), bool)
                 for kk in range(k):  # already produced by an earlier chunk
-                    keep &= popcount64(x & cmask[kk]) > plan.rp
-                if keep.any():
-                    out.append((qi[keep], qj[keep], d[keep].astype(_F32)))
+                    ok &= popcount64(xk & cmask[kk]) > plan.rp
+                hit = hit[ok]
+                if len(hit):
+                    r = q[lo:hi][np.searchsorted(cum, hit, side="right")]
+                    out.append((bk.order[r + p0].astype(_I64), bk.order[pos[hit]].astype(_I64),
+                                d[hit].astype(_F32)))
             return out
 
         for i, got in pmap(block, list(range(0, n, qblock)), workers):
@@ -310,8 +329,8 @@ def hash_mih(h: np.ndarray, radius: int, plan: MIHPlan, threads: int = 0,
             done += min(n, (i + 1) * qblock) - i * qblock
             if progress:
                 progress(done, n * len(layout))
-        # this chunk's arrays (~16 B a row, and the closure holding them) gone before the next
-        del block, vals, bk, rank, own_end
+        # this chunk's arrays (~20 B a row, and the closure holding them) gone before the next
+        del block, bk, hs
     return collect_tiles(parts)
 
 
