@@ -433,7 +433,9 @@ def test_auto_nlist_rule():
     for n in (10**6, 10**7):
         assert IVFParams.auto(n, 512, 0.9, list_rows=500) == IVFParams.auto(n, 512, 0.9)
     p = IVFParams.auto(10**7, 512, 0.9, list_rows=2000)
-    assert (p.nlist, p.nprobe, p.train_size) == (5000, 22, 131_072)
+    assert (p.nlist, p.nprobe, p.train_size) == (5000, 22, 160_000)
+    # the k-means sample: 32 a list, capped at 524 288 rows (26 a list at 10⁷)
+    assert [IVFParams.auto(n, 512, 0.9).train_size for n in (10**6, 10**7, 10**8)] == [64_000, 524_288, 524_288]
     p = IVFParams.auto(10**6, 512, 0.9, list_rows=8000)
     assert (p.nlist, p.nprobe, p.train_size) == (125, 16, 20_000)
     assert IVFParams.auto(10**5, 512, 0.9, list_rows=10).nlist == 2000  # at most n / 50
@@ -599,7 +601,7 @@ def test_hash_pairs_progress_reaches_its_total(method):
 
 
 def test_more_lists_than_training_rows_uses_the_rows_as_centroids(emb):
-    """train_size below nlist (the automatic sizes from ~3e7 rows on): the sample is raised to
+    """train_size below nlist (the automatic sizes from ~2.6e8 rows on): the sample is raised to
     nlist rows, which become the centroids as they are (no k-means); the search still works."""
     params = _ivf(*emb.shape, use_gpu=False, nlist=500, train_size=300)
     plan = C.plan_ivf(emb, params, threshold=0.9)

@@ -92,7 +92,10 @@ class IVFParams:
           visiting radius, and a cap cut short loses pairs: at 1e7 a cap of 16 kept 0.98 of
           the planted pairs, 32 kept 0.993 (docs/candidates.md). The visiting radius scales
           with the threshold at search time (``threshold`` is accepted for symmetry).
-        * train_size = 32 · nlist, between 20 000 and 131 072 (and ≤ n); niter = 10.
+        * train_size = 32 · nlist, between 20 000 and 524 288 (and ≤ n); niter = 10. The cap
+          first binds above 16 384 lists (~8·10⁶ rows); at 10⁷ the earlier cap of 131 072
+          (6.6 rows a list) left the lists uneven: 13.4 visits a row instead of 9.3 and 2.5× the
+          pair stage's dot products, for 236 CPU-s less k-means (docs/candidates.md).
         * pca_dim = 128 from d = 512 (min(d, 64) below); block_size = 4096; exact brute force
           below 5 000 rows. 128 rather than 64 dimensions separate the cells better: at 1e6
           3.0 instead of 5.1 lists visited per row and 0.997 instead of 0.993 of the planted
@@ -107,7 +110,7 @@ class IVFParams:
         p = cls(
             nlist=nlist,
             nprobe=_auto_nprobe(nlist, threshold),
-            train_size=int(min(n, max(20_000, 32 * nlist), 1 << 17)),
+            train_size=int(min(n, max(20_000, 32 * nlist), 1 << 19)),
             pca_dim=int(128 if d >= 512 else min(d, 64)),
             bound_dim=_auto_bound_dim(n, d),
         )
