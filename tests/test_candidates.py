@@ -176,6 +176,26 @@ def test_hash_pairs_edge_cases():
     assert _set(p) == {(0, 1)} and p.score[0] == 64
 
 
+@pytest.mark.parametrize("cap", [1, 5, 64])
+def test_hash_mih_verifies_in_pieces(monkeypatch, cap):
+    """Candidates are verified ~_VERIFY_CAP at a time, a bucket longer than that cut into
+    pieces: with a tiny cap (every range split, spans of one range) the pairs are still the
+    brute-force pairs, once each, with their distances; big buckets (copies of a few hashes)
+    included."""
+    from dedup.compute.search import hamming
+
+    monkeypatch.setattr(hamming, "_VERIFY_CAP", cap)
+    rng = np.random.default_rng(cap)
+    h = np.concatenate([_hashes(rng, 600), np.repeat(rng.integers(0, 2**63, 3, dtype=np.int64).view(np.uint64), 40)])
+    rng.shuffle(h)
+    for radius in (0, 6, 8):
+        ref, d = _hash_reference(h, radius)
+        p = C.hash_pairs(h, radius, method="mih")
+        _check_canonical(p)
+        assert _set(p) == ref and len(p) == len(ref)
+        assert np.array_equal(p.score, d[p.i, p.j].astype(np.float32))
+
+
 # ---------------------------------------------------------------------------------------------
 # embeddings
 # ---------------------------------------------------------------------------------------------
