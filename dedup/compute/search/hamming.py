@@ -329,7 +329,7 @@ def hash_mih(h: np.ndarray, radius: int, plan: MIHPlan, threads: int = 0,
             done += min(n, (i + 1) * qblock) - i * qblock
             if progress:
                 progress(done, n * len(layout))
-        # this chunk's arrays (~20 B a row, and the closure holding them) gone before the next
+        # this chunk's arrays (~12 B a row: order and hs; and the closure holding them) gone before the next
         del block, bk, hs
     return collect_tiles(parts)
 
