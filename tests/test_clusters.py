@@ -69,6 +69,25 @@ def test_rank_order_descending_then_tiebreak():
     assert r.tolist() == [2, 0, 1, 3]
 
 
+def test_rank_order_is_the_lexicographic_order_of_its_keys():
+    # one stable sort a key gives np.lexsort's order: ties, NaN last either way, strings, row order last
+    rng = np.random.default_rng(5)
+    n = 3000
+    a = rng.integers(0, 4, n).astype(np.float64)
+    a[rng.random(n) < 0.1] = np.nan
+    b = rng.integers(0, 3, n)
+    c = np.array(["x", "yy", "a"])[rng.integers(0, 3, n)]
+    cols = [(a, True), (b, False), (c, True)]
+    keys = [np.arange(n)]
+    for v, desc in reversed(cols):
+        v = np.unique(v, return_inverse=True)[1] if v.dtype.kind == "U" else v
+        v = np.where(np.isnan(v.astype(float)), -np.inf if desc else np.inf, v.astype(float))
+        keys.append(-v if desc else v)
+    want = np.empty(n, np.int64)
+    want[np.lexsort(keys)] = np.arange(n)
+    assert rank_order(cols).tolist() == want.tolist()
+
+
 def test_large_clusters_keep_only_members_confirmed_by_two_signals():
     import pyarrow as pa
 

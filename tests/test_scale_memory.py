@@ -78,7 +78,8 @@ def _table(n: int, seed: int = 0) -> pa.Table:
     })
 
 
-def test_copy_counts_and_sha_digests_match_the_row_by_row_count():
+def test_copy_counts_and_sha_digests_match_the_row_by_row_count(monkeypatch):
+    from dedup.phases import digests
     from dedup.phases.digests import copy_counts, sha_prefixes, sha_rows
     from dedup.phases.manifest import keeper_rank
 
@@ -90,6 +91,11 @@ def test_copy_counts_and_sha_digests_match_the_row_by_row_count():
             count[h] = count.get(h, 0) + 1
     want = [count.get(h, 1) if h is not None else 1 for h in sha]
     assert copy_counts(t).tolist() == want
+    # some rows' counts alone, the table scanned a few rows at a time: the same values
+    monkeypatch.setattr(digests, "COPY_SCAN_ROWS", 64)
+    for rows in (np.arange(t.num_rows)[::3], np.flatnonzero([h is not None for h in sha])[:40], np.array([3]),
+                 np.zeros(0, np.int64)):
+        assert copy_counts(t, rows=rows).tolist() == [want[r] for r in rows]
     prefix, known = sha_prefixes(t)
     assert known.tolist() == [h is not None for h in sha]
     assert prefix.tolist() == [int.from_bytes(h[:8], "little") if h is not None else 0 for h in sha]
@@ -98,6 +104,7 @@ def test_copy_counts_and_sha_digests_match_the_row_by_row_count():
     # another binary type (a hand-made table): the same keys
     t2 = t.set_column(t.schema.get_field_index("sha256"), "sha256", t["sha256"].cast(pa.binary()))
     assert copy_counts(t2).tolist() == want
+    assert copy_counts(t2, rows=np.arange(0, t.num_rows, 5)).tolist() == want[::5]
     cfg = load_config(None, None, **{"clusters.keeper_policy": ["-copies", "sample_id"]})
     assert keeper_rank(cfg, t).tolist() == keeper_rank(cfg, t2).tolist()
 

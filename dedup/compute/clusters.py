@@ -78,23 +78,27 @@ class TouchedClusters:
 
 
 def rank_order(columns: list[tuple[np.ndarray, bool]]) -> np.ndarray:
-    """Rank of each sample (0 = best) from (values, descending) sort keys, first key first.
+    """Rank of each sample (0 = best) from (values, descending) sort keys, first key first;
+    missing values (NaN) last; samples equal on every key keep their order (row order).
 
-    The last key should be unique (sample_id) so the order is total and deterministic.
-    """
+    One stable sort per key, the last key first (the order ``np.lexsort`` gives, without
+    holding every key's float64 copy at once: ~4 int64/float64 arrays of the rows at a time)."""
     if not columns:
         raise ValueError("at least one rank column is needed")
-    keys = []
-    for values, descending in reversed(columns):  # np.lexsort: last key is primary
+    n = len(np.asarray(columns[0][0]))
+    order = np.arange(n, dtype=np.int64)
+    for values, descending in reversed(columns):
         v = np.asarray(values)
         if v.dtype.kind in "US":  # strings: rank them first, then sort the integer ranks
             _, v = np.unique(v, return_inverse=True)
-        v = v.astype(np.float64)
-        v = np.where(np.isnan(v), -np.inf if descending else np.inf, v)  # missing values last
-        keys.append(-v if descending else v)
-    order = np.lexsort(keys)
-    rank = np.empty(len(order), np.int64)
-    rank[order] = np.arange(len(order))
+        v = np.asarray(v[order], np.float64)  # (a copy: v[order] is one)
+        v[np.isnan(v)] = -np.inf if descending else np.inf  # missing values last
+        if descending:
+            np.negative(v, out=v)
+        order = order[np.argsort(v, kind="stable")]
+        del v
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
     return rank
 
 

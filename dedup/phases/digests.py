@@ -5,7 +5,7 @@ prefixes repeat, the linked rows of the grouping checks, a threshold's sample)."
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -33,24 +33,88 @@ def has_digests(table: pa.Table) -> bool:
     return "sha256" in table.column_names or "sha256_prefix" in table.column_names
 
 
-def copy_counts(table: pa.Table, digests: Digests | None = None) -> np.ndarray:
+def copy_counts(table: pa.Table, digests: Digests | None = None, rows: np.ndarray | None = None) -> np.ndarray:
     """How many ok samples hold exactly the same bytes as each sample (1 = unique).
-    ``digests``: where the whole digests come from (default: the table's ``sha256``)."""
+    ``digests``: where the whole digests come from (default: the table's ``sha256``).
+    ``rows`` (increasing): the counts of these rows only (the same values), found without an
+    n-sized array: the table is scanned :data:`COPY_SCAN_ROWS` rows at a time for the rows
+    whose prefix equals one of theirs, and only those are grouped."""
     from dedup.compute.search.exact import digest_groups
 
+    m = table.num_rows if rows is None else len(rows)
     if not has_digests(table):
-        return np.ones(table.num_rows, np.float64)
+        return np.ones(m, np.float64)
     whole = digests or table_digests(table)
-    prefix, known = sha_prefixes(table)
-    ok = status_mask(table["status"], Status.OK)
-    out = np.ones(table.num_rows, np.float64)
-    at = np.flatnonzero(known)
-    rows, gid = digest_groups(prefix[at], lambda r: whole(at[r])[0])
-    if len(rows):
-        r = at[rows]
-        count = np.bincount(gid, weights=ok[r].astype(np.float64))  # ok rows with these bytes
-        out[r] = np.where(count[gid] > 0, count[gid], 1.0)
+    if rows is None:
+        every, known = sha_prefixes(table)
+        at = np.flatnonzero(known)
+        prefix, ok = every[at], status_mask(table["status"], Status.OK)[at]
+        del every, known
+    else:
+        rows = np.asarray(rows, np.int64)
+        at, prefix, ok = _sharing_prefixes(table, rows)
+    # count per row of ``at`` (the rows with a known digest that matter)
+    grouped, gid = digest_groups(prefix, lambda r: whole(at[r])[0])
+    count = np.ones(len(at), np.float64)
+    if len(grouped):
+        c = np.bincount(gid, weights=ok[grouped].astype(np.float64))  # ok rows with these bytes
+        count[grouped] = np.where(c[gid] > 0, c[gid], 1.0)
+    out = np.ones(m, np.float64)
+    if rows is None:
+        out[at] = count
+        return out
+    pos = np.minimum(np.searchsorted(at, rows), max(len(at) - 1, 0))
+    found = (at[pos] == rows) if len(at) else np.zeros(m, bool)
+    out[found] = count[pos[found]]
     return out
+
+
+COPY_SCAN_ROWS = 1 << 20  # table rows read at a time by copy_counts(rows=…)
+
+
+def _sharing_prefixes(table: pa.Table, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(every row with a known digest whose prefix is that of one of ``rows`` and of some
+    other row, increasing; their prefixes; whether each is ok): all that counting ``rows``'
+    copies needs, as a row's copies share its prefix (a row whose prefix no other row has is
+    the only one with its bytes). The table is read a slice at a time, twice: the prefixes'
+    counts, then the rows of those that repeat. Holds 12 B a row of ``rows``."""
+    empty = np.empty(0, np.int64), np.empty(0, np.uint64), np.empty(0, bool)
+    if not len(rows):
+        return empty
+    starts = range(0, table.num_rows, COPY_SCAN_ROWS)
+    # the rows' known prefixes, read slice by slice (no take over the whole column)
+    mine = []
+    for s in starts:
+        a, b = np.searchsorted(rows, [s, s + COPY_SCAN_ROWS])
+        if a < b:
+            p, k = sha_prefixes(table.slice(s, COPY_SCAN_ROWS))
+            r = rows[a:b] - s
+            mine.append(p[r[k[r]]])
+    want = np.unique(np.concatenate(mine)) if mine else np.empty(0, np.uint64)
+    del mine
+    if not len(want):
+        return empty
+
+    def slices() -> Iterator[tuple[int, pa.Table, np.ndarray, np.ndarray]]:
+        for s in starts:
+            part = table.slice(s, COPY_SCAN_ROWS)
+            p, k = sha_prefixes(part)
+            i = np.minimum(np.searchsorted(want, p), len(want) - 1)
+            hit = np.flatnonzero(k & (want[i] == p))
+            yield s, part, hit, i[hit]
+
+    seen = np.zeros(len(want), np.int32)
+    for _, _, _, at in slices():
+        seen += np.bincount(at, minlength=len(want)).astype(np.int32)
+    repeats = seen >= 2
+    del seen
+    found_rows, found_prefix, found_ok = [], [], []
+    for s, part, hit, at in slices():
+        hit = hit[repeats[at]]
+        found_rows.append(hit + s)
+        found_prefix.append(want[at[repeats[at]]])
+        found_ok.append(status_mask(part["status"], Status.OK)[hit])
+    return np.concatenate(found_rows), np.concatenate(found_prefix), np.concatenate(found_ok)
 
 
 def sha_prefixes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:

@@ -119,10 +119,11 @@ def keeper_rank(cfg: Config, table: pa.Table, rows: np.ndarray | None = None,
     if rows is not None:
         rows = np.asarray(rows, np.int64)
         need = {s.lstrip("-+") for s in cfg.clusters.keeper_policy}
-        cols_needed = [c for c in table.column_names if c in need | {"width", "height", "content_fraction"}]
+        # (sample_id is the row order: the table is sorted by it; its strings are not read)
+        cols_needed = [c for c in table.column_names if c in (need - {"sample_id"}) | {"width", "height", "content_fraction"}]
         sub = table.select(cols_needed).take(pa.array(rows))
         if "copies" in need:
-            sub = sub.append_column("__copies", pa.array(copy_counts(table, digests)[rows]))
+            sub = sub.append_column("__copies", pa.array(copy_counts(table, digests, rows)))
         return _rank(cfg, sub)
     if "copies" in {s.lstrip("-+") for s in cfg.clusters.keeper_policy} and digests is not None:
         table = table.append_column("__copies", pa.array(copy_counts(table, digests)))
@@ -453,12 +454,13 @@ def cluster_manifest(
     drop()
 
     def clusters(edges: Edges):
-        nonlocal checks
+        nonlocal checks, linked
         if cfg.clusters.grouping == "keeper":
             return keeper_clusters(t, edges, sub_rank, valid=every, keep_per_cluster=cfg.clusters.keep_per_cluster)
         if checks is None:  # on the linked rows' hashes and digests (t rows), their embeddings by row
             assert linked is not None  # taken above for this grouping
             checks = _grouping_checks(cfg, linked, embeddings, threshold, emb_rows=touched)
+            linked = None  # the checks hold their own arrays of its columns
         centrality, joins = checks
         tol = cfg.clusters.central_tolerance
         return group_clusters(t, edges, sub_rank, valid=every, keep_per_cluster=cfg.clusters.keep_per_cluster,
