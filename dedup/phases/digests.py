@@ -37,8 +37,8 @@ def copy_counts(table: pa.Table, digests: Digests | None = None, rows: np.ndarra
     """How many ok samples hold exactly the same bytes as each sample (1 = unique).
     ``digests``: where the whole digests come from (default: the table's ``sha256``).
     ``rows`` (increasing): the counts of these rows only (the same values), found without an
-    n-sized array: the table is scanned :data:`COPY_SCAN_ROWS` rows at a time for the rows
-    whose prefix equals one of theirs, and only those are grouped."""
+    n-sized array: the table is scanned :data:`COPY_SCAN_ROWS` rows at a time, and only the
+    rows sharing a prefix with one of ``rows`` and with some other row are grouped."""
     from dedup.compute.search.exact import digest_groups
 
     m = table.num_rows if rows is None else len(rows)
