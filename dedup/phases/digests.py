@@ -110,9 +110,10 @@ def _sharing_prefixes(table: pa.Table, rows: np.ndarray) -> tuple[np.ndarray, np
     del seen
     found_rows, found_prefix, found_ok = [], [], []
     for s, part, hit, at in slices():
-        hit = hit[repeats[at]]
+        keep = repeats[at]
+        hit = hit[keep]
         found_rows.append(hit + s)
-        found_prefix.append(want[at[repeats[at]]])
+        found_prefix.append(want[at[keep]])
         found_ok.append(status_mask(part["status"], Status.OK)[hit])
     return np.concatenate(found_rows), np.concatenate(found_prefix), np.concatenate(found_ok)
 
