@@ -20,43 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _status() -> dict[str, float]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "RssAnon", "RssFile"):
-                out[k] = round(int(v.split()[0]) / 1024, 1)
-    return out
-
-
-class Steps(threading.Thread):
-    """Each named step's peak of VmRSS / RssAnon / RssFile (MB), sampled every 10 ms."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.step, self.peaks, self.done = "before", {}, threading.Event()
-
-    def sample(self) -> None:
-        peak = self.peaks.setdefault(self.step, {})
-        for k, v in _status().items():
-            peak[k] = max(peak.get(k, 0.0), v)
-
-    def mark(self, name: str) -> None:  # a name seen before: the same step's peak (the chunks)
-        self.sample()
-        self.step = name
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            self.sample()
-            time.sleep(0.01)
 
 
 def main() -> None:
@@ -68,12 +35,13 @@ def main() -> None:
     ap.add_argument("--same-as", help="compare the manifest with the one written into this directory")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    sys.path.insert(0, a.code)
+    import scale  # benchmarks/scale.py (its config and shard names): puts this checkout first on sys.path
+
+    sys.path.insert(0, a.code)  # so the code measured goes before it
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-    import scale  # benchmarks/scale.py: its config and shard names
 
     import dedup
     from dedup.io.rundir import RunDir
@@ -99,7 +67,7 @@ def main() -> None:
     outlier = outlier.to_numpy(zero_copy_only=False).astype(np.float32)
     fs.drop_pages()
     return_freed_memory()
-    steps = Steps()
+    steps = scale._PhaseMemory(every=0.01, listen=False)  # baseline: its step "start"
     steps.start()
     time.sleep(0.5)
     names = iter(["keeper ranks", "linked columns", "clustering"])  # then the manifest's chunks
@@ -116,18 +84,19 @@ def main() -> None:
     steps.mark("manifest write")
     write_manifest(RunDir(str(out)), cfg, manifest, failed_shards=False)
     steps.mark("end")
-    steps.done.set()
+    steps.stop.set()
     steps.join()
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     same = None
     if a.same_as:
         same = pq.read_table(out / "manifest.parquet").equals(pq.read_table(Path(a.same_as) / "manifest.parquet"))
-    peaks = {k: v for k, v in steps.peaks.items() if k not in ("before", "end")}
+    peaks = {k: v for k, v in steps.peaks.items() if k not in ("start", "end")}
     top = max(peaks.items(), key=lambda kv: kv[1].get("VmRSS", 0.0))
     print(json.dumps({"n": a.n, "code": a.code, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
                       "kept": stats["kept"], "duplicates": stats["duplicates"],
-                      "baseline": steps.peaks.get("before"), "peak_step": top[0], "peak": top[1],
+                      "baseline": steps.peaks.get("start"), "peak_step": top[0], "peak": top[1],
                       "steps": peaks, "same_manifest": same}))
+
 
 if __name__ == "__main__":
     main()

@@ -144,9 +144,10 @@ def _child(run_dir: str, n: int, executor: str, search: str = "auto") -> None:
 class _PhaseMemory(threading.Thread):
     """In the child: peak resident set per global phase (``finish_run`` logs "global phase: X"
     at debug level), split into anonymous memory (heap) and file pages (libraries, mapped
-    files), from /proc/self/status every 0.1 s (Linux; empty elsewhere)."""
+    files), from /proc/self/status every ``every`` s (Linux; empty elsewhere). ``listen=False``:
+    the steps are named by :meth:`mark` alone (benchmarks/clusters_memory.py)."""
 
-    def __init__(self, every: float = 0.1):
+    def __init__(self, every: float = 0.1, listen: bool = True):
         super().__init__(daemon=True)
         import logging
 
@@ -154,14 +155,15 @@ class _PhaseMemory(threading.Thread):
         self.phase = "start"
         self.peaks: dict[str, dict[str, float]] = {}
         self.stop = threading.Event()
+        if not listen:
+            return
         me = self
 
         class _Listen(logging.Handler):
             def emit(self, record: logging.LogRecord) -> None:
                 msg = record.getMessage()
                 if msg.startswith("global phase: "):
-                    me.sample()
-                    me.phase = msg[len("global phase: "):]
+                    me.mark(msg[len("global phase: "):])
 
         lg = logging.getLogger("dedup")
         lg.setLevel(logging.DEBUG)
@@ -177,6 +179,12 @@ class _PhaseMemory(threading.Thread):
         peak = self.peaks.setdefault(self.phase, {})
         for k, v in got.items():
             peak[k] = round(max(peak.get(k, 0.0), v), 1)
+
+    def mark(self, name: str) -> None:
+        """The step so far sampled once more, then the next one named (a name seen before
+        continues that step's peak)."""
+        self.sample()
+        self.phase = name
 
     def run(self) -> None:
         while not self.stop.is_set():

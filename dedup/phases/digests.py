@@ -76,8 +76,9 @@ def _sharing_prefixes(table: pa.Table, rows: np.ndarray) -> tuple[np.ndarray, np
     """(every row with a known digest whose prefix is that of one of ``rows`` and of some
     other row, increasing; their prefixes; whether each is ok): all that counting ``rows``'
     copies needs, as a row's copies share its prefix (a row whose prefix no other row has is
-    the only one with its bytes). The table is read a slice at a time, twice: the prefixes'
-    counts, then the rows of those that repeat. Holds 12 B a row of ``rows``."""
+    the only one with its bytes). The table's prefixes are read a slice at a time, three times:
+    those of ``rows``, how often each occurs, then the rows of those that repeat (time traded
+    for memory: nothing n-sized is held between the passes). Holds 12 B a row of ``rows``."""
     empty = np.empty(0, np.int64), np.empty(0, np.uint64), np.empty(0, bool)
     if not len(rows):
         return empty
